@@ -1,0 +1,10 @@
+"""Defaults in one place (retry policy, limits, timeouts)."""
+
+DEFAULT_MAX_CONCURRENCY = 16
+DEFAULT_TIMEOUT_S = 60.0  # per teacher call
+DEFAULT_MAX_RETRIES = 5  # attempts after the first
+INITIAL_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 8.0
+MAX_RETRY_AFTER_S = 60.0  # cap on a server's requested delay
+RETRIABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+CHARS_PER_TOKEN = 4  # rough estimate for token-rate limits before a call
