@@ -1,0 +1,37 @@
+"""Objectives: turn a batch of student samples plus teacher feedback into a loss.
+
+The unifying view (from the survey this project grows from): on-policy
+distillation minimises a divergence between teacher and student measured
+on the student's own samples.
+
+- Token-level feedback (teacher log-probs, `TokenLogprobs`):
+      E_{y ~ student} [ sum_t D_f( p_T(.|x, y<t) || p_S(.|x, y<t) ) ]
+  for an f-divergence D_f (forward KL, reverse KL, generalised JSD, total
+  variation): `TokenDistill`.
+- Sequence-level feedback (a score, a preference, a reference text):
+      E_{y ~ student} [ R(y) ] - beta KL( student || reference )
+  with R what the teacher says about the whole answer: `RewardWeighted`
+  (policy gradient), `RejectionSampling` (fine-tune on the best samples),
+  `OnlineDPO` (pairs), `SPIN` (teacher or dataset text as the "real" side).
+- `SFT` is the off-policy baseline (the expectation is over the reference
+  text, not the student's samples); `Hybrid` adds a token-level and a
+  sequence-level objective.
+
+Every objective follows the `Objective` protocol in `base.py`; the loss math
+lives in pure functions next to each class. `OBJECTIVES` maps config names
+to classes.
+"""
+
+from opd_sdk.objectives.base import LossOutput, Objective
+from opd_sdk.objectives.reward_weighted import RewardWeighted
+
+OBJECTIVES: dict[str, type] = {
+    "reward_weighted": RewardWeighted,
+}
+
+__all__ = [
+    "OBJECTIVES",
+    "LossOutput",
+    "Objective",
+    "RewardWeighted",
+]
