@@ -3,6 +3,7 @@
 from opd_sdk.batch import RolloutBatch
 from opd_sdk.data import PromptItem
 from opd_sdk.errors import ConfigError, OPDError, TeacherError, TokenizationMismatch
+from opd_sdk.objectives import OBJECTIVES, LossOutput, Objective, RewardWeighted
 from opd_sdk.teacher import Teacher, fingerprint
 from opd_sdk.types import (
     CallUsage,
@@ -19,6 +20,10 @@ from opd_sdk.types import (
 )
 
 __all__ = [
+    "OBJECTIVES",
+    "LossOutput",
+    "Objective",
+    "RewardWeighted",
     "CallUsage",
     "ChatMessage",
     "Completion",
