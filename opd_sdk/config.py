@@ -1,0 +1,402 @@
+"""The run configuration: pydantic models read from YAML, checked before any model loads.
+
+`load_config(path, overrides)` reads a YAML file, applies `--set a.b=value`
+overrides to the raw mapping, and validates the result. Every error is a
+`ConfigError` whose lines name the field (`teacher.api_key_env`) and say how
+to fix it; values are never echoed back, so a secret pasted into the wrong
+field does not reach a terminal or a log.
+
+API keys come from the environment only: a teacher names the variable in
+`api_key_env`; a literal `api_key` in the YAML is refused.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from opd_sdk.errors import ConfigError
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_KEY_FIELDS = {"api_key", "apikey", "key", "token", "api_token", "secret", "authorization"}
+_KEY_MESSAGE = (
+    "API keys are never read from a config file. Remove `{field}` and set "
+    "`api_key_env: NAME` instead, then `export NAME=...` in the shell that runs opd"
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | str = "all-linear"
+
+
+class StudentConfig(_Strict):
+    """model: a Hugging Face id, a local folder, or `smollm2` (offline SmolLM2-135M-Instruct)."""
+
+    model: str = Field(min_length=1)
+    lora: LoraConfig | None = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    autocast_bf16: bool = False
+    gradient_checkpointing: bool = False
+
+
+class DataConfig(_Strict):
+    """Exactly one source: `path` (JSONL), `hf_dataset` (+ `split`), or `task` (built-in, opd_sdk.tasks)."""
+
+    path: str | None = None
+    hf_dataset: str | None = None
+    hf_config: str | None = None
+    split: str = "train"
+    eval_split: str | None = None
+    eval_path: str | None = None
+    task: str | None = None
+    task_params: dict[str, Any] = Field(default_factory=dict)
+    prompt_field: str = "prompt"
+    privileged_field: str | None = "privileged"
+    answer_field: str | None = "answer"
+    limit: int | None = Field(None, gt=0)
+    eval_size: int = Field(64, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        given = [n for n in ("path", "hf_dataset", "task") if getattr(self, n)]
+        if len(given) != 1:
+            raise ValueError(
+                "set exactly one data source: `path: prompts.jsonl`, `hf_dataset: owner/name` or "
+                f"`task: NAME` (a built-in task); got {given or 'none'}"
+            )
+        return self
+
+
+class _KeyFromEnv(_Strict):
+    """A teacher that may need a key: it names the environment variable, never the key."""
+
+    api_key_env: str | None = "OPENAI_API_KEY"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_literal_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name in data:
+                if str(name).lower() in _KEY_FIELDS:
+                    raise ValueError(_KEY_MESSAGE.format(field=name))
+            params = data.get("params", None)
+            for name in params if isinstance(params, dict) else {}:
+                if str(name).lower() in _KEY_FIELDS:
+                    raise ValueError(_KEY_MESSAGE.format(field=f"params.{name}"))
+        return data
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if not _ENV_NAME.match(value):
+            raise ValueError(
+                "must be the NAME of an environment variable (letters, digits, _), not the key "
+                "itself: write `api_key_env: OPENAI_API_KEY` and `export OPENAI_API_KEY=...`"
+            )
+        return value
+
+
+class _ApiTeacher(_KeyFromEnv):
+    """Fields every OpenAI-compatible teacher shares; `params` go to the provider as keyword arguments."""
+
+    model: str = Field(min_length=1)
+    base_url: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class JudgeTeacherConfig(_ApiTeacher):
+    type: Literal["judge"]
+    rubric: str | None = None
+    scale_max: float = Field(10.0, gt=0)
+    listwise: bool = False
+    expected_score: bool = False  # G-Eval style expectation over score tokens
+    temperature: float = Field(0.0, ge=0.0)
+
+
+class PreferenceTeacherConfig(_ApiTeacher):
+    type: Literal["preference"]
+    rubric: str | None = None
+    temperature: float = Field(0.0, ge=0.0)
+
+
+class ReferenceTeacherConfig(_ApiTeacher):
+    type: Literal["reference"]
+    n: int = Field(1, gt=0)
+    temperature: float = Field(1.0, ge=0.0)
+    max_tokens: int = Field(512, gt=0)
+
+
+class LogprobTeacherConfig(_ApiTeacher):
+    type: Literal["logprob"]
+    top_k: int = Field(0, ge=0)
+
+
+class RewardModelTeacherConfig(_KeyFromEnv):
+    type: Literal["reward_model"]
+    url: str = Field(min_length=1)
+    api_key_env: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class VerifierTeacherConfig(_Strict):
+    """A rule-based check against `PromptItem.answer` (request.metadata["answer"])."""
+
+    type: Literal["verifier"]
+    mode: Literal["exact", "numeric", "regex"] = "numeric"
+    tolerance: float = Field(1e-6, ge=0.0)
+    pattern: str | None = None
+
+    @model_validator(mode="after")
+    def _pattern(self) -> "VerifierTeacherConfig":
+        if self.mode == "regex" and not self.pattern:
+            raise ValueError("mode `regex` needs `pattern: <regular expression>`")
+        return self
+
+
+class SelfDistillTeacherConfig(_Strict):
+    """The student itself, shown `PromptItem.privileged` (no network)."""
+
+    type: Literal["self_distill"]
+    mode: Literal["live", "frozen", "ema"] = "frozen"
+    template: str | None = None
+    top_k: int = Field(0, ge=0)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class WeightedTeacher(_Strict):
+    weight: float
+    teacher: "TeacherConfig"
+
+
+class WeightedSumTeacherConfig(_Strict):
+    type: Literal["weighted_sum"]
+    teachers: list[WeightedTeacher] = Field(min_length=1)
+
+
+class GateTeacherConfig(_Strict):
+    """`teacher`'s score counts only where `gate` (typically a verifier) passes."""
+
+    type: Literal["gate"]
+    gate: "TeacherConfig"
+    teacher: "TeacherConfig"
+    threshold: float = 0.5
+
+
+class PreferenceToScoreConfig(_Strict):
+    type: Literal["preference_to_score"]
+    teacher: "TeacherConfig"
+    method: Literal["bradley_terry", "win_rate"] = "win_rate"
+
+
+TeacherConfig = Annotated[
+    Union[
+        JudgeTeacherConfig,
+        PreferenceTeacherConfig,
+        ReferenceTeacherConfig,
+        LogprobTeacherConfig,
+        RewardModelTeacherConfig,
+        VerifierTeacherConfig,
+        SelfDistillTeacherConfig,
+        WeightedSumTeacherConfig,
+        GateTeacherConfig,
+        PreferenceToScoreConfig,
+    ],
+    Field(discriminator="type"),
+]
+WeightedTeacher.model_rebuild()
+GateTeacherConfig.model_rebuild()
+PreferenceToScoreConfig.model_rebuild()
+WeightedSumTeacherConfig.model_rebuild()
+
+
+class ObjectiveConfig(_Strict):
+    """type: a name in opd_sdk.registry.OBJECTIVES; params: that objective's keyword arguments."""
+
+    type: str = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimizerConfig(_Strict):
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    grad_accum: int = Field(1, gt=0)
+
+
+class RolloutConfig(_Strict):
+    prompts_per_step: int = Field(8, gt=0)
+    group_size: int = Field(4, gt=0)
+    max_new_tokens: int = Field(128, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1.0)
+
+
+class CollectorConfig(_Strict):
+    """Teacher-call limits. `cache` defaults to OUTPUT_DIR/feedback_cache.sqlite."""
+
+    max_concurrency: int = Field(16, gt=0)
+    rpm: float | None = Field(None, gt=0)
+    tpm: float | None = Field(None, gt=0)
+    timeout: float = Field(60.0, gt=0)
+    max_retries: int = Field(5, ge=0)
+    cache: str | None = None
+    no_cache: bool = False
+    budget_usd: float | None = Field(None, gt=0)
+    price_per_1k_prompt_tokens: float = Field(0.0, ge=0)
+    price_per_1k_completion_tokens: float = Field(0.0, ge=0)
+
+
+class LoggingConfig(_Strict):
+    log_every: int = Field(1, gt=0)
+    tensorboard: bool = False
+    wandb_project: str | None = None
+    progress: bool | None = None
+
+
+class EvalConfig(_Strict):
+    """Held-out evaluation: greedy accuracy with a verifier, else mean teacher score."""
+
+    metric: Literal["accuracy", "teacher_score"] = "accuracy"
+    max_new_tokens: int = Field(128, gt=0)
+    batch_size: int = Field(16, gt=0)
+    every: int | None = Field(None, gt=0)
+
+
+class RunConfig(_Strict):
+    student: StudentConfig
+    data: DataConfig
+    teacher: TeacherConfig
+    objective: ObjectiveConfig
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    collector: CollectorConfig = Field(default_factory=CollectorConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output_dir: str = "runs/opd"
+    seed: int = 0
+    steps: int = Field(100, gt=0)
+    save_every: int | None = Field(None, gt=0)
+
+    def cache_path(self) -> Path | None:
+        if self.collector.no_cache:
+            return None
+        return Path(self.collector.cache or Path(self.output_dir) / "feedback_cache.sqlite")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`optimizer.lr=3e-6` -> (["optimizer", "lr"], "3e-6"); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: write --set key.sub=value, for example --set optimizer.lr=3e-6")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not key.strip() or any(not p for p in parts):
+        raise ConfigError(f"--set {text!r}: the key must be dotted field names, like rollout.group_size")
+    return parts, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each `a.b.c=value` in the raw mapping (creating mappings, indexing lists by number)."""
+    for text in overrides:
+        parts, value = parse_override(text)
+        node: Any = raw
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            where = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {text!r}: `{where}` is not an index of that list (0..{len(node) - 1})")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    if node.get(part) is None:
+                        node[part] = {}
+                    node = node[part]
+            else:
+                raise ConfigError(f"--set {text!r}: `{'.'.join(parts[:i])}` is a value, not a section")
+    return raw
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem: `field.path: what is wrong (how to fix)`; never the value itself."""
+    lines = []
+    for err in exc.errors(include_input=False, include_url=False):
+        loc = _field_path(err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            msg = "unknown field: remove it or check its spelling against the documented fields"
+        elif kind == "missing":
+            msg = "required field is missing: add it"
+        elif kind == "union_tag_invalid":
+            tags = err.get("ctx", {}).get("expected_tags", "")
+            msg = f"unknown type: use one of {tags}"
+        elif kind == "union_tag_not_found":
+            msg = "add `type:` naming which kind this is"
+        lines.append(f"{loc or '<top>'}: {msg}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _field_path(loc: tuple) -> str:
+    """Drop the union tag pydantic inserts after a teacher field: teacher.judge.model -> teacher.model."""
+    kept: list[str] = []
+    expect_tag = False
+    for part in loc:
+        if expect_tag and part in _TEACHER_TAGS:
+            expect_tag = False
+            continue
+        kept.append(str(part))
+        expect_tag = part in ("teacher", "gate")
+    return ".".join(kept)
+
+
+_TEACHER_TAGS = {
+    "judge", "preference", "reference", "logprob", "reward_model", "verifier",
+    "self_distill", "weighted_sum", "gate", "preference_to_score",
+}  # fmt: skip
+
+
+def validate_config(raw: Any) -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("invalid config: the file must be a YAML mapping with student:, data:, teacher:, objective:")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML, apply `--set` overrides, validate; raises ConfigError naming each bad field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; see examples/configs/ for a starting point")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping (student:, data:, teacher:, objective:)")
+    return validate_config(apply_overrides(raw, list(overrides or [])))
