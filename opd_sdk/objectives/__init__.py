@@ -23,15 +23,21 @@ to classes.
 """
 
 from opd_sdk.objectives.base import LossOutput, Objective
+from opd_sdk.objectives.rejection_sampling import RejectionSampling
 from opd_sdk.objectives.reward_weighted import RewardWeighted
+from opd_sdk.objectives.sft import SFT
 
 OBJECTIVES: dict[str, type] = {
     "reward_weighted": RewardWeighted,
+    "rejection_sampling": RejectionSampling,
+    "sft": SFT,
 }
 
 __all__ = [
     "OBJECTIVES",
     "LossOutput",
     "Objective",
+    "RejectionSampling",
     "RewardWeighted",
+    "SFT",
 ]

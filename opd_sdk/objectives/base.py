@@ -28,7 +28,7 @@ import torch
 
 from opd_sdk.batch import RolloutBatch
 from opd_sdk.errors import ConfigError
-from opd_sdk.types import Feedback, FeedbackFailure
+from opd_sdk.types import Feedback, FeedbackFailure, Score
 
 
 @dataclass
@@ -100,3 +100,29 @@ def nan_safe_std(values: list[float]) -> float:
         return 0.0
     mean = sum(values) / len(values)
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def score_table(batch: RolloutBatch, feedback: Sequence[Feedback], who: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score feedback -> rewards_PG (float64) and valid_PG (bool, [P, G]).
+
+    A FeedbackFailure, or a Score with any non-finite value, leaves its whole
+    group invalid (reward 0.0 there is a placeholder that nothing reads).
+    """
+    check_feedback(batch, feedback, who)
+    P, G = len(batch.prompts), batch.group_size
+    rewards_PG = torch.zeros(P, G, dtype=torch.float64)
+    valid_PG = torch.zeros(P, G, dtype=torch.bool)
+    for p, fb in enumerate(feedback):
+        expect_kind(fb, ("score",), who, p)
+        if isinstance(fb, FeedbackFailure):
+            continue
+        assert isinstance(fb, Score)
+        if len(fb.scores) != G:
+            raise ConfigError(
+                f"{who}: group {p} has {G} completions but its Score has {len(fb.scores)} "
+                "values; the teacher must score every completion, in order"
+            )
+        if all(math.isfinite(s) for s in fb.scores):
+            rewards_PG[p] = torch.tensor(fb.scores, dtype=torch.float64)
+            valid_PG[p] = True
+    return rewards_PG, valid_PG

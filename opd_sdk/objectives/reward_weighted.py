@@ -27,7 +27,6 @@ choices made explicit:
 
 from __future__ import annotations
 
-import math
 from typing import Literal, Sequence
 
 import torch
@@ -38,15 +37,14 @@ from opd_sdk.logprobs import selected_logprobs
 from opd_sdk.objectives.advantages import ADVANTAGE_KINDS, AdvantageKind, compute_advantages
 from opd_sdk.objectives.base import (
     LossOutput,
-    check_feedback,
     count_failures,
-    expect_kind,
     frozen_copy,
     nan_safe_std,
+    score_table,
     sequence_sums,
     zero_loss,
 )
-from opd_sdk.types import Feedback, FeedbackFailure
+from opd_sdk.types import Feedback
 
 Normalisation = Literal["token", "sequence"]
 
@@ -173,28 +171,8 @@ class RewardWeighted:
     def after_step(self, step: int, policy: torch.nn.Module) -> None:
         pass
 
-    def rewards(self, batch: RolloutBatch, feedback: Sequence[Feedback]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score feedback -> rewards_PG (float64) and valid_PG (False for failed or non-finite)."""
-        check_feedback(batch, feedback, "RewardWeighted")
-        P, G = len(batch.prompts), batch.group_size
-        rewards_PG = torch.zeros(P, G, dtype=torch.float64)
-        valid_PG = torch.zeros(P, G, dtype=torch.bool)
-        for p, fb in enumerate(feedback):
-            expect_kind(fb, self.feedback_kinds, "RewardWeighted", p)
-            if isinstance(fb, FeedbackFailure):
-                continue
-            if len(fb.scores) != G:
-                raise ConfigError(
-                    f"RewardWeighted: group {p} has {G} completions but its Score has "
-                    f"{len(fb.scores)} values; the teacher must score every completion in order"
-                )
-            if all(math.isfinite(s) for s in fb.scores):  # one bad score masks the group
-                rewards_PG[p] = torch.tensor(fb.scores, dtype=torch.float64)
-                valid_PG[p] = True
-        return rewards_PG, valid_PG
-
     def loss(self, policy: torch.nn.Module, batch: RolloutBatch, feedback: Sequence[Feedback]) -> LossOutput:
-        rewards_PG, valid_PG = self.rewards(batch, feedback)
+        rewards_PG, valid_PG = score_table(batch, feedback, "RewardWeighted")
         P, G = rewards_PG.shape
         valid_B = valid_PG.reshape(-1)
         mask_BT = batch.completion_mask_BT.float() * valid_B.unsqueeze(-1).float()

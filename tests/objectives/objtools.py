@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from opd_sdk.batch import RolloutBatch
 from opd_sdk.data import PromptItem
@@ -80,3 +81,16 @@ def seq_logprobs(model, batch: RolloutBatch) -> torch.Tensor:
     with torch.no_grad():
         lp = selected_logprobs(model, batch.input_ids_BT, batch.attention_mask_BT)
     return (lp * batch.completion_mask_BT).sum(-1)
+
+
+WORDS = ["<pad>", "</s>", "<s>", "<unk>"] + [str(i) for i in range(10)] + ["the", "answer", "is", "+", "=", "what"]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over WORDS (ids 0..19, all < VOCAB); '</s>' is EOS = 1."""
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>"
+    )

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from objtools import EOS, build_batch, seq_logprobs, tiny_llama
+from objtools import EOS, build_batch, seq_logprobs
 
 from opd_sdk.errors import ConfigError
 from opd_sdk.objectives import RewardWeighted

@@ -1,0 +1,91 @@
+"""`RejectionSampling`: fine-tune on the student's best samples per prompt.
+
+Rejection-sampling fine-tuning / best-of-n distillation (as in RAFT, Dong et
+al. 2023, and ReST's improve step, Gulcehre et al. 2023): score the G
+samples, keep the top-k of each group and/or those at or above a threshold,
+and minimise their NLL. It is the sequence-level objective E[R(y)] with R
+an indicator of "kept" and no KL term: the simplest on-policy baseline.
+Departure: one filtering round per batch (no growing dataset); the loss is
+averaged over kept tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from opd_sdk.batch import RolloutBatch
+from opd_sdk.errors import ConfigError
+from opd_sdk.logprobs import selected_logprobs
+from opd_sdk.objectives.base import LossOutput, count_failures, score_table
+from opd_sdk.objectives.sft import nll_loss
+from opd_sdk.objectives.targets import first_param_zero
+from opd_sdk.types import Feedback
+
+
+def select_best(
+    rewards_PG: torch.Tensor, valid_PG: torch.Tensor, top_k: int | None, threshold: float | None
+) -> torch.Tensor:
+    """Which samples to keep -> bool [P, G].
+
+    Valid samples at or above `threshold` (when given); of those, at most
+    `top_k` per group (when given), highest reward first, ties to the
+    earlier sample.
+    """
+    if top_k is None and threshold is None:
+        raise ConfigError("RejectionSampling needs top_k or threshold (or both)")
+    keep_PG = valid_PG.clone()
+    if threshold is not None:
+        keep_PG &= rewards_PG >= threshold
+    if top_k is not None:
+        P, G = rewards_PG.shape
+        masked = torch.where(keep_PG, rewards_PG, torch.full_like(rewards_PG, float("-inf")))
+        order_PG = torch.sort(masked, dim=-1, descending=True, stable=True).indices
+        rank_PG = torch.empty_like(order_PG)
+        rank_PG.scatter_(-1, order_PG, torch.arange(G).expand(P, G).contiguous())
+        keep_PG &= rank_PG < top_k
+    return keep_PG
+
+
+class RejectionSampling:
+    """NLL on the best completions per prompt (Score feedback).
+
+    top_k: keep at most this many per group (default 1).
+    threshold: keep only samples with reward >= threshold.
+    """
+
+    feedback_kinds = ("score",)
+
+    def __init__(self, *, top_k: int | None = 1, threshold: float | None = None, chunk_rows: int = 4) -> None:
+        if top_k is not None and top_k < 1:
+            raise ConfigError(f"top_k must be >= 1 or None, got {top_k}")
+        if top_k is None and threshold is None:
+            raise ConfigError("RejectionSampling needs top_k or threshold (or both)")
+        self.top_k = top_k
+        self.threshold = threshold
+        self.chunk_rows = chunk_rows
+
+    def setup(self, policy: torch.nn.Module) -> None:
+        pass
+
+    def after_step(self, step: int, policy: torch.nn.Module) -> None:
+        pass
+
+    def loss(self, policy: torch.nn.Module, batch: RolloutBatch, feedback: Sequence[Feedback]) -> LossOutput:
+        rewards_PG, valid_PG = score_table(batch, feedback, "RejectionSampling")
+        keep_B = select_best(rewards_PG, valid_PG, self.top_k, self.threshold).reshape(-1)
+        metrics = {"feedback_failures": float(count_failures(feedback)), "selected": float(keep_B.sum())}
+        if valid_PG.any():
+            metrics["reward_mean"] = float(rewards_PG[valid_PG].mean())
+        if not keep_B.any():
+            return LossOutput(first_param_zero(policy), {**metrics, "loss": 0.0})
+        metrics["selected_reward_mean"] = float(rewards_PG.reshape(-1)[keep_B].mean())
+        rows = keep_B.nonzero().squeeze(-1)
+        logprobs_NT = selected_logprobs(
+            policy, batch.input_ids_BT[rows], batch.attention_mask_BT[rows], chunk_rows=self.chunk_rows
+        )
+        mask_NT = batch.completion_mask_BT[rows].float()
+        loss = nll_loss(logprobs_NT, mask_NT)
+        metrics.update(tokens=float(mask_NT.sum()), nll=float(loss.detach()), loss=float(loss.detach()))
+        return LossOutput(loss, metrics)
