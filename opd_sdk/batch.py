@@ -24,7 +24,8 @@ class RolloutBatch:
     completion_mask_BT: torch.Tensor  # float [B, T]: 1 on sampled tokens (EOS included)
     sampler_logprobs_BT: torch.Tensor  # float [B, T]: log p_student(y_t) at sampling, 0 off-mask
     prompt_len: int  # completions start at this column
-    completions: list[Completion]  # B completions (text + token ids)
+    completions: list[Completion]  # B completions (text + token ids, EOS included when sampled)
+    temperature: float = 1.0  # sampler_logprobs_BT are log softmax(logits / temperature)
 
     @property
     def size(self) -> int:
@@ -32,3 +33,64 @@ class RolloutBatch:
 
     def group_of(self, row: int) -> int:
         return row // self.group_size
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompts)
+
+    def completion_tokens(self) -> int:
+        """How many tokens the student sampled in this batch (EOS included)."""
+        return int(self.completion_mask_BT.sum().item())
+
+    def completions_of(self, prompt_index: int) -> list[Completion]:
+        """The G completions of one prompt, in sampling order."""
+        G = self.group_size
+        return self.completions[prompt_index * G : (prompt_index + 1) * G]
+
+    def select_prompts(self, start: int, stop: int) -> "RolloutBatch":
+        """The sub-batch of prompts [start, stop) with all their samples.
+
+        Columns after the longest completion in the slice are dropped (they
+        are padding there); the prompt columns are kept, so `prompt_len`
+        stays valid.
+        """
+        G = self.group_size
+        rows = slice(start * G, stop * G)
+        used_T = self.attention_mask_BT[rows].sum(0) > 0
+        last = int(used_T.nonzero().max().item()) + 1 if used_T.any() else self.prompt_len
+        T = max(last, self.prompt_len)
+        return RolloutBatch(
+            prompts=self.prompts[start:stop],
+            group_size=G,
+            input_ids_BT=self.input_ids_BT[rows, :T],
+            attention_mask_BT=self.attention_mask_BT[rows, :T],
+            completion_mask_BT=self.completion_mask_BT[rows, :T],
+            sampler_logprobs_BT=self.sampler_logprobs_BT[rows, :T],
+            prompt_len=self.prompt_len,
+            completions=self.completions[rows],
+            temperature=self.temperature,
+        )
+
+    def micro_batches(self, prompts_per_micro: int) -> list[tuple[int, "RolloutBatch"]]:
+        """Split by whole prompt groups for gradient accumulation.
+
+        Returns (first prompt index, sub-batch) pairs. Keeping a group in one
+        micro-batch keeps group-relative advantages (RLOO, GRPO) exact.
+        """
+        if prompts_per_micro < 1:
+            raise ValueError(f"prompts_per_micro must be >= 1, got {prompts_per_micro}")
+        P = self.num_prompts
+        return [(s, self.select_prompts(s, min(s + prompts_per_micro, P))) for s in range(0, P, prompts_per_micro)]
+
+    def to(self, device: torch.device | str) -> "RolloutBatch":
+        return RolloutBatch(
+            prompts=self.prompts,
+            group_size=self.group_size,
+            input_ids_BT=self.input_ids_BT.to(device),
+            attention_mask_BT=self.attention_mask_BT.to(device),
+            completion_mask_BT=self.completion_mask_BT.to(device),
+            sampler_logprobs_BT=self.sampler_logprobs_BT.to(device),
+            prompt_len=self.prompt_len,
+            completions=self.completions,
+            temperature=self.temperature,
+        )

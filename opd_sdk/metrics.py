@@ -1,0 +1,96 @@
+"""Per-step training metrics: a JSONL file always, TensorBoard or W&B when installed.
+
+One JSON object a line: {"step": N, "reward_mean": ..., ...}. Values are
+plain floats (or None when a metric does not apply, e.g. no Score feedback).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else value
+    return value
+
+
+class MetricsLogger:
+    """Writes each step's metrics to `path` (JSONL) and to optional sinks.
+
+    tensorboard: True / False / "auto" (on when the `tensorboard` package
+    is installed and `tb_dir` is given). wandb_project: when set and `wandb`
+    is installed, logs there too (wandb reads its own API key; we never see it).
+    """
+
+    def __init__(
+        self,
+        path: str | Path | None,
+        *,
+        tb_dir: str | Path | None = None,
+        tensorboard: bool | str = "auto",
+        wandb_project: str | None = None,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
+        self.path = Path(path) if path is not None else None
+        self.history: list[dict[str, Any]] = []
+        self._file = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
+        self._tb = None
+        has_tb = importlib.util.find_spec("tensorboard") is not None
+        if tb_dir is not None and (tensorboard is True or (tensorboard == "auto" and has_tb)):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(tb_dir))
+        self._wandb = None
+        if wandb_project and importlib.util.find_spec("wandb") is not None:
+            import wandb
+
+            self._wandb = wandb.init(project=wandb_project, config=run_config or {})
+
+    def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self.history.append(row)
+        if self._file is not None:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+        numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        if self._tb is not None:
+            for k, v in numeric.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=step)
+        return row
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after `step` (a resumed run repeats them)."""
+        self.history = [r for r in self.history if r["step"] <= step]
+        if self.path is None or self._file is None:
+            return
+        self._file.close()
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics JSONL file."""
+    with Path(path).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,352 @@
+"""The on-policy student loop: sample, collect feedback, loss, optimizer step.
+
+    prompts  = sampler.next_batch()                      # P prompts
+    batch    = rollout.sample(prompts, G)                # the student answers, P*G rows
+    feedback = collector.collect_sync(requests(batch))   # one Feedback per prompt group
+    loss     = objective.loss(model, micro_batch, its feedback)   # per micro-batch
+    loss.backward(); clip; optimizer.step(); scheduler.step()
+    objective.after_step(step, model); rollout.sync_weights(model)
+
+The objective holds the loss math (see `opd_sdk.objectives`); the collector
+holds retries, rate limits, the cache and the budget; this module only wires
+them together, keeps time, and checkpoints. Micro-batches are whole prompt
+groups, so group-relative advantages are exact under gradient accumulation;
+each micro-batch's loss is weighted by its share of the prompts (for a
+token-normalised loss this is a per-micro-batch token mean, a small
+departure from one token mean over the whole batch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from opd_sdk.batch import RolloutBatch
+from opd_sdk.checkpoint import checkpoint_dir, is_peft, latest_checkpoint, load_checkpoint, save_checkpoint
+from opd_sdk.data import PromptItem, PromptSampler, load_prompts
+from opd_sdk.errors import ConfigError
+from opd_sdk.metrics import MetricsLogger
+from opd_sdk.rollout import RolloutEngine, TransformersRollout
+from opd_sdk.types import Feedback, FeedbackFailure, FeedbackRequest, Score
+
+
+def build_requests(batch: RolloutBatch) -> list[FeedbackRequest]:
+    """One FeedbackRequest per prompt group: the prompt, its G completions, privileged context.
+
+    metadata = the prompt's metadata plus {"answer": ...} when the prompt has
+    a reference answer (a verifier reads it there).
+    """
+    requests = []
+    for p, item in enumerate(batch.prompts):
+        metadata = dict(item.metadata)
+        if item.answer is not None:
+            metadata["answer"] = item.answer
+        requests.append(
+            FeedbackRequest(
+                prompt=item.prompt,
+                completions=batch.completions_of(p),
+                privileged=item.privileged,
+                metadata=metadata,
+            )
+        )
+    return requests
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int, total_steps: int):
+    """Linear warmup, then constant / linear decay to 0 / cosine decay to 0."""
+    import math
+
+    if kind not in ("constant", "linear", "cosine"):
+        raise ConfigError(f"lr_schedule must be 'constant', 'linear' or 'cosine', got {kind!r}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _wrap_lora(model: torch.nn.Module, lora: Any) -> torch.nn.Module:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ConfigError("lora= needs peft: pip install 'opd-sdk[peft]'") from None
+    config = lora if isinstance(lora, LoraConfig) else LoraConfig(task_type="CAUSAL_LM", **dict(lora))
+    return get_peft_model(model, config)
+
+
+def _score_stats(feedback: Sequence[Feedback]) -> tuple[float | None, float | None]:
+    values = [s for fb in feedback if isinstance(fb, Score) for s in fb.scores]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+    return mean, std
+
+
+class Trainer:
+    """Trains `model` on its own samples with `objective` and teacher feedback from `collector`.
+
+    prompts: list of PromptItem / str / dict, a JSONL path or a datasets split.
+    collector: a FeedbackCollector (anything with collect_sync(requests)); may
+        be None only for an objective that reads no feedback (feedback_kinds == ()).
+    group_size: samples per prompt (G); prompts_per_step: P;
+    micro_batch_prompts: prompts per forward/backward (gradient accumulation), default P.
+    precision: "fp32", "bf16" (autocast, on CPU or GPU) or "auto" (bf16 on GPU, fp32 on CPU).
+    lora: None, a peft LoraConfig, or a dict of LoraConfig arguments.
+    output_dir: metrics.jsonl, checkpoints step-N/ every `save_every` steps, final/ model.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        objective: Any,
+        collector: Any,
+        prompts: Any,
+        *,
+        rollout: RolloutEngine | None = None,
+        group_size: int = 4,
+        prompts_per_step: int = 8,
+        micro_batch_prompts: int | None = None,
+        max_steps: int = 100,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        lr_schedule: str = "constant",
+        max_grad_norm: float | None = 1.0,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 128,
+        precision: str = "auto",
+        lora: Any = None,
+        gradient_checkpointing: bool = False,
+        output_dir: str | Path | None = None,
+        save_every: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        tensorboard: bool | str = "auto",
+        wandb_project: str | None = None,
+        progress: bool | None = None,
+    ) -> None:
+        if group_size < 1 or prompts_per_step < 1 or max_steps < 0:
+            raise ConfigError("group_size and prompts_per_step must be >= 1, max_steps >= 0")
+        if collector is None and getattr(objective, "feedback_kinds", ("?",)):
+            raise ConfigError(f"{type(objective).__name__} reads teacher feedback; pass a FeedbackCollector")
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+        set_seed(seed)
+        self.device = next(model.parameters()).device
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        self.precision = precision
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        if lora is not None:
+            model = _wrap_lora(model, lora)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = model
+        self.tokenizer = tokenizer
+        self.objective = objective
+        self.collector = collector
+        items = prompts if isinstance(prompts, list) and all(isinstance(p, PromptItem) for p in prompts) else None
+        self.sampler = PromptSampler(items or load_prompts(prompts), prompts_per_step, seed=seed, shuffle=shuffle)
+        self.rollout = rollout or TransformersRollout(
+            model,
+            tokenizer,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            autocast_dtype=self.autocast_dtype,
+        )
+        self.group_size = group_size
+        self.micro_batch_prompts = micro_batch_prompts or prompts_per_step
+        self.max_steps = max_steps
+        self.max_grad_norm = max_grad_norm
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ConfigError("the model has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=betas, weight_decay=weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, lr_schedule, warmup_steps, max_steps)
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.save_every = save_every
+        self.metrics = MetricsLogger(
+            self.output_dir / "metrics.jsonl" if self.output_dir else None,
+            tb_dir=self.output_dir / "tb" if self.output_dir else None,
+            tensorboard=tensorboard,
+            wandb_project=wandb_project,
+        )
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.step = 0
+        self.teacher_cost_before = 0.0  # cost spent by earlier runs of a resumed training
+        if hasattr(objective, "setup"):
+            objective.setup(model)
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _collect(self, batch: RolloutBatch) -> list[Feedback]:
+        if self.collector is None:
+            return []
+        requests = build_requests(batch)
+        feedback = list(self.collector.collect_sync(requests))
+        if len(feedback) != len(requests):
+            raise RuntimeError(f"collector returned {len(feedback)} feedback values for {len(requests)} requests")
+        return feedback
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step; returns the metrics it logged."""
+        t_start = time.perf_counter()
+        prompts = self.sampler.next_batch()
+        batch = self.rollout.sample(prompts, self.group_size)
+        t_sampled = time.perf_counter()
+
+        feedback = self._collect(batch)
+        t_feedback = time.perf_counter()
+
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_total, objective_metrics = 0.0, {}
+        for first, micro in batch.micro_batches(self.micro_batch_prompts):
+            micro_feedback = feedback[first : first + micro.num_prompts] if feedback else []
+            with self._autocast():
+                out = self.objective.loss(self.model, micro, micro_feedback)
+            share = micro.num_prompts / batch.num_prompts
+            if out.loss.requires_grad:
+                (out.loss * share).backward()
+            loss_total += float(out.loss.detach()) * share
+            for k, v in out.metrics.items():
+                objective_metrics[k] = objective_metrics.get(k, 0.0) + float(v) * share
+        t_backward = time.perf_counter()
+
+        grad_norm = None
+        if self.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        if hasattr(self.objective, "after_step"):
+            self.objective.after_step(self.step, self.model)
+        self.rollout.sync_weights(self.model)
+        t_end = time.perf_counter()
+
+        reward_mean, reward_std = _score_stats(feedback)
+        usage = getattr(self.collector, "usage", None)
+        sampled_tokens = batch.completion_tokens()
+        row = {
+            "reward_mean": reward_mean,
+            "reward_std": reward_std,
+            "loss": loss_total,
+            **objective_metrics,
+            "feedback_failures": sum(isinstance(fb, FeedbackFailure) for fb in feedback),
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "completion_tokens": sampled_tokens,
+            "mean_completion_len": sampled_tokens / batch.size,
+            "tokens_per_s": sampled_tokens / (t_end - t_start),
+            "sample_tokens_per_s": sampled_tokens / max(t_sampled - t_start, 1e-9),
+            "teacher_cost_usd": self.teacher_cost_before + float(getattr(usage, "cost_usd", 0.0) or 0.0),
+            "teacher_requests": getattr(usage, "requests_sent", None),
+            "cache_hits": getattr(usage, "cache_hits", None),
+            "time_sampling_s": t_sampled - t_start,
+            "time_feedback_s": t_feedback - t_sampled,
+            "time_forward_backward_s": t_backward - t_feedback,
+            "time_optimizer_s": t_end - t_backward,
+            "time_step_s": t_end - t_start,
+        }
+        return self.metrics.log(self.step, row)
+
+    def train(self, resume_from: str | Path | None = None) -> list[dict[str, Any]]:
+        """Run until max_steps; resume_from: a checkpoint folder or "latest" (in output_dir)."""
+        if resume_from is not None:
+            self.resume(resume_from)
+        bar = tqdm(total=self.max_steps, initial=self.step, disable=not self.progress, desc="opd train")
+        try:
+            while self.step < self.max_steps:
+                row = self.train_step()
+                bar.update(1)
+                bar.set_postfix(reward=row["reward_mean"], loss=row["loss"], s=round(row["time_step_s"], 2))
+                if self.save_every and self.step % self.save_every == 0 and self.output_dir is not None:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        if self.output_dir is not None:
+            self.save_pretrained(self.output_dir / "final")
+        return self.metrics.history
+
+    # ---- saving ---------------------------------------------------------------------------
+
+    def save_pretrained(self, path: str | Path, *, merge_lora: bool = False) -> Path:
+        """The student (or its LoRA adapter; merged into the base with merge_lora=True) and tokenizer."""
+        path = Path(path)
+        model = self.model
+        if merge_lora and is_peft(model):
+            import copy
+
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return path
+
+    def save_checkpoint(self, path: str | Path | None = None) -> Path:
+        if path is None:
+            if self.output_dir is None:
+                raise ConfigError("save_checkpoint needs a path or the trainer's output_dir")
+            path = checkpoint_dir(self.output_dir, self.step)
+        usage = getattr(self.collector, "usage", None)
+        state = {
+            "step": self.step,
+            "data": self.sampler.state_dict(),
+            "teacher_cost_usd": self.teacher_cost_before + float(getattr(usage, "cost_usd", 0.0) or 0.0),
+        }
+        return save_checkpoint(
+            path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, state=state,
+            objective=self.objective, tokenizer=self.tokenizer,
+        )
+
+    def resume(self, path: str | Path) -> int:
+        """Load a checkpoint (or "latest" under output_dir); returns the step it continues from."""
+        if str(path) == "latest":
+            if self.output_dir is None:
+                raise ConfigError('resume_from="latest" needs output_dir')
+            found = latest_checkpoint(self.output_dir)
+            if found is None:
+                return self.step  # nothing saved yet: start fresh
+            path = found
+        state = load_checkpoint(
+            path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, objective=self.objective
+        )
+        self.step = int(state["step"])
+        self.sampler.load_state_dict(state["data"])
+        self.teacher_cost_before = float(state.get("teacher_cost_usd", 0.0))
+        self.metrics.truncate_after(self.step)
+        self.rollout.sync_weights(self.model)
+        return self.step
