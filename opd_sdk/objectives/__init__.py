@@ -23,21 +23,27 @@ to classes.
 """
 
 from opd_sdk.objectives.base import LossOutput, Objective
+from opd_sdk.objectives.online_dpo import OnlineDPO
 from opd_sdk.objectives.rejection_sampling import RejectionSampling
 from opd_sdk.objectives.reward_weighted import RewardWeighted
 from opd_sdk.objectives.sft import SFT
+from opd_sdk.objectives.spin import SPIN
 
 OBJECTIVES: dict[str, type] = {
     "reward_weighted": RewardWeighted,
     "rejection_sampling": RejectionSampling,
     "sft": SFT,
+    "spin": SPIN,
+    "online_dpo": OnlineDPO,
 }
 
 __all__ = [
     "OBJECTIVES",
     "LossOutput",
     "Objective",
+    "OnlineDPO",
     "RejectionSampling",
     "RewardWeighted",
     "SFT",
+    "SPIN",
 ]
