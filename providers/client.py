@@ -1,0 +1,145 @@
+"""Common setup for every teacher that talks to an OpenAI-compatible endpoint.
+
+One `Endpoint` holds the model name, the base URL and an `openai.AsyncOpenAI`
+client (built here from base_url / api_key, which default to the
+OPENAI_BASE_URL / OPENAI_API_KEY environment variables, or injected by the
+user). It makes the two calls teachers need (chat completions, legacy text
+completions), translates every client error into a `TeacherError` at this
+boundary, and reads the API's token counts into a `CallUsage`.
+
+The SDK's own retries are switched off (`max_retries=0`) on clients built
+here: the FeedbackCollector owns retries, rate limits and the budget, and a
+second hidden retry loop would make its counts wrong. An injected client is
+used as given.
+
+The API key is kept only inside the openai client: it never enters `id`,
+`repr`, `id_params()` or error text.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import openai
+
+from opd_sdk.constants import DEFAULT_TIMEOUT_S
+from opd_sdk.errors import ConfigError, OPDError, TeacherError
+from opd_sdk.types import CallUsage
+from providers.openai_errors import translate_openai_error
+
+
+class Endpoint:
+    """An OpenAI-compatible endpoint: model + base URL + async client.
+
+    base_url: e.g. "http://127.0.0.1:8011/v1" (vLLM), "https://api.openai.com/v1".
+        Default: env OPENAI_BASE_URL, else the openai client's own default.
+    model: the served model name (required).
+    api_key: default env OPENAI_API_KEY; servers that need no key (a local
+        vLLM) get a placeholder.
+    client: an `openai.AsyncOpenAI` to use instead of building one
+        (then base_url is read from it and api_key is ignored).
+    timeout: per-call timeout in seconds for a client built here.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        client: openai.AsyncOpenAI | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        if not model or not isinstance(model, str):
+            raise ConfigError("model: give the served model name, e.g. model='smollm2' or model='gpt-4o-mini'")
+        self.model = model
+        if client is not None:
+            if not isinstance(client, openai.AsyncOpenAI):
+                raise ConfigError(
+                    f"client: expected an openai.AsyncOpenAI, got {type(client).__name__}; "
+                    "the synchronous openai.OpenAI client would block the event loop"
+                )
+            self.client = client
+        else:
+            base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
+            key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+            self.client = openai.AsyncOpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=0)
+        self.base_url = str(self.client.base_url).rstrip("/")
+        self.schema_supported = True  # set False once the server rejects response_format
+
+    def _secrets(self) -> list[str]:
+        key = getattr(self.client, "api_key", None)
+        return [key] if isinstance(key, str) else []
+
+    def id_params(self) -> dict[str, str]:
+        """What identifies the endpoint in a teacher's fingerprint (no key)."""
+        return {"model": self.model, "base_url": self.base_url}
+
+    def __repr__(self) -> str:
+        return f"Endpoint(model={self.model!r}, base_url={self.base_url!r})"
+
+    async def chat(self, messages: list[dict[str, str]], **params: Any) -> Any:
+        """POST /chat/completions; returns the openai ChatCompletion."""
+        try:
+            return await self.client.chat.completions.create(model=self.model, messages=messages, **params)
+        except OPDError:
+            raise
+        except Exception as exc:  # every client failure crosses here as a TeacherError
+            raise translate_openai_error(exc, secrets=self._secrets()) from exc
+
+    async def chat_json(
+        self, messages: list[dict[str, str]], name: str, schema: dict[str, Any], structured: str, **params: Any
+    ) -> Any:
+        """Chat call asking for JSON that follows `schema` where the server takes one.
+
+        structured: "json_schema" always sends `response_format` (an error if
+        the server rejects it); "none" never does; "auto" sends it until the
+        server answers 400 naming response_format/json_schema, then stops
+        sending it on this endpoint (the caller's prompt still asks for JSON
+        and its parser is lenient).
+        """
+        if structured != "none" and self.schema_supported:
+            fmt = {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+            try:
+                return await self.chat(messages, response_format=fmt, **params)
+            except TeacherError as err:
+                text = str(err).lower()
+                unsupported = err.status == 400 and any(k in text for k in ("response_format", "json_schema"))
+                if structured != "auto" or not unsupported:
+                    raise
+                self.schema_supported = False
+        return await self.chat(messages, **params)
+
+    async def complete(self, prompt: str | list[int], **params: Any) -> Any:
+        """POST /completions (legacy text completions); returns the openai Completion."""
+        try:
+            return await self.client.completions.create(model=self.model, prompt=prompt, **params)
+        except OPDError:
+            raise
+        except Exception as exc:
+            raise translate_openai_error(exc, secrets=self._secrets()) from exc
+
+
+def usage_of(response: Any) -> CallUsage:
+    """One API call's usage, from the response's `usage` numbers (0 when absent)."""
+    usage = getattr(response, "usage", None)
+    return CallUsage(
+        calls=1,
+        prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+        completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+    )
+
+
+def add_usage(*parts: CallUsage) -> CallUsage:
+    """Sum of several calls' usage."""
+    return CallUsage(
+        calls=sum(p.calls for p in parts),
+        prompt_tokens=sum(p.prompt_tokens for p in parts),
+        completion_tokens=sum(p.completion_tokens for p in parts),
+    )
+
+
+def messages_payload(messages: list[Any]) -> list[dict[str, str]]:
+    """ChatMessage models (or dicts) as the plain dicts the client sends."""
+    return [m if isinstance(m, dict) else {"role": m.role, "content": m.content} for m in messages]

@@ -1,0 +1,236 @@
+"""LogprobTeacher: teacher log-probabilities of each token of a student's completion.
+
+The signal of token-level (reverse-KL) on-policy distillation (Agarwal et
+al., 2024, GKD; Thinking Machines' "On-Policy Distillation", 2025): the
+student samples, the teacher scores every sampled token. Here the teacher is
+an endpoint, not a local model: we send prompt + completion to a legacy
+`/completions` endpoint with `echo=True` and `logprobs` (vLLM, llama.cpp and
+others return the log-probability of every prompt token), plus vLLM's
+`prompt_logprobs=k` for top-k alternatives keyed by token id.
+
+Tokenisation. A per-token signal is only meaningful if teacher and student
+split the text into the same tokens. Two ways to send:
+
+- send="text" (any server): the text goes as a string; the teacher's token
+  boundaries (character offsets, `text_offset`) are compared with the
+  student's (from `tokenizer`). Same boundaries: the log-probs map one to
+  one. Different: `on_mismatch="error"` raises `TokenizationMismatch`
+  naming the first differing token; `on_mismatch="offsets"` maps by
+  character offsets instead, giving each student token the sum of the
+  teacher log-probs of the teacher tokens that start inside it (the sums
+  over the whole completion stay exact; per-token values are an
+  approximation, and top-k is dropped because ids do not correspond).
+- send="token_ids" (vLLM, teacher sharing the student's vocabulary): the
+  student's prompt and completion ids go as the prompt; the teacher scores
+  exactly the student's tokens.
+
+The prompt is rendered as the student saw it (`opd_sdk.rollout.render_prompts`:
+the tokenizer's chat template with the generation prompt, or raw text).
+`self_test()` scores one text twice and reports the spread, so a user learns
+before training whether the endpoint's numbers are stable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any, Literal
+
+import openai
+
+from opd_sdk.data import PromptItem
+from opd_sdk.errors import ConfigError, TeacherError, TokenizationMismatch
+from opd_sdk.rollout import render_prompts
+from opd_sdk.teacher import fingerprint
+from opd_sdk.types import Completion, FeedbackRequest, TokenLogprobs
+from providers.client import Endpoint, add_usage, usage_of
+
+
+def _field(obj: Any, name: str) -> Any:
+    """A response field, also when the server sent it as an extra (vLLM's prompt_logprobs)."""
+    value = getattr(obj, name, None)
+    if value is None and getattr(obj, "model_extra", None):
+        value = obj.model_extra.get(name)
+    return value
+
+
+class LogprobTeacher:
+    """Teacher log-probs of student tokens from a completions endpoint.
+
+    tokenizer: the student's Hugging Face tokenizer (or a path to load one).
+        Needed for chat prompts, for checking token boundaries and for
+        send="token_ids"; without it the teacher's own tokens are returned.
+    use_chat_template: render chat prompts with the tokenizer's template
+        (as the student's rollout does); False feeds raw prompt text.
+    top_k: also return the teacher's top-k alternatives per token (vLLM's
+        prompt_logprobs; token ids of the teacher's vocabulary). 0 = off.
+    send: "text" or "token_ids" (see module docstring).
+    on_mismatch: "error" or "offsets" (see module docstring).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        tokenizer: Any = None,
+        use_chat_template: bool = True,
+        top_k: int = 0,
+        send: Literal["text", "token_ids"] = "text",
+        on_mismatch: Literal["error", "offsets"] = "error",
+        base_url: str | None = None,
+        api_key: str | None = None,
+        client: openai.AsyncOpenAI | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        if send not in ("text", "token_ids"):
+            raise ConfigError(f"send: 'text' or 'token_ids', got {send!r}")
+        if on_mismatch not in ("error", "offsets"):
+            raise ConfigError(f"on_mismatch: 'error' or 'offsets', got {on_mismatch!r}")
+        if top_k < 0:
+            raise ConfigError(f"top_k: must be >= 0, got {top_k}")
+        if isinstance(tokenizer, str):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        if send == "token_ids" and tokenizer is None:
+            raise ConfigError("send='token_ids' needs tokenizer= (the student's tokenizer) to build the prompt ids")
+        self.endpoint = Endpoint(model, base_url=base_url, api_key=api_key, client=client, timeout=timeout)
+        self.tokenizer, self.use_chat_template = tokenizer, use_chat_template
+        self.top_k, self.send, self.on_mismatch = top_k, send, on_mismatch
+        self.id = fingerprint(
+            "logprob", **self.endpoint.id_params(), top_k=top_k, send=send, on_mismatch=on_mismatch,
+            use_chat_template=use_chat_template,
+            tokenizer=getattr(tokenizer, "name_or_path", None), vocab=len(tokenizer) if tokenizer is not None else None,
+        )
+
+    def __repr__(self) -> str:
+        return f"LogprobTeacher(model={self.endpoint.model!r}, base_url={self.endpoint.base_url!r}, send={self.send!r})"
+
+    def api_calls(self, request: FeedbackRequest) -> int:
+        return len(request.completions)
+
+    # ----- the student's view ----------------------------------------------
+    def render_prompt(self, request: FeedbackRequest) -> str:
+        item = PromptItem(prompt=request.prompt)
+        if self.tokenizer is None:
+            if not isinstance(request.prompt, str):
+                raise ConfigError("chat prompts need tokenizer= to render them as the student saw them")
+            return request.prompt
+        return render_prompts(self.tokenizer, [item], use_chat_template=self.use_chat_template)[0]
+
+    def student_tokens(self, completion: Completion) -> tuple[str, list[int] | None, list[tuple[int, int]] | None]:
+        """(text to score, student token ids, their character spans in that text)."""
+        tok = self.tokenizer
+        if tok is None:
+            return completion.text, completion.token_ids, None
+        if completion.token_ids is not None:
+            ids = list(completion.token_ids)
+            text = tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            ends = [len(tok.decode(ids[: t + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False))
+                    for t in range(len(ids))]
+            return text, ids, list(zip([0] + ends[:-1], ends))
+        enc = tok(completion.text, add_special_tokens=False, return_offsets_mapping=True)
+        return completion.text, list(enc["input_ids"]), [tuple(s) for s in enc["offset_mapping"]]
+
+    # ----- teacher calls ---------------------------------------------------
+    async def _echo(self, prompt: str | list[int]) -> Any:
+        extra = {"prompt_logprobs": self.top_k} if (self.top_k or self.send == "token_ids") else None
+        response = await self.endpoint.complete(
+            prompt, echo=True, logprobs=1, max_tokens=1, temperature=0.0, extra_body=extra
+        )
+        choice = response.choices[0]
+        if choice.logprobs is None or not choice.logprobs.token_logprobs:
+            raise TeacherError("the endpoint returned no echo logprobs; it must support echo=True with logprobs "
+                               "on /completions (vLLM, llama.cpp)", retriable=False)
+        return response
+
+    def _top_k_at(self, entry: dict | None) -> dict[int, float]:
+        entry = entry or {}
+        return {int(k): float(v["logprob"]) for k, v in entry.items() if int(v.get("rank", 1)) <= self.top_k}
+
+    async def _score_text(self, prompt_text: str, completion: Completion) -> tuple[list[float], Any, dict, Any]:
+        text, ids, spans = self.student_tokens(completion)
+        response = await self._echo(prompt_text + text)
+        lp = response.choices[0].logprobs
+        start_p, end = len(prompt_text), len(prompt_text) + len(text)
+        offsets = list(lp.text_offset)
+        keep = [k for k, o in enumerate(offsets) if start_p <= o < end]
+        straddle = [k for k, o in enumerate(offsets) if o < start_p < (offsets[k + 1] if k + 1 < len(offsets) else end)]
+        t_spans = [(offsets[k] - start_p, min(offsets[k + 1] if k + 1 < len(offsets) else end, end) - start_p)
+                   for k in keep]
+        t_logprobs = [float(lp.token_logprobs[k]) for k in keep]
+        prompt_lps = _field(response.choices[0], "prompt_logprobs")
+        if self.top_k and prompt_lps is None:
+            raise TeacherError("top_k needs a server that returns prompt_logprobs with token ids (vLLM)",
+                               retriable=False)
+        top = [self._top_k_at(prompt_lps[k]) for k in keep] if self.top_k else None
+        if spans is None:  # no student tokenizer: the teacher's own tokens, or a count check on given ids
+            if ids is not None and len(ids) != len(keep):
+                raise TokenizationMismatch(
+                    f"the teacher split the completion into {len(keep)} tokens, the student's ids are {len(ids)}; "
+                    "pass tokenizer= (the student's) so tokens can be compared or mapped by character offsets")
+            how = "teacher_tokens" if ids is None else "count_only"
+            return t_logprobs, top, {"alignment": how, "teacher_tokens": [lp.tokens[k] for k in keep]}, response
+        if not straddle and [s for s, _ in spans] == [s for s, _ in t_spans]:
+            return t_logprobs, top, {"alignment": "exact"}, response
+        where = next((t for t, (a, b) in enumerate(zip(spans, t_spans)) if a[0] != b[0]), min(len(spans), len(t_spans)))
+        show = lambda sp: repr(text[sp[where][0]:sp[where][1]]) if where < len(sp) else "<end>"  # noqa: E731
+        message = (
+            f"teacher and student tokenise the completion differently: student {len(spans)} tokens, teacher "
+            f"{len(t_spans)}; first difference at token {where} (student {show(spans)}, teacher {show(t_spans)})"
+            + ("; a teacher token spans the prompt/completion boundary" if straddle else "")
+        )
+        if self.on_mismatch == "error":
+            raise TokenizationMismatch(message + ". Use on_mismatch='offsets' to map by character offsets, "
+                                                 "or a teacher with the student's tokenizer.")
+        starts = [max(offsets[k], start_p) - start_p for k in straddle] + [s for s, _ in t_spans]
+        values = [float(lp.token_logprobs[k]) for k in straddle] + t_logprobs
+        mapped = [sum(v for s0, v in zip(starts, values) if a <= s0 < b or (t == 0 and s0 < a))
+                  for t, (a, b) in enumerate(spans)]
+        return mapped, None, {"alignment": "offsets", "mismatch": message}, response
+
+    async def _score_ids(self, prompt_text: str, completion: Completion) -> tuple[list[float], Any, dict, Any]:
+        _, ids, _ = self.student_tokens(completion)
+        prompt_ids = list(self.tokenizer(prompt_text)["input_ids"])
+        response = await self._echo(prompt_ids + ids)
+        prompt_lps = _field(response.choices[0], "prompt_logprobs")
+        if prompt_lps is None or len(prompt_lps) < len(prompt_ids) + len(ids):
+            raise TeacherError("send='token_ids' needs a server that returns prompt_logprobs (vLLM)", retriable=False)
+        entries = prompt_lps[len(prompt_ids): len(prompt_ids) + len(ids)]
+        logprobs = [float(e[str(i)]["logprob"]) for e, i in zip(entries, ids)]
+        top = [self._top_k_at(e) for e in entries] if self.top_k else None
+        return logprobs, top, {"alignment": "token_ids"}, response
+
+    async def _score(self, prompt_text: str, completion: Completion) -> tuple[list[float], Any, dict, Any]:
+        if self.send == "token_ids":
+            return await self._score_ids(prompt_text, completion)
+        return await self._score_text(prompt_text, completion)
+
+    async def feedback(self, request: FeedbackRequest) -> TokenLogprobs:
+        prompt_text = self.render_prompt(request)
+        results = await asyncio.gather(*(self._score(prompt_text, c) for c in request.completions))
+        tops = [r[1] for r in results]
+        return TokenLogprobs(
+            logprobs=[r[0] for r in results],
+            top_k=tops if self.top_k and all(t is not None for t in tops) else None,
+            details={"per_completion": [r[2] for r in results]},
+            usage=add_usage(*(usage_of(r[3]) for r in results)),
+        )
+
+    async def self_test(self, prompt: str = "What is 3 + 4?", text: str = "3 + 4 = 7.", repeats: int = 2) -> dict:
+        """Score the same text `repeats` times; report the spread of the log-probs.
+
+        Returns {"n_tokens", "max_abs_diff", "mean_abs_diff", "total_logprob", "stable"} where stable
+        means max_abs_diff <= 1e-3 (batching or nondeterministic kernels can make it larger).
+        """
+        request = FeedbackRequest(prompt=prompt, completions=[Completion(text=text)])
+        runs = [(await self.feedback(request)).logprobs[0] for _ in range(max(2, repeats))]
+        diffs = [abs(a - b) for run in runs[1:] for a, b in zip(runs[0], run)]
+        max_diff = max(diffs, default=0.0)
+        return {
+            "n_tokens": len(runs[0]),
+            "max_abs_diff": max_diff,
+            "mean_abs_diff": sum(diffs) / len(diffs) if diffs else 0.0,
+            "total_logprob": math.fsum(runs[0]),
+            "stable": max_diff <= 1e-3,
+        }

@@ -1,0 +1,103 @@
+"""ReferenceTeacher: the teacher model's own sampled answers to the prompt.
+
+What sequence-level distillation from a text-only teacher consumes: SPIN
+(Chen et al., 2024) treats them as the "real" data its student must tell
+apart from its own samples; DeepSeek-R1's distilled models (2025) were
+fine-tuned on such teacher samples. The teacher sees the prompt as chat
+messages, plus `request.privileged` as a system message when
+`use_privileged=True` (off by default: a reference the student is to imitate
+should come from what the student could see too).
+
+`cache_key` depends on the prompt (and privileged context when used), not
+on the student's completions, so the FeedbackCollector answers a second
+epoch over the same prompts from its cache without a call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import openai
+
+from opd_sdk.errors import ConfigError, TeacherError
+from opd_sdk.teacher import fingerprint
+from opd_sdk.types import Completion, FeedbackRequest, Reference
+from providers.client import Endpoint, add_usage, messages_payload, usage_of
+
+
+class ReferenceTeacher:
+    """n sampled teacher answers per prompt, returned as `Reference`.
+
+    n: answers per prompt. temperature, max_tokens, top_p: sampling.
+    n_per_call: whether one call with `n` returns them all (vLLM, OpenAI);
+        False makes n separate calls (servers that ignore `n`).
+    use_privileged: add request.privileged as a system message.
+    system_prompt: optional system message before the prompt.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        n: int = 1,
+        temperature: float = 1.0,
+        max_tokens: int = 256,
+        top_p: float = 1.0,
+        n_per_call: bool = True,
+        use_privileged: bool = False,
+        system_prompt: str | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        client: openai.AsyncOpenAI | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        if n < 1:
+            raise ConfigError(f"n: need at least 1 reference per prompt, got {n}")
+        if temperature < 0:
+            raise ConfigError(f"temperature: must be >= 0, got {temperature}")
+        self.endpoint = Endpoint(model, base_url=base_url, api_key=api_key, client=client, timeout=timeout)
+        self.n, self.temperature, self.max_tokens, self.top_p = n, temperature, max_tokens, top_p
+        self.n_per_call, self.use_privileged, self.system_prompt = n_per_call, use_privileged, system_prompt
+        self.id = fingerprint(
+            "reference", **self.endpoint.id_params(), n=n, temperature=temperature, max_tokens=max_tokens,
+            top_p=top_p, use_privileged=use_privileged, system_prompt=system_prompt,
+        )
+
+    def __repr__(self) -> str:
+        return f"ReferenceTeacher(model={self.endpoint.model!r}, base_url={self.endpoint.base_url!r}, n={self.n})"
+
+    def api_calls(self, request: FeedbackRequest) -> int:
+        return 1 if self.n_per_call else self.n
+
+    def cache_key(self, request: FeedbackRequest) -> str:
+        """The prompt (and privileged context if used): not the student's completions."""
+        key = {"prompt": request.model_dump(mode="json")["prompt"]}
+        if self.use_privileged:
+            key["privileged"] = request.privileged
+        return json.dumps(key, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+    def messages(self, request: FeedbackRequest) -> list[dict[str, str]]:
+        system = [self.system_prompt] if self.system_prompt else []
+        if self.use_privileged and request.privileged:
+            system.append(f"Context for answering (the user does not see it):\n{request.privileged}")
+        head = [{"role": "system", "content": "\n\n".join(system)}] if system else []
+        return head + messages_payload(request.prompt_messages())
+
+    async def feedback(self, request: FeedbackRequest) -> Reference:
+        messages = self.messages(request)
+        params = {"temperature": self.temperature, "max_tokens": self.max_tokens, "top_p": self.top_p}
+        if self.n_per_call:
+            responses = [await self.endpoint.chat(messages, n=self.n, **params)]
+        else:
+            responses = list(await asyncio.gather(*(self.endpoint.chat(messages, **params) for _ in range(self.n))))
+        choices = [c for r in responses for c in r.choices if c.message.content][: self.n]
+        if len(choices) < self.n:
+            raise TeacherError(
+                f"teacher returned {len(choices)} non-empty answers, expected {self.n}", retriable=True
+            )
+        return Reference(
+            completions=[Completion(text=c.message.content) for c in choices],
+            details={"finish_reasons": [c.finish_reason for c in choices]},
+            usage=add_usage(*(usage_of(r) for r in responses)),
+        )

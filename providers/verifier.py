@@ -1,0 +1,139 @@
+"""VerifierTeacher: rule-based outcome checks, no network.
+
+The outcome reward of RL with verifiable rewards (as in Tulu 3's RLVR and
+DeepSeek-R1's rule-based accuracy reward): 1.0 when the completion's final
+answer checks out against the expected one, else 0.0. A 0.0 here is a real
+verdict (the answer is wrong or missing), not a stand-in for a failed call.
+
+The expected answer is `request.metadata["answer"]`, or `request.privileged`
+when there is no answer; a request with neither is an error (non-retriable),
+because scoring it 0 would teach the student that a right answer is wrong.
+
+Checks (`mode`):
+- "exact": the extracted answer equals the expected one after trimming,
+  case-folding and collapsing whitespace (`normalize=False` compares raw).
+- "numeric": the answer is the content of the last `\\boxed{...}` if any,
+  else the last number in the text (commas in thousands are removed);
+  equal when |a - b| <= atol + rtol * |b|.
+- "regex": `pattern` must match (re.search) the completion; `{answer}` in
+  the pattern is replaced by the escaped expected answer.
+- a callable `check(completion_text, expected) -> bool | float` (a float is
+  used as the score as is).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable
+
+from opd_sdk.errors import ConfigError, TeacherError
+from opd_sdk.teacher import fingerprint
+from opd_sdk.types import FeedbackRequest, Score
+
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][-+]?\d+)?|-?\.\d+")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (nested braces allowed), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j].strip()
+    return None
+
+
+def extract_number(text: str) -> float | None:
+    """The number in the last \\boxed{} if there is one, else the last number in the text."""
+    boxed = last_boxed(text)
+    source = boxed if boxed is not None else text
+    found = _NUMBER.findall(source)
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.strip().casefold().split())
+
+
+class VerifierTeacher:
+    """Rule-based scores in {0, 1} (or a callable's float); see the module docstring.
+
+    mode: "exact" | "numeric" | "regex", or pass `check=` (mode is then "callable").
+    atol, rtol: numeric tolerance. pattern: for "regex".
+    use_boxed: "exact" compares the last \\boxed{} content when present.
+    """
+
+    def __init__(
+        self,
+        mode: str = "numeric",
+        *,
+        check: Callable[[str, str], bool | float] | None = None,
+        atol: float = 1e-6,
+        rtol: float = 0.0,
+        pattern: str | None = None,
+        normalize: bool = True,
+        use_boxed: bool = True,
+    ) -> None:
+        if check is not None:
+            mode = "callable"
+        if mode not in ("exact", "numeric", "regex", "callable"):
+            raise ConfigError(f"mode: 'exact', 'numeric' or 'regex' (or pass check=a callable), got {mode!r}")
+        if mode == "regex" and not pattern:
+            raise ConfigError("mode='regex' needs pattern=, e.g. pattern=r'answer is {answer}\\b'")
+        if atol < 0 or rtol < 0:
+            raise ConfigError(f"atol/rtol must be >= 0, got atol={atol}, rtol={rtol}")
+        self.mode, self.check, self.atol, self.rtol = mode, check, atol, rtol
+        self.pattern, self.normalize, self.use_boxed = pattern, normalize, use_boxed
+        self.id = fingerprint(
+            "verifier", mode=mode, atol=atol, rtol=rtol, pattern=pattern, normalize=normalize, use_boxed=use_boxed,
+            check=None if check is None else f"{getattr(check, '__module__', '')}.{getattr(check, '__qualname__', repr(check))}",
+        )
+
+    def __repr__(self) -> str:
+        return f"VerifierTeacher(mode={self.mode!r})"
+
+    def api_calls(self, request: FeedbackRequest) -> int:
+        return 0  # local checks: nothing to charge to a rate limit
+
+    @staticmethod
+    def expected(request: FeedbackRequest) -> str:
+        answer = request.metadata.get("answer", request.privileged)
+        if answer is None:
+            raise TeacherError(
+                "VerifierTeacher needs the expected answer in request.metadata['answer'] (or request.privileged); "
+                "give your PromptItems an answer", retriable=False,
+            )
+        return str(answer)
+
+    def score_text(self, text: str, expected: str) -> tuple[float, Any]:
+        """(score, what was extracted) for one completion."""
+        if self.mode == "callable":
+            verdict = self.check(text, expected)
+            return (float(verdict), None) if not isinstance(verdict, bool) else (1.0 if verdict else 0.0, None)
+        if self.mode == "numeric":
+            got, want = extract_number(text), extract_number(expected)
+            if want is None:
+                raise TeacherError(f"expected answer {expected!r} holds no number; use mode='exact'", retriable=False)
+            ok = got is not None and math.isfinite(got) and abs(got - want) <= self.atol + self.rtol * abs(want)
+            return (1.0 if ok else 0.0), got
+        if self.mode == "regex":
+            pattern = self.pattern.replace("{answer}", re.escape(expected.strip()))
+            return (1.0 if re.search(pattern, text) else 0.0), None
+        boxed = last_boxed(text) if self.use_boxed else None
+        got = boxed if boxed is not None else text
+        same = _norm(got) == _norm(expected) if self.normalize else got == expected
+        return (1.0 if same else 0.0), got
+
+    async def feedback(self, request: FeedbackRequest) -> Score:
+        expected = self.expected(request)
+        results = [self.score_text(c.text, expected) for c in request.completions]
+        return Score(scores=[r[0] for r in results], details={"extracted": [r[1] for r in results]})
