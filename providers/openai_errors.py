@@ -22,25 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from typing import Iterable
 
 import openai
 
 from opd_sdk.constants import RETRIABLE_STATUS
 from opd_sdk.errors import TeacherError
+from opd_sdk.redact import redact
 from opd_sdk.retry import parse_retry_after
 
-_KEYLIKE = re.compile(r"(sk-[A-Za-z0-9_\-*.]{4,}|Bearer\s+\S+|api[_-]?key[=:]\s*\S+)", re.IGNORECASE)
 _MAX_MESSAGE = 300
-
-
-def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
-    """`text` with the given secrets and anything key-like replaced by `***`."""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return _KEYLIKE.sub("***", text)
 
 
 def _server_message(exc: openai.APIStatusError) -> str:

@@ -42,8 +42,9 @@ attribute may be reassigned between phases of a test, it is read per request):
 
 - Fault.rate_limit(retry_after=None, retry_after_ms=None): 429 with those
   header values (strings sent verbatim: "2", "0.5", an HTTP date...).
-- Fault.status(code, retry_after=None, retry_after_ms=None): any error status
-  with an OpenAI-style error body (e.g. 500, 503, 400, 401).
+- Fault.status(code, retry_after=None, retry_after_ms=None, message=None): any
+  error status with an OpenAI-style error body (e.g. 500, 503, 400, 401);
+  `message` replaces the default error message.
 - Fault.delay(seconds): answer normally but this much later (on top of
   `latency`).
 - Fault.hang(seconds=30.0): say nothing for that long, then close the
@@ -97,15 +98,17 @@ class Fault:
     hang_s: float | None = None
     drop_connection: bool = False
     malformed_json: bool = False
+    message: str | None = None
 
     @classmethod
-    def status(cls, code: int, retry_after: str | None = None, retry_after_ms: str | None = None) -> "Fault":
+    def status(cls, code: int, retry_after: str | None = None, retry_after_ms: str | None = None,
+               message: str | None = None) -> "Fault":
         headers = []
         if retry_after is not None:
             headers.append(("retry-after", str(retry_after)))
         if retry_after_ms is not None:
             headers.append(("retry-after-ms", str(retry_after_ms)))
-        return cls(name=f"http_{code}", http_status=code, headers=tuple(headers))
+        return cls(name=f"http_{code}", http_status=code, headers=tuple(headers), message=message)
 
     @classmethod
     def rate_limit(cls, retry_after: str | None = None, retry_after_ms: str | None = None) -> "Fault":
@@ -411,7 +414,8 @@ class ScriptedServer:
             await asyncio.sleep(fault.hang_s)
             return False
         if fault is not None and fault.http_status is not None:
-            err = {"error": {"message": f"scripted {fault.http_status}", "type": "scripted", "code": None}}
+            text = fault.message or f"scripted {fault.http_status}"
+            err = {"error": {"message": text, "type": "scripted", "code": None}}
             await self._send(writer, fault.http_status, err, fault.headers)
             return True
         if fault is not None and fault.malformed_json:
