@@ -1,6 +1,8 @@
 """opd-sdk: on-policy distillation from black-box API teachers, and without any teacher."""
 
 from opd_sdk.batch import RolloutBatch
+from opd_sdk.cache import FeedbackCache
+from opd_sdk.collector import FeedbackCollector
 from opd_sdk.data import PromptItem
 from opd_sdk.errors import ConfigError, OPDError, TeacherError, TokenizationMismatch
 from opd_sdk.objectives import OBJECTIVES, LossOutput, Objective, RewardWeighted
@@ -18,6 +20,7 @@ from opd_sdk.types import (
     Score,
     TokenLogprobs,
 )
+from opd_sdk.usage import Usage
 
 __all__ = [
     "OBJECTIVES",
@@ -29,6 +32,8 @@ __all__ = [
     "Completion",
     "ConfigError",
     "Feedback",
+    "FeedbackCache",
+    "FeedbackCollector",
     "FeedbackFailure",
     "FeedbackRequest",
     "OPDError",
@@ -42,5 +47,6 @@ __all__ = [
     "TeacherError",
     "TokenLogprobs",
     "TokenizationMismatch",
+    "Usage",
     "fingerprint",
 ]
