@@ -118,33 +118,43 @@ class _ApiTeacher(_KeyFromEnv):
 
 
 class JudgeTeacherConfig(_ApiTeacher):
+    """providers.JudgeTeacher: a rubric score in [0, 1]. More keyword arguments go in `params`."""
+
     type: Literal["judge"]
     rubric: str | None = None
-    scale_max: float = Field(10.0, gt=0)
-    listwise: bool = False
-    expected_score: bool = False  # G-Eval style expectation over score tokens
+    scale: tuple[int, int] = (0, 10)
+    mode: Literal["pointwise", "listwise"] = "pointwise"
+    g_eval: bool = False  # expected score over the score tokens' top log-probs
     temperature: float = Field(0.0, ge=0.0)
 
 
 class PreferenceTeacherConfig(_ApiTeacher):
+    """providers.PreferenceTeacher: pairwise verdicts, both orders asked."""
+
     type: Literal["preference"]
-    rubric: str | None = None
-    temperature: float = Field(0.0, ge=0.0)
+    criteria: str | None = None
+    allow_ties: bool = True
 
 
 class ReferenceTeacherConfig(_ApiTeacher):
+    """providers.ReferenceTeacher: the teacher's own sampled answers (SPIN, SFT on teacher text)."""
+
     type: Literal["reference"]
     n: int = Field(1, gt=0)
     temperature: float = Field(1.0, ge=0.0)
-    max_tokens: int = Field(512, gt=0)
+    max_tokens: int = Field(256, gt=0)
 
 
 class LogprobTeacherConfig(_ApiTeacher):
+    """providers.LogprobTeacher: teacher log-probs of the student's tokens (vLLM, llama.cpp)."""
+
     type: Literal["logprob"]
     top_k: int = Field(0, ge=0)
 
 
 class RewardModelTeacherConfig(_KeyFromEnv):
+    """providers.RewardModelTeacher: an HTTP reward endpoint (OpenRLHF contract by default)."""
+
     type: Literal["reward_model"]
     url: str = Field(min_length=1)
     api_key_env: str | None = None
@@ -152,12 +162,14 @@ class RewardModelTeacherConfig(_KeyFromEnv):
 
 
 class VerifierTeacherConfig(_Strict):
-    """A rule-based check against `PromptItem.answer` (request.metadata["answer"])."""
+    """providers.VerifierTeacher: a rule-based check against PromptItem.answer."""
 
     type: Literal["verifier"]
     mode: Literal["exact", "numeric", "regex"] = "numeric"
-    tolerance: float = Field(1e-6, ge=0.0)
+    atol: float = Field(1e-6, ge=0.0)
+    rtol: float = Field(0.0, ge=0.0)
     pattern: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _pattern(self) -> "VerifierTeacherConfig":
@@ -167,13 +179,22 @@ class VerifierTeacherConfig(_Strict):
 
 
 class SelfDistillTeacherConfig(_Strict):
-    """The student itself, shown `PromptItem.privileged` (no network)."""
+    """providers.SelfDistillTeacher: the student itself, shown PromptItem.privileged (no network)."""
 
     type: Literal["self_distill"]
     mode: Literal["live", "frozen", "ema"] = "frozen"
-    template: str | None = None
+    ema_decay: float = Field(0.99, gt=0.0, lt=1.0)
+    placement: Literal["user_suffix", "system"] = "user_suffix"
+    template: str | None = None  # must contain {privileged}
     top_k: int = Field(0, ge=0)
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("template")
+    @classmethod
+    def _has_slot(cls, value: str | None) -> str | None:
+        if value is not None and "{privileged}" not in value:
+            raise ValueError("the template must contain `{privileged}` where the reference text goes")
+        return value
 
 
 class WeightedTeacher(_Strict):
@@ -182,23 +203,28 @@ class WeightedTeacher(_Strict):
 
 
 class WeightedSumTeacherConfig(_Strict):
+    """providers.WeightedSum: sum of weight * score over the child teachers."""
+
     type: Literal["weighted_sum"]
     teachers: list[WeightedTeacher] = Field(min_length=1)
 
 
 class GateTeacherConfig(_Strict):
-    """`teacher`'s score counts only where `gate` (typically a verifier) passes."""
+    """providers.Gate: `judge`'s score counts only where `verifier` scores >= threshold, else fail_score."""
 
     type: Literal["gate"]
-    gate: "TeacherConfig"
-    teacher: "TeacherConfig"
-    threshold: float = 0.5
+    verifier: "TeacherConfig"
+    judge: "TeacherConfig"
+    threshold: float = 1.0
+    fail_score: float = 0.0
 
 
 class PreferenceToScoreConfig(_Strict):
+    """providers.PreferenceScores: a preference teacher's verdicts as per-completion scores."""
+
     type: Literal["preference_to_score"]
     teacher: "TeacherConfig"
-    method: Literal["bradley_terry", "win_rate"] = "win_rate"
+    method: Literal["bradley_terry", "win_rate"] = "bradley_terry"
 
 
 TeacherConfig = Annotated[
@@ -369,7 +395,7 @@ def _field_path(loc: tuple) -> str:
             expect_tag = False
             continue
         kept.append(str(part))
-        expect_tag = part in ("teacher", "gate")
+        expect_tag = part in ("teacher", "verifier", "judge")
     return ".".join(kept)
 
 

@@ -110,20 +110,20 @@ def test_nested_composition_paths_drop_the_union_tag():
     raw = minimal()
     raw["teacher"] = {
         "type": "gate",
-        "gate": {"type": "verifier", "mode": "regex"},
-        "teacher": {"type": "weighted_sum", "teachers": [{"weight": 1.0, "teacher": {"type": "judge"}}]},
+        "verifier": {"type": "verifier", "mode": "regex"},
+        "judge": {"type": "weighted_sum", "teachers": [{"weight": 1.0, "teacher": {"type": "judge"}}]},
     }
     msg = error_of(raw)
-    assert "teacher.gate: mode `regex` needs `pattern:" in msg
-    assert "teacher.teacher.teachers.0.teacher.model: required field is missing" in msg
+    assert "teacher.verifier: mode `regex` needs `pattern:" in msg
+    assert "teacher.judge.teachers.0.teacher.model: required field is missing" in msg
 
 
 def test_composition_parses_into_typed_models():
     raw = minimal()
     raw["teacher"] = {
         "type": "gate",
-        "gate": {"type": "verifier"},
-        "teacher": {
+        "verifier": {"type": "verifier"},
+        "judge": {
             "type": "weighted_sum",
             "teachers": [
                 {"weight": 0.7, "teacher": {"type": "judge", "model": "m", "base_url": "http://127.0.0.1:1/v1"}},
@@ -133,7 +133,7 @@ def test_composition_parses_into_typed_models():
     }
     cfg = validate_config(raw)
     assert isinstance(cfg.teacher, GateTeacherConfig)
-    inner = cfg.teacher.teacher
+    inner = cfg.teacher.judge
     assert isinstance(inner, WeightedSumTeacherConfig)
     assert isinstance(inner.teachers[0].teacher, JudgeTeacherConfig)
     assert inner.teachers[0].teacher.api_key_env == "OPENAI_API_KEY"

@@ -1,0 +1,98 @@
+"""`opd`: the command line.
+
+    opd train CONFIG.yaml [--set key.sub=value ...] [--resume] [--check]
+    opd eval  CONFIG.yaml [--model DIR] [--set ...]
+    opd demo  [--out DIR] [--steps N] [--seed S]
+
+Every config error is reported as `opd: invalid config:` plus one line per
+field, before any model loads, and the exit status is 2. A teacher's API key
+is read from the environment variable the config names, never from the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from opd_sdk.errors import OPDError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="opd", description="On-policy distillation from black-box API teachers, and without any teacher."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", help="a YAML run config (see examples/configs/)")
+        p.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override a config field, e.g. --set optimizer.lr=3e-6 (repeatable; values read as YAML)",
+        )
+
+    train = sub.add_parser("train", help="run a distillation from a YAML config")
+    add_config(train)
+    train.add_argument("--resume", action="store_true", help="continue from output_dir's last checkpoint")
+    train.add_argument("--check", action="store_true", help="validate the config (no model load) and exit")
+
+    ev = sub.add_parser("eval", help="held-out accuracy (verifier) or mean teacher score of a student")
+    add_config(ev)
+    ev.add_argument("--model", default=None, help="a saved student folder (default: the config's student)")
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    demo = sub.add_parser("demo", help="offline demo: distil SmolLM2-135M-Instruct with a verifier, no API key")
+    demo.add_argument("--out", default="opd-demo", help="output folder (plot, metrics, trained student)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: the tuned demo setting)")
+    demo.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from opd_sdk.config import load_config
+            from opd_sdk.registry import check_config
+
+            cfg = load_config(args.config, args.overrides)
+            if args.check:
+                check_config(cfg)
+                _say(f"opd: {args.config} is valid")
+                return 0
+            from opd_sdk.runner import train
+
+            summary = train(cfg, resume=args.resume, log=_say)
+            _say(json.dumps(summary, indent=2))
+        elif args.command == "eval":
+            from opd_sdk.config import load_config
+            from opd_sdk.runner import run_eval
+
+            cfg = load_config(args.config, args.overrides)
+            result = run_eval(cfg, args.model)
+            if args.json:
+                _say(json.dumps({k: v for k, v in result.items() if k != "completions"}))
+            else:
+                _say(
+                    f"opd: held-out {result['metric']} {result['value']:.3f} "
+                    f"({result['graded']} graded, {result['failures']} teacher failures)"
+                )
+        elif args.command == "demo":
+            from opd_sdk.demo import run_demo
+
+            run_demo(out_dir=args.out, steps=args.steps, seed=args.seed, log=_say)
+    except OPDError as exc:
+        print(f"opd: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("opd: interrupted; `opd train CONFIG --resume` continues from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""From a validated `RunConfig` to a running distillation: load, wire, train, evaluate.
+
+The CLI (`opd train`, `opd eval`) is a thin shell over these functions; a
+script can call them too. Order matters: `check_config` (no model) runs
+first, so a bad config fails in a second; only then does the student load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from opd_sdk.config import DataConfig, RunConfig, StudentConfig
+from opd_sdk.data import PromptItem, load_prompts
+from opd_sdk.errors import ConfigError
+from opd_sdk.models import resolve_model_path
+from opd_sdk.registry import BuildContext, build_teacher, check_config
+from opd_sdk.types import FeedbackFailure, FeedbackRequest, Score
+
+GENERATED_TRAIN_ITEMS = 2000
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_student(cfg: StudentConfig, path: str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) from `path` or the config's model; a LoRA adapter folder loads onto its base."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = path or resolve_model_path(cfg.model)
+    dtype = _DTYPES[cfg.dtype]
+    if path is not None and (Path(path) / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(where)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_data(cfg: DataConfig, *, seed: int) -> tuple[list[PromptItem], list[PromptItem]]:
+    """(train, held-out) prompts, disjoint.
+
+    task: the task's own train / heldout splits (task_params.n_train caps the training set).
+    path / hf_dataset: `eval_path` / `eval_split` when given, else the last
+    `eval_size` prompts are held out and never trained on.
+    """
+    fields = dict(prompt_field=cfg.prompt_field, privileged_field=cfg.privileged_field, answer_field=cfg.answer_field)
+    if cfg.task is not None:
+        from opd_sdk.tasks import get_task
+
+        task = get_task(cfg.task)
+        params = dict(cfg.task_params)
+        n = params.pop("n_train", None)
+        try:  # enumerated tasks: every training problem (the sampler cycles epochs)
+            train = task.items("train", n, seed=seed, **params)
+            held = task.items("heldout", None, seed=0, **params)
+        except ConfigError:  # generated tasks: a fixed number, independent of the step count
+            train = task.items("train", n or GENERATED_TRAIN_ITEMS, seed=seed, **params)
+            held = task.items("heldout", cfg.eval_size, seed=0, **params)
+        return train, held[: cfg.eval_size]
+    if cfg.path is not None:
+        items = load_prompts(cfg.path, **fields)
+        held = load_prompts(cfg.eval_path, **fields) if cfg.eval_path else None
+    else:
+        import datasets
+
+        ds = datasets.load_dataset(cfg.hf_dataset, cfg.hf_config, split=cfg.split)
+        items = load_prompts(ds, **fields)
+        held = None
+        if cfg.eval_split:
+            held = load_prompts(datasets.load_dataset(cfg.hf_dataset, cfg.hf_config, split=cfg.eval_split), **fields)
+    if cfg.limit:
+        items = items[: cfg.limit + (0 if held is not None else cfg.eval_size)]
+    if held is None:
+        if len(items) <= cfg.eval_size:
+            raise ConfigError(
+                f"data: only {len(items)} prompts, and eval_size={cfg.eval_size} are held out; "
+                "lower data.eval_size or give data.eval_path / data.eval_split"
+            )
+        items, held = items[: -cfg.eval_size], items[-cfg.eval_size :]
+    return items, held[: cfg.eval_size]
+
+
+def build_collector(cfg: RunConfig, teacher: Any) -> Any:
+    """The FeedbackCollector with the config's limits; no cache for a teacher that changes every step."""
+    from opd_sdk.collector import FeedbackCollector
+
+    c = cfg.collector
+    cache = cfg.cache_path() if getattr(teacher, "cacheable", True) else None
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+    return FeedbackCollector(
+        teacher,
+        max_concurrency=c.max_concurrency,
+        rpm=c.rpm,
+        tpm=c.tpm,
+        timeout=c.timeout,
+        max_retries=c.max_retries,
+        cache=str(cache) if cache is not None else None,
+        budget_usd=c.budget_usd,
+        price_per_1k_prompt_tokens=c.price_per_1k_prompt_tokens,
+        price_per_1k_completion_tokens=c.price_per_1k_completion_tokens,
+        progress=cfg.logging.progress,
+    )
+
+
+def make_trainer(cfg: RunConfig, model: Any, tokenizer: Any, objective: Any, collector: Any, prompts: list) -> Any:
+    from opd_sdk.trainer import Trainer
+
+    o, r = cfg.optimizer, cfg.rollout
+    lora = cfg.student.lora.model_dump() if cfg.student.lora else None
+    if lora is not None:
+        lora = dict(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=lora["target_modules"])
+    return Trainer(
+        model,
+        tokenizer,
+        objective,
+        collector,
+        prompts,
+        group_size=r.group_size,
+        prompts_per_step=r.prompts_per_step,
+        micro_batch_prompts=max(1, r.prompts_per_step // o.grad_accum),
+        max_steps=cfg.steps,
+        lr=o.lr,
+        weight_decay=o.weight_decay,
+        betas=o.betas,
+        warmup_steps=o.warmup_steps,
+        lr_schedule=o.schedule,
+        max_grad_norm=o.max_grad_norm,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        max_new_tokens=r.max_new_tokens,
+        precision="bf16" if cfg.student.autocast_bf16 else "fp32",
+        lora=lora,
+        gradient_checkpointing=cfg.student.gradient_checkpointing,
+        output_dir=cfg.output_dir,
+        save_every=cfg.save_every or 0,
+        seed=cfg.seed,
+        tensorboard=cfg.logging.tensorboard,
+        wandb_project=cfg.logging.wandb_project,
+        progress=cfg.logging.progress,
+    )
+
+
+def find_verifier(teacher_cfg: Any) -> Any | None:
+    """The first verifier config in a teacher tree (for accuracy), or None."""
+    if teacher_cfg.type == "verifier":
+        return teacher_cfg
+    for child in [getattr(teacher_cfg, a, None) for a in ("verifier", "judge", "teacher")] + [
+        w.teacher for w in getattr(teacher_cfg, "teachers", None) or []
+    ]:
+        if child is not None and hasattr(child, "type"):
+            found = find_verifier(child)
+            if found is not None:
+                return found
+    return None
+
+
+def evaluate(cfg: RunConfig, model: Any, tokenizer: Any, items: list[PromptItem], collector: Any = None) -> dict:
+    """Greedy answers on held-out prompts, graded by a verifier (accuracy) or the teacher (mean score).
+
+    Accuracy uses the config's verifier when it has one, else a numeric
+    verifier on PromptItem.answer. `collector` (the run's, so its cache and
+    event loop are reused) grades for metric teacher_score. A failed teacher
+    call is counted apart and never scored as 0.
+    """
+    from opd_sdk.collector import FeedbackCollector
+    from opd_sdk.evaluate import greedy_accuracy
+    from opd_sdk.types import Completion
+
+    texts = greedy_accuracy(
+        model, tokenizer, items, lambda t, p: False, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size
+    ).completions
+    if cfg.eval.metric == "accuracy":
+        if any(it.answer is None for it in items):
+            raise ConfigError("eval.metric accuracy needs an answer for every held-out prompt; use metric: teacher_score")
+        from opd_sdk.config import VerifierTeacherConfig
+
+        grader = build_teacher(find_verifier(cfg.teacher) or VerifierTeacherConfig(type="verifier"))
+        collector = FeedbackCollector(grader, progress=False)
+    elif collector is None:
+        raise ConfigError("eval.metric teacher_score needs the run's collector")
+    requests = []
+    for it, text in zip(items, texts):
+        meta = dict(it.metadata) | ({"answer": it.answer} if it.answer is not None else {})
+        requests.append(FeedbackRequest(prompt=it.prompt, completions=[Completion(text=text)], privileged=it.privileged, metadata=meta))
+    if cfg.eval.metric == "accuracy":
+        try:
+            feedback = collector.collect_sync(requests)
+        finally:
+            collector.close()
+    else:
+        feedback = collector.collect_sync(requests)
+    scores = [fb.scores[0] for fb in feedback if isinstance(fb, Score)]
+    failures = sum(isinstance(fb, FeedbackFailure) for fb in feedback)
+    if not scores:
+        raise ConfigError(f"eval: no held-out answer could be graded ({failures} teacher failures); see the teacher's errors")
+    value = sum(scores) / len(scores)
+    if cfg.eval.metric == "accuracy":
+        value = sum(s >= 0.5 for s in scores) / len(scores)
+    return {"metric": cfg.eval.metric, "value": value, "graded": len(scores), "failures": failures, "completions": texts}
+
+
+def save_resolved_config(cfg: RunConfig) -> Path:
+    """output_dir/config.yaml: the validated config (it holds no secrets: keys live in the environment)."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def train(cfg: RunConfig, *, resume: bool = False, log=print) -> dict:
+    """The whole run: check, load, wire, (resume,) train, evaluate held-out, save. Returns a summary."""
+    objective = check_config(cfg)
+    from opd_sdk.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(cfg.output_dir)
+    if last is not None and not resume:
+        raise ConfigError(
+            f"output_dir {cfg.output_dir} already holds checkpoint {last.name}; pass --resume to continue it, "
+            "or choose another output_dir (--set output_dir=...)"
+        )
+    torch.manual_seed(cfg.seed)
+    save_resolved_config(cfg)
+    model, tokenizer = load_student(cfg.student)
+    train_items, held = load_data(cfg.data, seed=cfg.seed)
+    teacher = build_teacher(cfg.teacher, BuildContext(model=model, tokenizer=tokenizer, timeout=cfg.collector.timeout))
+    collector = build_collector(cfg, teacher)
+    trainer = make_trainer(cfg, model, tokenizer, objective, collector, train_items)
+    log(f"opd: training {cfg.student.model} for {cfg.steps} steps on {len(train_items)} prompts -> {cfg.output_dir}")
+    history = trainer.train(resume_from="latest" if resume else None)
+    try:
+        result = evaluate(cfg, trainer.model, tokenizer, held, collector)
+    finally:
+        collector.close()
+    usage = getattr(collector, "usage", None)
+    summary = {
+        "steps": trainer.step,
+        "final_reward_mean": history[-1].get("reward_mean") if history else None,
+        "heldout_" + result["metric"]: result["value"],
+        "heldout_graded": result["graded"],
+        "teacher_requests": getattr(usage, "requests_sent", None),
+        "cache_hits": getattr(usage, "cache_hits", None),
+        "model_dir": str(Path(cfg.output_dir) / "final"),
+    }
+    log(f"opd: held-out {result['metric']} {result['value']:.3f} on {result['graded']} prompts; model in {summary['model_dir']}")
+    return summary
+
+
+def run_eval(cfg: RunConfig, model_dir: str | None = None) -> dict:
+    """`opd eval`: the held-out metric of a saved student (or the config's untrained student)."""
+    check_config(cfg)
+    model, tokenizer = load_student(cfg.student, model_dir)
+    _, held = load_data(cfg.data, seed=cfg.seed)
+    if cfg.eval.metric != "teacher_score":
+        return evaluate(cfg, model, tokenizer, held)
+    teacher = build_teacher(cfg.teacher, BuildContext(model=model, tokenizer=tokenizer, timeout=cfg.collector.timeout))
+    collector = build_collector(cfg, teacher)
+    try:
+        return evaluate(cfg, model, tokenizer, held, collector)
+    finally:
+        collector.close()

@@ -1,0 +1,156 @@
+"""`opd train` / `opd eval` end to end on a tiny random model, and config errors before any load."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from opd_sdk import cli, runner
+from tests.loop_fixtures import tiny_model, tiny_tokenizer
+from tests.scripted_server import ScriptedServer
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny")
+    tok = tiny_tokenizer()
+    tiny_model(tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_config(tmp_path: Path, tiny_dir: Path, **changes) -> Path:
+    raw = {
+        "student": {"model": str(tiny_dir)},
+        "data": {"task": "addition", "eval_size": 8},
+        "teacher": {"type": "verifier"},
+        "objective": {"type": "reward_weighted", "params": {"advantage": "rloo"}},
+        "rollout": {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 4},
+        "eval": {"max_new_tokens": 4, "batch_size": 8},
+        "optimizer": {"lr": 1e-3},
+        "output_dir": str(tmp_path / "run"),
+        "steps": 2,
+        "logging": {"progress": False},
+    }
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            raw.setdefault(section, {})[field] = value
+        else:
+            raw[section] = value
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if anything tries to load the student."""
+
+    def boom(*a, **k):
+        raise AssertionError("the student was loaded before the config was checked")
+
+    monkeypatch.setattr(runner, "load_student", boom)
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = cli.main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_check_accepts_a_valid_config(tmp_path, tiny_dir, capsys, no_model_load):
+    rc, out, _ = run_cli(capsys, "train", str(write_config(tmp_path, tiny_dir)), "--check")
+    assert rc == 0 and "is valid" in out
+
+
+@pytest.mark.parametrize(
+    "changes, overrides, expected",
+    [
+        ({"optimizer__lr": -1}, [], "optimizer.lr: Input should be greater than 0"),
+        ({}, ["rollout.group_sise=4"], "rollout.group_sise: unknown field"),
+        ({"objective": {"type": "reward_wieghted"}}, [], "objective.type: unknown objective 'reward_wieghted'"),
+        ({"objective": {"type": "reward_weighted", "params": {"advantages": "rloo"}}}, [],
+         "objective.params: unknown parameter(s) advantages for RewardWeighted"),
+        ({"teacher": {"type": "verifier", "params": {"tolerance": 1}}}, [],
+         "teacher.params: unknown parameter(s) tolerance for VerifierTeacher"),
+        ({"teacher": {"type": "reference", "model": "m", "base_url": "http://127.0.0.1:9/v1"}}, [],
+         "objective 'reward_weighted' reads score feedback but teacher type 'reference' returns reference"),
+        ({"teacher": {"type": "judge", "model": "gpt-4o-mini", "api_key_env": "OPD_TEST_UNSET_KEY"}}, [],
+         "teacher.api_key_env: the environment variable OPD_TEST_UNSET_KEY is not set"),
+        ({"data": {"task": "long_division"}}, [], "unknown task 'long_division'"),
+        ({"data": {"path": "/nonexistent/prompts.jsonl"}}, [], "data.path: /nonexistent/prompts.jsonl does not exist"),
+    ],
+)
+def test_bad_configs_fail_before_the_model_loads(tmp_path, tiny_dir, capsys, no_model_load, monkeypatch,
+                                                 changes, overrides, expected):
+    monkeypatch.delenv("OPD_TEST_UNSET_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    path = write_config(tmp_path, tiny_dir, **changes)
+    argv = ["train", str(path)] + [a for o in overrides for a in ("--set", o)]
+    rc, _, err = run_cli(capsys, *argv)
+    assert rc == 2
+    assert expected in err
+
+
+def test_literal_key_in_yaml_is_refused_and_not_printed(tmp_path, tiny_dir, capsys, no_model_load):
+    path = write_config(tmp_path, tiny_dir, teacher={"type": "judge", "model": "m", "api_key": "sk-SECRET-777"})
+    rc, out, err = run_cli(capsys, "train", str(path))
+    assert rc == 2 and "API keys are never read from a config file" in err
+    assert "SECRET-777" not in out + err
+
+
+def test_train_then_eval_then_resume(tmp_path, tiny_dir, capsys):
+    torch.manual_seed(0)
+    path = write_config(tmp_path, tiny_dir, save_every=1)
+    rc, out, err = run_cli(capsys, "train", str(path))
+    assert rc == 0, err
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["feedback_failures"] == 0 and 0.0 <= r["reward_mean"] <= 1.0 for r in rows)
+    assert (run / "final" / "config.json").exists() and (run / "config.yaml").exists()
+    summary = json.loads(out[out.index("{"):])
+    assert summary["steps"] == 2 and summary["heldout_graded"] == 8
+
+    rc, out, err = run_cli(capsys, "eval", str(path), "--model", str(run / "final"), "--json")
+    assert rc == 0, err
+    result = json.loads(out)
+    assert result["metric"] == "accuracy" and result["graded"] == 8 and 0.0 <= result["value"] <= 1.0
+
+    rc, _, err = run_cli(capsys, "train", str(path))  # a second run must not overwrite silently
+    assert rc == 2 and "pass --resume" in err
+
+    rc, out, err = run_cli(capsys, "train", str(path), "--resume", "--set", "steps=3")
+    assert rc == 0, err
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_resume_after_a_crash_repeats_no_teacher_call(tmp_path, tiny_dir, capsys, monkeypatch):
+    """A run killed after step 2's teacher calls but before its checkpoint redoes step 2 from the
+    cache: the same samples (RNG restored), so the judge server sees no new request."""
+    monkeypatch.setenv("OPD_TEST_KEY", "sk-test-not-secret")
+    with ScriptedServer(lambda body: '{"score": 7}') as srv:
+        teacher = {"type": "judge", "model": "judge", "base_url": srv.base_url, "api_key_env": "OPD_TEST_KEY"}
+        path = write_config(tmp_path, tiny_dir, teacher=teacher, save_every=1,
+                            eval={"metric": "teacher_score", "max_new_tokens": 4})
+        rc, out, err = run_cli(capsys, "train", str(path))
+        assert rc == 0, err
+        sent = srv.count
+        assert sent > 0
+        run = tmp_path / "run"
+        shutil.rmtree(run / "step-2")  # the crash: step 2 was never checkpointed
+        (run / "final").rename(run / "final-old")
+        rc, out, err = run_cli(capsys, "train", str(path), "--resume")
+        assert rc == 0, err
+        summary = json.loads(out[out.index("{"):])
+        # step 2 and the held-out eval come entirely from the cache
+        assert srv.count == sent
+        assert summary["teacher_requests"] == 0 and summary["cache_hits"] > 0
+        assert summary["heldout_teacher_score"] == pytest.approx(0.7)
