@@ -36,6 +36,7 @@ rendered as text, then tokenised without added special tokens).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
@@ -108,6 +109,8 @@ class SelfDistillTeacher:
     temperature: teacher logits are divided by it before the softmax.
     chunk_rows: rows per forward pass chunk (bounds the [rows, T, V] logits).
     name: the model's name in `id` (default: config._name_or_path).
+    autocast_dtype: run the teacher pass under autocast (e.g. torch.bfloat16,
+        to match a trainer running with precision="bf16"); None: full precision.
     """
 
     def __init__(
@@ -122,6 +125,7 @@ class SelfDistillTeacher:
         temperature: float = 1.0,
         chunk_rows: int = 8,
         name: str | None = None,
+        autocast_dtype: torch.dtype | None = None,
     ) -> None:
         if mode not in ("live", "frozen", "ema"):
             raise ConfigError(f"mode must be 'live', 'frozen' or 'ema', got {mode!r}")
@@ -141,6 +145,7 @@ class SelfDistillTeacher:
         self.temperature = temperature
         self.chunk_rows = chunk_rows
         self.name = name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+        self.autocast_dtype = autocast_dtype
         self.version = 0
         self._copy = None if mode == "live" else _frozen(model)
         self._prompt_cache: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
@@ -158,6 +163,7 @@ class SelfDistillTeacher:
             top_k=self.top_k,
             temperature=self.temperature,
             chat_template=getattr(self.tokenizer, "chat_template", None),
+            autocast=str(self.autocast_dtype),
         )
         if self.mode == "ema":
             params["ema_decay"] = self.ema_decay
@@ -308,7 +314,10 @@ class SelfDistillTeacher:
                     mask.append([0] * (lp_max - len(p)) + [1] * (len(p) + len(c)) + [0] * (lc_max - len(c)))
                 input_ids_BT = torch.tensor(ids, device=device)
                 mask_BT = torch.tensor(mask, device=device)
-                logits_BCV = _completion_logits(model, input_ids_BT, mask_BT, lc_max)
+                autocast = (torch.autocast(device.type, dtype=self.autocast_dtype)
+                            if self.autocast_dtype is not None else contextlib.nullcontext())
+                with autocast:
+                    logits_BCV = _completion_logits(model, input_ids_BT, mask_BT, lc_max)
                 logp_BCV = torch.log_softmax(logits_BCV.float() / self.temperature, dim=-1)
                 targets_BC = input_ids_BT[:, lp_max:]
                 picked_BC = logp_BCV.gather(-1, targets_BC.unsqueeze(-1)).squeeze(-1)

@@ -244,3 +244,12 @@ def test_real_smollm2_template_passes_the_view_check(placement):
                           completions=[Completion(text=" 56"), Completion(text="7 x 8 = 56\nAnswer: 56")],
                           privileged="56")
     teacher.check_views(req)
+
+
+async def test_bf16_autocast_teacher_is_close_to_fp32(tok):
+    model = make_model(tok)
+    fp32 = SelfDistillTeacher(model, tok, mode="live")
+    bf16 = SelfDistillTeacher(model, tok, mode="live", autocast_dtype=torch.bfloat16)
+    assert fp32.id != bf16.id
+    req = request(tok)
+    assert flat(await bf16.feedback(req)) == pytest.approx(flat(await fp32.feedback(req)), abs=0.05)
