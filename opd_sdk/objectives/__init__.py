@@ -28,6 +28,7 @@ from opd_sdk.objectives.rejection_sampling import RejectionSampling
 from opd_sdk.objectives.reward_weighted import RewardWeighted
 from opd_sdk.objectives.sft import SFT
 from opd_sdk.objectives.spin import SPIN
+from opd_sdk.objectives.token_distill import TokenDistill
 
 OBJECTIVES: dict[str, type] = {
     "reward_weighted": RewardWeighted,
@@ -35,6 +36,7 @@ OBJECTIVES: dict[str, type] = {
     "sft": SFT,
     "spin": SPIN,
     "online_dpo": OnlineDPO,
+    "token_distill": TokenDistill,
 }
 
 __all__ = [
@@ -46,4 +48,5 @@ __all__ = [
     "RewardWeighted",
     "SFT",
     "SPIN",
+    "TokenDistill",
 ]
