@@ -7,7 +7,8 @@ takes its tokens at once, driving the level negative if it must, and sleeps
 until its reservation is covered. Callers are thereby served in arrival
 order, no lock is held across an `await`, and the bucket works from any
 event loop or thread. Guarantee: over any window of length w, at most
-`capacity + rate * w` tokens are admitted.
+`B + rate * w` tokens are admitted, where B is the capacity (or the largest
+single amount, if one call asks for more than the capacity).
 
 Token counts for a TPM limit are estimated before a call from text length
 (`CHARS_PER_TOKEN`) and corrected afterwards from the usage the teacher
