@@ -154,3 +154,19 @@ def test_resume_after_a_crash_repeats_no_teacher_call(tmp_path, tiny_dir, capsys
         assert srv.count == sent
         assert summary["teacher_requests"] == 0 and summary["cache_hits"] > 0
         assert summary["heldout_teacher_score"] == pytest.approx(0.7)
+
+
+def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_dir, monkeypatch):
+    from opd_sdk import demo
+
+    monkeypatch.setitem(demo.DEMO, "max_new_tokens", 4)
+    monkeypatch.setitem(demo.DEMO, "eval_every", 1)
+    lines: list[str] = []
+    summary = demo.run_demo(out_dir=tmp_path / "demo", steps=2, model_dir=tiny_dir, log=lines.append)
+    out = tmp_path / "demo"
+    assert summary["steps"] == 2 and summary["heldout_prompts"] > 0
+    assert [s for s, _ in summary["heldout_curve"]] == [0, 1, 2]
+    assert (out / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "final" / "config.json").exists()
+    assert json.loads((out / "demo_summary.json").read_text())["heldout_accuracy_after"] == summary["heldout_accuracy_after"]
+    assert any("held-out accuracy before" in line for line in lines)
