@@ -94,21 +94,23 @@ class Endpoint:
         """Chat call asking for JSON that follows `schema` where the server takes one.
 
         structured: "json_schema" always sends `response_format` (an error if
-        the server rejects it); "none" never does; "auto" sends it until the
-        server answers 400 naming response_format/json_schema, then stops
-        sending it on this endpoint (the caller's prompt still asks for JSON
-        and its parser is lenient).
+        the server rejects it); "none" never does; "auto" sends it, and when
+        the server answers 400 to it, tries once without it: if that call
+        succeeds the endpoint stops sending a schema for good (the caller's
+        prompt still asks for JSON and its parser is lenient); if it fails
+        too, its error is raised and the schema stays on (the 400 was about
+        something else).
         """
         if structured != "none" and self.schema_supported:
             fmt = {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
             try:
                 return await self.chat(messages, response_format=fmt, **params)
             except TeacherError as err:
-                text = str(err).lower()
-                unsupported = err.status == 400 and any(k in text for k in ("response_format", "json_schema"))
-                if structured != "auto" or not unsupported:
+                if structured != "auto" or err.status != 400:
                     raise
-                self.schema_supported = False
+            response = await self.chat(messages, **params)
+            self.schema_supported = False
+            return response
         return await self.chat(messages, **params)
 
     async def complete(self, prompt: str | list[int], **params: Any) -> Any:

@@ -8,10 +8,10 @@ returned `Score` is normalised to [0, 1]: (n - lo) / (hi - lo).
 
 - Structured output: with `structured="auto"` (default) the verdict is
   requested with a JSON schema (`response_format={"type": "json_schema"}`,
-  which vLLM, OpenAI and llama.cpp enforce); if the server rejects that
-  parameter (HTTP 400 naming it) the judge falls back, once and for good, to
-  asking in the prompt and parsing leniently. "json_schema" forces it,
-  "none" never sends it.
+  which vLLM, OpenAI and llama.cpp enforce); if the server answers 400 to
+  it and the same call without it succeeds, the judge falls back for good
+  to asking in the prompt and parsing leniently (`Endpoint.chat_json`).
+  "json_schema" forces it, "none" never sends it.
 - G-Eval (`g_eval=True`, pointwise only): the score becomes the expected
   value under the judge's top log-probabilities at the score token (see
   `providers.verdict.expected_score`); needs a scale of single digits.
