@@ -167,7 +167,8 @@ class Trainer:
         if lora is not None:
             model = _wrap_lora(model, lora)
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model
         self.tokenizer = tokenizer
         self.objective = objective
