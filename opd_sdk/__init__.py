@@ -5,7 +5,18 @@ from opd_sdk.cache import FeedbackCache
 from opd_sdk.collector import FeedbackCollector
 from opd_sdk.data import PromptItem
 from opd_sdk.errors import ConfigError, OPDError, TeacherError, TokenizationMismatch
-from opd_sdk.objectives import OBJECTIVES, LossOutput, Objective, RewardWeighted
+from opd_sdk.objectives import (
+    OBJECTIVES,
+    SFT,
+    SPIN,
+    Hybrid,
+    LossOutput,
+    Objective,
+    OnlineDPO,
+    RejectionSampling,
+    RewardWeighted,
+    TokenDistill,
+)
 from opd_sdk.teacher import Teacher, fingerprint
 from opd_sdk.types import (
     CallUsage,
@@ -27,6 +38,12 @@ __all__ = [
     "LossOutput",
     "Objective",
     "RewardWeighted",
+    "SFT",
+    "SPIN",
+    "Hybrid",
+    "OnlineDPO",
+    "RejectionSampling",
+    "TokenDistill",
     "CallUsage",
     "ChatMessage",
     "Completion",

@@ -23,6 +23,7 @@ to classes.
 """
 
 from opd_sdk.objectives.base import LossOutput, Objective
+from opd_sdk.objectives.hybrid import Hybrid
 from opd_sdk.objectives.online_dpo import OnlineDPO
 from opd_sdk.objectives.rejection_sampling import RejectionSampling
 from opd_sdk.objectives.reward_weighted import RewardWeighted
@@ -37,10 +38,12 @@ OBJECTIVES: dict[str, type] = {
     "spin": SPIN,
     "online_dpo": OnlineDPO,
     "token_distill": TokenDistill,
+    "hybrid": Hybrid,
 }
 
 __all__ = [
     "OBJECTIVES",
+    "Hybrid",
     "LossOutput",
     "Objective",
     "OnlineDPO",

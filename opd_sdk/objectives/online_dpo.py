@@ -132,10 +132,13 @@ class OnlineDPO:
         used = sorted({r for w, l, _ in pairs for r in (w, l)})  # only rows in a pair are run
         slot = {r: i for i, r in enumerate(used)}
         rows = torch.tensor(used, device=batch.input_ids_BT.device)
+        L = batch.prompt_len
         ids, attn, mask = batch.input_ids_BT[rows], batch.attention_mask_BT[rows], batch.completion_mask_BT[rows]
-        policy_U = sequence_sums(selected_logprobs(policy, ids, attn, chunk_rows=self.chunk_rows), mask.float())
+        policy_lp = selected_logprobs(policy, ids, attn, chunk_rows=self.chunk_rows, from_col=L)
+        policy_U = sequence_sums(policy_lp, mask.float())
         with torch.no_grad():
-            ref_U = sequence_sums(selected_logprobs(self.reference, ids, attn, chunk_rows=self.chunk_rows), mask.float())
+            ref_lp = selected_logprobs(self.reference, ids, attn, chunk_rows=self.chunk_rows, from_col=L)
+            ref_U = sequence_sums(ref_lp, mask.float())
         w = torch.tensor([slot[w] for w, _, _ in pairs], device=rows.device)
         l_ = torch.tensor([slot[l] for _, l, _ in pairs], device=rows.device)
         prob_N = torch.tensor([p for _, _, p in pairs], dtype=policy_U.dtype, device=rows.device)

@@ -83,7 +83,8 @@ class RejectionSampling:
         metrics["selected_reward_mean"] = float(rewards_PG.reshape(-1)[keep_B].mean())
         rows = keep_B.nonzero().squeeze(-1)
         logprobs_NT = selected_logprobs(
-            policy, batch.input_ids_BT[rows], batch.attention_mask_BT[rows], chunk_rows=self.chunk_rows
+            policy, batch.input_ids_BT[rows], batch.attention_mask_BT[rows],
+            chunk_rows=self.chunk_rows, from_col=batch.prompt_len,
         )
         mask_NT = batch.completion_mask_BT[rows].float()
         loss = nll_loss(logprobs_NT, mask_NT)

@@ -178,7 +178,12 @@ class RewardWeighted:
         mask_BT = batch.completion_mask_BT.float() * valid_B.unsqueeze(-1).float()
         temperature = getattr(batch, "temperature", 1.0)
         logprobs_BT = selected_logprobs(
-            policy, batch.input_ids_BT, batch.attention_mask_BT, chunk_rows=self.chunk_rows, temperature=temperature
+            policy,
+            batch.input_ids_BT,
+            batch.attention_mask_BT,
+            chunk_rows=self.chunk_rows,
+            temperature=temperature,
+            from_col=batch.prompt_len,
         )
         metrics: dict[str, float] = {
             "feedback_failures": float(count_failures(feedback)),
@@ -203,6 +208,7 @@ class RewardWeighted:
                     batch.attention_mask_BT,
                     chunk_rows=self.chunk_rows,
                     temperature=temperature,
+                    from_col=batch.prompt_len,
                 )
             kl_BT = kl_per_token(logprobs_BT, ref_BT, self.kl_estimator)
             metrics["kl"] = float(masked_normalise(kl_BT.detach(), mask_BT, "token"))

@@ -113,7 +113,9 @@ class SFT:
         items = [(p, encode_text(self.tokenizer, t)) for p, t in texts]
         pad = getattr(self.tokenizer, "pad_token_id", None) or 0
         input_ids_NT, attention_NT, target_NT = text_rows(batch, items, pad)
-        logprobs_NT = selected_logprobs(policy, input_ids_NT, attention_NT, chunk_rows=self.chunk_rows)
+        logprobs_NT = selected_logprobs(
+            policy, input_ids_NT, attention_NT, chunk_rows=self.chunk_rows, from_col=batch.prompt_len
+        )
         loss = nll_loss(logprobs_NT, target_NT)
         metrics.update(examples=float(len(items)), tokens=float(target_NT.sum()), nll=float(loss.detach()))
         metrics["loss"] = metrics["nll"]

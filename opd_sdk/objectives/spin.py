@@ -117,8 +117,22 @@ class SPIN:
         if self.refresh_every is not None and step % self.refresh_every == 0:
             self.refresh_opponent(policy)
 
-    def _seq_logprobs(self, model, ids_NT, attn_NT, mask_NT) -> torch.Tensor:
-        return sequence_sums(selected_logprobs(model, ids_NT, attn_NT, chunk_rows=self.chunk_rows), mask_NT)
+    def state_dict(self) -> dict[str, Any]:
+        """The opponent's weights and the refresh count (saved in training checkpoints)."""
+        if self.opponent is None:
+            return {"refreshes": self.refreshes}
+        return {"opponent": self.opponent.state_dict(), "refreshes": self.refreshes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "opponent" in state:
+            if self.opponent is None:
+                raise ConfigError("SPIN.load_state_dict needs setup(policy) first (it makes the opponent to load into)")
+            self.opponent.load_state_dict(state["opponent"])
+        self.refreshes = int(state.get("refreshes", 0))
+
+    def _seq_logprobs(self, model, ids_NT, attn_NT, mask_NT, from_col: int) -> torch.Tensor:
+        lp_NT = selected_logprobs(model, ids_NT, attn_NT, chunk_rows=self.chunk_rows, from_col=from_col)
+        return sequence_sums(lp_NT, mask_NT)
 
     def loss(self, policy: torch.nn.Module, batch: RolloutBatch, feedback: Sequence[Feedback] | None) -> LossOutput:
         if self.opponent is None:
@@ -129,7 +143,7 @@ class SPIN:
         if self.source == "answer" and not texts:
             raise ConfigError("SPIN(source='answer'): no prompt in this batch has PromptItem.answer; "
                               "give answers or use source='reference' with a ReferenceTeacher")
-        G = batch.group_size
+        G, L = batch.group_size, batch.prompt_len
         gen_rows = [p * G + g for p, _ in texts for g in range(G) if batch.completion_mask_BT[p * G + g].sum() > 0]
         if not gen_rows:
             return LossOutput(first_param_zero(policy), {**metrics, "pairs": 0.0, "loss": 0.0})
@@ -141,11 +155,11 @@ class SPIN:
         real_index = {p: n for n, (p, _) in enumerate(texts)}
         pair_real = torch.tensor([real_index[b // G] for b in gen_rows], device=rows.device)
 
-        policy_real = self._seq_logprobs(policy, real_ids, real_attn, real_mask)
-        policy_gen = self._seq_logprobs(policy, gen_ids, gen_attn, gen_mask)
+        policy_real = self._seq_logprobs(policy, real_ids, real_attn, real_mask, L)
+        policy_gen = self._seq_logprobs(policy, gen_ids, gen_attn, gen_mask, L)
         with torch.no_grad():
-            opp_real = self._seq_logprobs(self.opponent, real_ids, real_attn, real_mask)
-            opp_gen = self._seq_logprobs(self.opponent, gen_ids, gen_attn, gen_mask)
+            opp_real = self._seq_logprobs(self.opponent, real_ids, real_attn, real_mask, L)
+            opp_gen = self._seq_logprobs(self.opponent, gen_ids, gen_attn, gen_mask, L)
         loss, margin_N = spin_loss(
             policy_real[pair_real], policy_gen, opp_real[pair_real], opp_gen, self.beta, self.loss_type
         )

@@ -159,7 +159,11 @@ class TokenDistill:
         }
         if self.divergence == "reverse_kl_pg":
             student_BT = selected_logprobs(
-                policy, batch.input_ids_BT, batch.attention_mask_BT, chunk_rows=self.chunk_rows, from_col=batch.prompt_len
+                policy,
+                batch.input_ids_BT,
+                batch.attention_mask_BT,
+                chunk_rows=self.chunk_rows,
+                from_col=batch.prompt_len,
             )
             if tokens.mask_BT.sum() == 0:
                 return LossOutput(zero_loss(student_BT), {**metrics, "loss": 0.0})

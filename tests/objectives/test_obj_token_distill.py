@@ -85,9 +85,9 @@ def test_reverse_kl_pg_gradient_is_the_exact_kl_gradient_in_expectation():
     theta = torch.tensor([0.2, -0.5, 1.0], dtype=D, requires_grad=True)
     log_p = torch.log_softmax(torch.tensor([1.0, 0.0, -1.0], dtype=D), -1)
     log_q = torch.log_softmax(theta, -1)
+    one = torch.ones(1, 1, dtype=D)
     surrogate = sum(
-        log_q[y].exp().detach() * reverse_kl_pg_loss(log_q[y].view(1, 1), log_p[y].view(1, 1), torch.ones(1, 1, dtype=D))
-        for y in range(3)
+        log_q[y].exp().detach() * reverse_kl_pg_loss(log_q[y].view(1, 1), log_p[y].view(1, 1), one) for y in range(3)
     )
     (g_surrogate,) = torch.autograd.grad(surrogate, theta, retain_graph=True)
     (g_exact,) = torch.autograd.grad((log_q.exp() * (log_q - log_p)).sum(), theta)
@@ -107,11 +107,15 @@ def test_teacher_logprobs_alignment(batch):
         teacher_token_logprobs(batch, [Score(scores=[1.0, 0.0])] * 2, "t")
 
 
+def full_logits(model, batch):
+    position_ids = (batch.attention_mask_BT.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT, position_ids=position_ids).logits
+
+
 def teacher_feedback(teacher, batch, k):
     """TokenLogprobs from a local teacher model: sampled-token log-probs and its top-k per position."""
     with torch.no_grad():
-        logp_BTV = torch.log_softmax(teacher(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT,
-                                             position_ids=(batch.attention_mask_BT.cumsum(-1) - 1).clamp(min=0)).logits, -1)
+        logp_BTV = torch.log_softmax(full_logits(teacher, batch), -1)
     out, G, L = [], batch.group_size, batch.prompt_len
     for p in range(len(batch.prompts)):
         lps, tops = [], []
@@ -130,8 +134,7 @@ def test_support_logprobs_match_the_full_softmax(model, batch):
     sup = teacher_support(batch, fb, tok, VOCAB, "t")
     with torch.no_grad():
         lp_MK, tail_M = support_logprobs(model, batch.input_ids_BT, batch.attention_mask_BT, sup, chunk_positions=3)
-        full = torch.log_softmax(model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT,
-                                       position_ids=(batch.attention_mask_BT.cumsum(-1) - 1).clamp(min=0)).logits, -1)
+        full = torch.log_softmax(full_logits(model, batch), -1)
     full_MV = full[sup.rows_M, sup.cols_M - 1].double()
     assert torch.allclose(lp_MK[sup.mask_MK].double(), full_MV.gather(-1, sup.ids_MK)[sup.mask_MK], atol=1e-5)
     inside_M = torch.where(sup.mask_MK, full_MV.gather(-1, sup.ids_MK).exp(), 0.0).sum(-1)
@@ -143,10 +146,8 @@ def test_full_vocabulary_support_gives_the_exact_kl(model, batch):
     teacher = tiny_llama(1)
     fb = teacher_feedback(teacher, batch, VOCAB)  # "top-k" = the whole distribution: both tails ~0
     out = TokenDistill(divergence="forward_kl").loss(model, batch, fb)
-    pos = lambda m: (m(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT,  # noqa: E731
-                       position_ids=(batch.attention_mask_BT.cumsum(-1) - 1).clamp(min=0)).logits)
     with torch.no_grad():
-        t, s = torch.log_softmax(pos(teacher), -1), torch.log_softmax(pos(model), -1)
+        t, s = torch.log_softmax(full_logits(teacher, batch), -1), torch.log_softmax(full_logits(model, batch), -1)
     mask = batch.completion_mask_BT[:, 1:].bool()
     exact = (t.exp() * (t - s)).sum(-1)[:, :-1][mask].mean()
     assert out.loss.item() == pytest.approx(exact.item(), abs=1e-4)

@@ -1,0 +1,108 @@
+"""`Hybrid`: a weighted sum of objectives, e.g. a token-level and a sequence-level one.
+
+    loss = sum_k weight_k * loss_k(policy, batch, feedback from source k)
+
+This is the two halves of the unifying view at once: a token-level
+divergence to a logprob teacher (`TokenDistill`) plus a sequence-level
+reward (`RewardWeighted` on a verifier or judge), or an on-policy term plus
+an `SFT` anchor. Each term runs its own forward pass (they need different
+rows and different feedback); that is the price of keeping the terms
+independent.
+
+Where each term's feedback comes from. Terms are (objective, weight,
+source): `source` indexes the teacher whose feedback the term reads.
+- One source (every term has source 0, the default): `feedback` is the
+  usual list, one Feedback per prompt, and every term reads it.
+- Several sources: the trainer collects from each teacher and passes, for
+  every prompt, a tuple with one Feedback per source:
+  `feedback = list(zip(feedback_teacher0, feedback_teacher1))`. This keeps
+  slicing by prompt (micro-batches) unchanged. `feedback_sources` says how
+  many teachers the trainer must run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from opd_sdk.batch import RolloutBatch
+from opd_sdk.errors import ConfigError
+from opd_sdk.objectives.base import LossOutput, count_failures
+
+
+class Hybrid:
+    """Weighted sum of objectives; see the module docstring.
+
+    terms: (objective, weight) or (objective, weight, source) tuples.
+    names: metric prefixes, one per term (default: the class names, lowercased).
+    """
+
+    def __init__(self, terms: Sequence[tuple], names: Sequence[str] | None = None) -> None:
+        if not terms:
+            raise ConfigError("Hybrid needs at least one (objective, weight[, source]) term")
+        parsed = []
+        for k, term in enumerate(terms):
+            if len(term) not in (2, 3):
+                raise ConfigError(f"Hybrid term {k}: give (objective, weight) or (objective, weight, source)")
+            objective, weight, source = term[0], float(term[1]), int(term[2]) if len(term) == 3 else 0
+            if not hasattr(objective, "loss") or source < 0:
+                raise ConfigError(f"Hybrid term {k}: needs an objective with .loss() and a source index >= 0")
+            parsed.append((objective, weight, source))
+        self.terms = parsed
+        self.feedback_sources = max(s for _, _, s in parsed) + 1
+        default = [type(o).__name__.lower() for o, _, _ in parsed]
+        names = list(names) if names is not None else [
+            n if default.count(n) == 1 else f"{n}{k}" for k, n in enumerate(default)
+        ]
+        if len(names) != len(parsed) or len(set(names)) != len(names):
+            raise ConfigError(f"Hybrid names must be {len(parsed)} distinct strings, got {names}")
+        self.names = names
+        kinds: list[str] = []
+        for o, _, _ in parsed:
+            kinds += [k for k in getattr(o, "feedback_kinds", ()) if k not in kinds]
+        self.feedback_kinds = tuple(kinds)
+
+    def setup(self, policy: torch.nn.Module) -> None:
+        for objective, _, _ in self.terms:
+            objective.setup(policy)
+
+    def after_step(self, step: int, policy: torch.nn.Module) -> None:
+        for objective, _, _ in self.terms:
+            objective.after_step(step, policy)
+
+    def split_feedback(self, feedback: Sequence[Any]) -> list[list[Any]]:
+        """Per-source feedback lists from the per-prompt tuples (or the one list)."""
+        if self.feedback_sources == 1:
+            return [list(feedback)]
+        lists: list[list[Any]] = [[] for _ in range(self.feedback_sources)]
+        for p, entry in enumerate(feedback):
+            if not isinstance(entry, (tuple, list)) or len(entry) != self.feedback_sources:
+                raise ConfigError(
+                    f"Hybrid reads {self.feedback_sources} feedback sources: feedback[{p}] must be a tuple "
+                    "with one Feedback per source, e.g. list(zip(feedback_a, feedback_b))"
+                )
+            for s, fb in enumerate(entry):
+                lists[s].append(fb)
+        return lists
+
+    def loss(self, policy: torch.nn.Module, batch: RolloutBatch, feedback: Sequence[Any]) -> LossOutput:
+        per_source = self.split_feedback(feedback)
+        total = None
+        metrics: dict[str, float] = {}
+        for (objective, weight, source), name in zip(self.terms, self.names):
+            out = objective.loss(policy, batch, per_source[source])
+            total = weight * out.loss if total is None else total + weight * out.loss
+            metrics.update({f"{name}/{k}": v for k, v in out.metrics.items()})
+        used = sorted({s for _, _, s in self.terms})
+        metrics["feedback_failures"] = float(sum(count_failures(per_source[s]) for s in used))
+        metrics["loss"] = float(total.detach())
+        return LossOutput(total, metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: o.state_dict() for (o, _, _), name in zip(self.terms, self.names) if hasattr(o, "state_dict")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for (o, _, _), name in zip(self.terms, self.names):
+            if name in state and hasattr(o, "load_state_dict"):
+                o.load_state_dict(state[name])
