@@ -3,8 +3,11 @@
 from opd_sdk.batch import RolloutBatch
 from opd_sdk.cache import FeedbackCache
 from opd_sdk.collector import FeedbackCollector
-from opd_sdk.data import PromptItem
+from opd_sdk.data import PromptItem, PromptSampler, load_prompts
 from opd_sdk.errors import ConfigError, OPDError, TeacherError, TokenizationMismatch
+from opd_sdk.evaluate import EvalResult, greedy_accuracy, last_number_matches
+from opd_sdk.logprobs import selected_logprobs
+from opd_sdk.metrics import MetricsLogger, read_metrics
 from opd_sdk.objectives import (
     OBJECTIVES,
     SFT,
@@ -17,7 +20,9 @@ from opd_sdk.objectives import (
     RewardWeighted,
     TokenDistill,
 )
+from opd_sdk.rollout import RolloutEngine, TransformersRollout
 from opd_sdk.teacher import Teacher, fingerprint
+from opd_sdk.trainer import Trainer, build_requests
 from opd_sdk.types import (
     CallUsage,
     ChatMessage,
@@ -66,4 +71,16 @@ __all__ = [
     "TokenizationMismatch",
     "Usage",
     "fingerprint",
+    "EvalResult",
+    "MetricsLogger",
+    "PromptSampler",
+    "RolloutEngine",
+    "Trainer",
+    "TransformersRollout",
+    "build_requests",
+    "greedy_accuracy",
+    "last_number_matches",
+    "load_prompts",
+    "read_metrics",
+    "selected_logprobs",
 ]
