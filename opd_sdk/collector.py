@@ -200,6 +200,13 @@ class FeedbackCollector:
 
     def collect_sync(self, requests: Sequence[FeedbackRequest]) -> list[Feedback]:
         """Blocking `collect`, on the collector's own background event loop."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not None and running is self._sync_loop:
+            raise ConfigError("collect_sync was called from the collector's own loop (inside a teacher?); "
+                              "use `await collector.collect(...)` there")
         if self._sync_loop is None:
             self._sync_loop = asyncio.new_event_loop()
             self._sync_thread = threading.Thread(target=self._sync_loop.run_forever, name="opd-collector",
@@ -355,6 +362,8 @@ class FeedbackCollector:
         except asyncio.TimeoutError as exc:
             raise _CallTimeout(f"no answer within the {self.timeout:g} s timeout", retriable=True) from exc
         except TeacherError as exc:
+            log.debug("teacher %s attempt failed (%s): %s", self.teacher.id,
+                      "will retry if attempts remain" if exc.retriable else "not retriable", redact(str(exc)))
             if exc.status == 429 and exc.retry_after:
                 self.limiter.pause(min(exc.retry_after, retry_after_cap))
             raise

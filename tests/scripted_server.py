@@ -81,7 +81,8 @@ import random
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from http import HTTPStatus
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 Responder = Callable[[dict], "str | dict"]
@@ -131,15 +132,7 @@ class Fault:
         return cls(name="malformed", malformed_json=True)
 
 
-DEFAULT_RANDOM_FAULTS = (
-    Fault.status(429, retry_after="0"),
-    Fault.status(500),
-    Fault.status(503),
-)
-
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 408: "Request Timeout",
-            409: "Conflict", 422: "Unprocessable Entity", 429: "Too Many Requests",
-            500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
+DEFAULT_RANDOM_FAULTS = (Fault.status(429, retry_after="0"), Fault.status(500), Fault.status(503))
 
 
 @dataclass
@@ -435,7 +428,7 @@ class ScriptedServer:
 
     @staticmethod
     def _head(status: int, length: int, extra: Sequence[tuple[str, str]]) -> bytes:
-        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", "content-type: application/json",
+        lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "content-type: application/json",
                  f"content-length: {length}", "x-request-id: req-scripted"]
         lines += [f"{k}: {v}" for k, v in extra]
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
