@@ -307,8 +307,8 @@ class EvalConfig(_Strict):
 class RunConfig(_Strict):
     student: StudentConfig
     data: DataConfig
-    teacher: TeacherConfig
     objective: ObjectiveConfig
+    teacher: TeacherConfig | None = None  # None: a teacher-free objective (SFT / SPIN on data answers)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     collector: CollectorConfig = Field(default_factory=CollectorConfig)

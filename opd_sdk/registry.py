@@ -216,7 +216,9 @@ def _check_params(cls: type, params: dict[str, Any], where: str, positional: int
     sig = inspect.signature(cls.__init__)
     if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
         return
-    names = [n for n, p in sig.parameters.items() if n != "self" and p.kind is not p.VAR_POSITIONAL]
+    names = [
+        n for n, p in sig.parameters.items() if n not in ("self", "tokenizer") and p.kind is not p.VAR_POSITIONAL
+    ]
     unknown = sorted(set(params) - set(names[positional:]))
     if unknown:
         raise ConfigError(
@@ -225,17 +227,38 @@ def _check_params(cls: type, params: dict[str, Any], where: str, positional: int
         )
 
 
-def build_objective(cfg: ObjectiveConfig) -> Any:
-    """The objective `cfg.type` with `cfg.params` as keyword arguments (cheap: no model copies yet)."""
+def build_objective(cfg: ObjectiveConfig, tokenizer: Any = None, where: str = "objective") -> Any:
+    """The objective `cfg.type` with `cfg.params` as keyword arguments (cheap: no model copies yet).
+
+    Objectives that take the student's tokenizer (SFT, SPIN) get `tokenizer`;
+    `check_config` builds them with None, which their constructors only store.
+    `hybrid` takes params {terms: [{type, params, weight}, ...]} (one teacher
+    feeds every term).
+    """
     classes = _objective_classes()
     if cfg.type not in classes:
-        raise ConfigError(f"objective.type: unknown objective {cfg.type!r}; use one of {', '.join(sorted(classes))}")
+        raise ConfigError(f"{where}.type: unknown objective {cfg.type!r}; use one of {', '.join(sorted(classes))}")
     cls = classes[cfg.type]
-    _check_params(cls, cfg.params, "objective.params")
+    params = dict(cfg.params)
+    if cfg.type == "hybrid":
+        terms = params.pop("terms", None)
+        if not isinstance(terms, list) or not terms:
+            raise ConfigError(f"{where}.params.terms: give a list of {{type, params, weight}} objectives to add up")
+        built = []
+        for i, term in enumerate(terms):
+            if not isinstance(term, dict) or "weight" not in term:
+                raise ConfigError(f"{where}.params.terms.{i}: write {{type: NAME, params: {{...}}, weight: W}}")
+            sub = ObjectiveConfig.model_validate({k: v for k, v in term.items() if k != "weight"})
+            built.append((build_objective(sub, tokenizer, f"{where}.params.terms.{i}"), float(term["weight"])))
+        _check_params(cls, params, f"{where}.params", positional=1)
+        return cls(built, **params)
+    _check_params(cls, params, f"{where}.params")
+    if "tokenizer" in inspect.signature(cls.__init__).parameters:
+        params["tokenizer"] = tokenizer
     try:
-        return cls(**cfg.params)
+        return cls(**params)
     except TypeError as exc:
-        raise ConfigError(f"objective.params: {exc}") from None
+        raise ConfigError(f"{where}.params: {exc}") from None
 
 
 def _check_teacher(cfg: Any, where: str) -> None:
@@ -255,8 +278,17 @@ def _check_teacher(cfg: Any, where: str) -> None:
 def check_config(cfg: RunConfig) -> Any:
     """Every check that needs no model; returns the built objective. Raises ConfigError."""
     objective = build_objective(cfg.objective)
-    _check_teacher(cfg.teacher, "teacher")
     kinds = tuple(getattr(objective, "feedback_kinds", ()))
+    if cfg.teacher is None:
+        if kinds:
+            raise ConfigError(
+                f"teacher: objective {cfg.objective.type!r} reads {' or '.join(kinds)} feedback; add a "
+                f"`teacher:` section (for example type: {_teacher_for(kinds[0])})"
+            )
+        if cfg.eval.metric == "teacher_score":
+            raise ConfigError("eval.metric: teacher_score needs a `teacher:`; use metric: accuracy")
+        return objective
+    _check_teacher(cfg.teacher, "teacher")
     given = FEEDBACK_KIND[cfg.teacher.type]
     if kinds and given not in kinds:
         raise ConfigError(

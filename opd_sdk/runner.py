@@ -17,7 +17,7 @@ from opd_sdk.config import DataConfig, RunConfig, StudentConfig
 from opd_sdk.data import PromptItem, load_prompts
 from opd_sdk.errors import ConfigError
 from opd_sdk.models import resolve_model_path
-from opd_sdk.registry import BuildContext, build_teacher, check_config
+from opd_sdk.registry import BuildContext, build_objective, build_teacher, check_config
 from opd_sdk.types import FeedbackFailure, FeedbackRequest, Score
 
 GENERATED_TRAIN_ITEMS = 2000
@@ -149,6 +149,8 @@ def make_trainer(cfg: RunConfig, model: Any, tokenizer: Any, objective: Any, col
 
 def find_verifier(teacher_cfg: Any) -> Any | None:
     """The first verifier config in a teacher tree (for accuracy), or None."""
+    if teacher_cfg is None:
+        return None
     if teacher_cfg.type == "verifier":
         return teacher_cfg
     for child in [getattr(teacher_cfg, a, None) for a in ("verifier", "judge", "teacher")] + [
@@ -217,7 +219,7 @@ def save_resolved_config(cfg: RunConfig) -> Path:
 
 def train(cfg: RunConfig, *, resume: bool = False, log=print) -> dict:
     """The whole run: check, load, wire, (resume,) train, evaluate held-out, save. Returns a summary."""
-    objective = check_config(cfg)
+    check_config(cfg)
     from opd_sdk.checkpoint import latest_checkpoint
 
     last = latest_checkpoint(cfg.output_dir)
@@ -230,15 +232,19 @@ def train(cfg: RunConfig, *, resume: bool = False, log=print) -> dict:
     save_resolved_config(cfg)
     model, tokenizer = load_student(cfg.student)
     train_items, held = load_data(cfg.data, seed=cfg.seed)
-    teacher = build_teacher(cfg.teacher, BuildContext(model=model, tokenizer=tokenizer, timeout=cfg.collector.timeout))
-    collector = build_collector(cfg, teacher)
+    objective = build_objective(cfg.objective, tokenizer)
+    collector = None
+    if cfg.teacher is not None and objective.feedback_kinds:
+        ctx = BuildContext(model=model, tokenizer=tokenizer, timeout=cfg.collector.timeout)
+        collector = build_collector(cfg, build_teacher(cfg.teacher, ctx))
     trainer = make_trainer(cfg, model, tokenizer, objective, collector, train_items)
     log(f"opd: training {cfg.student.model} for {cfg.steps} steps on {len(train_items)} prompts -> {cfg.output_dir}")
-    history = trainer.train(resume_from="latest" if resume else None)
     try:
+        history = trainer.train(resume_from="latest" if resume else None)
         result = evaluate(cfg, trainer.model, tokenizer, held, collector)
     finally:
-        collector.close()
+        if collector is not None:
+            collector.close()
     usage = getattr(collector, "usage", None)
     summary = {
         "steps": trainer.step,

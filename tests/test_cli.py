@@ -84,6 +84,9 @@ def test_check_accepts_a_valid_config(tmp_path, tiny_dir, capsys, no_model_load)
         ({"teacher": {"type": "judge", "model": "gpt-4o-mini", "api_key_env": "OPD_TEST_UNSET_KEY"}}, [],
          "teacher.api_key_env: the environment variable OPD_TEST_UNSET_KEY is not set"),
         ({"data": {"task": "long_division"}}, [], "unknown task 'long_division'"),
+        ({"teacher": None}, [], "teacher: objective 'reward_weighted' reads score feedback; add a `teacher:`"),
+        ({"objective": {"type": "hybrid", "params": {"terms": [{"type": "sft"}]}}}, [],
+         "objective.params.terms.0: write {type: NAME, params: {...}, weight: W}"),
         ({"data": {"path": "/nonexistent/prompts.jsonl"}}, [], "data.path: /nonexistent/prompts.jsonl does not exist"),
     ],
 )
@@ -103,6 +106,17 @@ def test_literal_key_in_yaml_is_refused_and_not_printed(tmp_path, tiny_dir, caps
     rc, out, err = run_cli(capsys, "train", str(path))
     assert rc == 2 and "API keys are never read from a config file" in err
     assert "SECRET-777" not in out + err
+
+
+def test_teacher_free_spin_on_data_answers_trains(tmp_path, tiny_dir, capsys):
+    path = write_config(
+        tmp_path, tiny_dir, teacher=None,
+        objective={"type": "spin", "params": {"source": "answer", "beta": 0.1}},
+    )
+    rc, out, err = run_cli(capsys, "train", str(path))
+    assert rc == 0, err
+    summary = json.loads(out[out.index("{"):])
+    assert summary["steps"] == 2 and summary["teacher_requests"] is None
 
 
 def test_train_then_eval_then_resume(tmp_path, tiny_dir, capsys):

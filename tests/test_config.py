@@ -94,8 +94,9 @@ def test_typo_and_range_errors_name_each_field():
 
 def test_missing_required_sections():
     msg = error_of({"student": {"model": "x"}})
-    for name in ("data", "teacher", "objective"):
+    for name in ("data", "objective"):
         assert f"{name}: required field is missing" in msg
+    assert "teacher" not in msg  # optional: teacher-free objectives (SFT, SPIN on data answers)
 
 
 def test_data_needs_exactly_one_source():
