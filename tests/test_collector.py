@@ -297,3 +297,13 @@ def test_bad_input_is_a_clear_error():
         FeedbackCollector(judge_like, budget_usd=1.0)
     with pytest.raises(ConfigError, match="FeedbackRequest"):
         FeedbackCollector(judge_like).collect_sync([{"prompt": "q"}])
+
+
+async def test_progress_bar_auto_off_when_not_a_terminal_and_works_when_on(server, capsys):
+    judge = MinimalJudge(server.base_url)
+    assert FeedbackCollector(judge).progress is False  # pytest captures stderr: not a terminal
+    collector = FeedbackCollector(judge, progress=True)
+    results = await collector.collect(make_requests(3))
+    assert all(isinstance(r, Score) for r in results)
+    err = capsys.readouterr().err
+    assert "teacher feedback" in err and "/3 " in err
