@@ -9,7 +9,9 @@ it measures feedback per second of:
   threads-8    a ThreadPoolExecutor of 8 workers with the sync client (the
                pattern TRL's judges used)
   collector    FeedbackCollector(max_concurrency=cap) with a minimal judge on
-               the AsyncOpenAI client
+               the AsyncOpenAI client, and the same judge on a bare
+               httpx.AsyncClient (the collector's own overhead, without the
+               openai client's per-call CPU cost)
 
 The bound is the server's: cap / latency requests a second. Every answer is
 checked against the scripted judge's rule, so "lost" counts missing or wrong
@@ -36,9 +38,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import httpx  # noqa: E402
 import openai  # noqa: E402
 
-from opd_sdk import Completion, FeedbackCollector, FeedbackRequest, Score  # noqa: E402
+from opd_sdk import Completion, FeedbackCollector, FeedbackRequest, Score, TeacherError  # noqa: E402
+from opd_sdk.constants import RETRIABLE_STATUS  # noqa: E402
+from opd_sdk.retry import parse_retry_after  # noqa: E402
 from tests.minimal_judge import MinimalJudge, answer_of, judge_prompt  # noqa: E402
 from tests.scripted_server import ScriptedServer  # noqa: E402
 
@@ -110,6 +115,45 @@ def run_collector(base_url: str, requests: list[FeedbackRequest], cap: int, back
     return [r.scores[0] if isinstance(r, Score) else None for r in results], usage
 
 
+class HttpxJudge:
+    """The same judge on a bare httpx.AsyncClient: shows the collector's own overhead
+    without the openai client's per-call cost."""
+
+    id = "httpx-judge:1"
+
+    def __init__(self, base_url: str) -> None:
+        self._client = httpx.AsyncClient(base_url=base_url, timeout=30.0,
+                                         limits=httpx.Limits(max_connections=1000, max_keepalive_connections=1000))
+
+    async def feedback(self, request: FeedbackRequest) -> Score:
+        body = {"model": "judge", "messages": [
+            {"role": "user", "content": judge_prompt(request, request.completions[0].text)}]}
+        try:
+            reply = await self._client.post("/chat/completions", json=body)
+        except httpx.TransportError as exc:
+            raise TeacherError(f"connection error ({type(exc).__name__})", retriable=True) from exc
+        if reply.status_code != 200:
+            raise TeacherError(f"HTTP {reply.status_code}", retriable=reply.status_code in RETRIABLE_STATUS,
+                               retry_after=parse_retry_after(reply.headers), status=reply.status_code)
+        content = reply.json()["choices"][0]["message"]["content"]
+        return Score(scores=[float(content.split("Score:")[1])])
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def run_collector_httpx(base_url: str, requests: list[FeedbackRequest], cap: int, backoff: float):
+    async def go():
+        judge = HttpxJudge(base_url)
+        collector = FeedbackCollector(judge, max_concurrency=cap, progress=False, backoff_initial_s=backoff)
+        results = await collector.collect(requests)
+        await judge.aclose()
+        return results, collector.usage
+
+    results, usage = asyncio.run(go())
+    return [r.scores[0] if isinstance(r, Score) else None for r in results], usage
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=800, help="requests for the collector")
@@ -150,8 +194,10 @@ def main() -> None:
     measure("sequential (sync openai)", 1, make_requests(args.seq_n), lambda q: run_sequential(base_url, q))
     measure(f"threads-{args.threads} (sync openai)", args.threads, make_requests(args.threads_n),
             lambda q: run_threads(base_url, q, args.threads))
-    measure("FeedbackCollector", args.cap, make_requests(args.n),
+    measure("FeedbackCollector (openai judge)", args.cap, make_requests(args.n),
             lambda q: run_collector(base_url, q, args.cap, args.backoff))
+    measure("FeedbackCollector (httpx judge)", args.cap, make_requests(args.n),
+            lambda q: run_collector_httpx(base_url, q, args.cap, args.backoff))
     parent.send("stop")
     parent.recv()
     proc.join(10)
