@@ -150,6 +150,7 @@ class FeedbackCollector:
         self.limiter = RateLimiter(rpm, tpm)
         self.timeout = float(timeout)
         self.max_retries = max_retries
+        self._owns_cache = isinstance(cache, (str, Path))
         self.cache = FeedbackCache(cache) if isinstance(cache, (str, Path)) else cache
         self.budget_usd = budget_usd
         self.price_prompt = float(price_per_1k_prompt_tokens)
@@ -215,7 +216,8 @@ class FeedbackCollector:
         return asyncio.run_coroutine_threadsafe(self.collect(requests), self._sync_loop).result()
 
     def close(self) -> None:
-        """Stop the background loop (if `collect_sync` started one) and close the cache.
+        """Stop the background loop (if `collect_sync` started one); close the cache if
+        the collector opened it (one passed in as a FeedbackCache stays open).
 
         A teacher with `aclose()` (its HTTP client lives on that loop) is closed there first.
         """
@@ -228,7 +230,7 @@ class FeedbackCollector:
                 self._sync_thread.join(10)
             self._sync_loop.close()
             self._sync_loop = None
-        if self.cache is not None:
+        if self.cache is not None and self._owns_cache:
             self.cache.close()
 
     def __enter__(self) -> "FeedbackCollector":
