@@ -307,3 +307,21 @@ async def test_progress_bar_auto_off_when_not_a_terminal_and_works_when_on(serve
     assert all(isinstance(r, Score) for r in results)
     err = capsys.readouterr().err
     assert "teacher feedback" in err and "/3 " in err
+
+
+async def test_tpm_estimate_is_corrected_by_reported_usage(server):
+    def fifty_tokens(body: dict) -> dict:  # every call really costs 50 tokens (the estimate is ~6)
+        return {"id": "c", "object": "chat.completion", "created": 0, "model": "judge",
+                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant",
+                                                                               "content": "Score: 1"}}],
+                "usage": {"prompt_tokens": 40, "completion_tokens": 10, "total_tokens": 50}}
+
+    server.responder = fifty_tokens
+    collector = FeedbackCollector(MinimalJudge(server.base_url), max_concurrency=2, tpm=60_000, **FAST)
+    started = time.monotonic()
+    results = await collector.collect(make_requests(40))
+    elapsed = time.monotonic() - started
+    assert all(isinstance(r, Score) for r in results)
+    assert collector.usage.prompt_tokens == 1600 and collector.usage.completion_tokens == 400
+    # 2000 real tokens at 1000 tokens/s with a 1000-token burst: at least ~1 s (uncorrected: no wait at all)
+    assert elapsed >= 0.9
