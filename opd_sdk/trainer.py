@@ -88,6 +88,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: in
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _adamw(params: list[torch.nn.Parameter], **kw: Any) -> torch.optim.Optimizer:
+    """AdamW, fused where torch supports it (CPU and CUDA): ~10x faster than foreach on CPU."""
+    try:
+        return torch.optim.AdamW(params, fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, **kw)
+
+
 def _wrap_lora(model: torch.nn.Module, lora: Any) -> torch.nn.Module:
     try:
         from peft import LoraConfig, get_peft_model
@@ -167,8 +175,10 @@ class Trainer:
         if lora is not None:
             model = _wrap_lora(model, lora)
         if gradient_checkpointing:
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model
         self.tokenizer = tokenizer
         self.objective = objective
@@ -190,7 +200,7 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError("the model has no trainable parameters")
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=betas, weight_decay=weight_decay)
+        self.optimizer = _adamw(self.params, lr=lr, betas=betas, weight_decay=weight_decay)
         self.scheduler = make_scheduler(self.optimizer, lr_schedule, warmup_steps, max_steps)
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.save_every = save_every
@@ -263,10 +273,10 @@ class Trainer:
         usage = getattr(self.collector, "usage", None)
         sampled_tokens = batch.completion_tokens()
         row = {
+            **objective_metrics,  # the objective's view first; the trainer's own numbers below win
             "reward_mean": reward_mean,
             "reward_std": reward_std,
             "loss": loss_total,
-            **objective_metrics,
             "feedback_failures": sum(isinstance(fb, FeedbackFailure) for fb in feedback),
             "grad_norm": grad_norm,
             "lr": lr,

@@ -1,0 +1,220 @@
+"""Step time, peak memory and reward curve: our RewardWeighted (RLOO) trainer vs TRL's RLOOTrainer.
+
+Same student (SmolLM2-135M-Instruct, offline via opd_sdk.models.smollm2_dir),
+same batch (8 prompts x 4 samples, 24 new tokens, temperature 1), same
+optimizer (AdamW, constant LR, grad-norm clip 1.0), same KL weight (--beta),
+same precision (--precision), and the same reward function (VerifierTeacher's
+numeric check: 1 when the last number of the answer equals A*B) on the
+times-table task "What is A times B? Answer with just the number." (A, B in
+2..9). Each trainer runs in its own subprocess so its peak RSS is its own.
+
+Differences that remain (each trainer's own design): TRL's RLOO loss sums
+log-probs over a sequence and averages over sequences, ours averages over
+tokens (with Adam the update scale barely depends on it); TRL also computes
+the entropy over the vocabulary for logging; the two shuffle prompts with
+their own samplers.
+
+    flock /work/cpu.lock python benchmarks/train_step.py --steps 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROMPT = "What is {a} times {b}? Answer with just the number."
+
+
+def times_table() -> list[tuple[str, str]]:
+    pairs = [(a, b) for a in range(2, 10) for b in range(2, 10)]
+    return [(PROMPT.format(a=a, b=b), str(a * b)) for a, b in pairs]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_ours(args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opd_sdk.collector import FeedbackCollector
+    from opd_sdk.data import PromptItem
+    from opd_sdk.models import smollm2_dir
+    from opd_sdk.objectives import RewardWeighted
+    from opd_sdk.trainer import Trainer
+    from providers.verifier import VerifierTeacher
+
+    path = smollm2_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    prompts = [PromptItem(prompt=p, answer=a) for p, a in times_table()]
+    with FeedbackCollector(VerifierTeacher("numeric"), progress=False) as collector:
+        trainer = Trainer(
+            model, tokenizer, RewardWeighted(advantage="rloo", beta=args.beta), collector, prompts,
+            group_size=args.group_size, prompts_per_step=args.prompts, max_steps=args.steps, lr=args.lr,
+            max_new_tokens=args.max_new_tokens, temperature=1.0, precision=args.precision, seed=args.seed,
+            max_grad_norm=1.0, progress=False,
+        )
+        history = trainer.train()
+    return {
+        "name": "opd-sdk RewardWeighted (RLOO)",
+        "step_s": [r["time_step_s"] for r in history],
+        "reward": [r["reward_mean"] for r in history],
+        "split": {
+            k: [r[f"time_{k}_s"] for r in history] for k in ("sampling", "feedback", "forward_backward", "optimizer")
+        },
+        "completion_len": [r["mean_completion_len"] for r in history],
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def run_trl(args: argparse.Namespace) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import RLOOConfig, RLOOTrainer
+
+    from opd_sdk.models import smollm2_dir
+    from providers.verifier import VerifierTeacher
+
+    verifier = VerifierTeacher("numeric")
+
+    def reward_times_table(prompts, completions, answer, **kwargs):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [verifier.score_text(t, a)[0] for t, a in zip(texts, answer)]
+
+    rows = times_table()
+    dataset = Dataset.from_dict(
+        {"prompt": [[{"role": "user", "content": p}] for p, _ in rows], "answer": [a for _, a in rows]}
+    )
+    path = smollm2_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    out = tempfile.mkdtemp(prefix="trl-rloo-")
+    config = RLOOConfig(
+        output_dir=out, per_device_train_batch_size=args.prompts * args.group_size, num_generations=args.group_size,
+        max_completion_length=args.max_new_tokens, max_steps=args.steps, learning_rate=args.lr,
+        lr_scheduler_type="constant", warmup_steps=0, beta=args.beta, bf16=args.precision == "bf16",
+        gradient_checkpointing=False, logging_steps=1, report_to=[], save_strategy="no", seed=args.seed,
+        temperature=1.0, top_p=1.0, top_k=0, max_grad_norm=1.0, use_cpu=True, dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    step_s, reward, completion_len, gen_s = [], [], [], []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            step_s.append(time.perf_counter() - self.t)
+
+        def on_log(self, _args, _state, _control, logs=None, **k):
+            if logs and "reward" in logs:
+                reward.append(logs["reward"])
+                completion_len.append(logs.get("completions/mean_length"))
+
+    trainer = RLOOTrainer(
+        model=model, reward_funcs=reward_times_table, args=config, train_dataset=dataset,
+        processing_class=tokenizer, callbacks=[Timer()],
+    )
+    generate_and_score = trainer._generate_and_score_completions
+
+    def timed(*a, **k):  # TRL samples, scores and runs its no-grad forwards here
+        t = time.perf_counter()
+        try:
+            return generate_and_score(*a, **k)
+        finally:
+            gen_s.append(time.perf_counter() - t)
+
+    trainer._generate_and_score_completions = timed
+    trainer.train()
+    return {
+        "name": "TRL RLOOTrainer",
+        "step_s": step_s,
+        "reward": reward,
+        "split": {"generate_score_and_extra_forwards": gen_s,
+                  "loss_backward_optimizer": [s - g for s, g in zip(step_s, gen_s)]},
+        "completion_len": completion_len,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def report(results: list[dict]) -> None:
+    print(f"\n{'trainer':32} {'mean s/step':>11} {'(steps 2+)':>10} {'peak RSS MB':>11} {'reward first3':>13} {'reward last3':>12}")
+    for r in results:
+        steady = r["step_s"][1:] or r["step_s"]
+        print(f"{r['name']:32} {mean(r['step_s']):11.2f} {mean(steady):10.2f} {r['peak_rss_mb']:11.0f} "
+              f"{mean(r['reward'][:3]):13.3f} {mean(r['reward'][-3:]):12.3f}")
+    if len(results) == 2:
+        ours, trl = (mean(r["step_s"][1:] or r["step_s"]) for r in results)
+        print(f"\nstep-time ratio ours/TRL (steps 2+): {ours / trl:.2f}   "
+              f"peak RSS ratio: {results[0]['peak_rss_mb'] / results[1]['peak_rss_mb']:.2f}")
+    print("\nreward per step:")
+    for r in results:
+        print(f"  {r['name']:32} " + " ".join(f"{x:.2f}" for x in r["reward"]))
+    print("\nmean completion length per step:")
+    for r in results:
+        print(f"  {r['name']:32} " + " ".join(f"{x:.1f}" if x is not None else "-" for x in r["completion_len"]))
+    print("\nwhere the time goes (mean seconds per step):")
+    for r in results:
+        parts = ", ".join(f"{k} {mean(v):.2f}" for k, v in r["split"].items())
+        print(f"  {r['name']:32} {parts}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--which", choices=["both", "ours", "trl"], default="both")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--beta", type=float, default=0.0, help="KL weight to a frozen reference, both trainers")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        random.seed(args.seed)
+        result = run_ours(args) if args.worker == "ours" else run_trl(args)
+        Path(args.json).write_text(json.dumps(result))
+        return
+
+    results = []
+    for which in (["ours", "trl"] if args.which == "both" else [args.which]):
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            out = f.name
+        cmd = [sys.executable, __file__, "--worker", which, "--json", out, "--steps", str(args.steps),
+               "--prompts", str(args.prompts), "--group-size", str(args.group_size),
+               "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr), "--beta", str(args.beta),
+               "--precision", args.precision, "--seed", str(args.seed)]
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        print(f"[{which}] finished in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        results.append(json.loads(Path(out).read_text()))
+        os.unlink(out)
+    report(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
