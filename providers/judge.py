@@ -51,7 +51,7 @@ SYSTEM_PROMPT = "You are a strict, fair grader. " + UNTRUSTED_NOTE + " Reply wit
 class JudgeTeacher:
     """Scores completions with an LLM judge; see the module docstring.
 
-    rubric: what a good answer is (plain text).
+    rubric: what a good answer is (plain text); None = DEFAULT_RUBRIC.
     scale: (lo, hi) of the judge's integer scale; Score = (n - lo) / (hi - lo).
     mode: "pointwise" or "listwise".
     structured: "auto" | "json_schema" | "none" (see module docstring).
@@ -66,7 +66,7 @@ class JudgeTeacher:
         self,
         model: str,
         *,
-        rubric: str = DEFAULT_RUBRIC,
+        rubric: str | None = None,
         scale: tuple[int, int] = (0, 10),
         mode: Literal["pointwise", "listwise"] = "pointwise",
         structured: Literal["auto", "json_schema", "none"] = "auto",
@@ -97,6 +97,7 @@ class JudgeTeacher:
         if max_reasks < 0:
             raise ConfigError(f"max_reasks: must be >= 0, got {max_reasks}")
         self.endpoint = Endpoint(model, base_url=base_url, api_key=api_key, client=client, timeout=timeout)
+        rubric = rubric or DEFAULT_RUBRIC
         self.rubric, self.lo, self.hi, self.mode = rubric, lo, hi, mode
         self.structured, self.g_eval, self.top_logprobs = structured, g_eval, top_logprobs
         self.max_reasks, self.temperature, self.max_tokens = max_reasks, temperature, max_tokens

@@ -37,7 +37,7 @@ _VOTE = {"A": 1.0, "B": 0.0, "tie": 0.5}
 class PreferenceTeacher:
     """Pairwise judge; see the module docstring.
 
-    criteria: what "better" means (plain text).
+    criteria: what "better" means (plain text); None = DEFAULT_CRITERIA.
     allow_ties: whether the judge may answer "tie".
     structured: "auto" | "json_schema" | "none", as for JudgeTeacher.
     max_reasks: extra calls after an unparseable verdict.
@@ -47,7 +47,7 @@ class PreferenceTeacher:
         self,
         model: str,
         *,
-        criteria: str = DEFAULT_CRITERIA,
+        criteria: str | None = None,
         allow_ties: bool = True,
         structured: Literal["auto", "json_schema", "none"] = "auto",
         max_reasks: int = 2,
@@ -63,11 +63,11 @@ class PreferenceTeacher:
         if max_reasks < 0:
             raise ConfigError(f"max_reasks: must be >= 0, got {max_reasks}")
         self.endpoint = Endpoint(model, base_url=base_url, api_key=api_key, client=client, timeout=timeout)
-        self.criteria, self.allow_ties, self.structured = criteria, allow_ties, structured
+        self.criteria, self.allow_ties, self.structured = criteria or DEFAULT_CRITERIA, allow_ties, structured
         self.max_reasks, self.temperature, self.max_tokens = max_reasks, temperature, max_tokens
         self.choices: tuple[str, ...] = ("A", "B", "tie") if allow_ties else ("A", "B")
         self.id = fingerprint(
-            "preference", **self.endpoint.id_params(), criteria=criteria, allow_ties=allow_ties,
+            "preference", **self.endpoint.id_params(), criteria=self.criteria, allow_ties=allow_ties,
             structured=structured, temperature=temperature, max_tokens=max_tokens, system=SYSTEM_PROMPT,
         )
 
