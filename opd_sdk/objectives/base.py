@@ -95,6 +95,14 @@ def zero_loss(logprobs_BT: torch.Tensor) -> torch.Tensor:
     return (logprobs_BT * 0.0).sum()
 
 
+def first_param_zero(policy: torch.nn.Module) -> torch.Tensor:
+    """A 0.0 loss attached to the policy's graph (nothing to learn from in this batch)."""
+    for p in policy.parameters():
+        if p.requires_grad:
+            return p.sum() * 0.0
+    return torch.zeros((), requires_grad=True)
+
+
 def nan_safe_std(values: list[float]) -> float:
     if len(values) < 2:
         return 0.0

@@ -34,10 +34,10 @@ from opd_sdk.objectives.base import (
     check_feedback,
     count_failures,
     expect_kind,
+    first_param_zero,
     frozen_copy,
     sequence_sums,
 )
-from opd_sdk.objectives.targets import first_param_zero
 from opd_sdk.types import Feedback, FeedbackFailure, Preference, Score
 
 

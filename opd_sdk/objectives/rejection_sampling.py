@@ -18,9 +18,8 @@ import torch
 from opd_sdk.batch import RolloutBatch
 from opd_sdk.errors import ConfigError
 from opd_sdk.logprobs import selected_logprobs
-from opd_sdk.objectives.base import LossOutput, count_failures, score_table
+from opd_sdk.objectives.base import LossOutput, count_failures, first_param_zero, score_table
 from opd_sdk.objectives.sft import nll_loss
-from opd_sdk.objectives.targets import first_param_zero
 from opd_sdk.types import Feedback
 
 

@@ -38,11 +38,11 @@ from opd_sdk.objectives.advantages import ADVANTAGE_KINDS, AdvantageKind, comput
 from opd_sdk.objectives.base import (
     LossOutput,
     count_failures,
+    first_param_zero,
     frozen_copy,
     nan_safe_std,
     score_table,
     sequence_sums,
-    zero_loss,
 )
 from opd_sdk.types import Feedback
 
@@ -176,63 +176,90 @@ class RewardWeighted:
         P, G = rewards_PG.shape
         valid_B = valid_PG.reshape(-1)
         mask_BT = batch.completion_mask_BT.float() * valid_B.unsqueeze(-1).float()
-        temperature = getattr(batch, "temperature", 1.0)
-        logprobs_BT = selected_logprobs(
-            policy,
-            batch.input_ids_BT,
-            batch.attention_mask_BT,
-            chunk_rows=self.chunk_rows,
-            temperature=temperature,
-            from_col=batch.prompt_len,
-        )
         metrics: dict[str, float] = {
             "feedback_failures": float(count_failures(feedback)),
             "valid_samples": float(valid_B.sum()),
             "tokens": float(mask_BT.sum()),
         }
         valid_rewards = rewards_PG[valid_PG].tolist()
-        if valid_rewards:
-            metrics["reward_mean"] = sum(valid_rewards) / len(valid_rewards)
-            metrics["reward_std"] = nan_safe_std(valid_rewards)
         if not valid_rewards:
-            return LossOutput(zero_loss(logprobs_BT), {**metrics, "loss": 0.0})
-
-        kl_BT = None
+            return LossOutput(first_param_zero(policy), {**metrics, "loss": 0.0})
+        metrics["reward_mean"] = sum(valid_rewards) / len(valid_rewards)
+        metrics["reward_std"] = nan_safe_std(valid_rewards)
         if self.beta > 0:
-            if self.reference is None:
-                raise ConfigError("RewardWeighted with beta > 0 needs setup(policy) first (it makes the reference)")
-            with torch.no_grad():
-                ref_BT = selected_logprobs(
-                    self.reference,
-                    batch.input_ids_BT,
-                    batch.attention_mask_BT,
-                    chunk_rows=self.chunk_rows,
-                    temperature=temperature,
-                    from_col=batch.prompt_len,
-                )
-            kl_BT = kl_per_token(logprobs_BT, ref_BT, self.kl_estimator)
-            metrics["kl"] = float(masked_normalise(kl_BT.detach(), mask_BT, "token"))
-            if self.kl_penalty == "reward":
-                kl_sum_PG = sequence_sums(kl_BT.detach(), mask_BT).double().view(P, G)
-                rewards_PG = rewards_PG - self.beta * kl_sum_PG
+            return self._loss_with_kl(policy, batch, rewards_PG, valid_PG, mask_BT, metrics)
 
+        # beta = 0: rows whose advantage is 0 (a group with equal rewards) add nothing to the loss
+        # or its gradient, so only the other rows are run; the normaliser still counts every valid row.
         advantages_PG = compute_advantages(self.advantage, rewards_PG, valid_PG, self.grpo_eps)
-        old_BT = batch.sampler_logprobs_BT.float() if self.clip_eps is not None else None
+        advantages_B = advantages_PG.reshape(-1).float()
+        metrics["advantage_abs_mean"] = float(advantages_PG[valid_PG].abs().mean())
+        active_B = valid_B & (advantages_B != 0)
+        metrics["active_samples"] = float(active_B.sum())
+        if not active_B.any():
+            return LossOutput(first_param_zero(policy), {**metrics, "pg_loss": 0.0, "loss": 0.0})
+        rows = active_B.nonzero().squeeze(-1).to(batch.input_ids_BT.device)
+        sub_mask_BT = mask_BT[rows]
+        pg_loss, clip_fraction = policy_gradient_loss(
+            self._logprobs(policy, batch, rows),
+            advantages_B[rows],
+            sub_mask_BT,
+            old_logprobs_BT=batch.sampler_logprobs_BT[rows].float() if self.clip_eps is not None else None,
+            clip_eps=self.clip_eps,
+            clip_eps_high=self.clip_eps_high,
+            normalisation=self.normalisation,
+        )
+        if self.normalisation == "token":  # subset mean -> mean over all valid tokens
+            loss = pg_loss * (sub_mask_BT.sum() / mask_BT.sum())
+        else:  # subset mean over rows -> mean over all valid rows
+            loss = pg_loss * (len(rows) / float((mask_BT.sum(-1) > 0).sum()))
+        if self.clip_eps is not None:
+            metrics["clip_fraction"] = float(clip_fraction)  # over the rows that were run
+        metrics["pg_loss"] = metrics["loss"] = float(loss.detach())
+        return LossOutput(loss, metrics)
+
+    def _logprobs(self, model: torch.nn.Module, batch: RolloutBatch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-probs of the sampled tokens at the sampling temperature (all rows, or `rows`) -> [B, T]."""
+        ids_BT = batch.input_ids_BT if rows is None else batch.input_ids_BT[rows]
+        attn_BT = batch.attention_mask_BT if rows is None else batch.attention_mask_BT[rows]
+        return selected_logprobs(
+            model,
+            ids_BT,
+            attn_BT,
+            chunk_rows=self.chunk_rows,
+            temperature=getattr(batch, "temperature", 1.0),
+            from_col=batch.prompt_len,
+        )
+
+    def _loss_with_kl(self, policy, batch, rewards_PG, valid_PG, mask_BT, metrics) -> LossOutput:
+        """beta > 0: every valid row is run (the KL term involves all of them), and the reference too."""
+        if self.reference is None:
+            raise ConfigError("RewardWeighted with beta > 0 needs setup(policy) first (it makes the reference)")
+        P, G = rewards_PG.shape
+        logprobs_BT = self._logprobs(policy, batch)
+        with torch.no_grad():
+            ref_BT = self._logprobs(self.reference, batch)
+        kl_BT = kl_per_token(logprobs_BT, ref_BT, self.kl_estimator)
+        metrics["kl"] = float(masked_normalise(kl_BT.detach(), mask_BT, "token"))
+        if self.kl_penalty == "reward":
+            kl_sum_PG = sequence_sums(kl_BT.detach(), mask_BT).double().view(P, G)
+            rewards_PG = rewards_PG - self.beta * kl_sum_PG
+        advantages_PG = compute_advantages(self.advantage, rewards_PG, valid_PG, self.grpo_eps)
+        metrics["advantage_abs_mean"] = float(advantages_PG[valid_PG].abs().mean())
         pg_loss, clip_fraction = policy_gradient_loss(
             logprobs_BT,
             advantages_PG.reshape(-1).float(),
             mask_BT,
-            old_logprobs_BT=old_BT,
+            old_logprobs_BT=batch.sampler_logprobs_BT.float() if self.clip_eps is not None else None,
             clip_eps=self.clip_eps,
             clip_eps_high=self.clip_eps_high,
             normalisation=self.normalisation,
         )
         loss = pg_loss
-        if kl_BT is not None and self.kl_penalty == "loss":
+        if self.kl_penalty == "loss":
             loss = loss + self.beta * masked_normalise(kl_BT, mask_BT, self.normalisation)
-        metrics["pg_loss"] = float(pg_loss.detach())
-        metrics["advantage_abs_mean"] = float(advantages_PG[valid_PG].abs().mean())
         if self.clip_eps is not None:
             metrics["clip_fraction"] = float(clip_fraction)
+        metrics["pg_loss"] = float(pg_loss.detach())
         metrics["loss"] = float(loss.detach())
         return LossOutput(loss, metrics)

@@ -22,8 +22,8 @@ import torch
 from opd_sdk.batch import RolloutBatch
 from opd_sdk.errors import ConfigError
 from opd_sdk.logprobs import selected_logprobs
-from opd_sdk.objectives.base import LossOutput, check_feedback, count_failures, expect_kind
-from opd_sdk.objectives.targets import encode_text, first_param_zero, text_rows
+from opd_sdk.objectives.base import LossOutput, check_feedback, count_failures, expect_kind, first_param_zero
+from opd_sdk.objectives.targets import encode_text, text_rows
 from opd_sdk.types import Feedback, FeedbackFailure, Reference
 
 

@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from opd_sdk.batch import RolloutBatch
 from opd_sdk.errors import ConfigError
 from opd_sdk.logprobs import selected_logprobs
-from opd_sdk.objectives.base import LossOutput, count_failures, frozen_copy, sequence_sums
+from opd_sdk.objectives.base import LossOutput, count_failures, first_param_zero, frozen_copy, sequence_sums
 from opd_sdk.objectives.sft import reference_texts
-from opd_sdk.objectives.targets import encode_text, first_param_zero, text_rows
+from opd_sdk.objectives.targets import encode_text, text_rows
 from opd_sdk.types import Feedback
 
 

@@ -57,11 +57,3 @@ def text_rows(
         attention_NT[n, L : L + len(ids)] = 1
         target_NT[n, L : L + len(ids)] = 1.0
     return input_ids_NT, attention_NT, target_NT
-
-
-def first_param_zero(policy: torch.nn.Module) -> torch.Tensor:
-    """A 0.0 loss attached to the policy's graph (nothing to learn from in this batch)."""
-    for p in policy.parameters():
-        if p.requires_grad:
-            return p.sum() * 0.0
-    return torch.zeros((), requires_grad=True)

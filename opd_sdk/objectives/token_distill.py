@@ -37,9 +37,8 @@ import torch
 from opd_sdk.batch import RolloutBatch
 from opd_sdk.errors import ConfigError
 from opd_sdk.logprobs import selected_logprobs
-from opd_sdk.objectives.base import LossOutput, count_failures, zero_loss
+from opd_sdk.objectives.base import LossOutput, count_failures, first_param_zero, zero_loss
 from opd_sdk.objectives.reward_weighted import masked_normalise
-from opd_sdk.objectives.targets import first_param_zero
 from opd_sdk.objectives.teacher_tokens import support_logprobs, teacher_support, teacher_token_logprobs
 from opd_sdk.types import Feedback
 

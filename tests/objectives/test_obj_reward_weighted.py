@@ -143,3 +143,37 @@ def test_bad_feedback_is_a_clear_error(model, batch):
         obj.loss(model, batch, [Score(scores=[1.0, 0.0])])
     with pytest.raises(ConfigError):
         RewardWeighted(clip_eps=2.0)
+
+
+@pytest.mark.parametrize("normalisation", ["token", "sequence"])
+@pytest.mark.parametrize("clip_eps", [None, 0.2])
+def test_skipping_zero_advantage_rows_changes_nothing(model, batch, normalisation, clip_eps):
+    # group 0 has equal rewards (RLOO advantages 0, 0): its rows are not run, but still count in the normaliser
+    fb = [Score(scores=[1.0, 1.0]), Score(scores=[0.0, 1.0])]
+    obj = RewardWeighted(advantage="rloo", normalisation=normalisation, clip_eps=clip_eps)
+    out = obj.loss(model, batch, fb)
+    assert out.metrics["active_samples"] == 2.0 and out.metrics["valid_samples"] == 4.0
+    out.loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    # the same loss over all four rows with the pure function: advantages [0, 0, -1, 1]
+    from opd_sdk.logprobs import selected_logprobs
+
+    full, _ = policy_gradient_loss(
+        selected_logprobs(model, batch.input_ids_BT, batch.attention_mask_BT),
+        torch.tensor([0.0, 0.0, -1.0, 1.0]),
+        batch.completion_mask_BT,
+        old_logprobs_BT=batch.sampler_logprobs_BT if clip_eps else None,
+        clip_eps=clip_eps,
+        normalisation=normalisation,
+    )
+    assert out.loss.item() == pytest.approx(full.item(), rel=1e-5, abs=1e-7)
+    full.backward()
+    for g, p in zip(grads, model.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-6)
+
+
+def test_equal_rewards_everywhere_skip_the_forward(model, batch):
+    out = RewardWeighted(advantage="grpo").loss(model, batch, [Score(scores=[1.0, 1.0]), Score(scores=[0.0, 0.0])])
+    assert out.loss.item() == 0.0 and out.metrics["active_samples"] == 0.0 and out.metrics["reward_mean"] == 0.5
+    out.loss.backward()
