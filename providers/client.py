@@ -8,9 +8,10 @@ completions), translates every client error into a `TeacherError` at this
 boundary, and reads the API's token counts into a `CallUsage`.
 
 The SDK's own retries are switched off (`max_retries=0`) on clients built
-here: the FeedbackCollector owns retries, rate limits and the budget, and a
-second hidden retry loop would make its counts wrong. An injected client is
-used as given.
+here, and on an injected client too (through `with_options(max_retries=0)`,
+a copy that shares its connection pool): the FeedbackCollector owns
+retries, rate limits and the budget, and a second hidden retry loop would
+make its counts and its Retry-After handling wrong.
 
 The API key is kept only inside the openai client: it never enters `id`,
 `repr`, `id_params()` or error text.
@@ -60,7 +61,7 @@ class Endpoint:
                     f"client: expected an openai.AsyncOpenAI, got {type(client).__name__}; "
                     "the synchronous openai.OpenAI client would block the event loop"
                 )
-            self.client = client
+            self.client = client.with_options(max_retries=0)
         else:
             base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
             key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"

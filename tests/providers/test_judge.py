@@ -205,3 +205,15 @@ async def test_base_url_and_key_default_to_openai_env(monkeypatch):
         judge = track(JudgeTeacher("m"))
         assert judge.endpoint.base_url == srv.base_url
         assert isinstance(await judge.feedback(request()), Score) and srv.requests[0].has_auth
+
+
+async def test_an_injected_client_does_not_retry_behind_the_collectors_back():
+    import openai
+
+    with ScriptedServer(lambda body: '{"score": 5}', faults=[Fault.status(500)]) as srv:
+        client = openai.AsyncOpenAI(base_url=srv.base_url, api_key="sk-test-000000", max_retries=3)
+        judge = JudgeTeacher("m", client=client)
+        with pytest.raises(TeacherError) as err:
+            await judge.feedback(request())
+        assert err.value.retriable and err.value.status == 500 and srv.count == 1
+        await client.close()
