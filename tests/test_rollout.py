@@ -146,3 +146,26 @@ def test_selected_logprobs_matches_full_softmax_and_peft(tok):
         selected_logprobs(lora, ids_BT, mask_BT, recompute_head=recompute).sum().backward()
         grads = [p.grad for n, p in lora.named_parameters() if "lora_" in n]
         assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_last_number_checker_and_greedy_accuracy(tok):
+    from opd_sdk.evaluate import greedy_accuracy, last_number_matches
+
+    item = PromptItem(prompt="What is 6 times 7?", answer="42")
+    assert last_number_matches("It is 42.", item)
+    assert last_number_matches("6*7 = 42", item)
+    assert not last_number_matches("42 or 41", item)
+    assert not last_number_matches("no idea", item)
+    assert last_number_matches("1,042 - 1,000 = 42.0", item)
+    with pytest.raises(ConfigError, match="answer"):
+        last_number_matches("1", PromptItem(prompt="x"))
+    model = tiny_model(tok)
+    seen = []
+
+    def first_two(text, p):
+        seen.append(p.prompt)
+        return p.prompt in ("hi", "ok")
+
+    result = greedy_accuracy(model, tok, PROMPTS, first_two, max_new_tokens=3, batch_size=2)
+    assert (result.correct, result.total) == (2, 3) and result.accuracy == pytest.approx(2 / 3)
+    assert seen == ["hi", "What is 2+3?", "ok"] and len(result.completions) == 3

@@ -159,3 +159,18 @@ def test_bad_trainer_settings():
         Trainer(model, tok, RewardWeighted(), collector(), SEVEN, precision="fp8")
     with pytest.raises(ConfigError, match="lr_schedule"):
         Trainer(model, tok, RewardWeighted(), collector(), SEVEN, lr_schedule="step")
+
+
+def test_metrics_logger_truncates_repeated_steps(tmp_path):
+    from opd_sdk.metrics import MetricsLogger
+
+    log = MetricsLogger(tmp_path / "m.jsonl", tensorboard=False)
+    for step in (1, 2, 3):
+        log.log(step, {"loss": torch.tensor(float(step)), "reward_mean": None})
+    log.truncate_after(1)
+    log.log(2, {"loss": 20.0})
+    log.close()
+    assert read_metrics(tmp_path / "m.jsonl") == [
+        {"step": 1, "loss": 1.0, "reward_mean": None},
+        {"step": 2, "loss": 20.0},
+    ]
