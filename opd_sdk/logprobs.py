@@ -37,6 +37,57 @@ def _trunk_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module | None, tor
     return trunk, head
 
 
+def shared_prefix_group(input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, prefix_len: int) -> int:
+    """G when the rows come in consecutive runs of G with identical first `prefix_len` columns
+    (a prompt-major rollout batch: G samples per prompt), else 1."""
+    B = input_ids_BT.shape[0]
+    if prefix_len < 1 or B < 2:
+        return 1
+    ids_BL, mask_BL = input_ids_BT[:, :prefix_len], attention_mask_BT[:, :prefix_len]
+    same_as_first = ((ids_BL == ids_BL[:1]).all(-1) & (mask_BL == mask_BL[:1]).all(-1)).tolist()
+    G = same_as_first.index(False) if False in same_as_first else B
+    if G < 2 or B % G:
+        return 1
+    heads_ids, heads_mask = ids_BL[::G].repeat_interleave(G, 0), mask_BL[::G].repeat_interleave(G, 0)
+    if not (torch.equal(heads_ids, ids_BL) and torch.equal(heads_mask, mask_BL)):
+        return 1
+    return G
+
+
+def _uses_activation_checkpointing(module: torch.nn.Module) -> bool:
+    return module.training and any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules())
+
+
+def _hidden_with_shared_prefix(trunk, input_ids_BT, attention_mask_BT, position_ids_BT, prefix_len, G):
+    """Hidden states at positions prefix_len-1 .. T-2, running each distinct prefix once.
+
+    The prefix of each group is encoded once (with gradients) and its KV
+    cache repeated G times; the completions then attend to it. Gradients flow
+    back through the repeated cache into the one prefix forward. Returns None
+    when the model does not hand back a cache.
+    """
+    L = prefix_len
+    pre = trunk(
+        input_ids=input_ids_BT[::G, :L],
+        attention_mask=attention_mask_BT[::G, :L],
+        position_ids=position_ids_BT[::G, :L],
+        use_cache=True,
+    )
+    cache = getattr(pre, "past_key_values", None)
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    cache.batch_repeat_interleave(G)
+    post = trunk(
+        input_ids=input_ids_BT[:, L:],
+        attention_mask=attention_mask_BT,
+        position_ids=position_ids_BT[:, L:],
+        past_key_values=cache,
+        use_cache=True,
+    )
+    last_prefix_B1H = pre.last_hidden_state[:, -1:].repeat_interleave(G, 0)
+    return torch.cat([last_prefix_B1H, post.last_hidden_state[:, :-1]], dim=1)
+
+
 def selected_logprobs(
     model: torch.nn.Module,
     input_ids_BT: torch.Tensor,
@@ -46,6 +97,7 @@ def selected_logprobs(
     temperature: float = 1.0,
     recompute_head: bool = False,
     from_col: int = 1,
+    share_prefix: bool = True,
 ) -> torch.Tensor:
     """logprobs_BT[b, t] = log softmax(logits / temperature)[input_ids[b, t]] given input_ids[b, :t].
 
@@ -57,6 +109,13 @@ def selected_logprobs(
     under bf16 autocast. recompute_head=True keeps only the hidden states for
     backward and recomputes each chunk's logits there (activation
     checkpointing of the head): less memory, about one extra head matmul.
+
+    share_prefix: when from_col > 1 and the rows come in runs of G with the
+    same first from_col columns (G samples of one prompt), each prompt runs
+    through the trunk once and the completions attend to its repeated KV
+    cache: the same numbers (up to float rounding) with the prompt computed
+    P times instead of P*G. Off under activation checkpointing (which drops
+    the cache) and for models without a KV cache.
     """
     if temperature <= 0:
         raise ValueError("temperature must be > 0 for log-probabilities (greedy has none)")
@@ -64,25 +123,37 @@ def selected_logprobs(
     trunk, head = _trunk_and_head(model)
     B, T = input_ids_BT.shape
     kwargs = dict(input_ids=input_ids_BT, attention_mask=attention_mask_BT, position_ids=position_ids_BT)
-    if trunk is None:
+    from_col = max(1, min(from_col, T))
+    shared_BSH = None  # hidden states at positions from_col-1 .. T-2 from the shared-prefix path
+    if trunk is not None and share_prefix and 1 < from_col < T and not _uses_activation_checkpointing(trunk):
+        G = shared_prefix_group(input_ids_BT, attention_mask_BT, from_col)
+        if G > 1:
+            shared_BSH = _hidden_with_shared_prefix(trunk, input_ids_BT, attention_mask_BT, position_ids_BT, from_col, G)
+    if shared_BSH is not None:
+        hidden_BTH = logits_BTV = None
+    elif trunk is None:
         logits_BTV = model(**kwargs, use_cache=False).logits
         hidden_BTH = None
     else:
         hidden_BTH = trunk(**kwargs, use_cache=False).last_hidden_state
+    hidden = hidden_BTH is not None or shared_BSH is not None
+
     def chunk_logprobs(inputs_RTX: torch.Tensor, targets_RT: torch.Tensor) -> torch.Tensor:
-        logits_RTV = (head(inputs_RTX) if hidden_BTH is not None else inputs_RTX).float()
+        logits_RTV = (head(inputs_RTX) if hidden else inputs_RTX).float()
         if temperature != 1.0:
             logits_RTV = logits_RTV / temperature
         picked_RT = logits_RTV.gather(-1, targets_RT.unsqueeze(-1)).squeeze(-1)
         return picked_RT - torch.logsumexp(logits_RTV, dim=-1)
 
-    from_col = max(1, min(from_col, T))
-    source_BTX = hidden_BTH if hidden_BTH is not None else logits_BTV
     rows = []
     for start in range(0, B, chunk_rows):
         sl = slice(start, start + chunk_rows)
-        inputs, targets = source_BTX[sl, from_col - 1 : -1], input_ids_BT[sl, from_col:]
-        if recompute_head and hidden_BTH is not None and torch.is_grad_enabled():
+        targets = input_ids_BT[sl, from_col:]
+        if shared_BSH is not None:
+            inputs = shared_BSH[sl]
+        else:
+            inputs = (hidden_BTH if hidden_BTH is not None else logits_BTV)[sl, from_col - 1 : -1]
+        if recompute_head and hidden and torch.is_grad_enabled():
             rows.append(torch.utils.checkpoint.checkpoint(chunk_logprobs, inputs, targets, use_reentrant=False))
         else:
             rows.append(chunk_logprobs(inputs, targets))

@@ -169,3 +169,29 @@ def test_last_number_checker_and_greedy_accuracy(tok):
     result = greedy_accuracy(model, tok, PROMPTS, first_two, max_new_tokens=3, batch_size=2)
     assert (result.correct, result.total) == (2, 3) and result.accuracy == pytest.approx(2 / 3)
     assert seen == ["hi", "What is 2+3?", "ok"] and len(result.completions) == 3
+
+
+def test_shared_prefix_logprobs_equal_full_forward_with_gradients(tok):
+    from opd_sdk.logprobs import shared_prefix_group
+
+    model = tiny_model(tok, seed=4)
+    engine = TransformersRollout(model, tok, max_new_tokens=6)
+    torch.manual_seed(4)
+    batch = engine.sample(PROMPTS, 3)  # left-padded prompts of different lengths, G = 3
+    ids, mask, L = batch.input_ids_BT, batch.attention_mask_BT, batch.prompt_len
+    assert shared_prefix_group(ids, mask, L) == 3
+    mixed = [0, 3, 1, 2, 4, 5, 6, 7, 8]
+    assert shared_prefix_group(ids[mixed], mask[mixed], L) == 1  # not prompt-major: no sharing
+    results = {}
+    for share in (False, True):
+        model.zero_grad()
+        lp_BT = selected_logprobs(model, ids, mask, from_col=L, share_prefix=share)
+        (lp_BT * batch.completion_mask_BT).sum().backward()
+        results[share] = (lp_BT.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    (plain, plain_grads), (shared, shared_grads) = results[False], results[True]
+    m = batch.completion_mask_BT
+    assert torch.allclose(plain * m, shared * m, atol=1e-5)
+    assert torch.allclose(shared * m, batch.sampler_logprobs_BT, atol=1e-5)
+    for name, g in plain_grads.items():
+        assert torch.allclose(g, shared_grads[name], atol=1e-5, rtol=1e-4), name
+    assert plain_grads["model.layers.0.self_attn.q_proj.weight"].abs().sum() > 0  # prompt positions got gradient
