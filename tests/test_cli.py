@@ -174,6 +174,7 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_dir, monkeypatch):
     from opd_sdk import demo
 
     monkeypatch.setitem(demo.DEMO, "max_new_tokens", 4)
+    monkeypatch.setitem(demo.DEMO, "eval_max_new_tokens", 4)
     monkeypatch.setitem(demo.DEMO, "eval_every", 1)
     lines: list[str] = []
     summary = demo.run_demo(out_dir=tmp_path / "demo", steps=2, model_dir=tiny_dir, log=lines.append)

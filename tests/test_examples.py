@@ -148,6 +148,7 @@ def test_collect_feedback_is_resumable(tmp_path):
 
 
 def test_trl_grpo_with_opd_reward(tmp_path, tiny_dir):
+    pytest.importorskip("trl", reason="pip install 'opd-sdk[trl]'")
     result = load_example("trl_grpo_rewards").main(
         ["--teacher", "verifier", "--student", str(tiny_dir), "--steps", "1", "--batch-size", "4",
          "--num-generations", "2", "--max-completion-length", "4", "--out", str(tmp_path / "grpo")]
