@@ -3,6 +3,7 @@
 from opd_sdk.batch import RolloutBatch
 from opd_sdk.cache import FeedbackCache
 from opd_sdk.collector import FeedbackCollector
+from opd_sdk.config import RunConfig, load_config
 from opd_sdk.data import PromptItem, PromptSampler, load_prompts
 from opd_sdk.errors import ConfigError, OPDError, TeacherError, TokenizationMismatch
 from opd_sdk.evaluate import EvalResult, greedy_accuracy, last_number_matches
@@ -23,6 +24,7 @@ from opd_sdk.objectives import (
 from opd_sdk.rollout import RolloutEngine, TransformersRollout
 from opd_sdk.teacher import Teacher, fingerprint
 from opd_sdk.trainer import Trainer, build_requests
+from opd_sdk.trl import as_reward_func
 from opd_sdk.types import (
     CallUsage,
     ChatMessage,
@@ -83,4 +85,7 @@ __all__ = [
     "load_prompts",
     "read_metrics",
     "selected_logprobs",
+    "RunConfig",
+    "as_reward_func",
+    "load_config",
 ]
