@@ -24,7 +24,7 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opd_sdk import FeedbackCollector
+from opd_sdk import ConfigError, FeedbackCollector
 from opd_sdk.evaluate import greedy_accuracy, last_number_matches
 from opd_sdk.models import resolve_model_path
 from opd_sdk.objectives import TokenDistill
@@ -52,8 +52,10 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     task = get_task(args.task)
-    train = task.items("train", 1000)
-    held = task.items("heldout", args.n_eval)
+    try:  # enumerated tasks: every problem once; generated ones (word_problems): draw n
+        train, held = task.items("train"), task.items("heldout")[: args.n_eval]
+    except ConfigError:
+        train, held = task.items("train", 1000), task.items("heldout", args.n_eval)
 
     def accuracy() -> float:
         return greedy_accuracy(model, tokenizer, held, last_number_matches, max_new_tokens=args.max_new_tokens).accuracy

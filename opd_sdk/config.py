@@ -289,7 +289,8 @@ class CollectorConfig(_Strict):
 
 
 class LoggingConfig(_Strict):
-    log_every: int = Field(1, gt=0)
+    """metrics.jsonl is always written to output_dir; TensorBoard / W&B when asked and installed."""
+
     tensorboard: bool = False
     wandb_project: str | None = None
     progress: bool | None = None
@@ -301,7 +302,6 @@ class EvalConfig(_Strict):
     metric: Literal["accuracy", "teacher_score"] = "accuracy"
     max_new_tokens: int = Field(128, gt=0)
     batch_size: int = Field(16, gt=0)
-    every: int | None = Field(None, gt=0)
 
 
 class RunConfig(_Strict):
