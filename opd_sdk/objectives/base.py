@@ -103,7 +103,8 @@ def first_param_zero(policy: torch.nn.Module) -> torch.Tensor:
     return torch.zeros((), requires_grad=True)
 
 
-def nan_safe_std(values: list[float]) -> float:
+def sample_std(values: list[float]) -> float:
+    """Sample (n-1) standard deviation; 0.0 for fewer than two values."""
     if len(values) < 2:
         return 0.0
     mean = sum(values) / len(values)

@@ -40,7 +40,7 @@ from opd_sdk.objectives.base import (
     count_failures,
     first_param_zero,
     frozen_copy,
-    nan_safe_std,
+    sample_std,
     score_table,
     sequence_sums,
 )
@@ -176,8 +176,10 @@ class RewardWeighted:
         P, G = rewards_PG.shape
         valid_B = valid_PG.reshape(-1)
         mask_BT = batch.completion_mask_BT.float() * valid_B.unsqueeze(-1).float()
+        failures = count_failures(feedback)
         metrics: dict[str, float] = {
-            "feedback_failures": float(count_failures(feedback)),
+            "feedback_failures": float(failures),
+            "nonfinite_score_groups": float((~valid_PG.any(-1)).sum()) - failures,
             "valid_samples": float(valid_B.sum()),
             "tokens": float(mask_BT.sum()),
         }
@@ -185,7 +187,7 @@ class RewardWeighted:
         if not valid_rewards:
             return LossOutput(first_param_zero(policy), {**metrics, "loss": 0.0})
         metrics["reward_mean"] = sum(valid_rewards) / len(valid_rewards)
-        metrics["reward_std"] = nan_safe_std(valid_rewards)
+        metrics["reward_std"] = sample_std(valid_rewards)
         if self.beta > 0:
             return self._loss_with_kl(policy, batch, rewards_PG, valid_PG, mask_BT, metrics)
 

@@ -26,9 +26,6 @@ from opd_sdk.objectives.base import check_feedback, expect_kind
 from opd_sdk.types import Feedback, FeedbackFailure, TokenLogprobs
 
 
-OUTSIDE_FILL = -1e4  # logit given to support entries when summing the mass outside the support
-
-
 @dataclass
 class TeacherTokens:
     teacher_BT: torch.Tensor  # float [B, T]: teacher log-prob of the sampled token, 0 off-mask
@@ -132,9 +129,10 @@ def support_logprobs(
 
     Runs the trunk once, then the LM head only at the M scored positions, a
     chunk at a time: no [B, T, V] tensor. log_tail_M = log of the student's
-    probability mass outside the (real) support, computed from the logits
-    directly (exact, not 1 - sum). Padding entries of the support get the
-    log-prob of token 0 (finite; callers mask them).
+    probability mass outside the (real) support, log(1 - exp(logsumexp of
+    the support log-probs)) in float32 (about 1e-7 absolute error; a tail
+    below 1e-30 is clamped). Padding entries of the support get the log-prob
+    of token 0 (finite; callers mask them).
     """
     position_ids_BT = (attention_mask_BT.long().cumsum(-1) - 1).clamp(min=0)
     kwargs = dict(input_ids=input_ids_BT, attention_mask=attention_mask_BT, position_ids=position_ids_BT)
@@ -149,12 +147,10 @@ def support_logprobs(
         sl = slice(start, start + chunk_positions)
         logits_CV = (head(source_MX[sl]) if trunk is not None else source_MX[sl]).float()
         lse_C1 = torch.logsumexp(logits_CV, dim=-1, keepdim=True)
-        ids_CK, mask_CK = support.ids_MK[sl], support.mask_MK[sl]
-        out_lp.append(logits_CV.gather(-1, ids_CK) - lse_C1)
-        # amax keeps a real entry marked even when padding repeats its id (token 0)
-        in_support_CV = torch.zeros_like(logits_CV, dtype=torch.int32).scatter_reduce(
-            -1, ids_CK, mask_CK.to(torch.int32), reduce="amax"
-        )
-        outside_CV = logits_CV.masked_fill(in_support_CV.bool(), OUTSIDE_FILL)  # finite: no NaN gradients
-        out_tail.append(torch.logsumexp(outside_CV, dim=-1) - lse_C1.squeeze(-1))
+        lp_CK = logits_CV.gather(-1, support.ids_MK[sl]) - lse_C1
+        out_lp.append(lp_CK)
+        # mass outside the support: log(1 - sum_k p_k), from the support's log-mass (ids are unique per
+        # position); no V-sized masked copy of the logits. Clamped where the support holds everything.
+        inside_C = torch.logsumexp(torch.where(support.mask_MK[sl], lp_CK, float("-inf")), dim=-1)
+        out_tail.append(torch.log((-torch.expm1(inside_C)).clamp(min=1e-30)))
     return torch.cat(out_lp, 0), torch.cat(out_tail, 0)

@@ -177,3 +177,9 @@ def test_equal_rewards_everywhere_skip_the_forward(model, batch):
     out = RewardWeighted(advantage="grpo").loss(model, batch, [Score(scores=[1.0, 1.0]), Score(scores=[0.0, 0.0])])
     assert out.loss.item() == 0.0 and out.metrics["active_samples"] == 0.0 and out.metrics["reward_mean"] == 0.5
     out.loss.backward()
+
+
+def test_a_nan_score_masks_its_group_and_is_counted(model, batch):
+    out = RewardWeighted().loss(model, batch, [Score(scores=[1.0, float("nan")]), Score(scores=[0.0, 1.0])])
+    assert out.metrics["nonfinite_score_groups"] == 1.0 and out.metrics["feedback_failures"] == 0.0
+    assert out.metrics["valid_samples"] == 2.0 and out.metrics["reward_mean"] == 0.5
