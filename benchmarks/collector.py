@@ -8,10 +8,10 @@ it measures feedback per second of:
   sequential   a loop over the plain sync `openai` client (its own retries on)
   threads-8    a ThreadPoolExecutor of 8 workers with the sync client (the
                pattern TRL's judges used)
-  collector    FeedbackCollector(max_concurrency=cap) with a minimal judge on
-               the AsyncOpenAI client, and the same judge on a bare
-               httpx.AsyncClient (the collector's own overhead, without the
-               openai client's per-call CPU cost)
+  collector    FeedbackCollector (max_concurrency 2 x cap by default, so a
+               queue waits at the server) with a minimal judge on the
+               AsyncOpenAI client; and, apart, the collector's own CPU per
+               request with a teacher that answers at once
 
 The bound is the server's: cap / latency requests a second. Every answer is
 checked against the scripted judge's rule, so "lost" counts missing or wrong
@@ -19,6 +19,11 @@ answers (it must be 0).
 
     python benchmarks/collector.py                      # 250 ms, cap 32, 5% faults
     python benchmarks/collector.py --latency 0.1 --n 1000  # the 100 ms variant
+
+Each method makes one untimed warm-up call first (the openai client imports
+its resources lazily on first use). Faulted requests hold a server slot for
+the full latency too, so 5% faults cap any client at about 95% of the bound,
+and the last retries add a tail (backoff + latency) to the run.
 
 The client's CPU per request (the openai client costs a few ms a call) is
 reported too: when cap / latency exceeds what one core can drive, the
@@ -38,12 +43,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import httpx  # noqa: E402
 import openai  # noqa: E402
 
-from opd_sdk import Completion, FeedbackCollector, FeedbackRequest, Score, TeacherError  # noqa: E402
-from opd_sdk.constants import RETRIABLE_STATUS  # noqa: E402
-from opd_sdk.retry import parse_retry_after  # noqa: E402
+from opd_sdk import Completion, FeedbackCollector, FeedbackRequest, Score  # noqa: E402
 from tests.minimal_judge import MinimalJudge, answer_of, judge_prompt  # noqa: E402
 from tests.scripted_server import ScriptedServer  # noqa: E402
 
@@ -92,77 +94,81 @@ def sync_call(client: openai.OpenAI, request: FeedbackRequest) -> float | None:
         return None
 
 
-def run_sequential(base_url: str, requests: list[FeedbackRequest]) -> list[float | None]:
-    client = openai.OpenAI(base_url=base_url, api_key="sk-bench", max_retries=5)
-    return [sync_call(client, r) for r in requests]
+WARM_UP = FeedbackRequest(prompt="warm-up", completions=[Completion(text="warm-up")])
 
 
-def run_threads(base_url: str, requests: list[FeedbackRequest], workers: int) -> list[float | None]:
+def timed(fn, *args):
+    """(result, wall s, CPU s) of fn(*args)."""
+    started, cpu_started = time.perf_counter(), time.process_time()
+    result = fn(*args)
+    return result, time.perf_counter() - started, time.process_time() - cpu_started
+
+
+def run_sequential(base_url: str, requests: list[FeedbackRequest], reset):
     client = openai.OpenAI(base_url=base_url, api_key="sk-bench", max_retries=5)
+    sync_call(client, WARM_UP)  # the openai client imports its resources lazily on first use
+    reset()
+    return timed(lambda: [sync_call(client, r) for r in requests])
+
+
+def run_threads(base_url: str, requests: list[FeedbackRequest], reset, workers: int):
+    client = openai.OpenAI(base_url=base_url, api_key="sk-bench", max_retries=5)
+    sync_call(client, WARM_UP)
+    reset()
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda r: sync_call(client, r), requests))
+        return timed(lambda: list(pool.map(lambda r: sync_call(client, r), requests)))
 
 
-def run_collector(base_url: str, requests: list[FeedbackRequest], cap: int, backoff: float):
+def run_collector(judge, requests: list[FeedbackRequest], reset, concurrency: int, backoff: float):
     async def go():
-        judge = MinimalJudge(base_url, api_key="sk-bench")
-        collector = FeedbackCollector(judge, max_concurrency=cap, progress=False, backoff_initial_s=backoff)
+        collector = FeedbackCollector(judge, max_concurrency=concurrency, progress=False,
+                                      backoff_initial_s=backoff)
+        await collector.collect([WARM_UP])
+        reset()
+        started, cpu_started = time.perf_counter(), time.process_time()
         results = await collector.collect(requests)
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
         await judge.aclose()
-        return results, collector.usage
+        return [r.scores[0] if isinstance(r, Score) else None for r in results], wall, cpu
 
-    results, usage = asyncio.run(go())
-    return [r.scores[0] if isinstance(r, Score) else None for r in results], usage
+    return asyncio.run(go())
 
 
-class HttpxJudge:
-    """The same judge on a bare httpx.AsyncClient: shows the collector's own overhead
-    without the openai client's per-call cost."""
+class InstantTeacher:
+    """Answers at once without HTTP: what is left is the collector's own CPU cost."""
 
-    id = "httpx-judge:1"
-
-    def __init__(self, base_url: str) -> None:
-        self._client = httpx.AsyncClient(base_url=base_url, timeout=30.0,
-                                         limits=httpx.Limits(max_connections=1000, max_keepalive_connections=1000))
+    id = "instant:1"
 
     async def feedback(self, request: FeedbackRequest) -> Score:
-        body = {"model": "judge", "messages": [
-            {"role": "user", "content": judge_prompt(request, request.completions[0].text)}]}
-        try:
-            reply = await self._client.post("/chat/completions", json=body)
-        except httpx.TransportError as exc:
-            raise TeacherError(f"connection error ({type(exc).__name__})", retriable=True) from exc
-        if reply.status_code != 200:
-            raise TeacherError(f"HTTP {reply.status_code}", retriable=reply.status_code in RETRIABLE_STATUS,
-                               retry_after=parse_retry_after(reply.headers), status=reply.status_code)
-        content = reply.json()["choices"][0]["message"]["content"]
-        return Score(scores=[float(content.split("Score:")[1])])
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
+        await asyncio.sleep(0)
+        return Score(scores=[expected(request)])
 
 
-def run_collector_httpx(base_url: str, requests: list[FeedbackRequest], cap: int, backoff: float):
+def collector_overhead_ms(n: int, concurrency: int) -> float:
     async def go():
-        judge = HttpxJudge(base_url)
-        collector = FeedbackCollector(judge, max_concurrency=cap, progress=False, backoff_initial_s=backoff)
-        results = await collector.collect(requests)
-        await judge.aclose()
-        return results, collector.usage
+        collector = FeedbackCollector(InstantTeacher(), max_concurrency=concurrency, progress=False)
+        await collector.collect([WARM_UP])
+        cpu_started = time.process_time()
+        results = await collector.collect(make_requests(n))
+        assert all(isinstance(r, Score) for r in results)
+        return 1000 * (time.process_time() - cpu_started) / n
 
-    results, usage = asyncio.run(go())
-    return [r.scores[0] if isinstance(r, Score) else None for r in results], usage
+    return asyncio.run(go())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=800, help="requests for the collector")
+    ap.add_argument("--n", type=int, default=1600, help="requests for the collector")
     ap.add_argument("--threads-n", type=int, default=400, help="requests for the thread pool")
     ap.add_argument("--seq-n", type=int, default=40, help="requests for the sequential loop (it is slow)")
     ap.add_argument("--latency", type=float, default=0.25)
     ap.add_argument("--cap", type=int, default=32, help="server concurrency cap")
     ap.add_argument("--fault-rate", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=8)
+    ap.add_argument("--collector-concurrency", type=int, default=None,
+                    help="collector's max_concurrency (default 2 x cap: keeps a queue at the server so its "
+                         "slots never idle while the client turns a reply into the next request)")
+    ap.add_argument("--only-collector", action="store_true", help="skip the two baselines")
     ap.add_argument("--backoff", type=float, default=0.1, help="collector's initial backoff (s)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -175,13 +181,12 @@ def main() -> None:
     bound = args.cap / args.latency
     rows = []
 
-    def measure(name: str, concurrency: int, requests, fn):
+    def reset() -> None:
         parent.send("reset")
         parent.recv()
-        started, cpu_started = time.perf_counter(), time.process_time()
-        out = fn(requests)
-        wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-        scores, usage = out if isinstance(out, tuple) else (out, None)
+
+    def measure(name: str, concurrency: int, requests, fn):
+        scores, wall, cpu = fn(requests)
         lost = sum(s is None or s != expected(r) for s, r in zip(scores, requests)) + len(requests) - len(scores)
         parent.send("stats")
         stats = parent.recv()
@@ -191,13 +196,14 @@ def main() -> None:
                      stats["max_in_flight"], lost, 1000 * cpu / len(requests)))
         print(f"done: {name} {len(requests)} in {wall:.2f} s", file=sys.stderr)
 
-    measure("sequential (sync openai)", 1, make_requests(args.seq_n), lambda q: run_sequential(base_url, q))
-    measure(f"threads-{args.threads} (sync openai)", args.threads, make_requests(args.threads_n),
-            lambda q: run_threads(base_url, q, args.threads))
-    measure("FeedbackCollector (openai judge)", args.cap, make_requests(args.n),
-            lambda q: run_collector(base_url, q, args.cap, args.backoff))
-    measure("FeedbackCollector (httpx judge)", args.cap, make_requests(args.n),
-            lambda q: run_collector_httpx(base_url, q, args.cap, args.backoff))
+    conc = args.collector_concurrency or 2 * args.cap
+    if not args.only_collector:
+        measure("sequential (sync openai)", 1, make_requests(args.seq_n),
+                lambda q: run_sequential(base_url, q, reset))
+        measure(f"threads-{args.threads} (sync openai)", args.threads, make_requests(args.threads_n),
+                lambda q: run_threads(base_url, q, reset, args.threads))
+    measure("FeedbackCollector (openai judge)", conc, make_requests(args.n),
+            lambda q: run_collector(MinimalJudge(base_url, api_key="sk-bench"), q, reset, conc, args.backoff))
     parent.send("stop")
     parent.recv()
     proc.join(10)
@@ -211,6 +217,9 @@ def main() -> None:
     for name, conc, n, wall, rate, own, frac, seen, faults, inflight, lost, cpu_ms in rows:
         print(f"| {name} | {conc} | {n} | {wall:.2f} | {rate:.1f} | {own:.0f} | {frac:.1%} | {seen} | {faults} "
               f"| {inflight} | {lost} | {cpu_ms:.2f} | {1000 / cpu_ms:.0f} |")
+    overhead = collector_overhead_ms(args.n, conc)
+    print(f"\nThe collector's own CPU cost (a teacher that answers at once, no HTTP): {overhead:.2f} ms "
+          "a request; the rest of the client CPU above is the openai client.")
 
 
 if __name__ == "__main__":
