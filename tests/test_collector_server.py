@@ -18,7 +18,7 @@ async def test_cap_makes_extra_requests_wait_and_is_measured():
         elapsed = time.monotonic() - started
         await client.close()
     assert [r.choices[0].text for r in replies] == ["Score: 5"] * 9
-    assert srv.max_served == 3 and srv.max_in_flight == 9
+    assert srv.max_served == 3 and srv.max_in_flight >= 4  # beyond the cap: they waited
     assert elapsed >= 0.29  # three waves of 0.1 s
     records = srv.requests
     assert [r.index for r in records] == list(range(9)) and all(r.has_auth for r in records)
