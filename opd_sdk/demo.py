@@ -49,10 +49,10 @@ def _check(text: str, item: PromptItem) -> bool:
     return check(text, item.answer or "")
 
 
-def _accuracy(model, tokenizer, items: list[PromptItem]) -> float:
+def _evaluate(model, tokenizer, items: list[PromptItem]):
     from opd_sdk.evaluate import greedy_accuracy
 
-    return greedy_accuracy(model, tokenizer, items, _check, max_new_tokens=DEMO["eval_max_new_tokens"]).accuracy
+    return greedy_accuracy(model, tokenizer, items, _check, max_new_tokens=DEMO["eval_max_new_tokens"])
 
 
 def plot_curve(history: list[dict], evals: list[tuple[int, float]], path: Path) -> Path:
@@ -116,7 +116,8 @@ def run_demo(
     held = task.items("heldout", None)
     log(f"opd demo: {source.name} on {DEMO_TASK}: {len(train_items)} training prompts, {len(held)} held-out prompts")
 
-    before = _accuracy(model, tokenizer, held)
+    first = _evaluate(model, tokenizer, held)
+    before = first.accuracy
     log(f"opd demo: held-out accuracy before: {before:.3f}")
     evals = [(0, before)]
 
@@ -147,12 +148,15 @@ def run_demo(
                 f"loss {row['loss']:+.4f}  {row['time_step_s']:.1f}s"
             )
             if trainer.step % DEMO["eval_every"] == 0 and trainer.step < steps:
-                evals.append((trainer.step, _accuracy(trainer.model, tokenizer, held)))
+                evals.append((trainer.step, _evaluate(trainer.model, tokenizer, held).accuracy))
                 log(f"  held-out accuracy at step {trainer.step}: {evals[-1][1]:.3f}")
     finally:
         collector.close()
-    after = _accuracy(trainer.model, tokenizer, held)
+    last = _evaluate(trainer.model, tokenizer, held)
+    after = last.accuracy
     evals.append((trainer.step, after))
+    for item, old, new in list(zip(held, first.completions, last.completions))[:3]:
+        log(f"  {item.prompt!r} (answer {item.answer})\n    before: {old.strip()[:80]!r}\n    after:  {new.strip()[:80]!r}")
     final_dir = trainer.save_pretrained(out / "final")
     png = plot_curve(trainer.metrics.history, evals, out / "learning_curve.png")
     summary = {
