@@ -57,8 +57,12 @@ def _evaluate(model, tokenizer, items: list[PromptItem]):
 
 def plot_curve(history: list[dict], evals: list[tuple[int, float]], path: Path) -> Path:
     """Training reward per step (sampled at T=1) and held-out greedy accuracy, one PNG."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        from opd_sdk.errors import ConfigError
 
+        raise ConfigError("the demo's plot needs matplotlib: pip install 'opd-sdk[demo]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
