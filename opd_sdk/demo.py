@@ -57,12 +57,8 @@ def _evaluate(model, tokenizer, items: list[PromptItem]):
 
 def plot_curve(history: list[dict], evals: list[tuple[int, float]], path: Path) -> Path:
     """Training reward per step (sampled at T=1) and held-out greedy accuracy, one PNG."""
-    try:
-        import matplotlib
-    except ImportError:
-        from opd_sdk.errors import ConfigError
+    import matplotlib
 
-        raise ConfigError("the demo's plot needs matplotlib: pip install 'opd-sdk[demo]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -105,6 +101,12 @@ def run_demo(
     from opd_sdk.trainer import Trainer
     from providers.verifier import VerifierTeacher
 
+    import importlib.util
+
+    from opd_sdk.errors import ConfigError
+
+    if importlib.util.find_spec("matplotlib") is None:  # fail before training, not after
+        raise ConfigError("the demo's plot needs matplotlib: pip install 'opd-sdk[demo]'")
     t_start = time.perf_counter()
     steps = DEMO_STEPS if steps is None else steps
     out = Path(out_dir)
