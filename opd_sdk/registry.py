@@ -295,6 +295,13 @@ def check_config(cfg: RunConfig) -> Any:
         return objective
     _check_teacher(cfg.teacher, "teacher")
     given = FEEDBACK_KIND[cfg.teacher.type]
+    for i, term in enumerate(getattr(objective, "terms", None) or []):  # hybrid: one teacher feeds every term
+        term_kinds = tuple(getattr(term[0], "feedback_kinds", ()))
+        if term_kinds and given not in term_kinds:
+            raise ConfigError(
+                f"objective.params.terms.{i}: {type(term[0]).__name__} reads {' or '.join(term_kinds)} feedback "
+                f"but teacher type {cfg.teacher.type!r} returns {given}; every hybrid term shares the one teacher"
+            )
     if kinds and given not in kinds:
         raise ConfigError(
             f"objective {cfg.objective.type!r} reads {' or '.join(kinds)} feedback but teacher type "

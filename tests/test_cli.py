@@ -84,6 +84,9 @@ def test_check_accepts_a_valid_config(tmp_path, tiny_dir, capsys, no_model_load)
         ({"teacher": {"type": "judge", "model": "gpt-4o-mini", "api_key_env": "OPD_TEST_UNSET_KEY"}}, [],
          "teacher.api_key_env: the environment variable OPD_TEST_UNSET_KEY is not set"),
         ({"data": {"task": "long_division"}}, [], "unknown task 'long_division'"),
+        ({"objective": {"type": "hybrid", "params": {"terms": [
+            {"type": "reward_weighted", "weight": 1.0}, {"type": "token_distill", "weight": 0.1}]}}}, [],
+         "objective.params.terms.1: TokenDistill reads token_logprobs feedback but teacher type 'verifier'"),
         ({"teacher": None}, [], "teacher: objective 'reward_weighted' reads score feedback; add a `teacher:`"),
         ({"objective": {"type": "hybrid", "params": {"terms": [{"type": "sft"}]}}}, [],
          "objective.params.terms.0: write {type: NAME, params: {...}, weight: W}"),
