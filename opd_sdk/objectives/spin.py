@@ -144,11 +144,20 @@ class SPIN:
             raise ConfigError("SPIN(source='answer'): no prompt in this batch has PromptItem.answer; "
                               "give answers or use source='reference' with a ReferenceTeacher")
         G, L = batch.group_size, batch.prompt_len
-        gen_rows = [p * G + g for p, _ in texts for g in range(G) if batch.completion_mask_BT[p * G + g].sum() > 0]
+        real_items = [(p, encode_text(self.tokenizer, t)) for p, t in texts]
+        gen_rows, identical = [], 0
+        for p, real in real_items:
+            for b in range(p * G, p * G + G):
+                sampled = batch.input_ids_BT[b, L:][batch.completion_mask_BT[b, L:] > 0].tolist()
+                if sampled == real:  # the student wrote the real answer: margin is 0 by construction
+                    identical += 1
+                elif sampled:
+                    gen_rows.append(b)
+        metrics["identical_skipped"] = float(identical)
         if not gen_rows:
             return LossOutput(first_param_zero(policy), {**metrics, "pairs": 0.0, "loss": 0.0})
         pad = getattr(self.tokenizer, "pad_token_id", None) or 0
-        real_ids, real_attn, real_mask = text_rows(batch, [(p, encode_text(self.tokenizer, t)) for p, t in texts], pad)
+        real_ids, real_attn, real_mask = text_rows(batch, real_items, pad)
         rows = torch.tensor(gen_rows, device=batch.input_ids_BT.device)
         gen_ids, gen_attn = batch.input_ids_BT[rows], batch.attention_mask_BT[rows]
         gen_mask = batch.completion_mask_BT[rows].float()

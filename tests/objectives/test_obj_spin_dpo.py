@@ -117,3 +117,14 @@ def test_spin_with_teacher_references(model, batch):
     out.loss.backward()
     with pytest.raises(ConfigError, match="reference"):
         obj.loss(model, batch, [Score(scores=[1.0, 0.0])] * 2)
+
+
+def test_spin_skips_a_sample_identical_to_the_real_answer(model):
+    from objtools import EOS, build_batch
+
+    # "the answer is 7" = [14, 15, 16, 11] + EOS: sample 0 of prompt 0 wrote exactly that
+    batch = build_batch(model, [[5, 6, 7]], [[14, 15, 16, 11, EOS], [12, EOS]], 2, answers=["the answer is 7"])
+    obj = SPIN(tiny_tokenizer(), source="answer")
+    obj.setup(model)
+    out = obj.loss(model, batch, [])
+    assert out.metrics["identical_skipped"] == 1.0 and out.metrics["pairs"] == 1.0
