@@ -19,10 +19,10 @@ tokenizer after the batch's own prompt tokens (`targets.py`).
 
 Departures from the paper: the generated side is the on-policy sample of
 the current batch (every one of the G samples is paired with the prompt's
-real answer), not a dataset regenerated once per iteration; an "iteration"
-is `refresh_every` optimizer steps (the opponent is reloaded from the
-student in `after_step`), or call `refresh_opponent` yourself, e.g. once
-an epoch.
+real answer; a sample identical to it, token for token, is skipped), not a
+dataset regenerated once per iteration; an "iteration" is `refresh_every`
+optimizer steps (the opponent is reloaded from the student in
+`after_step`), or call `refresh_opponent` yourself, e.g. once an epoch.
 """
 
 from __future__ import annotations
