@@ -125,6 +125,8 @@ class RewardWeighted:
     kl_estimator: "k1" | "k3"; kl_penalty: "loss" | "reward".
     reference: a frozen reference model; default a frozen copy of the
         policy made in setup() (only when beta > 0).
+    chunk_rows: rows per LM-head chunk; recompute_head: recompute each
+        chunk's logits in backward instead of keeping them (less memory).
     """
 
     feedback_kinds = ("score",)
@@ -142,6 +144,7 @@ class RewardWeighted:
         reference: torch.nn.Module | None = None,
         grpo_eps: float = 1e-4,
         chunk_rows: int = 4,
+        recompute_head: bool = False,
     ) -> None:
         if advantage not in ADVANTAGE_KINDS:
             raise ConfigError(f"advantage must be one of {ADVANTAGE_KINDS}, got {advantage!r}")
@@ -163,6 +166,7 @@ class RewardWeighted:
         self.reference = reference
         self.grpo_eps = grpo_eps
         self.chunk_rows = chunk_rows
+        self.recompute_head = recompute_head
 
     def setup(self, policy: torch.nn.Module) -> None:
         if self.beta > 0 and self.reference is None:
@@ -231,6 +235,7 @@ class RewardWeighted:
             chunk_rows=self.chunk_rows,
             temperature=getattr(batch, "temperature", 1.0),
             from_col=batch.prompt_len,
+            recompute_head=self.recompute_head,
         )
 
     def _loss_with_kl(self, policy, batch, rewards_PG, valid_PG, mask_BT, metrics) -> LossOutput:

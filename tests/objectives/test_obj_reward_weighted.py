@@ -183,3 +183,13 @@ def test_a_nan_score_masks_its_group_and_is_counted(model, batch):
     out = RewardWeighted().loss(model, batch, [Score(scores=[1.0, float("nan")]), Score(scores=[0.0, 1.0])])
     assert out.metrics["nonfinite_score_groups"] == 1.0 and out.metrics["feedback_failures"] == 0.0
     assert out.metrics["valid_samples"] == 2.0 and out.metrics["reward_mean"] == 0.5
+
+
+def test_recompute_head_gives_the_same_gradient(model, batch):
+    fb = [Score(scores=[1.0, 0.0]), Score(scores=[0.0, 1.0])]
+    RewardWeighted().loss(model, batch, fb).loss.backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    RewardWeighted(recompute_head=True).loss(model, batch, fb).loss.backward()
+    for g, p in zip(plain, model.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-6)
