@@ -12,7 +12,12 @@ without the context. Departures: we return only per-token log-probabilities
 - mode="live": the policy being trained, read as it is at call time. The
   teacher pass runs under `torch.no_grad()`, so no gradient flows through it.
 - mode="frozen": a copy taken at construction (or at `refresh()`).
-- mode="ema": a copy updated by `after_step` as ema = d*ema + (1-d)*policy.
+- mode="ema": a copy updated as ema = d*ema + (1-d)*policy once each time
+  the policy's weights have changed (an optimizer step), checked before every
+  teacher pass, so no trainer hook is needed; `after_step` folds at once.
+
+Weight changes are detected with the parameters' in-place version counters
+(`Tensor._version`, which every optimizer step and in-place edit bumps).
 
 Views. The student view is the prompt rendered with the tokenizer's chat
 template (generation prompt added); the teacher view is the same prompt with
@@ -24,11 +29,11 @@ the template and tokenised; each must extend its prompt's tokens, and the
 tokens after the prompt must be identical in the two views. Otherwise
 `TokenizationMismatch` is raised and nothing is scored.
 
-Caching: the answers of a live or EMA teacher change every optimizer step.
-Give the collector no cache for them (`cacheable` is False); `id` carries
-`version` (the last step passed to `after_step`) so a cache keyed by id never
-serves an answer from an older step when `after_step` is called every step.
-A frozen teacher is cacheable.
+Caching: the answers of a live or EMA teacher change every optimizer step,
+so a cache saves nothing there: give the collector no cache (`cacheable` is
+False). Should one be given anyway, `id` includes the policy's weight
+version, so a cached answer is never served for other weights. A frozen
+teacher is cacheable (its id changes at `refresh()`).
 
 Assumes the rollout engine tokenises prompts the same way (chat template
 rendered as text, then tokenised without added special tokens).
@@ -146,8 +151,9 @@ class SelfDistillTeacher:
         self.chunk_rows = chunk_rows
         self.name = name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
         self.autocast_dtype = autocast_dtype
-        self.version = 0
+        self._refreshes = 0
         self._copy = None if mode == "live" else _frozen(model)
+        self._folded_version = self._weights_version()
         self._prompt_cache: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
         probe = FeedbackRequest(prompt="What is 2 plus 2?", completions=[{"text": "4"}], privileged="2 + 2 = 4")
         self.check_views(probe)  # a template that cannot work fails here, not mid-training
@@ -167,9 +173,15 @@ class SelfDistillTeacher:
         )
         if self.mode == "ema":
             params["ema_decay"] = self.ema_decay
-        if self.mode != "frozen":
-            params["version"] = self.version
+        if self.mode == "frozen":
+            params["refreshes"] = self._refreshes
+        else:
+            params["weights_version"] = self._weights_version()
         return fingerprint("self_distill", **params)
+
+    def _weights_version(self) -> int:
+        """Changes whenever the policy's weights change in place (optimizer step, load_state_dict)."""
+        return sum(p._version for p in self.policy.parameters())
 
     @property
     def cacheable(self) -> bool:
@@ -181,20 +193,29 @@ class SelfDistillTeacher:
         return self.policy if self._copy is None else self._copy
 
     @torch.no_grad()
-    def refresh(self, policy: torch.nn.Module | None = None) -> None:
+    def refresh(self) -> None:
         """Copy the policy's current weights into the frozen / EMA copy."""
         if self._copy is not None:
-            self._copy.load_state_dict((policy or self.policy).state_dict())
+            self._copy.load_state_dict(self.policy.state_dict())
+            self._refreshes += 1
+            self._folded_version = self._weights_version()
+
+    def after_step(self, step: int, policy: torch.nn.Module | None = None) -> None:
+        """Optional hook after optimizer step `step`: EMA mode folds the policy in now."""
+        self._sync_ema()
 
     @torch.no_grad()
-    def after_step(self, step: int, policy: torch.nn.Module | None = None) -> None:
-        """Call after optimizer step `step`: bumps `version`; EMA mode folds the policy in."""
-        self.version = step
+    def _sync_ema(self) -> None:
+        """ema = d*ema + (1-d)*policy, once per change of the policy's weights."""
         if self.mode != "ema":
             return
-        src = dict((policy or self.policy).named_parameters())
+        current = self._weights_version()
+        if current == self._folded_version:
+            return
+        src = dict(self.policy.named_parameters())
         for name, p_ema in self._copy.named_parameters():
             p_ema.mul_(self.ema_decay).add_(src[name].detach().to(p_ema.dtype), alpha=1.0 - self.ema_decay)
+        self._folded_version = current
 
     # --- views ------------------------------------------------------------------
     def _render(self, messages: list[ChatMessage], completion: str | None) -> list[int]:
@@ -268,6 +289,7 @@ class SelfDistillTeacher:
 
     def score_batch(self, requests: Sequence[FeedbackRequest]) -> list[Feedback]:
         """Synchronous core: one batched teacher pass over every completion of every request."""
+        self._sync_ema()
         results: list[Feedback | None] = [None] * len(requests)
         rows: list[tuple[int, list[int], list[int]]] = []  # (request index, teacher prompt, completion)
         for r, req in enumerate(requests):
@@ -289,7 +311,7 @@ class SelfDistillTeacher:
             results[r] = TokenLogprobs(
                 logprobs=[lp for lp, _, _ in items],
                 top_k=[tk for _, tk, _ in items] if self.top_k else None,
-                details={"mode": self.mode, "version": self.version, "teacher_prompt_tokens": items[0][2]},
+                details={"mode": self.mode, "teacher_prompt_tokens": items[0][2]},
                 usage=CallUsage(prompt_tokens=sum(n + len(lp) for lp, _, n in items)),
             )
         assert all(res is not None for res in results)

@@ -155,15 +155,35 @@ def test_ema_update_by_hand(tok):
         for p in model.parameters():
             p.fill_(0.0)
     teacher = SelfDistillTeacher(model, tok, mode="ema", ema_decay=0.75)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(1.0)
-    teacher.after_step(1)
     w = teacher.teacher_model.lm_head.weight
+
+    def set_policy(value: float) -> None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(value)
+
+    set_policy(1.0)
+    teacher.after_step(1)
     assert torch.allclose(w, torch.full_like(w, 0.25))  # 0.75*0 + 0.25*1
+    teacher.after_step(1)  # the policy did not change: no second fold
+    assert torch.allclose(w, torch.full_like(w, 0.25))
+    set_policy(1.0)  # an in-place write (an optimizer step) counts as a change
     teacher.after_step(2)
     assert torch.allclose(w, torch.full_like(w, 0.4375))  # 0.75*0.25 + 0.25*1
     assert not any(p.requires_grad for p in teacher.teacher_model.parameters())
+
+
+async def test_ema_folds_before_scoring_without_a_trainer_hook(tok):
+    model = make_model(tok)
+    teacher = SelfDistillTeacher(model, tok, mode="ema", ema_decay=0.5)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    await teacher.feedback(request(tok))
+    expected = 0.5 * start["lm_head.weight"] + 0.5 * model.lm_head.weight
+    assert torch.allclose(teacher.teacher_model.lm_head.weight, expected)
+    await teacher.feedback(request(tok))  # same weights: no second fold
+    assert torch.allclose(teacher.teacher_model.lm_head.weight, expected)
 
 
 def test_id_and_cacheability(tok):
@@ -174,12 +194,14 @@ def test_id_and_cacheability(tok):
     assert len({live.id, frozen.id, system.id}) == 3
     assert live.id.startswith("self_distill:")
     assert frozen.cacheable and not live.cacheable
-    old = live.id
-    live.after_step(1)
-    assert live.id != old  # a cache keyed by id never serves step-0 answers at step 1
-    fid = frozen.id
-    frozen.after_step(1)
-    assert frozen.id == fid
+    old, fid = live.id, frozen.id
+    assert live.id == old  # stable while the weights stay put
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)  # what an optimizer step does
+    assert live.id != old  # a cache keyed by id never serves answers computed with older weights
+    assert frozen.id == fid  # the frozen copy did not change
+    frozen.refresh()
+    assert frozen.id != fid
 
 
 def test_mismatched_chat_template_refuses_to_run():
