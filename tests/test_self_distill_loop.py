@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from opd_sdk.collector import FeedbackCollector
@@ -47,10 +48,12 @@ def test_frozen_self_teacher_pulls_the_student_towards_the_privileged_view():
     assert first_token_kl(model, teacher) < 0.6 * kl_before  # measured: 0.116 -> 0.043
 
 
-def test_live_teacher_in_the_loop_scores_every_group():
+@pytest.mark.parametrize("mode", ["live", "ema"])
+def test_live_and_ema_teachers_in_the_loop(mode):
     tok = make_tokenizer()
     model = make_model(tok, seed=2)
-    teacher = SelfDistillTeacher(model, tok, mode="live")
+    teacher = SelfDistillTeacher(model, tok, mode=mode, ema_decay=0.5)
+    head_before = teacher.teacher_model.lm_head.weight.detach().clone()
     trainer = Trainer(
         model, tok, TokenDistill(), FeedbackCollector(teacher, progress=False), PROMPTS,
         group_size=2, prompts_per_step=2, max_steps=2, lr=1e-3, max_new_tokens=3, seed=0,
@@ -59,3 +62,6 @@ def test_live_teacher_in_the_loop_scores_every_group():
     history = trainer.train()
     assert [row["feedback_failures"] for row in history] == [0, 0]
     assert all(row["tokens"] > 0 for row in history)
+    head = teacher.teacher_model.lm_head.weight
+    if mode == "ema":  # folded once, before the second step's teacher pass: (before + policy after step 1) / 2
+        assert not torch.equal(head, head_before) and not torch.equal(head, model.lm_head.weight)
