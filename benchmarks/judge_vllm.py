@@ -1,8 +1,11 @@
 """Feedback throughput of JudgeTeacher against a real vLLM server: FeedbackCollector vs a plain loop.
 
 Both runners judge the same requests (addition questions with right and wrong
-student answers) with the same JudgeTeacher, caching off. "sequential" awaits
-`judge.feedback(request)` one request at a time; "collector" hands the whole
+student answers) with the same JudgeTeacher, caching off. "sequential loop
+over requests" awaits `judge.feedback(request)` one request at a time (a
+pointwise judge still scores that request's completions concurrently);
+"one call at a time" (pointwise) judges each completion alone, so exactly one
+HTTP call is in flight; "collector" hands the whole
 list to `FeedbackCollector.collect` (pointwise requests are split into one
 call per completion and sent concurrently, up to --concurrency). Prints a
 markdown table: completions scored per second, requests per second, API
@@ -53,6 +56,11 @@ async def sequential(judge: JudgeTeacher, requests: list[FeedbackRequest]) -> tu
     return time.perf_counter() - start, calls, failures
 
 
+async def one_call_at_a_time(judge: JudgeTeacher, requests: list[FeedbackRequest]) -> tuple[float, int, int]:
+    """Pointwise only: each completion judged alone, strictly one HTTP call in flight."""
+    return await sequential(judge, [r.with_completions([c]) for r in requests for c in r.completions])
+
+
 async def collected(judge: JudgeTeacher, requests: list[FeedbackRequest], concurrency: int) -> tuple[float, int, int]:
     with FeedbackCollector(judge, max_concurrency=concurrency, cache=None, progress=False) as col:
         start = time.perf_counter()
@@ -78,9 +86,12 @@ async def main() -> None:
     for mode in args.modes.split(","):
         judge = JudgeTeacher(args.model, base_url=args.url, mode=mode, max_tokens=32)
         await judge.feedback(requests[0])  # warm-up (vLLM compiles the grammar on first use)
-        for name, run in (("sequential loop", lambda: sequential(judge, requests)),
-                          (f"FeedbackCollector (concurrency {args.concurrency})",
-                           lambda: collected(judge, requests, args.concurrency))):
+        runners = [("sequential loop over requests", lambda: sequential(judge, requests)),
+                   (f"FeedbackCollector (concurrency {args.concurrency})",
+                    lambda: collected(judge, requests, args.concurrency))]
+        if mode == "pointwise":
+            runners.insert(0, ("sequential, one call at a time", lambda: one_call_at_a_time(judge, requests)))
+        for name, run in runners:
             elapsed, calls, failures = await run()
             rows.append((mode, name, n_completions / elapsed, len(requests) / elapsed, calls, failures, elapsed))
         await judge.endpoint.client.close()
@@ -92,8 +103,9 @@ async def main() -> None:
     for mode, name, cps, rps, calls, failures, elapsed in rows:
         print(f"| {mode} | {name} | {cps:.2f} | {rps:.2f} | {calls} | {failures} | {elapsed:.1f} |")
     for mode in dict.fromkeys(r[0] for r in rows):
-        seq, col = [r for r in rows if r[0] == mode]
-        print(f"\n{mode}: collector / sequential = {col[2] / seq[2]:.2f}x", end="")
+        *seqs, col = [r for r in rows if r[0] == mode]
+        ratios = ", ".join(f"{col[2] / seq[2]:.2f}x vs {seq[1]}" for seq in seqs)
+        print(f"\n{mode}: collector {ratios}", end="")
     print()
 
 
