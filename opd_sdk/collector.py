@@ -6,10 +6,12 @@ joins an identical request already in flight; waits for a concurrency slot
 and the RPM/TPM buckets; calls the teacher under a per-call timeout; retries
 retriable `TeacherError`s with backoff, honouring the server's Retry-After;
 counts usage and cost; stops sending once the budget is spent; and turns a
-final error into a `FeedbackFailure` value with the attempt count. A failure
+final error into a `FeedbackFailure` value with the attempt count. A 429 with
+Retry-After pauses every new call of the collector, not just the one that
+got it. A failure
 is never cached and never becomes a reward.
 
-Optional teacher hooks (read with getattr, all documented in owners' notes):
+Optional teacher hooks (read with getattr; a teacher defines any it needs):
 - `pointwise = True`: split a request with several completions into one
   sub-request per completion (each cached, retried and rate-limited on its
   own) and merge the `Score`s back in order.
