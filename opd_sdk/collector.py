@@ -8,8 +8,7 @@ retriable `TeacherError`s with backoff, honouring the server's Retry-After;
 counts usage and cost; stops sending once the budget is spent; and turns a
 final error into a `FeedbackFailure` value with the attempt count. A 429 with
 Retry-After pauses every new call of the collector, not just the one that
-got it. A failure
-is never cached and never becomes a reward.
+got it. A failure is never cached and never becomes a reward.
 
 Optional teacher hooks (read with getattr; a teacher defines any it needs):
 - `pointwise = True`: split a request with several completions into one
