@@ -50,6 +50,11 @@ def teacher_token_logprobs(batch: RolloutBatch, feedback: Sequence[Feedback], wh
         assert isinstance(fb, TokenLogprobs)
         if len(fb.logprobs) != G:
             raise ConfigError(f"{who}: group {p} has {G} completions but TokenLogprobs for {len(fb.logprobs)}")
+        if fb.top_k is not None and [len(t) for t in fb.top_k] != [len(v) for v in fb.logprobs]:
+            raise ConfigError(
+                f"{who}: group {p}'s TokenLogprobs.top_k does not have one entry per scored token "
+                "(lengths differ from logprobs); the teacher must send both for the same tokens"
+            )
         for i, values in enumerate(fb.logprobs):
             b = p * G + i
             if len(values) > n_B[b]:

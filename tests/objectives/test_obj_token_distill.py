@@ -103,6 +103,9 @@ def test_teacher_logprobs_alignment(batch):
     assert tok.missing == 1 and tok.mask_BT[2:].sum() == 0
     with pytest.raises(TokenizationMismatch, match="share a tokenizer"):
         teacher_token_logprobs(batch, [TokenLogprobs(logprobs=[[-1.0] * 4, [-1.0]])] * 2, "t")
+    ragged = TokenLogprobs(logprobs=[[-1.0, -1.0, -1.0], [-1.0]], top_k=[[{2: -1.0}] * 3, []])
+    with pytest.raises(ConfigError, match="one entry per scored token"):
+        teacher_token_logprobs(batch, [ragged, FeedbackFailure(reason="x")], "t")
     with pytest.raises(ConfigError, match="token_logprobs"):
         teacher_token_logprobs(batch, [Score(scores=[1.0, 0.0])] * 2, "t")
 
