@@ -122,8 +122,9 @@ def run_trl(args: argparse.Namespace) -> dict:
 
         def on_log(self, _args, _state, _control, logs=None, **k):
             if logs and "reward" in logs:
-                reward.append(logs["reward"])
-                completion_len.append(logs.get("completions/mean_length"))
+                reward.append(float(logs["reward"]))
+                length = logs.get("completions/mean_length")
+                completion_len.append(float(length) if length is not None else None)
 
     trainer = RLOOTrainer(
         model=model, reward_funcs=reward_times_table, args=config, train_dataset=dataset,
@@ -186,7 +187,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--beta", type=float, default=0.0, help="KL weight to a frozen reference, both trainers")
-    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="fp32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)

@@ -12,6 +12,8 @@ still runs the adapters).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.utils.checkpoint
 
@@ -67,13 +69,17 @@ def _hidden_with_shared_prefix(trunk, input_ids_BT, attention_mask_BT, position_
     when the model does not hand back a cache.
     """
     L = prefix_len
+    # transformers >= 5.2x names the cache argument `cache`; older releases `past_key_values`.
+    cache_arg = "cache" if "cache" in inspect.signature(trunk.forward).parameters else "past_key_values"
     pre = trunk(
         input_ids=input_ids_BT[::G, :L],
         attention_mask=attention_mask_BT[::G, :L],
         position_ids=position_ids_BT[::G, :L],
         use_cache=True,
     )
-    cache = getattr(pre, "past_key_values", None)
+    cache = getattr(pre, "cache", None)
+    if cache is None:
+        cache = getattr(pre, "past_key_values", None)
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         return None
     cache.batch_repeat_interleave(G)
@@ -81,8 +87,8 @@ def _hidden_with_shared_prefix(trunk, input_ids_BT, attention_mask_BT, position_
         input_ids=input_ids_BT[:, L:],
         attention_mask=attention_mask_BT,
         position_ids=position_ids_BT[:, L:],
-        past_key_values=cache,
         use_cache=True,
+        **{cache_arg: cache},
     )
     last_prefix_B1H = pre.last_hidden_state[:, -1:].repeat_interleave(G, 0)
     return torch.cat([last_prefix_B1H, post.last_hidden_state[:, :-1]], dim=1)

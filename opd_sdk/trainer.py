@@ -191,7 +191,8 @@ class Trainer:
             temperature=temperature,
             top_p=top_p,
             max_new_tokens=max_new_tokens,
-            autocast_dtype=self.autocast_dtype,
+            # bf16 autocast slows CPU generation down (measured: 39 s vs 15-27 s a batch), so CPU samples in fp32.
+            autocast_dtype=self.autocast_dtype if self.device.type == "cuda" else None,
         )
         self.group_size = group_size
         self.micro_batch_prompts = micro_batch_prompts or prompts_per_step

@@ -13,7 +13,9 @@ from opd_sdk.metrics import read_metrics
 from opd_sdk.objectives import RewardWeighted
 from opd_sdk.trainer import Trainer
 from providers.verifier import VerifierTeacher
-from tests.loop_fixtures import tiny_model, tiny_tokenizer
+from tests.loop_fixtures import one_thread, tiny_model, tiny_tokenizer  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = [PromptItem(prompt=f"Say seven {d}", answer="7") for d in range(6)]  # 6 prompts, 4 a step: epochs wrap
 

@@ -9,7 +9,9 @@ from opd_sdk.data import PromptItem
 from opd_sdk.errors import ConfigError
 from opd_sdk.logprobs import selected_logprobs
 from opd_sdk.rollout import RolloutEngine, TransformersRollout
-from tests.loop_fixtures import tiny_model, tiny_tokenizer
+from tests.loop_fixtures import one_thread, tiny_model, tiny_tokenizer  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = [PromptItem(prompt="hi"), PromptItem(prompt="What is 2+3?"), PromptItem(prompt="ok")]
 

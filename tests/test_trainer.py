@@ -16,7 +16,9 @@ from opd_sdk.objectives import RewardWeighted
 from opd_sdk.trainer import Trainer, build_requests
 from opd_sdk.types import FeedbackFailure, Score
 from providers.verifier import VerifierTeacher
-from tests.loop_fixtures import tiny_model, tiny_tokenizer
+from tests.loop_fixtures import one_thread, tiny_model, tiny_tokenizer  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Toy task: whatever the prompt, the right answer is 7 (VerifierTeacher, numeric mode,
 # reads the last number of the completion). A random char-level model rarely ends on 7.
