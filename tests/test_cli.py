@@ -188,3 +188,15 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_dir, monkeypatch):
     assert (out / "final" / "config.json").exists()
     assert json.loads((out / "demo_summary.json").read_text())["heldout_accuracy_after"] == summary["heldout_accuracy_after"]
     assert any("held-out accuracy before" in line for line in lines)
+
+
+def test_lora_student_trains_and_its_adapter_folder_evaluates(tmp_path, tiny_dir, capsys):
+    pytest.importorskip("peft")
+    path = write_config(tmp_path, tiny_dir, student={"model": str(tiny_dir), "lora": {"r": 4, "alpha": 8}}, steps=1)
+    rc, out, err = run_cli(capsys, "train", str(path))
+    assert rc == 0, err
+    final = tmp_path / "run" / "final"
+    assert (final / "adapter_config.json").exists()
+    rc, out, err = run_cli(capsys, "eval", str(path), "--model", str(final), "--json")
+    assert rc == 0, err
+    assert json.loads(out)["graded"] == 8
