@@ -115,7 +115,8 @@ def run_one(method: str, seed: int, args, train, heldout) -> dict:
                   lr=args.lr, max_new_tokens=args.max_new_tokens, seed=seed, precision=args.precision,
                   progress=False, tensorboard=False, temperature=1.0)
     if method == "self_distill":
-        trainer = self_distill_trainer(model, tokenizer, train, autocast_dtype=autocast_dtype, **common)
+        trainer = self_distill_trainer(model, tokenizer, train, mode=args.self_distill_mode,
+                                       autocast_dtype=autocast_dtype, **common)
     elif method == "spin":
         trainer = spin_trainer(model, tokenizer, train, iterations=args.spin_iterations, **common)
     elif method == "sft":  # SFT ignores the samples: draw one per prompt instead of G (same prompts, same steps)
@@ -148,7 +149,8 @@ def summarise(rows: list[dict], before: list[dict], args) -> str:
         "|---|---|---|---|",
         f"| before training | {stat([b['greedy'] for b in before])} | {stat([b['sampled'] for b in before])} | - |",
     ]
-    names = {"self_distill": "self-distillation (privileged reference, TokenDistill reverse-KL)",
+    names = {"self_distill": f"self-distillation ({args.self_distill_mode} teacher + privileged reference, "
+                             "TokenDistill reverse-KL)",
              "spin": f"SPIN ({args.spin_iterations} iterations)", "sft": "SFT on the reference solutions (off-policy)"}
     for method in args.methods:
         mine = [r for r in rows if r["method"] == method]
@@ -170,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=8, help="sampled tokens per answer in training")
     ap.add_argument("--eval-max-new-tokens", type=int, default=16)
     ap.add_argument("--spin-iterations", type=int, default=3)
+    ap.add_argument("--self-distill-mode", default="live", choices=("live", "frozen", "ema"),
+                    help="teacher weights: the live student, a frozen copy of the start, or an EMA copy")
     ap.add_argument("--eval-samples", type=int, default=4)
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                     help="bf16 autocast pays off only on CPUs with AVX-512 BF16/AMX (on AVX2 it is ~10x slower)")
