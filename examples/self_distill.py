@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         while trainer.step < args.steps:
             trainer.train_step()
-            teacher.after_step(trainer.step, model)  # EMA update / live version bump
+            teacher.after_step(trainer.step, model)  # optional: the EMA folds now rather than at the next call
         trainer.save_pretrained(os.path.join(args.out, "final"))
     finally:
         collector.close()

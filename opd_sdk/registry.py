@@ -262,11 +262,6 @@ def build_objective(cfg: ObjectiveConfig, tokenizer: Any = None, where: str = "o
 
 
 def _check_teacher(cfg: Any, where: str) -> None:
-    if cfg.type == "self_distill" and cfg.mode == "ema":
-        raise ConfigError(
-            f"{where}.mode: ema is not wired into `opd train` yet (the trainer does not call the teacher's "
-            "after_step); use mode: frozen or live, or see examples/self_distill.py --mode ema"
-        )
     if cfg.type in TEACHER_CLASSES:
         cls = _provider(TEACHER_CLASSES[cfg.type])
         _check_params(cls, getattr(cfg, "params", {}), f"{where}.params", positional=1)

@@ -54,6 +54,8 @@ def test_self_distill_builds_on_the_student():
     teacher = teacher_of({"type": "self_distill", "mode": "frozen", "placement": "system"},
                          BuildContext(model=model, tokenizer=tok))
     assert type(teacher).__name__ == "SelfDistillTeacher" and teacher.cacheable
+    ema = teacher_of({"type": "self_distill", "mode": "ema", "ema_decay": 0.9}, BuildContext(model=model, tokenizer=tok))
+    assert ema.mode == "ema" and not ema.cacheable
     with pytest.raises(ConfigError, match="needs the student model"):
         teacher_of({"type": "self_distill"})
 
