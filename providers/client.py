@@ -13,13 +13,22 @@ a copy that shares its connection pool): the FeedbackCollector owns
 retries, rate limits and the budget, and a second hidden retry loop would
 make its counts and its Retry-After handling wrong.
 
+An HTTP connection pool belongs to the event loop it was first used on, and
+each FeedbackCollector runs its own loop; so the first loop uses the client
+as built (or injected) and any other loop gets a copy with the same settings
+and a fresh connection pool. One teacher can then serve several collectors
+(training, then a held-out eval) without "Event loop is closed" errors. (An
+injected client's custom http_client is used on its first loop only.)
+
 The API key is kept only inside the openai client: it never enters `id`,
 `repr`, `id_params()` or error text.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import weakref
 from typing import Any
 
 import openai
@@ -61,13 +70,31 @@ class Endpoint:
                     f"client: expected an openai.AsyncOpenAI, got {type(client).__name__}; "
                     "the synchronous openai.OpenAI client would block the event loop"
                 )
-            self.client = client.with_options(max_retries=0)
+            self._root = client.with_options(max_retries=0)
         else:
             base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
             key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
-            self.client = openai.AsyncOpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=0)
-        self.base_url = str(self.client.base_url).rstrip("/")
+            self._root = openai.AsyncOpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=0)
+        self._root_taken = False
+        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.base_url = str(self._root.base_url).rstrip("/")
         self.schema_supported = True  # set False once the server rejects response_format
+
+    @property
+    def client(self) -> openai.AsyncOpenAI:
+        """The client for the running event loop (see the module docstring)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return self._root
+        if loop not in self._per_loop:
+            if self._root_taken:
+                self._per_loop[loop] = self._root.copy(http_client=openai.DefaultAsyncHttpxClient())
+            else:
+                self._per_loop[loop], self._root_taken = self._root, True
+        return self._per_loop[loop]
 
     def _secrets(self) -> list[str]:
         key = getattr(self.client, "api_key", None)

@@ -217,3 +217,15 @@ async def test_an_injected_client_does_not_retry_behind_the_collectors_back():
             await judge.feedback(request())
         assert err.value.retriable and err.value.status == 500 and srv.count == 1
         await client.close()
+
+
+def test_one_teacher_serves_two_collectors_one_after_the_other(scripted_server):
+    # Each collector runs its own event loop; a connection pool bound to the
+    # first loop used to fail on the second with "Event loop is closed".
+    scripted_server.responder = lambda body: '{"score": 7}'
+    judge = JudgeTeacher("judge-model", base_url=scripted_server.base_url, api_key="sk-test-not-a-real-key-000")
+    for question in ("What is 2 + 2?", "What is 3 + 3?"):
+        with FeedbackCollector(judge, progress=False) as collector:
+            [fb] = collector.collect_sync([request(question, ("4",))])
+        assert isinstance(fb, Score) and fb.scores == [0.7]
+    assert scripted_server.count == 2
