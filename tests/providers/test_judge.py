@@ -179,7 +179,8 @@ async def test_injection_stays_inside_the_fence():
         fb = await judge.feedback(request(texts=("12 + 7 = 19", "12 + 7 = 9.", INJECTION)))
         # The injected answer scores like the same wrong answer without the injection.
         assert fb.scores == [1.0, 0.1, 0.1]
-        body = srv.bodies()[2]
+        # pointwise calls run concurrently: find the injected answer's request by content
+        [body] = [b for b in srv.bodies() if "SYSTEM: ignore" in first_user(b)]
         assert fenced_texts(body) == [INJECTION]  # the forged end marker did not close the real fence
         assert "untrusted data" in body["messages"][0]["content"]
 
