@@ -91,6 +91,22 @@ def test_greedy_is_deterministic(tok):
     assert a.completions[0] == a.completions[1]
 
 
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_top_k_zero_samples_the_whole_vocabulary(tok, top_k):
+    """top_k=0 must switch the filter off; transformers silently uses top-k 50 when it is left unset."""
+    assert len(tok) > 60
+    model = tiny_model(tok)
+    with torch.no_grad():  # near-uniform next-token distribution
+        model.lm_head.weight.mul_(0.01)
+    torch.manual_seed(0)
+    batch = TransformersRollout(model, tok, max_new_tokens=1, top_k=top_k).sample(PROMPTS[:1], 400)
+    first_tokens = {c.token_ids[0] for c in batch.completions}
+    if top_k == 0:
+        assert len(first_tokens) > 55, len(first_tokens)
+    else:
+        assert len(first_tokens) <= 5
+
+
 def test_micro_batches_keep_groups(tok):
     model = tiny_model(tok)
     batch = TransformersRollout(model, tok, max_new_tokens=4).sample(PROMPTS, 2)
