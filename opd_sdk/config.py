@@ -309,6 +309,8 @@ class RunConfig(_Strict):
     data: DataConfig
     objective: ObjectiveConfig
     teacher: TeacherConfig | None = None  # None: a teacher-free objective (SFT / SPIN on data answers)
+    # Several teachers at once, for a hybrid objective whose terms name a `source` (an index here).
+    teachers: list[TeacherConfig] | None = Field(None, min_length=1)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     collector: CollectorConfig = Field(default_factory=CollectorConfig)
@@ -318,6 +320,16 @@ class RunConfig(_Strict):
     seed: int = 0
     steps: int = Field(100, gt=0)
     save_every: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_teacher_field(self) -> "RunConfig":
+        if self.teacher is not None and self.teachers is not None:
+            raise ValueError("give `teacher:` (one) or `teachers:` (a list, one per hybrid source), not both")
+        return self
+
+    def teacher_list(self) -> list[Any]:
+        """The run's teachers, in source order: [] for a teacher-free run."""
+        return list(self.teachers) if self.teachers is not None else [self.teacher] if self.teacher is not None else []
 
     def cache_path(self) -> Path | None:
         if self.collector.no_cache:
@@ -394,8 +406,8 @@ def _field_path(loc: tuple) -> str:
         if expect_tag and part in _TEACHER_TAGS:
             expect_tag = False
             continue
+        expect_tag = part in ("teacher", "verifier", "judge") or (kept == ["teachers"] and isinstance(part, int))
         kept.append(str(part))
-        expect_tag = part in ("teacher", "verifier", "judge")
     return ".".join(kept)
 
 

@@ -232,8 +232,8 @@ def build_objective(cfg: ObjectiveConfig, tokenizer: Any = None, where: str = "o
 
     Objectives that take the student's tokenizer (SFT, SPIN) get `tokenizer`;
     `check_config` builds them with None, which their constructors only store.
-    `hybrid` takes params {terms: [{type, params, weight}, ...]} (one teacher
-    feeds every term).
+    `hybrid` takes params {terms: [{type, params, weight, source}, ...]}; a
+    term's `source` (default 0) indexes the run's `teachers:` list.
     """
     classes = _objective_classes()
     if cfg.type not in classes:
@@ -246,10 +246,14 @@ def build_objective(cfg: ObjectiveConfig, tokenizer: Any = None, where: str = "o
             raise ConfigError(f"{where}.params.terms: give a list of {{type, params, weight}} objectives to add up")
         built = []
         for i, term in enumerate(terms):
-            if not isinstance(term, dict) or "weight" not in term:
-                raise ConfigError(f"{where}.params.terms.{i}: write {{type: NAME, params: {{...}}, weight: W}}")
-            sub = ObjectiveConfig.model_validate({k: v for k, v in term.items() if k != "weight"})
-            built.append((build_objective(sub, tokenizer, f"{where}.params.terms.{i}"), float(term["weight"])))
+            if not isinstance(term, dict) or "weight" not in term or not isinstance(term.get("source", 0), int):
+                raise ConfigError(
+                    f"{where}.params.terms.{i}: write {{type: NAME, params: {{...}}, weight: W}} "
+                    "(and source: N, an index into teachers:, when there are several teachers)"
+                )
+            sub = ObjectiveConfig.model_validate({k: v for k, v in term.items() if k not in ("weight", "source")})
+            sub_objective = build_objective(sub, tokenizer, f"{where}.params.terms.{i}")
+            built.append((sub_objective, float(term["weight"]), int(term.get("source", 0))))
         _check_params(cls, params, f"{where}.params", positional=1)
         return cls(built, **params)
     _check_params(cls, params, f"{where}.params")
@@ -279,7 +283,8 @@ def check_config(cfg: RunConfig) -> Any:
     """Every check that needs no model; returns the built objective. Raises ConfigError."""
     objective = build_objective(cfg.objective)
     kinds = tuple(getattr(objective, "feedback_kinds", ()))
-    if cfg.teacher is None:
+    teachers = cfg.teacher_list()
+    if not teachers:
         if kinds:
             raise ConfigError(
                 f"teacher: objective {cfg.objective.type!r} reads {' or '.join(kinds)} feedback; add a "
@@ -288,21 +293,26 @@ def check_config(cfg: RunConfig) -> Any:
         if cfg.eval.metric == "teacher_score":
             raise ConfigError("eval.metric: teacher_score needs a `teacher:`; use metric: accuracy")
         return objective
-    _check_teacher(cfg.teacher, "teacher")
-    given = FEEDBACK_KIND[cfg.teacher.type]
-    for i, term in enumerate(getattr(objective, "terms", None) or []):  # hybrid: one teacher feeds every term
-        term_kinds = tuple(getattr(term[0], "feedback_kinds", ()))
-        if term_kinds and given not in term_kinds:
-            raise ConfigError(
-                f"objective.params.terms.{i}: {type(term[0]).__name__} reads {' or '.join(term_kinds)} feedback "
-                f"but teacher type {cfg.teacher.type!r} returns {given}; every hybrid term shares the one teacher"
-            )
-    if kinds and given not in kinds:
+    where = ["teacher"] if cfg.teachers is None else [f"teachers.{i}" for i in range(len(teachers))]
+    for teacher, at in zip(teachers, where):
+        _check_teacher(teacher, at)
+    sources = getattr(objective, "feedback_sources", 1)
+    if sources != len(teachers):
         raise ConfigError(
-            f"objective {cfg.objective.type!r} reads {' or '.join(kinds)} feedback but teacher type "
-            f"{cfg.teacher.type!r} returns {given}; pick a teacher that returns {kinds[0]} "
-            f"(for example type: {_teacher_for(kinds[0])}) or another objective"
+            f"objective {cfg.objective.type!r} reads {sources} feedback source(s) but {len(teachers)} teacher(s) "
+            "are given; list one teacher per source under `teachers:` (a hybrid term's `source` indexes it)"
         )
+    terms = getattr(objective, "terms", None) or [(objective, 1.0, 0)]
+    for i, (term, _, source) in enumerate(terms):
+        term_kinds = tuple(getattr(term, "feedback_kinds", ()))
+        given = FEEDBACK_KIND[teachers[source].type]
+        if term_kinds and given not in term_kinds:
+            at = f"objective.params.terms.{i}" if term is not objective else f"objective {cfg.objective.type!r}"
+            raise ConfigError(
+                f"{at}: {type(term).__name__} reads {' or '.join(term_kinds)} feedback but {where[source]} "
+                f"(type {teachers[source].type!r}) returns {given}; pick a teacher that returns {term_kinds[0]} "
+                f"(for example type: {_teacher_for(term_kinds[0])}) or another objective"
+            )
     if cfg.data.task is not None:
         from opd_sdk.tasks import get_task
 

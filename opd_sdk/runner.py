@@ -168,7 +168,8 @@ def evaluate(cfg: RunConfig, model: Any, tokenizer: Any, items: list[PromptItem]
 
     Accuracy uses the config's verifier when it has one, else a numeric
     verifier on PromptItem.answer. `collector` (the run's, so its cache and
-    event loop are reused) grades for metric teacher_score. A failed teacher
+    event loop are reused; with several teachers, the first one's) grades for
+    metric teacher_score. A failed teacher
     call is counted apart and never scored as 0.
     """
     from opd_sdk.collector import FeedbackCollector
@@ -183,7 +184,8 @@ def evaluate(cfg: RunConfig, model: Any, tokenizer: Any, items: list[PromptItem]
             raise ConfigError("eval.metric accuracy needs an answer for every held-out prompt; use metric: teacher_score")
         from opd_sdk.config import VerifierTeacherConfig
 
-        grader = build_teacher(find_verifier(cfg.teacher) or VerifierTeacherConfig(type="verifier"))
+        verifier = next((v for t in cfg.teacher_list() if (v := find_verifier(t)) is not None), None)
+        grader = build_teacher(verifier or VerifierTeacherConfig(type="verifier"))
         collector = FeedbackCollector(grader, progress=False)
     elif collector is None:
         raise ConfigError("eval.metric teacher_score needs the run's collector")
@@ -233,26 +235,26 @@ def train(cfg: RunConfig, *, resume: bool = False, log=print) -> dict:
     model, tokenizer = load_student(cfg.student)
     train_items, held = load_data(cfg.data, seed=cfg.seed)
     objective = build_objective(cfg.objective, tokenizer)
-    collector = None
-    if cfg.teacher is not None and objective.feedback_kinds:
+    collectors = []  # one per teacher, in source order
+    if objective.feedback_kinds:
         ctx = BuildContext(model=model, tokenizer=tokenizer, timeout=cfg.collector.timeout)
-        collector = build_collector(cfg, build_teacher(cfg.teacher, ctx))
+        collectors = [build_collector(cfg, build_teacher(t, ctx)) for t in cfg.teacher_list()]
+    collector = collectors[0] if len(collectors) == 1 else collectors or None
     trainer = make_trainer(cfg, model, tokenizer, objective, collector, train_items)
     log(f"opd: training {cfg.student.model} for {cfg.steps} steps on {len(train_items)} prompts -> {cfg.output_dir}")
     try:
         history = trainer.train(resume_from="latest" if resume else None)
-        result = evaluate(cfg, trainer.model, tokenizer, held, collector)
+        result = evaluate(cfg, trainer.model, tokenizer, held, collectors[0] if collectors else None)
     finally:
-        if collector is not None:
-            collector.close()
-    usage = getattr(collector, "usage", None)
+        for c in collectors:
+            c.close()
     summary = {
         "steps": trainer.step,
         "final_reward_mean": history[-1].get("reward_mean") if history else None,
         "heldout_" + result["metric"]: result["value"],
         "heldout_graded": result["graded"],
-        "teacher_requests": getattr(usage, "requests_sent", None),
-        "cache_hits": getattr(usage, "cache_hits", None),
+        "teacher_requests": sum(c.usage.requests_sent for c in collectors) if collectors else None,
+        "cache_hits": sum(c.usage.cache_hits for c in collectors) if collectors else None,
         "model_dir": str(Path(cfg.output_dir) / "final"),
     }
     log(f"opd: held-out {result['metric']} {result['value']:.3f} on {result['graded']} prompts; model in {summary['model_dir']}")
@@ -266,7 +268,7 @@ def run_eval(cfg: RunConfig, model_dir: str | None = None) -> dict:
     _, held = load_data(cfg.data, seed=cfg.seed)
     if cfg.eval.metric != "teacher_score":
         return evaluate(cfg, model, tokenizer, held)
-    teacher = build_teacher(cfg.teacher, BuildContext(model=model, tokenizer=tokenizer, timeout=cfg.collector.timeout))
+    teacher = build_teacher(cfg.teacher_list()[0], BuildContext(model=model, tokenizer=tokenizer, timeout=cfg.collector.timeout))
     collector = build_collector(cfg, teacher)
     try:
         return evaluate(cfg, model, tokenizer, held, collector)

@@ -22,6 +22,7 @@ import contextlib
 import random
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -120,6 +121,10 @@ class Trainer:
     prompts: list of PromptItem / str / dict, a JSONL path or a datasets split.
     collector: a FeedbackCollector (anything with collect_sync(requests)); may
         be None only for an objective that reads no feedback (feedback_kinds == ()).
+        A list of collectors, one per teacher, for an objective with several
+        feedback sources (`Hybrid` with a `source` per term): they are asked
+        at the same time, and each prompt's feedback is a tuple with one
+        Feedback per collector.
     group_size: samples per prompt (G); prompts_per_step: P;
     micro_batch_prompts: prompts per forward/backward (gradient accumulation), default P.
     precision: "fp32", "bf16" (autocast, on CPU or GPU) or "auto" (bf16 on GPU, fp32 on CPU).
@@ -166,6 +171,13 @@ class Trainer:
             raise ConfigError("group_size and prompts_per_step must be >= 1, max_steps >= 0")
         if collector is None and getattr(objective, "feedback_kinds", ("?",)):
             raise ConfigError(f"{type(objective).__name__} reads teacher feedback; pass a FeedbackCollector")
+        sources = getattr(objective, "feedback_sources", 1)
+        given = len(collector) if isinstance(collector, (list, tuple)) else 1
+        if collector is not None and given != sources:
+            raise ConfigError(
+                f"{type(objective).__name__} reads {sources} feedback source(s) but {given} collector(s) were given; "
+                "pass one FeedbackCollector per source, in source order"
+            )
         if precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
         set_seed(seed)
@@ -226,14 +238,38 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _collect(self, batch: RolloutBatch) -> list[Feedback]:
+    def _collect(self, batch: RolloutBatch) -> list[Any]:
+        """One Feedback per prompt; with several collectors, one tuple (a Feedback per collector) per prompt."""
         if self.collector is None:
             return []
         requests = build_requests(batch)
-        feedback = list(self.collector.collect_sync(requests))
+        if not isinstance(self.collector, (list, tuple)):
+            return self._collect_one(self.collector, requests)
+        with ThreadPoolExecutor(len(self.collector)) as pool:  # each collector runs its own event loop
+            per_source = list(pool.map(lambda c: self._collect_one(c, requests), self.collector))
+        return list(zip(*per_source))
+
+    @staticmethod
+    def _collect_one(collector: Any, requests: list[FeedbackRequest]) -> list[Feedback]:
+        feedback = list(collector.collect_sync(requests))
         if len(feedback) != len(requests):
             raise RuntimeError(f"collector returned {len(feedback)} feedback values for {len(requests)} requests")
         return feedback
+
+    def _collectors(self) -> list[Any]:
+        if self.collector is None:
+            return []
+        return list(self.collector) if isinstance(self.collector, (list, tuple)) else [self.collector]
+
+    def _usage_total(self, field: str) -> int | None:
+        values = [getattr(getattr(c, "usage", None), field, None) for c in self._collectors()]
+        return sum(values) if values and None not in values else None
+
+    def teacher_cost_usd(self) -> float:
+        """Teacher spend of this training, earlier runs of a resumed one included."""
+        return self.teacher_cost_before + sum(
+            float(getattr(getattr(c, "usage", None), "cost_usd", 0.0) or 0.0) for c in self._collectors()
+        )
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step; returns the metrics it logged."""
@@ -272,24 +308,24 @@ class Trainer:
         self.rollout.sync_weights(self.model)
         t_end = time.perf_counter()
 
-        reward_mean, reward_std = _score_stats(feedback)
-        usage = getattr(self.collector, "usage", None)
+        flat = [fb for entry in feedback for fb in (entry if isinstance(entry, tuple) else (entry,))]
+        reward_mean, reward_std = _score_stats(flat)
         sampled_tokens = batch.completion_tokens()
         row = {
             **objective_metrics,  # the objective's view first; the trainer's own numbers below win
             "reward_mean": reward_mean,
             "reward_std": reward_std,
             "loss": loss_total,
-            "feedback_failures": sum(isinstance(fb, FeedbackFailure) for fb in feedback),
+            "feedback_failures": sum(isinstance(fb, FeedbackFailure) for fb in flat),
             "grad_norm": grad_norm,
             "lr": lr,
             "completion_tokens": sampled_tokens,
             "mean_completion_len": sampled_tokens / batch.size,
             "tokens_per_s": sampled_tokens / (t_end - t_start),
             "sample_tokens_per_s": sampled_tokens / max(t_sampled - t_start, 1e-9),
-            "teacher_cost_usd": self.teacher_cost_before + float(getattr(usage, "cost_usd", 0.0) or 0.0),
-            "teacher_requests": getattr(usage, "requests_sent", None),
-            "cache_hits": getattr(usage, "cache_hits", None),
+            "teacher_cost_usd": self.teacher_cost_usd(),
+            "teacher_requests": self._usage_total("requests_sent"),
+            "cache_hits": self._usage_total("cache_hits"),
             "time_sampling_s": t_sampled - t_start,
             "time_feedback_s": t_feedback - t_sampled,
             "time_forward_backward_s": t_backward - t_feedback,
@@ -335,11 +371,10 @@ class Trainer:
             if self.output_dir is None:
                 raise ConfigError("save_checkpoint needs a path or the trainer's output_dir")
             path = checkpoint_dir(self.output_dir, self.step)
-        usage = getattr(self.collector, "usage", None)
         state = {
             "step": self.step,
             "data": self.sampler.state_dict(),
-            "teacher_cost_usd": self.teacher_cost_before + float(getattr(usage, "cost_usd", 0.0) or 0.0),
+            "teacher_cost_usd": self.teacher_cost_usd(),
         }
         return save_checkpoint(
             path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, state=state,

@@ -80,17 +80,26 @@ def test_check_accepts_a_valid_config(tmp_path, tiny_dir, capsys, no_model_load)
         ({"teacher": {"type": "verifier", "params": {"tolerance": 1}}}, [],
          "teacher.params: unknown parameter(s) tolerance for VerifierTeacher"),
         ({"teacher": {"type": "reference", "model": "m", "base_url": "http://127.0.0.1:9/v1"}}, [],
-         "objective 'reward_weighted' reads score feedback but teacher type 'reference' returns reference"),
+         "objective 'reward_weighted': RewardWeighted reads score feedback but teacher (type 'reference') returns reference"),
         ({"teacher": {"type": "judge", "model": "gpt-4o-mini", "api_key_env": "OPD_TEST_UNSET_KEY"}}, [],
          "teacher.api_key_env: the environment variable OPD_TEST_UNSET_KEY is not set"),
         ({"data": {"task": "long_division"}}, [], "unknown task 'long_division'"),
         ({"objective": {"type": "hybrid", "params": {"terms": [
             {"type": "reward_weighted", "weight": 1.0}, {"type": "token_distill", "weight": 0.1}]}}}, [],
-         "objective.params.terms.1: TokenDistill reads token_logprobs feedback but teacher type 'verifier'"),
+         "objective.params.terms.1: TokenDistill reads token_logprobs feedback but teacher (type 'verifier')"),
         ({"teacher": None}, [], "teacher: objective 'reward_weighted' reads score feedback; add a `teacher:`"),
         ({"objective": {"type": "hybrid", "params": {"terms": [{"type": "sft"}]}}}, [],
          "objective.params.terms.0: write {type: NAME, params: {...}, weight: W}"),
         ({"data": {"path": "/nonexistent/prompts.jsonl"}}, [], "data.path: /nonexistent/prompts.jsonl does not exist"),
+        ({"teachers": [{"type": "verifier"}]}, [], "give `teacher:` (one) or `teachers:`"),
+        ({"teacher": None, "teachers": [{"type": "verifier"}, {"type": "verifier"}]}, [],
+         "objective 'reward_weighted' reads 1 feedback source(s) but 2 teacher(s) are given"),
+        ({"teacher": None, "teachers": [{"type": "verifier"}, {"type": "judge", "modle": "m"}]}, [],
+         "teachers.1.modle: unknown field"),
+        ({"teacher": None, "teachers": [{"type": "verifier"}, {"type": "verifier"}],
+          "objective": {"type": "hybrid", "params": {"terms": [{"type": "reward_weighted", "weight": 1.0},
+                                                               {"type": "token_distill", "weight": 0.1, "source": 1}]}}},
+         [], "objective.params.terms.1: TokenDistill reads token_logprobs feedback but teachers.1 (type 'verifier')"),
     ],
 )
 def test_bad_configs_fail_before_the_model_loads(tmp_path, tiny_dir, capsys, no_model_load, monkeypatch,
@@ -102,6 +111,26 @@ def test_bad_configs_fail_before_the_model_loads(tmp_path, tiny_dir, capsys, no_
     rc, _, err = run_cli(capsys, *argv)
     assert rc == 2
     assert expected in err
+
+
+def test_two_teachers_feed_a_hybrid_from_yaml(tmp_path, capsys):
+    """teachers: [verifier, self_distill] with a hybrid whose token term reads source 1."""
+    from tests.test_self_distill import make_model, make_tokenizer  # a template the teacher's view check accepts
+
+    student = tmp_path / "student"
+    tok = make_tokenizer()
+    make_model(tok).save_pretrained(student)
+    tok.save_pretrained(student)
+    terms = [{"type": "reward_weighted", "weight": 1.0}, {"type": "token_distill", "weight": 0.5, "source": 1}]
+    path = write_config(tmp_path, student, teacher=None, teachers=[{"type": "verifier"}, {"type": "self_distill"}],
+                        objective={"type": "hybrid", "params": {"terms": terms}})
+    rc, out, err = run_cli(capsys, "train", str(path))
+    assert rc == 0, err
+    summary = json.loads(out[out.index("{"):])
+    assert summary["steps"] == 2 and summary["teacher_requests"] >= 2 * 2 + 2  # 2 prompts x 2 steps + the teacher
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["rewardweighted/valid_samples"] == 4 and r["tokendistill/tokens"] > 0 for r in rows), rows
+    assert all(r["feedback_failures"] == 0 for r in rows)
 
 
 def test_literal_key_in_yaml_is_refused_and_not_printed(tmp_path, tiny_dir, capsys, no_model_load):

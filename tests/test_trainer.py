@@ -176,3 +176,30 @@ def test_metrics_logger_truncates_repeated_steps(tmp_path):
         {"step": 1, "loss": 1.0, "reward_mean": None},
         {"step": 2, "loss": 20.0},
     ]
+
+
+def test_hybrid_reads_one_collector_per_source():
+    """Two teachers at once: a verifier's Score feeds RewardWeighted, a self-distill teacher's
+    TokenLogprobs feed TokenDistill; each prompt's feedback reaches its term by source."""
+    from opd_sdk.objectives import Hybrid, TokenDistill
+    from providers.self_distill import SelfDistillTeacher
+    from tests.test_self_distill import make_model, make_tokenizer  # a template the teacher's view check accepts
+
+    tok = make_tokenizer()
+    model = make_model(tok, seed=0)
+    hybrid = Hybrid([(RewardWeighted(), 1.0, 0), (TokenDistill(), 0.5, 1)], names=["pg", "distill"])
+    teacher = SelfDistillTeacher(model, tok, mode="frozen")
+    items = [PromptItem(prompt=p.prompt, answer="7", privileged="The answer is 7.") for p in SEVEN]
+    with collector() as scores, collector(teacher) as logprobs:
+        with pytest.raises(ConfigError, match="2 feedback source"):
+            Trainer(model, tok, hybrid, scores, SEVEN)
+        trainer = Trainer(model, tok, hybrid, [scores, logprobs], items, group_size=2, prompts_per_step=3,
+                          max_steps=2, lr=1e-3, max_new_tokens=4, precision="fp32")
+        history = trainer.train()
+        sent = [scores.usage.requests_sent, logprobs.usage.requests_sent]
+    assert len(history) == 2 and sent[0] == 2 * 3  # 3 prompts a step, 2 steps
+    for row in history:
+        assert row["pg/valid_samples"] == 6 and row["distill/tokens"] > 0
+        assert row["distill/teacher_tokens_missing"] == 0 and row["feedback_failures"] == 0
+        assert row["teacher_requests"] is not None
+    assert history[-1]["teacher_requests"] == sum(sent) > sent[0]  # both teachers counted

@@ -13,8 +13,9 @@ Where each term's feedback comes from. Terms are (objective, weight,
 source): `source` indexes the teacher whose feedback the term reads.
 - One source (every term has source 0, the default): `feedback` is the
   usual list, one Feedback per prompt, and every term reads it.
-- Several sources: the trainer collects from each teacher and passes, for
-  every prompt, a tuple with one Feedback per source:
+- Several sources: give the `Trainer` one collector per source (in YAML,
+  `teachers:` with `source: N` on each term); it asks them at the same
+  time and passes, for every prompt, a tuple with one Feedback per source:
   `feedback = list(zip(feedback_teacher0, feedback_teacher1))`. This keeps
   slicing by prompt (micro-batches) unchanged. `feedback_sources` says how
   many teachers the trainer must run.
