@@ -41,12 +41,18 @@ class LoraConfig(_Strict):
 
 
 class StudentConfig(_Strict):
-    """model: a Hugging Face id, a local folder, or `smollm2` (offline SmolLM2-135M-Instruct)."""
+    """model: a Hugging Face id, a local folder, or `smollm2` (offline SmolLM2-135M-Instruct).
+
+    device: "auto" (the GPU when torch sees one, else the CPU), "cpu", "cuda" or "cuda:N".
+    precision: the Trainer's; "auto" is bf16 autocast on a GPU and fp32 on the CPU.
+    dtype: the weights' storage type (float32 keeps an fp32 master copy under bf16 autocast).
+    """
 
     model: str = Field(min_length=1)
     lora: LoraConfig | None = None
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     dtype: Literal["float32", "bfloat16"] = "float32"
-    autocast_bf16: bool = False
     gradient_checkpointing: bool = False
 
 

@@ -282,6 +282,11 @@ def _check_teacher(cfg: Any, where: str) -> None:
 def check_config(cfg: RunConfig) -> Any:
     """Every check that needs no model; returns the built objective. Raises ConfigError."""
     objective = build_objective(cfg.objective)
+    if cfg.student.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"student.device: {cfg.student.device} asked for, but torch sees no GPU; use auto or cpu")
     kinds = tuple(getattr(objective, "feedback_kinds", ()))
     teachers = cfg.teacher_list()
     if not teachers:

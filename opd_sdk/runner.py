@@ -36,6 +36,7 @@ def load_student(cfg: StudentConfig, path: str | None = None) -> tuple[Any, Any]
         model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+    model.to(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(where)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -135,7 +136,7 @@ def make_trainer(cfg: RunConfig, model: Any, tokenizer: Any, objective: Any, col
         temperature=r.temperature,
         top_p=r.top_p,
         max_new_tokens=r.max_new_tokens,
-        precision="bf16" if cfg.student.autocast_bf16 else "fp32",
+        precision=cfg.student.precision,
         lora=lora,
         gradient_checkpointing=cfg.student.gradient_checkpointing,
         output_dir=cfg.output_dir,

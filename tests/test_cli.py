@@ -92,6 +92,7 @@ def test_check_accepts_a_valid_config(tmp_path, tiny_dir, capsys, no_model_load)
          "objective.params.terms.0: write {type: NAME, params: {...}, weight: W}"),
         ({"data": {"path": "/nonexistent/prompts.jsonl"}}, [], "data.path: /nonexistent/prompts.jsonl does not exist"),
         ({"teachers": [{"type": "verifier"}]}, [], "give `teacher:` (one) or `teachers:`"),
+        ({}, ["student.device=gpu"], "student.device: String should match pattern"),
         ({"teacher": None, "teachers": [{"type": "verifier"}, {"type": "verifier"}]}, [],
          "objective 'reward_weighted' reads 1 feedback source(s) but 2 teacher(s) are given"),
         ({"teacher": None, "teachers": [{"type": "verifier"}, {"type": "judge", "modle": "m"}]}, [],
