@@ -14,7 +14,7 @@ tokens (with Adam the update scale barely depends on it); TRL also computes
 the entropy over the vocabulary for logging; the two shuffle prompts with
 their own samplers.
 
-    flock /work/cpu.lock python benchmarks/train_step.py --steps 12
+    python benchmarks/train_step.py --steps 12 --seeds 0 1 2 3
 """
 
 from __future__ import annotations
@@ -156,26 +156,44 @@ def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def report(results: list[dict]) -> None:
-    print(f"\n{'trainer':32} {'mean s/step':>11} {'(steps 2+)':>10} {'peak RSS MB':>11} {'reward first3':>13} {'reward last3':>12}")
-    for r in results:
-        steady = r["step_s"][1:] or r["step_s"]
-        print(f"{r['name']:32} {mean(r['step_s']):11.2f} {mean(steady):10.2f} {r['peak_rss_mb']:11.0f} "
-              f"{mean(r['reward'][:3]):13.3f} {mean(r['reward'][-3:]):12.3f}")
-    if len(results) == 2:
-        ours, trl = (mean(r["step_s"][1:] or r["step_s"]) for r in results)
-        print(f"\nstep-time ratio ours/TRL (steps 2+): {ours / trl:.2f}   "
-              f"peak RSS ratio: {results[0]['peak_rss_mb'] / results[1]['peak_rss_mb']:.2f}")
-    print("\nreward per step:")
-    for r in results:
-        print(f"  {r['name']:32} " + " ".join(f"{x:.2f}" for x in r["reward"]))
-    print("\nmean completion length per step:")
-    for r in results:
-        print(f"  {r['name']:32} " + " ".join(f"{x:.1f}" if x is not None else "-" for x in r["completion_len"]))
-    print("\nwhere the time goes (mean seconds per step):")
-    for r in results:
-        parts = ", ".join(f"{k} {mean(v):.2f}" for k, v in r["split"].items())
-        print(f"  {r['name']:32} {parts}")
+def std(xs: list[float]) -> float:
+    m = mean(xs)
+    return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+
+
+def steady(r: dict) -> float:
+    """Mean step time without the first step (warm-up)."""
+    return mean(r["step_s"][1:] or r["step_s"])
+
+
+def report(runs: dict[str, list[dict]]) -> None:
+    """runs: trainer name -> one result per seed."""
+    seeds = len(next(iter(runs.values())))
+    print(f"\n{seeds} seed(s); reward = mean reward of the step's own samples, before its update")
+    print(f"{'trainer':32} {'s/step (2+)':>11} {'peak RSS MB':>11} {'reward first3':>13} {'reward last3':>16}")
+    for name, rs in runs.items():
+        last3 = [mean(r["reward"][-3:]) for r in rs]
+        print(f"{name:32} {mean([steady(r) for r in rs]):11.2f} {mean([r['peak_rss_mb'] for r in rs]):11.0f} "
+              f"{mean([mean(r['reward'][:3]) for r in rs]):13.3f} {mean(last3):8.3f} +- {std(last3):.3f}")
+    if len(runs) == 2:
+        (a, ra), (b, rb) = runs.items()
+        ratio = mean([steady(r) for r in ra]) / mean([steady(r) for r in rb])
+        rss = mean([r["peak_rss_mb"] for r in ra]) / mean([r["peak_rss_mb"] for r in rb])
+        print(f"\nstep-time ratio ours/TRL (steps 2+): {ratio:.2f}   peak RSS ratio: {rss:.2f}")
+    print("\nreward per step (mean over seeds), then each seed:")
+    for name, rs in runs.items():
+        curve = [mean([r["reward"][k] for r in rs]) for k in range(min(len(r["reward"]) for r in rs))]
+        print(f"  {name:32} " + " ".join(f"{x:.2f}" for x in curve))
+        if seeds > 1:
+            for r in rs:
+                print(f"    seed {r['seed']:<25} " + " ".join(f"{x:.2f}" for x in r["reward"]))
+    print("\nmean completion length per step (first seed):")
+    for name, rs in runs.items():
+        print(f"  {name:32} " + " ".join(f"{x:.1f}" if x is not None else "-" for x in rs[0]["completion_len"]))
+    print("\nwhere the time goes (mean seconds per step, over seeds):")
+    for name, rs in runs.items():
+        parts = ", ".join(f"{k} {mean([mean(r['split'][k]) for r in rs]):.2f}" for k in rs[0]["split"])
+        print(f"  {name:32} {parts}")
 
 
 def main() -> None:
@@ -188,33 +206,36 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--beta", type=float, default=0.0, help="KL weight to a frozen reference, both trainers")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="fp32")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run of each trainer per seed")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # the worker's seed
     args = parser.parse_args()
 
     if args.worker:
         random.seed(args.seed)
         result = run_ours(args) if args.worker == "ours" else run_trl(args)
-        Path(args.json).write_text(json.dumps(result))
+        Path(args.json).write_text(json.dumps({**result, "seed": args.seed}))
         return
 
-    results = []
-    for which in (["ours", "trl"] if args.which == "both" else [args.which]):
-        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-            out = f.name
-        cmd = [sys.executable, __file__, "--worker", which, "--json", out, "--steps", str(args.steps),
-               "--prompts", str(args.prompts), "--group-size", str(args.group_size),
-               "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr), "--beta", str(args.beta),
-               "--precision", args.precision, "--seed", str(args.seed)]
-        t = time.perf_counter()
-        subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        print(f"[{which}] finished in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-        results.append(json.loads(Path(out).read_text()))
-        os.unlink(out)
-    report(results)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    runs: dict[str, list[dict]] = {}
+    for seed in args.seeds:
+        for which in (["ours", "trl"] if args.which == "both" else [args.which]):
+            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+                out = f.name
+            cmd = [sys.executable, __file__, "--worker", which, "--json", out, "--steps", str(args.steps),
+                   "--prompts", str(args.prompts), "--group-size", str(args.group_size),
+                   "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr), "--beta", str(args.beta),
+                   "--precision", args.precision, "--seed", str(seed)]
+            t = time.perf_counter()
+            subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+            print(f"[{which} seed {seed}] finished in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+            result = json.loads(Path(out).read_text())
+            os.unlink(out)
+            runs.setdefault(result["name"], []).append(result)
+            if args.json:
+                Path(args.json).write_text(json.dumps(runs, indent=1))
+    report(runs)
 
 
 if __name__ == "__main__":
