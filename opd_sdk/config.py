@@ -277,6 +277,7 @@ class RolloutConfig(_Strict):
     max_new_tokens: int = Field(128, gt=0)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1.0)
+    top_k: int = Field(0, ge=0)  # 0: off
 
 
 class CollectorConfig(_Strict):
@@ -306,6 +307,7 @@ class EvalConfig(_Strict):
     """Held-out evaluation: greedy accuracy with a verifier, else mean teacher score."""
 
     metric: Literal["accuracy", "teacher_score"] = "accuracy"
+    every: int | None = Field(None, gt=0)  # also evaluate every N training steps (logged as eval/<metric>)
     max_new_tokens: int = Field(128, gt=0)
     batch_size: int = Field(16, gt=0)
 

@@ -110,7 +110,9 @@ def build_collector(cfg: RunConfig, teacher: Any) -> Any:
     )
 
 
-def make_trainer(cfg: RunConfig, model: Any, tokenizer: Any, objective: Any, collector: Any, prompts: list) -> Any:
+def make_trainer(
+    cfg: RunConfig, model: Any, tokenizer: Any, objective: Any, collector: Any, prompts: list, eval_fn: Any = None
+) -> Any:
     from opd_sdk.trainer import Trainer
 
     o, r = cfg.optimizer, cfg.rollout
@@ -135,12 +137,15 @@ def make_trainer(cfg: RunConfig, model: Any, tokenizer: Any, objective: Any, col
         max_grad_norm=o.max_grad_norm,
         temperature=r.temperature,
         top_p=r.top_p,
+        top_k=r.top_k,
         max_new_tokens=r.max_new_tokens,
         precision=cfg.student.precision,
         lora=lora,
         gradient_checkpointing=cfg.student.gradient_checkpointing,
         output_dir=cfg.output_dir,
         save_every=cfg.save_every or 0,
+        eval_fn=eval_fn if cfg.eval.every else None,
+        eval_every=cfg.eval.every or 0,
         seed=cfg.seed,
         tensorboard=cfg.logging.tensorboard,
         wandb_project=cfg.logging.wandb_project,
@@ -240,8 +245,11 @@ def train(cfg: RunConfig, *, resume: bool = False, log=print) -> dict:
     if objective.feedback_kinds:
         ctx = BuildContext(model=model, tokenizer=tokenizer, timeout=cfg.collector.timeout)
         collectors = [build_collector(cfg, build_teacher(t, ctx)) for t in cfg.teacher_list()]
-    collector = collectors[0] if len(collectors) == 1 else collectors or None
-    trainer = make_trainer(cfg, model, tokenizer, objective, collector, train_items)
+    def held_out(student: Any) -> dict:
+        result = evaluate(cfg, student, tokenizer, held, collectors[0] if collectors else None)
+        return {result["metric"]: result["value"]}
+
+    trainer = make_trainer(cfg, model, tokenizer, objective, collectors or None, train_items, held_out)
     log(f"opd: training {cfg.student.model} for {cfg.steps} steps on {len(train_items)} prompts -> {cfg.output_dir}")
     try:
         history = trainer.train(resume_from="latest" if resume else None)

@@ -20,11 +20,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = [PromptItem(prompt=f"Say seven {d}", answer="7") for d in range(6)]  # 6 prompts, 4 a step: epochs wrap
 
 
+def early_letter(text: str, answer: str) -> bool:
+    """A reward a random tiny model earns about half the time, so every step has a gradient."""
+    return any(c in "abcdefghijklm" for c in text)
+
+
 class CountingVerifier(VerifierTeacher):
     """The real VerifierTeacher, counting the requests that reach it (cache hits never do)."""
 
     def __init__(self):
-        super().__init__("numeric")
+        super().__init__(check=early_letter)
         self.calls = 0
 
     async def feedback(self, request):

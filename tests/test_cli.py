@@ -154,7 +154,7 @@ def test_teacher_free_spin_on_data_answers_trains(tmp_path, tiny_dir, capsys):
 
 def test_train_then_eval_then_resume(tmp_path, tiny_dir, capsys):
     torch.manual_seed(0)
-    path = write_config(tmp_path, tiny_dir, save_every=1)
+    path = write_config(tmp_path, tiny_dir, save_every=1, eval__every=2)
     rc, out, err = run_cli(capsys, "train", str(path))
     assert rc == 0, err
     run = tmp_path / "run"
@@ -164,6 +164,7 @@ def test_train_then_eval_then_resume(tmp_path, tiny_dir, capsys):
     assert (run / "final" / "config.json").exists() and (run / "config.yaml").exists()
     summary = json.loads(out[out.index("{"):])
     assert summary["steps"] == 2 and summary["heldout_graded"] == 8
+    assert "eval/accuracy" not in rows[0] and rows[1]["eval/accuracy"] == summary["heldout_accuracy"]  # same model
 
     rc, out, err = run_cli(capsys, "eval", str(path), "--model", str(run / "final"), "--json")
     assert rc == 0, err

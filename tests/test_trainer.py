@@ -163,6 +163,25 @@ def test_bad_trainer_settings():
         Trainer(model, tok, RewardWeighted(), collector(), SEVEN, lr_schedule="step")
 
 
+def test_eval_every_logs_the_eval_fn_in_its_step_row():
+    tok = tiny_tokenizer()
+    model = tiny_model(tok)
+    seen = []
+
+    def eval_fn(m):
+        seen.append(m)
+        return {"acc": 0.5 * len(seen)}
+
+    with pytest.raises(ConfigError, match="eval_fn"):
+        Trainer(model, tok, RewardWeighted(), collector(), SEVEN, eval_every=2)
+    with collector() as coll:
+        trainer = Trainer(model, tok, RewardWeighted(), coll, SEVEN, group_size=2, prompts_per_step=2, max_steps=4,
+                          max_new_tokens=2, precision="fp32", eval_fn=eval_fn, eval_every=2)
+        history = trainer.train()
+    assert [r.get("eval/acc") for r in history] == [None, 0.5, None, 1.0]
+    assert seen == [trainer.model, trainer.model]
+
+
 def test_metrics_logger_truncates_repeated_steps(tmp_path):
     from opd_sdk.metrics import MetricsLogger
 
