@@ -6,13 +6,13 @@ optimizer (AdamW, constant LR, grad-norm clip 1.0), same KL weight (--beta),
 same precision (--precision), and the same reward function (VerifierTeacher's
 numeric check: 1 when the last number of the answer equals A*B) on the
 times-table task "What is A times B? Answer with just the number." (A, B in
-2..9). Each trainer runs in its own subprocess so its peak RSS is its own.
+2..9), and the same prompts at each step (`prompt_order`). Each trainer runs
+in its own subprocess so its peak RSS is its own.
 
 Differences that remain (each trainer's own design): TRL's RLOO loss sums
 log-probs over a sequence and averages over sequences, ours averages over
 tokens (with Adam the update scale barely depends on it); TRL also computes
-the entropy over the vocabulary for logging; the two shuffle prompts with
-their own samplers.
+the entropy over the vocabulary for logging.
 
     python benchmarks/train_step.py --steps 12 --seeds 0 1 2 3
 """
@@ -41,6 +41,20 @@ def times_table() -> list[tuple[str, str]]:
     return [(PROMPT.format(a=a, b=b), str(a * b)) for a, b in pairs]
 
 
+def prompt_order(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The prompts both trainers walk through, in this order: seeded shuffled epochs of the table.
+
+    Which 8 prompts a step draws moves its reward by more than the trainers
+    differ, so both see the same ones (each with its sampler's shuffling off).
+    """
+    rows, rng, order = times_table(), random.Random(args.seed), []
+    while len(order) < args.steps * args.prompts:
+        epoch = list(rows)
+        rng.shuffle(epoch)
+        order += epoch
+    return order[: args.steps * args.prompts]
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -59,14 +73,23 @@ def run_ours(args: argparse.Namespace) -> dict:
     path = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    prompts = [PromptItem(prompt=p, answer=a) for p, a in times_table()]
+    prompts = [PromptItem(prompt=p, answer=a) for p, a in prompt_order(args)]
+    seen = []
     with FeedbackCollector(VerifierTeacher("numeric"), progress=False) as collector:
         trainer = Trainer(
             model, tokenizer, RewardWeighted(advantage="rloo", beta=args.beta), collector, prompts,
             group_size=args.group_size, prompts_per_step=args.prompts, max_steps=args.steps, lr=args.lr,
             max_new_tokens=args.max_new_tokens, temperature=1.0, precision=args.precision, seed=args.seed,
-            max_grad_norm=1.0, progress=False,
+            max_grad_norm=1.0, progress=False, shuffle=False,
         )
+        next_batch = trainer.sampler.next_batch
+
+        def recording_next_batch():  # what each step really drew
+            batch = next_batch()
+            seen.append(sorted(p.prompt for p in batch))
+            return batch
+
+        trainer.sampler.next_batch = recording_next_batch
         history = trainer.train()
     return {
         "name": "opd-sdk RewardWeighted (RLOO)",
@@ -76,6 +99,7 @@ def run_ours(args: argparse.Namespace) -> dict:
             k: [r[f"time_{k}_s"] for r in history] for k in ("sampling", "feedback", "forward_backward", "optimizer")
         },
         "completion_len": [r["mean_completion_len"] for r in history],
+        "prompts": seen,
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -90,12 +114,14 @@ def run_trl(args: argparse.Namespace) -> dict:
     from providers.verifier import VerifierTeacher
 
     verifier = VerifierTeacher("numeric")
+    seen = []
 
-    def reward_times_table(prompts, completions, answer, **kwargs):
+    def reward_times_table(prompts, completions, answer, **kwargs):  # called once a step, on its 32 samples
+        seen.append(sorted({p[-1]["content"] for p in prompts}))
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         return [verifier.score_text(t, a)[0] for t, a in zip(texts, answer)]
 
-    rows = times_table()
+    rows = prompt_order(args)
     dataset = Dataset.from_dict(
         {"prompt": [[{"role": "user", "content": p}] for p, _ in rows], "answer": [a for _, a in rows]}
     )
@@ -109,7 +135,7 @@ def run_trl(args: argparse.Namespace) -> dict:
         lr_scheduler_type="constant", warmup_steps=0, beta=args.beta, bf16=args.precision == "bf16",
         gradient_checkpointing=False, logging_steps=1, report_to=[], save_strategy="no", seed=args.seed,
         temperature=1.0, top_p=1.0, top_k=0, max_grad_norm=1.0, use_cpu=True, dataloader_num_workers=0,
-        disable_tqdm=True,
+        disable_tqdm=True, shuffle_dataset=False,
     )
     step_s, reward, completion_len, gen_s = [], [], [], []
 
@@ -148,6 +174,7 @@ def run_trl(args: argparse.Namespace) -> dict:
         "split": {"generate_score_and_extra_forwards": gen_s,
                   "loss_backward_optimizer": [s - g for s, g in zip(step_s, gen_s)]},
         "completion_len": completion_len,
+        "prompts": seen,
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -177,6 +204,11 @@ def report(runs: dict[str, list[dict]]) -> None:
               f"{mean([mean(r['reward'][:3]) for r in rs]):13.3f} {mean(last3):8.3f} +- {std(last3):.3f}")
     if len(runs) == 2:
         (a, ra), (b, rb) = runs.items()
+        same = all(x["prompts"] == y["prompts"] for x, y in zip(ra, rb))
+        print(f"\nsame prompts at every step in both trainers: {'yes' if same else 'NO'}")
+        diff = [mean(x["reward"][-3:]) - mean(y["reward"][-3:]) for x, y in zip(ra, rb)]
+        print(f"reward last3, ours minus TRL, paired by seed: {mean(diff):+.3f} +- {std(diff):.3f} "
+              f"({' '.join(f'{d:+.2f}' for d in diff)})")
         ratio = mean([steady(r) for r in ra]) / mean([steady(r) for r in rb])
         rss = mean([r["peak_rss_mb"] for r in ra]) / mean([r["peak_rss_mb"] for r in rb])
         print(f"\nstep-time ratio ours/TRL (steps 2+): {ratio:.2f}   peak RSS ratio: {rss:.2f}")
