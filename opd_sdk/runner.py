@@ -175,8 +175,8 @@ def evaluate(cfg: RunConfig, model: Any, tokenizer: Any, items: list[PromptItem]
     Accuracy uses the config's verifier when it has one, else a numeric
     verifier on PromptItem.answer. `collector` (the run's, so its cache and
     event loop are reused; with several teachers, the first one's) grades for
-    metric teacher_score. A failed teacher
-    call is counted apart and never scored as 0.
+    metric teacher_score. A failed teacher call is counted apart and never
+    scored as 0.
     """
     from opd_sdk.collector import FeedbackCollector
     from opd_sdk.evaluate import greedy_accuracy
@@ -245,15 +245,17 @@ def train(cfg: RunConfig, *, resume: bool = False, log=print) -> dict:
     if objective.feedback_kinds:
         ctx = BuildContext(model=model, tokenizer=tokenizer, timeout=cfg.collector.timeout)
         collectors = [build_collector(cfg, build_teacher(t, ctx)) for t in cfg.teacher_list()]
+    grader = collectors[0] if collectors else None  # for eval.metric teacher_score
+
     def held_out(student: Any) -> dict:
-        result = evaluate(cfg, student, tokenizer, held, collectors[0] if collectors else None)
+        result = evaluate(cfg, student, tokenizer, held, grader)
         return {result["metric"]: result["value"]}
 
     trainer = make_trainer(cfg, model, tokenizer, objective, collectors or None, train_items, held_out)
     log(f"opd: training {cfg.student.model} for {cfg.steps} steps on {len(train_items)} prompts -> {cfg.output_dir}")
     try:
         history = trainer.train(resume_from="latest" if resume else None)
-        result = evaluate(cfg, trainer.model, tokenizer, held, collectors[0] if collectors else None)
+        result = evaluate(cfg, trainer.model, tokenizer, held, grader)
     finally:
         for c in collectors:
             c.close()
