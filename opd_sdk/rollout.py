@@ -114,9 +114,9 @@ class TransformersRollout:
         return GenerationConfig(
             do_sample=not greedy,
             temperature=None if greedy else self.temperature,
-            # 0 and 1.0, not None: transformers fills a None top_k with its default of 50
-            top_p=1.0 if greedy else self.top_p,
-            top_k=0 if greedy else max(self.top_k, 0),
+            # 0 and 1.0 when sampling, not None: transformers fills a None top_k with its default of 50
+            top_p=None if greedy else self.top_p,
+            top_k=None if greedy else max(self.top_k, 0),
             max_new_tokens=self.max_new_tokens,
             eos_token_id=self.eos_ids,
             pad_token_id=self.pad_id,
