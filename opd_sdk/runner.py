@@ -264,8 +264,8 @@ def train(cfg: RunConfig, *, resume: bool = False, log=print) -> dict:
         "final_reward_mean": history[-1].get("reward_mean") if history else None,
         "heldout_" + result["metric"]: result["value"],
         "heldout_graded": result["graded"],
-        "teacher_requests": sum(c.usage.requests_sent for c in collectors) if collectors else None,
-        "cache_hits": sum(c.usage.cache_hits for c in collectors) if collectors else None,
+        "teacher_requests": trainer.usage_total("requests_sent"),
+        "cache_hits": trainer.usage_total("cache_hits"),
         "model_dir": str(Path(cfg.output_dir) / "final"),
     }
     log(f"opd: held-out {result['metric']} {result['value']:.3f} on {result['graded']} prompts; model in {summary['model_dir']}")

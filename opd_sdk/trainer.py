@@ -266,15 +266,14 @@ class Trainer:
             raise RuntimeError(f"collector returned {len(feedback)} feedback values for {len(requests)} requests")
         return feedback
 
-    def _usage_total(self, field: str) -> int | None:
+    def usage_total(self, field: str) -> Any:
+        """A usage field (requests_sent, cache_hits, cost_usd) summed over the collectors; None without them."""
         values = [getattr(getattr(c, "usage", None), field, None) for c in self.collectors]
         return sum(values) if values and None not in values else None
 
     def teacher_cost_usd(self) -> float:
         """Teacher spend of this training, earlier runs of a resumed one included."""
-        return self.teacher_cost_before + sum(
-            float(getattr(getattr(c, "usage", None), "cost_usd", 0.0) or 0.0) for c in self.collectors
-        )
+        return self.teacher_cost_before + float(self.usage_total("cost_usd") or 0.0)
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step; returns the metrics it logged."""
@@ -329,8 +328,8 @@ class Trainer:
             "tokens_per_s": sampled_tokens / (t_end - t_start),
             "sample_tokens_per_s": sampled_tokens / max(t_sampled - t_start, 1e-9),
             "teacher_cost_usd": self.teacher_cost_usd(),
-            "teacher_requests": self._usage_total("requests_sent"),
-            "cache_hits": self._usage_total("cache_hits"),
+            "teacher_requests": self.usage_total("requests_sent"),
+            "cache_hits": self.usage_total("cache_hits"),
             "time_sampling_s": t_sampled - t_start,
             "time_feedback_s": t_feedback - t_sampled,
             "time_forward_backward_s": t_backward - t_feedback,

@@ -28,7 +28,7 @@ def fenced_texts(body: dict) -> list[str]:
 OPEN_CLIENTS: list[openai.AsyncOpenAI] = []
 
 
-def client_for(server, key: str = "sk-test-not-a-real-key-000") -> openai.AsyncOpenAI:
+def client_for(server, key: str = "fake-test-key") -> openai.AsyncOpenAI:
     """A real openai client for the scripted server (closed after the test by conftest)."""
     client = openai.AsyncOpenAI(base_url=server.base_url, api_key=key, max_retries=0)
     OPEN_CLIENTS.append(client)

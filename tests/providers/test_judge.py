@@ -194,7 +194,7 @@ async def test_api_key_never_in_id_repr_or_errors():
             await judge.feedback(request())
         assert err.value.status == 401 and not err.value.retriable and key not in str(err.value)
         assert srv.requests[0].has_auth
-    other = track(JudgeTeacher("m", base_url=srv.base_url, api_key="sk-another-key-99999"))
+    other = track(JudgeTeacher("m", base_url=srv.base_url, api_key="fake-test-key-two"))
     assert other.id == judge.id  # the key does not change the id
     assert track(JudgeTeacher("m", base_url=srv.base_url, rubric="be kind")).id != judge.id
 
@@ -224,7 +224,7 @@ def test_one_teacher_serves_two_collectors_one_after_the_other(scripted_server):
     # Each collector runs its own event loop; a connection pool bound to the
     # first loop used to fail on the second with "Event loop is closed".
     scripted_server.responder = lambda body: '{"score": 7}'
-    judge = JudgeTeacher("judge-model", base_url=scripted_server.base_url, api_key="sk-test-not-a-real-key-000")
+    judge = JudgeTeacher("judge-model", base_url=scripted_server.base_url, api_key="fake-test-key")
     for question in ("What is 2 + 2?", "What is 3 + 3?"):
         with FeedbackCollector(judge, progress=False) as collector:
             [fb] = collector.collect_sync([request(question, ("4",))])

@@ -21,13 +21,13 @@ def length_rewards(body: dict) -> dict:
 
 async def test_reward_model_openrlhf_contract():
     with ScriptedServer(handlers={"/reward": length_rewards}) as srv:
-        teacher = RewardModelTeacher(srv.base_url.replace("/v1", "/reward"), api_key="sk-rm-secret-42424242")
+        teacher = RewardModelTeacher(srv.base_url.replace("/v1", "/reward"), api_key="fake-rm-test-key")
         fb = await teacher.feedback(request(prompt="Q:", texts=("ab", "abcd"), metadata={"answer": "19"}))
         assert fb.scores == [4.0, 6.0] and fb.details["raw"] == [4.0, 6.0] and fb.usage.calls == 1
         body = srv.bodies("/reward")[0]
         assert body == {"query": ["Q:ab", "Q:abcd"], "prompts": ["Q:", "Q:"], "labels": ["19", "19"]}
         assert srv.requests[0].has_auth
-        assert "sk-rm-secret" not in teacher.id + repr(teacher)
+        assert "fake-rm-test-key" not in teacher.id + repr(teacher)
 
 
 async def test_reward_model_custom_keys_normalize_and_custom_contract():
