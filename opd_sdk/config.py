@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from opd_sdk.errors import ConfigError
+from opd_sdk.settings import LoopSettings, OptimizerSettings, RolloutSettings
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _KEY_FIELDS = {"api_key", "apikey", "key", "token", "api_token", "secret", "authorization"}
@@ -261,23 +262,9 @@ class ObjectiveConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-class OptimizerConfig(_Strict):
-    lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["constant", "linear", "cosine"] = "constant"
-    grad_accum: int = Field(1, gt=0)
-
-
-class RolloutConfig(_Strict):
-    prompts_per_step: int = Field(8, gt=0)
-    group_size: int = Field(4, gt=0)
-    max_new_tokens: int = Field(128, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1.0)
-    top_k: int = Field(0, ge=0)  # 0: off
+# The optimizer:, rollout: sections and the loop fields are declared once, in settings.py.
+OptimizerConfig = OptimizerSettings
+RolloutConfig = RolloutSettings
 
 
 class CollectorConfig(_Strict):
@@ -312,7 +299,9 @@ class EvalConfig(_Strict):
     batch_size: int = Field(16, gt=0)
 
 
-class RunConfig(_Strict):
+class RunConfig(LoopSettings):
+    """A whole run. Loop fields (steps, seed, save_every, max_no_signal_steps, ...) come from LoopSettings."""
+
     student: StudentConfig
     data: DataConfig
     objective: ObjectiveConfig
@@ -325,9 +314,6 @@ class RunConfig(_Strict):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: str = "runs/opd"
-    seed: int = 0
-    steps: int = Field(100, gt=0)
-    save_every: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _one_teacher_field(self) -> "RunConfig":

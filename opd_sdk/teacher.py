@@ -36,3 +36,20 @@ def fingerprint(kind: str, **params: Any) -> str:
     """
     blob = json.dumps(params, sort_keys=True, default=str, separators=(",", ":"))
     return f"{kind}:{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A stable identity of a tokenizer: `tok:` + a short hash of its vocabulary, special
+    tokens and chat template. Two tokenizers with the same fingerprint encode text to the
+    same ids, so a teacher may use a request's token ids as they are."""
+    vocab = tokenizer.get_vocab()
+    blob = json.dumps(
+        {
+            "vocab": sorted(vocab.items(), key=lambda kv: kv[1]),
+            "special": {k: str(v) for k, v in sorted(getattr(tokenizer, "special_tokens_map", {}).items())},
+            "chat_template": getattr(tokenizer, "chat_template", None),
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return f"tok:{hashlib.sha256(blob.encode()).hexdigest()[:16]}"

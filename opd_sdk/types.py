@@ -42,12 +42,19 @@ class FeedbackRequest(_Frozen):
     metadata: free-form data that is part of the request's identity (a
         reference answer for a verifier, a task id). It is part of the cache
         key, so keep it deterministic.
+    prompt_token_ids: the prompt exactly as the student's tokenizer encoded
+        it for sampling (chat template applied, no padding), when known.
+    tokenizer: `tokenizer_fingerprint` of the tokenizer that made
+        `prompt_token_ids` and the completions' `token_ids`; a teacher with
+        the same fingerprint may use those ids as they are.
     """
 
     prompt: str | list[ChatMessage]
     completions: list[Completion] = Field(min_length=1)
     privileged: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    prompt_token_ids: list[int] | None = None
+    tokenizer: str | None = None
 
     def canonical_json(self) -> str:
         """Stable JSON of the request: the cache key's second half."""
