@@ -39,5 +39,11 @@ class TeacherError(OPDError):
         self.status = status
 
 
+class TrainingStopped(OPDError):
+    """Training stopped before its last step for a reason the user must act on
+    (no usable teacher feedback for several steps, a spent budget). The trainer
+    saves a checkpoint first; the message says what failed and how to resume."""
+
+
 class TokenizationMismatch(OPDError):
     """Teacher and student tokenise the same text differently."""

@@ -28,9 +28,27 @@ from opd_sdk.types import Completion
 
 @runtime_checkable
 class RolloutEngine(Protocol):
+    """exact_logprobs: True when the batch's sampler log-probs are the trainer's own
+    (same weights, same kernels: the importance ratio is 1), False for another engine."""
+
+    exact_logprobs: bool
+
     def sample(self, prompts: list[PromptItem], group_size: int) -> RolloutBatch: ...
 
     def sync_weights(self, model: torch.nn.Module) -> None: ...
+
+
+def build_rollout_engine(settings, model: torch.nn.Module, tokenizer, *, autocast_dtype=None) -> RolloutEngine:
+    """The rollout engine `settings` (a RolloutSettings) asks for."""
+    return TransformersRollout(
+        model,
+        tokenizer,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
+        max_new_tokens=settings.max_new_tokens,
+        autocast_dtype=autocast_dtype,
+    )
 
 
 def eos_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:
@@ -73,6 +91,8 @@ class TransformersRollout:
     torch.bfloat16) runs generation under autocast; the trainer passes its
     precision here.
     """
+
+    exact_logprobs = True
 
     def __init__(
         self,

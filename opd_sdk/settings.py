@@ -46,6 +46,12 @@ class RolloutSettings(_Settings):
 
     temperature / top_p / top_k: the sampler's (top_k 0: off).
     max_new_tokens: completion length cap (tokens, EOS included).
+    tis_cap: truncated importance sampling: policy-gradient terms are
+        weighted per token by min(p_trainer / p_sampler, tis_cap), detached
+        (corrects samples whose sampler log-probs differ from the trainer's:
+        another engine, or stale weights). None: on (2.0) when the engine's
+        log-probs are not the trainer's own (`RolloutEngine.exact_logprobs`
+        False), else off. 0: off.
     """
 
     prompts_per_step: int = Field(8, gt=0)
@@ -54,6 +60,7 @@ class RolloutSettings(_Settings):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1.0)
     top_k: int = Field(0, ge=0)
+    tis_cap: float | None = Field(None, ge=0)
 
 
 class LoopSettings(_Settings):
