@@ -334,16 +334,16 @@ class VLLMRollout:
             at_1 = selected_logprobs(model, seq, torch.ones_like(seq))[0, len(ids):]
         theirs = torch.tensor(out_lps, device=seq.device)
         err_t, err_1 = (theirs - at_t).abs().mean().item(), (theirs - at_1).abs().mean().item()
+        if min(err_t, err_1) > 0.05:
+            raise ConfigError(
+                f"rollout.base_url: the server's log-probs differ from the student's by {err_t:.3g} nats a token "
+                "on a probe; it must serve the student's weights (and base model, for LoRA) in float32 or the "
+                "trainer's dtype"
+            )
         if self.temperature != 1.0 and err_1 < err_t:
             raise ConfigError(
                 f"rollout.base_url: the server returns log-probs at temperature 1 (mean |delta| {err_1:.2g} vs "
                 f"{err_t:.2g} at T={self.temperature}); start it with --logprobs-mode {self.logprobs_mode}"
-            )
-        if err_t > 0.05:
-            raise ConfigError(
-                f"rollout.base_url: the server's log-probs differ from the student's by {err_t:.3g} nats a token "
-                f"on a probe; it must serve the student's weights in float32 (or the trainer's dtype)"
-                + (f" and --logprobs-mode {self.logprobs_mode}" if self.logprobs_mode != "raw_logprobs" else "")
             )
 
     def _generate_server(self, prompt_ids: list[list[int]], n: int, *, max_tokens: int | None = None):
@@ -367,7 +367,12 @@ class VLLMRollout:
             from safetensors.torch import save_file
 
             target.mkdir(parents=True, exist_ok=True)
-            weights = {k: v.contiguous().cpu() for k, v in full_state_dict(model).items()}
+            weights, seen = {}, set()
+            for k, v in full_state_dict(model).items():
+                # safetensors refuses shared storage; a tied lm_head must still be in the file
+                # (without it vLLM's layerwise reload keeps the old head: measured)
+                weights[k] = v.detach().cpu().clone() if v.data_ptr() in seen else v.contiguous().cpu()
+                seen.add(v.data_ptr())
             save_file(weights, str(target / "model.safetensors"))
             self.server.reload_weights(str(target))
         previous = self.sync_dir / f"v{self._version - 1}"

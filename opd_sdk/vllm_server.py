@@ -75,7 +75,12 @@ class VLLMServerClient:
     def _check(resp: httpx.Response, what: str, hint: str = "") -> Any:
         if resp.status_code != 200:
             raise OPDError(f"vLLM server: {what} failed with HTTP {resp.status_code}: {resp.text[:500]}{hint}")
-        return resp.json() if resp.content else None
+        if not resp.content:
+            return None
+        try:
+            return resp.json()
+        except ValueError:  # some routes answer plain text ("Success: ...")
+            return resp.text
 
     def tokenize(self, text: str) -> list[int]:
         """The server tokenizer's ids for `text`, no special tokens added."""

@@ -49,3 +49,37 @@ def optimizer_step(model, ids: list[int], lr: float = 1e-2) -> None:
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+
+
+def start_vllm_server(model_dir: str, port: int, log_path: str, *, extra_args: list[str] = (), wait_s: float = 600):
+    """A real vLLM OpenAI-compatible server (this python's vllm) on 127.0.0.1:port, with runtime LoRA
+    loading and the dev routes (/collective_rpc, /reset_prefix_cache) on. Returns (process, base_url);
+    the caller terminates the process."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="1", VLLM_SERVER_DEV_MODE="1",
+               VLLM_CPU_KVCACHE_SPACE="1")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+           "--served-model-name", "student", "--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
+           "--host", "127.0.0.1", "--port", str(port), "--logprobs-mode", "processed_logprobs",
+           "--enable-lora", "--max-lora-rank", "8", *extra_args]
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vLLM server exited ({proc.returncode}); log: {open(log_path).read()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    proc.terminate()
+    raise RuntimeError(f"vLLM server did not answer in {wait_s} s; log: {open(log_path).read()[-3000:]}")
