@@ -52,6 +52,8 @@ def run_one(args: argparse.Namespace) -> dict:
     from providers.verifier import VerifierTeacher
 
     torch.manual_seed(0)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     path = args.model or str(smollm2_dir())
     tokenizer = AutoTokenizer.from_pretrained(path)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -66,12 +68,15 @@ def run_one(args: argparse.Namespace) -> dict:
     items = prompts(args.prompts)
     batch_prompts = items[: args.prompts]
     engine.sample(batch_prompts, args.group_size)  # warm-up
+    print(f"{args.only}: up in {startup_s:.1f} s, warmed up", file=sys.stderr, flush=True)
     tokens, seconds = 0, 0.0
     for _ in range(args.repeats):
         t = time.perf_counter()
         batch = engine.sample(batch_prompts, args.group_size)
         seconds += time.perf_counter() - t
         tokens += batch.completion_tokens()
+        print(f"{args.only}: {batch.completion_tokens()} tokens in {time.perf_counter() - t:.1f} s",
+              file=sys.stderr, flush=True)
     out = {"engine": args.only, "startup_s": startup_s, "tokens": tokens, "rollout_s": seconds,
            "tokens_per_s": tokens / seconds, "torch_threads": torch.get_num_threads()}
     if args.steps:
@@ -100,6 +105,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed trainer steps per engine (0: skip)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     parser.add_argument("--engines", nargs="+", default=["transformers", "vllm"])
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="torch threads in each engine's process (0: torch's default; colocated vLLM on CPU "
+                        "sets 1 for the whole process itself)")
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="print the rows as JSON too")
     args = parser.parse_args()
@@ -118,14 +126,14 @@ def main() -> None:
             raise SystemExit(f"{engine} run failed (exit {proc.returncode})")
         rows.append(json.loads(lines[-1][len("RESULT "):]))
     base = rows[0]["tokens_per_s"]
-    print(f"\nRollout P={args.prompts} x G={args.group_size} x {args.max_new_tokens} new tokens, "
+    print(f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: rollout P={args.prompts} x G={args.group_size} x {args.max_new_tokens} new tokens, "
           f"device {args.device}, model {args.model or 'SmolLM2-135M-Instruct'}")
-    head = f"| engine | startup s | rollout tok/s | speed-up | step s | sampling s | fwd+bwd s | optim+sync s |"
+    head = f"| engine | torch threads | startup s | rollout tok/s | speed-up | step s | sampling s | fwd+bwd s | optim+sync s |"
     print(head + "\n|" + "---|" * (head.count("|") - 1))
     for r in rows:
         step = (f"{r['step_s']:.1f} | {r['step_sampling_s']:.1f} | {r['step_fwd_bwd_s']:.1f} | "
                 f"{r['step_optimizer_sync_s']:.2f}" if "step_s" in r else "- | - | - | -")
-        print(f"| {r['engine']} | {r['startup_s']:.1f} | {r['tokens_per_s']:.1f} | "
+        print(f"| {r['engine']} | {r['torch_threads']} | {r['startup_s']:.1f} | {r['tokens_per_s']:.1f} | "
               f"{r['tokens_per_s'] / base:.2f}x | {step} |")
     if args.json:
         print(json.dumps(rows))

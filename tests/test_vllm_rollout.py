@@ -120,7 +120,9 @@ T = 0.7
 def engine(tok):
     if not vllm_imports():
         pytest.skip("vllm does not import here (run in the vLLM venv)")
-    eng = VLLMRollout(student(tok), tok, temperature=T, max_new_tokens=12, max_model_len=256, seed=0)
+    settings = RolloutSettings(engine="vllm", temperature=T, max_new_tokens=12, max_model_len=256)
+    eng = build_rollout_engine(settings, student(tok), tok)  # the trainer's factory
+    assert isinstance(eng, VLLMRollout) and eng.mode == "colocate"
     yield eng
     eng.close()
 
@@ -189,3 +191,40 @@ def test_colocated_bad_settings_fail_before_the_engine_starts(tok):
         VLLMRollout(student(tok), tok, sleep_mode=True, max_model_len=256)
     with pytest.raises(ConfigError, match="rollout.weight_sync: 'lora' needs a LoRA student"):
         VLLMRollout(student(tok), tok, weight_sync="lora", max_model_len=256)
+
+
+@pytest.mark.vllm
+@requires_vllm
+def test_trainer_steps_on_vllm_and_resume_restores_the_engine_weights(engine, tok, tmp_path):
+    from opd_sdk.collector import FeedbackCollector
+    from opd_sdk.objectives import RewardWeighted
+    from opd_sdk.trainer import Trainer
+    from providers.verifier import VerifierTeacher
+
+    prompts = [PromptItem(prompt=f"What is {a}+{a}?", answer=str(2 * a)) for a in range(1, 9)]
+    ids = fixed_ids(tok)
+
+    def trainer(model, collector):
+        return Trainer(model, tok, RewardWeighted(advantage="rloo"), collector, prompts, rollout=engine,
+                       group_size=4, prompts_per_step=2, max_steps=2, lr=1e-2, temperature=T, precision="fp32",
+                       output_dir=tmp_path, save_every=1, progress=False, tensorboard=False, shuffle=False)
+
+    # A reward that varies within a group (longer answers score higher): the policy gradient is not 0.
+    teacher = VerifierTeacher(check=lambda text, answer: len(text) / 12)
+    with FeedbackCollector(teacher, progress=False) as collector:
+        model = student(tok, seed=4)
+        engine.sync_weights(model)
+        start = engine.text_logprobs(ids)
+        history = trainer(model, collector).train()
+        assert [row["completion_tokens"] > 0 for row in history] == [True, True]
+        trained = engine.text_logprobs(ids)
+        assert (trained - trainer_logprobs(model, ids)).abs().max() < 1e-3  # synced after the last step
+        assert (trained - start).abs().max() > 1e-3
+
+        fresh = student(tok, seed=4)
+        engine.sync_weights(fresh)  # the engine holds the untrained weights again
+        assert (engine.text_logprobs(ids) - start).abs().max() < 1e-4
+        resumed = trainer(fresh, collector)
+        assert resumed.resume("latest") == 2
+    # Resume loaded step 2 into the model and synced the engine: the same weights as the first run's.
+    assert (engine.text_logprobs(ids) - trained).abs().max() < 1e-4
