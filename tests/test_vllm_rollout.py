@@ -21,7 +21,7 @@ from opd_sdk.vllm_rollout import (
     full_state_dict,
     logprobs_mode_for,
 )
-from tests.loop_fixtures import one_thread, tiny_model, tiny_tokenizer  # noqa: F401 (fixture)
+from tests.loop_fixtures import tiny_tokenizer
 from tests.vllm_fixtures import fixed_ids, optimizer_step, requires_vllm, student, trainer_logprobs, vllm_imports
 
 PROMPTS = [PromptItem(prompt="What is 2+3?"), PromptItem(prompt="hi")]
@@ -109,6 +109,17 @@ def test_auto_falls_back_to_transformers_and_says_so(tok, caplog):
         engine = build_rollout_engine(RolloutSettings(engine="auto"), student(tok), tok)
     assert isinstance(engine, TransformersRollout)
     assert "rollout.engine auto -> transformers (vllm does not import here)" in caplog.text
+
+
+@pytest.mark.vllm
+@requires_vllm
+def test_auto_picks_vllm_where_it_imports_and_says_so(tok):
+    from opd_sdk.rollout import _auto_engine
+
+    assert _auto_engine(RolloutSettings(engine="auto"), student(tok)) == ("vllm", "vllm imports and is built for cpu")
+    # A filter at T != 1 has no matching vLLM log-prob kind: auto stays on transformers.
+    engine, why = _auto_engine(RolloutSettings(engine="auto", temperature=0.7, top_p=0.9), student(tok))
+    assert engine == "transformers" and "rollout.top_p" in why
 
 
 # ---- colocated vLLM, for real ------------------------------------------------------------------

@@ -5,7 +5,6 @@ and the checks that must fail before training (tokenizer mismatch)."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from opd_sdk.data import PromptItem
 from opd_sdk.errors import ConfigError
