@@ -118,6 +118,9 @@ def settings_from_kwargs(
         try:
             out.append(model.model_validate({**current.model_dump(), **update}))
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_input=False))
+            given = {ALIASES.get(k, k): k for k in kwargs}
+            problems = "; ".join(
+                f"{given.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" for e in exc.errors(include_input=False)
+            )
             raise ConfigError(f"Trainer: {problems}") from None
     return out[0], out[1], out[2]
