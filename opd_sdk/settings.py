@@ -67,7 +67,7 @@ class LoopSettings(_Settings):
     """The loop around the steps.
 
     steps: optimizer steps to run. seed: sampling, shuffling and init.
-    save_every: checkpoint every N steps (None: only at the end).
+    save_every: checkpoint every N steps (None or 0: none before the end).
     max_no_signal_steps: after this many consecutive steps in which failed
         teacher calls left no sample with a learning signal, save a
         checkpoint and stop with an error naming the failures.
@@ -78,7 +78,7 @@ class LoopSettings(_Settings):
 
     steps: int = Field(100, ge=0)
     seed: int = 0
-    save_every: int | None = Field(None, gt=0)
+    save_every: int | None = Field(None, ge=0)
     max_no_signal_steps: int = Field(3, gt=0)
     flat_group_tolerance: float = Field(1e-6, ge=0)
     shuffle: bool = True
@@ -118,9 +118,9 @@ def settings_from_kwargs(
         try:
             out.append(model.model_validate({**current.model_dump(), **update}))
         except ValidationError as exc:
-            given = {ALIASES.get(k, k): k for k in kwargs}
+            names = {ALIASES.get(k, k): k for k in kwargs}
             problems = "; ".join(
-                f"{given.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" for e in exc.errors(include_input=False)
+                f"{names.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" for e in exc.errors(include_input=False)
             )
             raise ConfigError(f"Trainer: {problems}") from None
     return out[0], out[1], out[2]

@@ -21,7 +21,10 @@ choices made explicit:
   `"reward"` subtracts beta * sum_t kl_t (detached) from each reward before
   the advantages (PPO-RLHF / RLOO's choice, usually with k1). Note that k1
   placed in the loss has zero expected gradient on-policy; use it in the
-  reward.
+  reward. With the penalty in the reward, advantages are computed per
+  micro-batch (the KL needs its forward pass): exact for the group-relative
+  RLOO and GRPO, while REINFORCE's batch-mean baseline becomes the
+  micro-batch's mean when the trainer accumulates gradients.
 - A flat group (every valid reward within the trainer's tolerance) has
   advantage exactly 0 and no row of it is run (beta = 0); a batch with no
   non-flat valid group has no signal, and the trainer takes no step.
