@@ -52,6 +52,10 @@ class RolloutSettings(_Settings):
         another engine, or stale weights). None: on (2.0) when the engine's
         log-probs are not the trainer's own (`RolloutEngine.exact_logprobs`
         False), else off. 0: off.
+    max_staleness: 0 (default): sample, collect, update in turn. k >= 1:
+        keep the rollouts and feedback of the next k steps in flight while
+        the current step updates (opd_sdk.pipeline); truncated importance
+        sampling is then on (tis_cap 2.0 unless set).
     """
 
     prompts_per_step: int = Field(8, gt=0)
@@ -61,6 +65,7 @@ class RolloutSettings(_Settings):
     top_p: float = Field(1.0, gt=0, le=1.0)
     top_k: int = Field(0, ge=0)
     tis_cap: float | None = Field(None, ge=0)
+    max_staleness: int = Field(0, ge=0)
 
 
 class LoopSettings(_Settings):

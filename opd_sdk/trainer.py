@@ -32,11 +32,13 @@ import torch
 from tqdm.auto import tqdm
 
 from opd_sdk.batch import RolloutBatch
+from opd_sdk.collector import FeedbackCollector
 from opd_sdk.checkpoint import checkpoint_dir, is_peft, latest_checkpoint, load_checkpoint, save_checkpoint
 from opd_sdk.data import PromptItem, PromptSampler, load_prompts
 from opd_sdk.errors import ConfigError, TrainingStopped
 from opd_sdk.metrics import MetricsLogger
 from opd_sdk.objectives.base import Composite, Objective, batch_loss
+from opd_sdk.pipeline import Pipeline
 from opd_sdk.rollout import RolloutEngine, build_rollout_engine
 from opd_sdk.settings import LoopSettings, OptimizerSettings, RolloutSettings, settings_from_kwargs
 from opd_sdk.teacher import tokenizer_fingerprint
@@ -224,8 +226,18 @@ class Trainer:
         self.max_grad_norm = opt.max_grad_norm
         self.flat_tolerance = loop.flat_group_tolerance
         self.max_no_signal_steps = loop.max_no_signal_steps
-        exact = getattr(self.rollout, "exact_logprobs", True)
+        exact = getattr(self.rollout, "exact_logprobs", True) and samp.max_staleness == 0
         self.tis_cap = (None if exact else DEFAULT_TIS_CAP) if samp.tis_cap is None else (samp.tis_cap or None)
+        self.pipeline = None
+        if samp.max_staleness:
+            for c in collectors:
+                c.collect_sync([])  # starts each collector's event loop here, before worker threads share it
+            self.pipeline = Pipeline(
+                samp.max_staleness,
+                sample=lambda: self.rollout.sample(self.sampler.next_batch(), self.group_size),
+                collect=self._collect,
+                overlap=bool(collectors) and all(isinstance(c, FeedbackCollector) for c in collectors),
+            )
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
@@ -299,35 +311,44 @@ class Trainer:
         step) when the budget is spent or failures left no signal for too long.
         """
         t_start = time.perf_counter()
-        prompts = self.sampler.next_batch()
-        batch = self.rollout.sample(prompts, self.group_size)
-        t_sampled = time.perf_counter()
-
-        feedback = self._collect(batch)
+        staleness = 0
+        if self.pipeline is None:
+            batch = self.rollout.sample(self.sampler.next_batch(), self.group_size)
+            t_sampled = time.perf_counter()
+            feedback = self._collect(batch)
+        else:  # sample ahead with the current weights; train on the oldest batch in flight
+            self.pipeline.top_up(self.step, self.max_steps - self.step)
+            t_sampled = time.perf_counter()
+            batch, feedback, staleness = self.pipeline.pop(self.step)
         t_feedback = time.perf_counter()
 
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        result = batch_loss(
-            self.objective, self.model, batch, feedback, micro_batch_prompts=self.micro_batch_prompts,
-            flat_tolerance=self.flat_tolerance, backward=True, tis_cap=self.tis_cap, pad_id=self.pad_id,
-            autocast=self._autocast(),
-        )
-        t_backward = time.perf_counter()
+        try:
+            self.model.train()
+            self.optimizer.zero_grad(set_to_none=True)
+            result = batch_loss(
+                self.objective, self.model, batch, feedback, micro_batch_prompts=self.micro_batch_prompts,
+                flat_tolerance=self.flat_tolerance, backward=True, tis_cap=self.tis_cap, pad_id=self.pad_id,
+                autocast=self._autocast(),
+            )
+            t_backward = time.perf_counter()
+            skipped = result.signal == 0
+            grad_norm, lr = None, self.scheduler.get_last_lr()[0]
+            if not skipped:
+                if self.max_grad_norm is not None:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+                self.optimizer.step()
+                self.scheduler.step()
+            self.step += 1
+            self.objective.after_step(self.step, self.model)
+            if not skipped:
+                self._follow_student()
+        except BaseException:
+            if self.pipeline is not None:
+                self.pipeline.drain()  # answers in flight land in the cache: a resume does not pay for them again
+            raise
 
         flat = [fb for entry in feedback for fb in (entry if isinstance(entry, tuple) else (entry,))]
         failure_kinds = collections.Counter(fb.error_type for fb in flat if isinstance(fb, FeedbackFailure))
-        grad_norm, lr = None, self.scheduler.get_last_lr()[0]
-        skipped = result.signal == 0
-        if not skipped:
-            if self.max_grad_norm is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
-            self.optimizer.step()
-            self.scheduler.step()
-        self.step += 1
-        self.objective.after_step(self.step, self.model)
-        if not skipped:
-            self._follow_student()
         self.no_signal_streak = self.no_signal_streak + 1 if skipped and failure_kinds else 0
         t_end = time.perf_counter()
 
@@ -341,6 +362,7 @@ class Trainer:
             "feedback_failures": sum(failure_kinds.values()),
             **{f"failures/{kind}": n for kind, n in sorted(failure_kinds.items())},
             "skipped_step": int(skipped),
+            "staleness": staleness,
             "grad_norm": grad_norm,
             "lr": lr,
             "completion_tokens": sampled_tokens,
@@ -368,6 +390,8 @@ class Trainer:
         kinds = ", ".join(f"{kind} x{n}" for kind, n in failure_kinds.most_common())
         where = f" in {self.output_dir}" if self.output_dir is not None else ""
         resume = f"fix the cause, then resume from the checkpoint{where} (`opd train CONFIG --resume`)"
+        if self.pipeline is not None and (failure_kinds.get("budget") or self.no_signal_streak >= self.max_no_signal_steps):
+            self.pipeline.drain()
         if failure_kinds.get("budget"):
             raise TrainingStopped(
                 f"the teacher budget is spent (teacher {teachers}, ${self.teacher_cost_usd():.4f}) at step "
@@ -420,6 +444,7 @@ class Trainer:
             "step": self.step,
             "data": self.sampler.state_dict(),
             "teacher_cost_usd": self.teacher_cost_usd(),
+            "in_flight": self.pipeline.state() if self.pipeline is not None else [],
         }
         return save_checkpoint(
             path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, state=state,
@@ -441,6 +466,8 @@ class Trainer:
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["data"])
         self.teacher_cost_before = float(state.get("teacher_cost_usd", 0.0))
+        if self.pipeline is not None:
+            self.pipeline.load_state(state.get("in_flight", []), self.device)
         self.metrics.truncate_after(self.step)
         self.rollout.sync_weights(self.model)
         return self.step
