@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import openai
 
-from opd_sdk.errors import ConfigError, TeacherError
+from opd_sdk.errors import BadResponse, ConfigError
 from opd_sdk.teacher import fingerprint
 from opd_sdk.types import CallUsage, FeedbackRequest, Score
 from providers.client import Endpoint, add_usage, usage_of
@@ -180,9 +180,8 @@ class JudgeTeacher:
                                                 f"Reply again with only the JSON object."},
                 ]
         excerpt = text[:160].replace("\n", " ")
-        raise TeacherError(
-            f"judge verdict did not parse after {self.max_reasks + 1} calls ({reason}); last reply: {excerpt!r}",
-            retriable=True,
+        raise BadResponse(
+            f"judge verdict did not parse after {self.max_reasks + 1} calls ({reason}); last reply: {excerpt!r}"
         )
 
     async def _score_one(self, request: FeedbackRequest, text: str) -> tuple[float, dict[str, Any], CallUsage]:

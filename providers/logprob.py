@@ -39,7 +39,7 @@ from typing import Any, Literal
 import openai
 
 from opd_sdk.data import PromptItem
-from opd_sdk.errors import ConfigError, TeacherError, TokenizationMismatch
+from opd_sdk.errors import ConfigError, TokenizationMismatch, Unsupported
 from opd_sdk.rollout import render_prompts
 from opd_sdk.teacher import fingerprint
 from opd_sdk.types import Completion, FeedbackRequest, TokenLogprobs
@@ -140,8 +140,8 @@ class LogprobTeacher:
         )
         choice = response.choices[0]
         if choice.logprobs is None or not choice.logprobs.token_logprobs:
-            raise TeacherError("the endpoint returned no echo logprobs; it must support echo=True with logprobs "
-                               "on /completions (vLLM, llama.cpp)", retriable=False)
+            raise Unsupported("the endpoint returned no echo logprobs; it must support echo=True with logprobs "
+                              "on /completions (vLLM, llama.cpp)")
         return response
 
     def _top_k_at(self, entry: dict | None) -> dict[int, float]:
@@ -161,8 +161,7 @@ class LogprobTeacher:
         t_logprobs = [float(lp.token_logprobs[k]) for k in keep]
         prompt_lps = _field(response.choices[0], "prompt_logprobs")
         if self.top_k and prompt_lps is None:
-            raise TeacherError("top_k needs a server that returns prompt_logprobs with token ids (vLLM)",
-                               retriable=False)
+            raise Unsupported("top_k needs a server that returns prompt_logprobs with token ids (vLLM)")
         top = [self._top_k_at(prompt_lps[k]) for k in keep] if self.top_k else None
         if spans is None:  # no student tokenizer: the teacher's own tokens, or a count check on given ids
             if ids is not None and len(ids) != len(keep):
@@ -195,7 +194,7 @@ class LogprobTeacher:
         response = await self._echo(prompt_ids + ids)
         prompt_lps = _field(response.choices[0], "prompt_logprobs")
         if prompt_lps is None or len(prompt_lps) < len(prompt_ids) + len(ids):
-            raise TeacherError("send='token_ids' needs a server that returns prompt_logprobs (vLLM)", retriable=False)
+            raise Unsupported("send='token_ids' needs a server that returns prompt_logprobs (vLLM)")
         entries = prompt_lps[len(prompt_ids): len(prompt_ids) + len(ids)]
         logprobs = [float(e[str(i)]["logprob"]) for e, i in zip(entries, ids)]
         top = [self._top_k_at(e) for e in entries] if self.top_k else None

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import openai
 
-from opd_sdk.errors import ConfigError, TeacherError
+from opd_sdk.errors import BadResponse, ClientError, ConfigError
 from opd_sdk.teacher import fingerprint
 from opd_sdk.types import CallUsage, FeedbackRequest, Preference, PreferencePair
 from providers.client import Endpoint, add_usage, usage_of
@@ -114,10 +114,9 @@ class PreferenceTeacher:
                     {"role": "user", "content": f"That reply is not a valid verdict: {reason}. "
                                                 "Reply again with only the JSON object."},
                 ]
-        raise TeacherError(
+        raise BadResponse(
             f"preference verdict did not parse after {self.max_reasks + 1} calls ({reason}); "
             f"last reply: {text[:160]!r}",
-            retriable=True,
         )
 
     async def _pair(self, request: FeedbackRequest, i: int, j: int) -> tuple[PreferencePair, dict, CallUsage]:
@@ -131,7 +130,7 @@ class PreferenceTeacher:
     async def feedback(self, request: FeedbackRequest) -> Preference:
         n = len(request.completions)
         if n < 2:
-            raise TeacherError(f"PreferenceTeacher needs at least 2 completions per request, got {n}", retriable=False)
+            raise ClientError(f"PreferenceTeacher needs at least 2 completions per request, got {n}; sample more per prompt")
         results = await asyncio.gather(*(self._pair(request, i, j) for i, j in itertools.combinations(range(n), 2)))
         return Preference(
             pairs=[r[0] for r in results],

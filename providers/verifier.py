@@ -27,7 +27,7 @@ import math
 import re
 from typing import Any, Callable
 
-from opd_sdk.errors import ConfigError, TeacherError
+from opd_sdk.errors import ClientError, ConfigError
 from opd_sdk.teacher import fingerprint
 from opd_sdk.types import FeedbackRequest, Score
 
@@ -108,9 +108,9 @@ class VerifierTeacher:
     def expected(request: FeedbackRequest) -> str:
         answer = request.metadata.get("answer", request.privileged)
         if answer is None:
-            raise TeacherError(
+            raise ClientError(
                 "VerifierTeacher needs the expected answer in request.metadata['answer'] (or request.privileged); "
-                "give your PromptItems an answer", retriable=False,
+                "give your PromptItems an answer",
             )
         return str(answer)
 
@@ -122,7 +122,7 @@ class VerifierTeacher:
         if self.mode == "numeric":
             got, want = extract_number(text), extract_number(expected)
             if want is None:
-                raise TeacherError(f"expected answer {expected!r} holds no number; use mode='exact'", retriable=False)
+                raise ClientError(f"expected answer {expected!r} holds no number; use mode='exact'")
             ok = got is not None and math.isfinite(got) and abs(got - want) <= self.atol + self.rtol * abs(want)
             return (1.0 if ok else 0.0), got
         if self.mode == "regex":
