@@ -417,3 +417,34 @@ class FeedbackCollector:
                                  for i, f in failed.items()}
         return Score(scores=[None if i in failed else p.scores[0] for i, p in enumerate(parts)],  # type: ignore[union-attr]
                      usage=usage, details=details)
+
+
+_LOCAL_IGNORES = ("max_concurrency", "rpm", "tpm", "timeout", "max_retries", "budget_usd",
+                  "price_per_1k_prompt_tokens", "price_per_1k_completion_tokens", "progress",
+                  "backoff_initial_s", "backoff_max_s", "retry_after_cap_s")
+
+
+def make_collector(teacher: Any, **collector_kwargs: Any) -> Any:
+    """The object the trainer collects feedback through, for `teacher`.
+
+    A local teacher (`opd_sdk.teacher.is_local`: verifier, self-distillation, a composite
+    of local teachers) gets an in-process `opd_sdk.local.LocalRunner` (only `cache` is
+    used; the network settings in `collector_kwargs` do not apply to it and are
+    ignored). Any other teacher gets a `FeedbackCollector(teacher, **collector_kwargs)`.
+    A teacher that is not cacheable (its answers change every step) gets no cache either
+    way. Both have `collect_sync(requests)`, `usage`, `close()` and `teacher`.
+
+    Raises TypeError for a keyword FeedbackCollector does not take.
+    """
+    from opd_sdk.local import LocalRunner
+    from opd_sdk.teacher import is_cacheable, is_local
+
+    unknown = sorted(set(collector_kwargs) - set(_LOCAL_IGNORES) - {"cache"})
+    if unknown:
+        raise TypeError(f"make_collector got unknown keyword(s) {unknown}; FeedbackCollector takes "
+                        f"{sorted(_LOCAL_IGNORES + ('cache',))}")
+    if not is_cacheable(teacher):
+        collector_kwargs["cache"] = None
+    if is_local(teacher):
+        return LocalRunner(teacher, cache=collector_kwargs.get("cache"))
+    return FeedbackCollector(teacher, **collector_kwargs)
