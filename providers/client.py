@@ -164,14 +164,14 @@ class Endpoint:
         succeeds the endpoint stops sending a schema for good (the caller's
         prompt still asks for JSON and its parser is lenient); if it fails
         too, its error is raised and the schema stays on (the 400 was about
-        something else).
+        something else; so does a 400 that says the context overflowed).
         """
         if structured != "none" and self.schema_supported:
             fmt = {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
             try:
                 return await self.chat(messages, response_format=fmt, **params)
             except TeacherError as err:
-                if structured != "auto" or err.status != 400:
+                if structured != "auto" or err.status != 400 or context_overflow(err):
                     raise
             response = await self.chat(messages, **params)
             self.schema_supported = False
@@ -205,6 +205,15 @@ async def _keep_until_loop_shutdown(client: openai.AsyncOpenAI) -> AsyncIterator
         await asyncio.Event().wait()  # never resumed: only closed
     finally:
         await client.close()
+
+
+_OVERFLOW_WORDS = ("context length", "context window", "maximum context", "too long", "too many tokens",
+                   "maximum input", "max_model_len", "exceeds the model")
+
+
+def context_overflow(err: BaseException) -> bool:
+    """Whether an error says the input did not fit the model's context (vLLM, OpenAI, llama.cpp wording)."""
+    return any(w in str(err).lower() for w in _OVERFLOW_WORDS)
 
 
 def usage_of(response: Any) -> CallUsage:

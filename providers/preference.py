@@ -26,6 +26,7 @@ from opd_sdk.errors import BadResponse, ClientError, ConfigError
 from opd_sdk.teacher import fingerprint
 from opd_sdk.types import CallUsage, FeedbackRequest, Preference, PreferencePair
 from providers.client import Endpoint, add_usage, usage_of
+from providers.judge import check_not_truncated
 from providers.untrusted import UNTRUSTED_NOTE, fence
 from providers.verdict import VerdictError, parse_choice
 
@@ -104,6 +105,7 @@ class PreferenceTeacher:
         for _ in range(self.max_reasks + 1):
             response = await self._call(history)
             usages.append(usage_of(response))
+            check_not_truncated(response, self.max_tokens, "PreferenceTeacher")
             text = response.choices[0].message.content or ""
             try:
                 return parse_choice(text, self.choices), add_usage(*usages)

@@ -23,13 +23,13 @@ RETRY_AFTER_CASES = [
     ({"Retry-After": "2"}, 2.0),  # header names are case-insensitive
     ({"retry-after": "0.5"}, 0.5),  # non-standard float seconds
     ({"retry-after": " 3 "}, 3.0),
-    ({"retry-after": "0"}, 0.0),
+    ({"retry-after": "0"}, None),  # 0 means "no server delay": the backoff applies (issue 14 s2; was 0.0)
     ({"retry-after-ms": "1500"}, 1.5),
     ({"retry-after-ms": "250", "retry-after": "9"}, 0.25),  # ms wins
     ({"retry-after-ms": "junk", "retry-after": "9"}, 9.0),  # bad ms falls back
     ({"retry-after-ms": "-5", "retry-after": "4"}, 4.0),
     ({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, 10.0),  # HTTP date, 10 s after NOW
-    ({"retry-after": "Wed, 21 Oct 2015 07:27:00 GMT"}, 0.0),  # a date in the past
+    ({"retry-after": "Wed, 21 Oct 2015 07:27:00 GMT"}, None),  # a date in the past: backoff (was 0.0)
     ({"retry-after": "Wed, 21 Oct 2015 09:27:50 GMT"}, 60.0),  # 2 h away: capped
     ({"retry-after": "3600"}, 60.0),  # capped at MAX_RETRY_AFTER_S
     ({"retry-after-ms": "inf"}, 60.0),  # "forever" is clamped to the cap
@@ -38,6 +38,20 @@ RETRY_AFTER_CASES = [
     ({"retry-after": "soon"}, None),
     ({"retry-after": ""}, None),
     ({"x-other": "5"}, None),
+    ({"retry-after": "-3"}, None),
+    ({"retry-after-ms": "0"}, None),
+    ({"retry-after-ms": "0", "retry-after": "2"}, 2.0),  # a useless ms value does not hide a real one
+    # delays proxies send (LiteLLM; OpenAI-style reset durations)
+    ({"llm_provider-retry-after": "7"}, 7.0),
+    ({"LLM_PROVIDER-Retry-After": "1.5"}, 1.5),
+    ({"x-ratelimit-reset-requests": "1s"}, 1.0),
+    ({"x-ratelimit-reset-tokens": "6m0s"}, 60.0),  # 360 s, capped
+    ({"x-ratelimit-reset-tokens": "20ms"}, 0.02),
+    ({"x-ratelimit-reset-requests": "1m30.5s"}, 60.0),
+    ({"x-ratelimit-reset-requests": "2s", "x-ratelimit-reset-tokens": "12.5s"}, 12.5),  # the longer
+    ({"x-ratelimit-reset-requests": "0s"}, None),
+    ({"x-ratelimit-reset-requests": "soon"}, None),
+    ({"retry-after": "0", "x-ratelimit-reset-requests": "3s"}, 3.0),
 ]
 
 
