@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import weakref
 from typing import Any, Literal
 
 import openai
@@ -113,6 +114,9 @@ class LogprobTeacher:
         self.top_k, self.send, self.on_mismatch = top_k, send, on_mismatch
         self.tokenizer_id = tokenizer_fingerprint(tokenizer) if tokenizer is not None else None  # once
         self._unsupported: Unsupported | None = None  # a missing server feature, found once
+        self._server_ok = False  # one echo call succeeded: the server has what we need
+        self._first_call_lock: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary())
         self.id = fingerprint(
             "logprob", **self.endpoint.id_params(), top_k=top_k, send=send, on_mismatch=on_mismatch,
             use_chat_template=use_chat_template, tokenizer=self.tokenizer_id,
@@ -158,9 +162,23 @@ class LogprobTeacher:
 
     async def _echo(self, prompt: str | list[int], *, add_special_tokens: bool = True) -> Any:
         """One echo call. A server that lacks echo / prompt log-probs raises `Unsupported` naming the
-        feature, whatever status it answered with; after that, every call fails at once, unsent."""
+        feature, whatever status it answered with; after that, every call fails at once, unsent.
+        Until one call has shown what the server can do, calls go one at a time (so a server
+        without the feature is asked once, not once per completion in flight)."""
         if self._unsupported is not None:
             raise self._unsupported
+        if self._server_ok:
+            return await self._echo_call(prompt, add_special_tokens)
+        loop = asyncio.get_running_loop()
+        lock = self._first_call_lock.setdefault(loop, asyncio.Lock())
+        async with lock:
+            if self._unsupported is not None:
+                raise self._unsupported
+            response = await self._echo_call(prompt, add_special_tokens)
+            self._server_ok = True
+            return response
+
+    async def _echo_call(self, prompt: str | list[int], add_special_tokens: bool) -> Any:
         extra: dict[str, Any] = {}
         if self.top_k or self.send == "token_ids":
             extra["prompt_logprobs"] = self.top_k
