@@ -51,7 +51,7 @@ from opd_sdk.errors import BadResponse, ConfigError, RateLimited, TeacherError, 
 from opd_sdk.ratelimit import RateLimiter, estimate_tokens
 from opd_sdk.redact import redact
 from opd_sdk.retry import retrying
-from opd_sdk.teacher import BatchTeacher, CustomCacheKey, Teacher, api_calls, is_pointwise
+from opd_sdk.teacher import BatchTeacher, Closeable, CustomCacheKey, Teacher, api_calls, is_pointwise
 from opd_sdk.types import (CallUsage, Feedback, FeedbackFailure, FeedbackRequest, Preference, Reference, Score,
                            TokenLogprobs)
 from opd_sdk.usage import Usage
@@ -206,8 +206,9 @@ class FeedbackCollector:
         """Stop the background loop (if `collect_sync` started one); close the cache if
         the collector opened it (one passed in as a FeedbackCache stays open). Idempotent.
 
-        Before the loop stops, its async generators are shut down (as `asyncio.run` does),
-        which closes the teacher's HTTP clients made on this loop, on this loop.
+        Before the loop stops, a `Closeable` teacher's `aclose()` runs on it, then the loop's
+        async generators are shut down (as `asyncio.run` does), which closes the teacher's
+        HTTP clients made on this loop (`providers.client.Endpoint`), on this loop.
         """
         if self._sync_loop is not None:
             asyncio.run_coroutine_threadsafe(self._shutdown_loop(), self._sync_loop).result(30)
@@ -221,6 +222,8 @@ class FeedbackCollector:
             self._owns_cache = False
 
     async def _shutdown_loop(self) -> None:
+        if isinstance(self.teacher, Closeable):  # its own clients, made on this loop
+            await self.teacher.aclose()
         tasks = [t for t in self._tasks if not t.done()]
         for task in tasks:
             task.cancel()

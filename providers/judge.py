@@ -122,6 +122,10 @@ class JudgeTeacher:
     def __repr__(self) -> str:
         return f"JudgeTeacher(model={self.endpoint.model!r}, base_url={self.endpoint.base_url!r}, mode={self.mode!r})"
 
+    async def aclose(self) -> None:
+        """Close the HTTP client of the running event loop (each loop's closes with it anyway)."""
+        await self.endpoint.aclose()
+
     def api_calls(self, request: FeedbackRequest) -> int:
         return len(request.completions) if self.pointwise else 1
 

@@ -125,6 +125,10 @@ class LogprobTeacher:
     def __repr__(self) -> str:
         return f"LogprobTeacher(model={self.endpoint.model!r}, base_url={self.endpoint.base_url!r}, send={self.send!r})"
 
+    async def aclose(self) -> None:
+        """Close the HTTP client of the running event loop (each loop's closes with it anyway)."""
+        await self.endpoint.aclose()
+
     def api_calls(self, request: FeedbackRequest) -> int:
         return len(request.completions)
 

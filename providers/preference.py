@@ -75,6 +75,10 @@ class PreferenceTeacher:
     def __repr__(self) -> str:
         return f"PreferenceTeacher(model={self.endpoint.model!r}, base_url={self.endpoint.base_url!r})"
 
+    async def aclose(self) -> None:
+        """Close the HTTP client of the running event loop (each loop's closes with it anyway)."""
+        await self.endpoint.aclose()
+
     def api_calls(self, request: FeedbackRequest) -> int:
         n = len(request.completions)
         return n * (n - 1)

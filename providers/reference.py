@@ -67,6 +67,10 @@ class ReferenceTeacher:
     def __repr__(self) -> str:
         return f"ReferenceTeacher(model={self.endpoint.model!r}, base_url={self.endpoint.base_url!r}, n={self.n})"
 
+    async def aclose(self) -> None:
+        """Close the HTTP client of the running event loop (each loop's closes with it anyway)."""
+        await self.endpoint.aclose()
+
     def api_calls(self, request: FeedbackRequest) -> int:
         return 1 if self.n_per_call else self.n
 

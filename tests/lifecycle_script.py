@@ -1,4 +1,4 @@
-"""Run by tests/test_lifecycle.py in a fresh interpreter (-W error, -X dev): a teacher used
+"""Run by tests/test_lifecycle.py in a fresh interpreter (-W error): a teacher used
 from asyncio.run, from two collectors in turn, and after a collector closed. Exits 0 and
 prints nothing to stderr when every HTTP client was released on its own loop."""
 
