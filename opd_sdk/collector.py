@@ -52,7 +52,7 @@ from opd_sdk.ratelimit import RateLimiter, estimate_tokens
 from opd_sdk.redact import redact
 from opd_sdk.retry import retrying
 from opd_sdk.teacher import BatchTeacher, Closeable, CustomCacheKey, Teacher, api_calls, is_pointwise
-from opd_sdk.types import (CallUsage, Feedback, FeedbackFailure, FeedbackRequest, Preference, Reference, Score,
+from opd_sdk.types import (MISSING, CallUsage, Feedback, FeedbackFailure, FeedbackRequest, Preference, Reference, Score,
                            TokenLogprobs)
 from opd_sdk.usage import Usage
 
@@ -391,7 +391,7 @@ class FeedbackCollector:
     def _merge(parts: list[Feedback]) -> Feedback:
         """Merge per-completion Scores (pointwise teacher) into one Score, in order.
 
-        A completion whose call failed gets None (a missing value, never a number) and its
+        A completion whose call failed gets NaN (`MISSING`: a missing value, never a reward) and its
         failure in `details["failed"]`; the others keep their scores. Only when every
         completion failed is the whole a FeedbackFailure.
         """
@@ -418,7 +418,7 @@ class FeedbackCollector:
         if failed:
             details["failed"] = {i: {"reason": f.reason, "error_type": f.error_type, "retriable": f.retriable}
                                  for i, f in failed.items()}
-        return Score(scores=[None if i in failed else p.scores[0] for i, p in enumerate(parts)],  # type: ignore[union-attr]
+        return Score(scores=[MISSING if i in failed else p.scores[0] for i, p in enumerate(parts)],  # type: ignore[union-attr]
                      usage=usage, details=details)
 
 

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 
+MISSING = math.nan  # a missing score or log-prob: masked by consumers, never a reward
 MISSING_LOGPROB = -9999.0  # servers send this (or less) for log(0); stored as NaN
 
 
@@ -110,10 +111,11 @@ class _FeedbackBase(_Frozen):
 class Score(_FeedbackBase):
     """One scalar per completion, aligned with `request.completions`.
 
-    A None is a completion the teacher could not score (its call failed while
-    the others' succeeded; `details["failed"]` maps its index to the reason).
-    None, NaN and +-inf are missing values: a consumer masks them, never reads
-    them as a reward.
+    A completion the teacher could not score (its call failed while the
+    others' succeeded; `details["failed"]` maps its index to the reason) has
+    NaN (`MISSING`). NaN, +-inf and None (which a custom teacher may send)
+    are missing values: a consumer masks them (`valid()`, or
+    `math.isfinite`), never reads them as a reward.
     """
 
     kind: Literal["score"] = "score"

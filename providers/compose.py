@@ -21,8 +21,8 @@ directly, so their answers are cached as part of the composite (the
 collector caches the composite's answer under the composite's id).
 
 Missing values: a child score that is None, NaN or inf is a missing value
-for that completion in every combinator (None in the result, never 0.0,
-never `fail_score`); when no completion has a score the whole is a
+for that completion in every combinator (NaN, `opd_sdk.types.MISSING`, in the
+result: never 0.0, never `fail_score`); when no completion has a score the whole is a
 failure. A composite whose children are all local is local itself
 (`feedback_local`), forwards `on_optimizer_step` to its children, and is
 cacheable only when all its children are.
@@ -36,7 +36,7 @@ from typing import Any, Sequence
 
 from opd_sdk.errors import ConfigError, error_from_failure
 from opd_sdk.teacher import Closeable, api_calls, fingerprint, is_cacheable, is_local, notify_optimizer_step
-from opd_sdk.types import Feedback, FeedbackFailure, FeedbackRequest, Preference, Score
+from opd_sdk.types import MISSING, Feedback, FeedbackFailure, FeedbackRequest, Preference, Score
 from providers.client import add_usage
 
 
@@ -62,7 +62,7 @@ def _raise_failure(result: Feedback) -> Feedback:
 
 
 def _all_missing(scores: list[float | None], what: str) -> Feedback | None:
-    if scores and all(s is None for s in scores):
+    if scores and all(_missing(s) for s in scores):
         return FeedbackFailure(reason=f"{what}: no completion got a finite score", error_type="bad_response")
     return None
 
@@ -104,7 +104,7 @@ class WeightedSum(_Composite):
     """sum_k w_k * score_k for teachers that return Scores.
 
     A completion whose score is missing (None, NaN, inf) in any part is missing
-    in the sum (None): a sum with a missing term is not the same reward. A part
+    in the sum (NaN): a sum with a missing term is not the same reward. A part
     that fails entirely makes the whole a failure.
     """
 
@@ -132,7 +132,7 @@ class WeightedSum(_Composite):
         total: list[float | None] = []
         for i in range(n):
             values = [s.scores[i] for s in scores]  # type: ignore[union-attr]
-            total.append(None if any(_missing(v) for v in values)
+            total.append(MISSING if any(_missing(v) for v in values)
                          else math.fsum(w * v for v, (_, w) in zip(values, self.parts)))  # type: ignore[misc]
         return _all_missing(total, "WeightedSum") or Score(
             scores=total, details={"parts": [s.scores for s in scores]},  # type: ignore[union-attr]
@@ -151,7 +151,7 @@ class Gate(_Composite):
     """The judge's score where the verifier passes, else fail_score.
 
     A completion the verifier could not score (None, NaN, inf) is missing
-    (None), never `fail_score`; so is one the judge could not score.
+    (NaN), never `fail_score`; so is one the judge could not score.
     """
 
     def __init__(self, verifier: Any, judge: Any, *, threshold: float = 1.0, fail_score: float = 0.0) -> None:
@@ -174,7 +174,7 @@ class Gate(_Composite):
 
     def combine(self, request: FeedbackRequest, checked: Score, passed: list[int], judged: Any) -> Feedback:
         n = len(request.completions)
-        scores: list[float | None] = [None if _missing(s) else self.fail_score for s in checked.scores]
+        scores: list[float | None] = [MISSING if _missing(s) else self.fail_score for s in checked.scores]
         usage = [checked.usage]
         judge_scores: list[float | None] = []
         if passed:
@@ -184,7 +184,7 @@ class Gate(_Composite):
             usage.append(answer.usage)
             judge_scores = list(answer.scores)
             for i, s in zip(passed, answer.scores):
-                scores[i] = None if _missing(s) else s
+                scores[i] = MISSING if _missing(s) else s
         return _all_missing(scores, "Gate") or Score(
             scores=scores, details={"verifier": checked.scores, "passed": passed, "judge": judge_scores},
             usage=add_usage(*usage))
@@ -266,7 +266,7 @@ class PreferenceScores(_Composite):
     """Scores from a preference teacher: "win_rate" or "bradley_terry".
 
     A pair whose probability is not finite makes the request a failure (a
-    missing comparison is not a tie); a score that comes out non-finite is None.
+    missing comparison is not a tie); a score that comes out non-finite is NaN.
     """
 
     def __init__(self, teacher: Any, *, method: str = "bradley_terry", l2: float = 1e-3) -> None:
@@ -302,7 +302,7 @@ class PreferenceScores(_Composite):
             sig = lambda x: 1.0 / (1.0 + math.exp(-x))  # noqa: E731
             raw = [sum(sig(theta[i] - theta[j]) for j in range(n) if j != i) / (n - 1) for i in range(n)]
             extra = {"theta": theta}
-        scores: list[float | None] = [None if _missing(s) else s for s in raw]
+        scores: list[float | None] = [MISSING if _missing(s) else s for s in raw]
         return _all_missing(scores, "PreferenceScores") or Score(
             scores=scores, details={"method": self.method, **extra}, usage=answer.usage)
 

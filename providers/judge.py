@@ -29,7 +29,7 @@ returned `Score` is normalised to [0, 1]: (n - lo) / (hi - lo).
 - Modes: "pointwise" (one call per completion; `pointwise = True` tells the
   collector to split requests so each completion is cached and retried on
   its own; a completion that fails for good, e.g. one that overflows the
-  judge's context, is None and the others keep their scores) or "listwise"
+  judge's context, is NaN (missing) and the others keep their scores) or "listwise"
   (one call sees all completions and returns `{"scores": [...]}`: fewer
   calls, and the judge can compare). Listwise shows the completions in an
   order shuffled per call (against position bias) and maps the scores back;
@@ -46,7 +46,7 @@ import openai
 
 from opd_sdk.errors import BadResponse, ClientError, ConfigError, TeacherError, Truncated
 from opd_sdk.teacher import fingerprint
-from opd_sdk.types import CallUsage, FeedbackRequest, Score
+from opd_sdk.types import MISSING, CallUsage, FeedbackRequest, Score
 from providers.client import Endpoint, add_usage, context_overflow, usage_of
 from providers.untrusted import UNTRUSTED_NOTE, fence
 from providers.verdict import VerdictError, expected_score, parse_score, parse_scores
@@ -216,7 +216,7 @@ class JudgeTeacher:
 
     async def _pointwise(self, request: FeedbackRequest) -> Score:
         """Each completion on its own. A completion that fails for good (a non-retriable error,
-        e.g. it overflows the judge's context) is None; it does not sink the others. A
+        e.g. it overflows the judge's context) is NaN (missing); it does not sink the others. A
         retriable error is raised, so the collector retries the request."""
         results = await asyncio.gather(*(self._score_one(request, c.text) for c in request.completions),
                                        return_exceptions=True)
@@ -232,7 +232,7 @@ class JudgeTeacher:
         if errors:
             details["failed"] = {i: {"reason": str(e), "error_type": e.error_type} for i, e in errors.items()}
         return Score(
-            scores=[None if i in errors else r[0] for i, r in enumerate(results)],  # type: ignore[index]
+            scores=[MISSING if i in errors else r[0] for i, r in enumerate(results)],  # type: ignore[index]
             details=details,
             usage=add_usage(*(r[2] for r in ok)),  # type: ignore[index]
         )

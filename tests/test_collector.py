@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 
@@ -214,7 +215,8 @@ async def test_pointwise_split_merge_and_partial_failure(server, tmp_path):
     collector = FeedbackCollector(judge, cache=tmp_path / "c.sqlite", **FAST)
     [merged] = await collector.collect([request])
     # one completion's failure does not sink the others: it is a missing value, theirs are scores
-    assert isinstance(merged, Score) and merged.scores == [1.0, None, 2.0]
+    assert isinstance(merged, Score) and merged.valid() == [True, False, True]
+    assert merged.scores[0::2] == [1.0, 2.0] and math.isnan(merged.scores[1])
     assert merged.details["failed"][1]["error_type"] == "client_error"
     assert server.count == 3
     server.faults = None

@@ -189,19 +189,23 @@ class Fixed:
 NAN, INF = float("nan"), float("inf")
 
 
+def shown(scores):
+    return [None if s is None or math.isnan(s) else s for s in scores]
+
+
 @pytest.mark.parametrize("bad", [NAN, INF, -INF, None])
 async def test_nan_inf_none_scores_are_missing_in_every_composite_never_zero(bad):
     req = request(texts=("a", "b", "c"))
     three = Fixed([1.0, bad, 0.5])
     summed = await WeightedSum([(three, 2.0), (Fixed([0.25, 0.25, 0.25]), 1.0)]).feedback(req)
-    assert summed.scores == [2.25, None, 1.25]
+    assert shown(summed.scores) == [2.25, None, 1.25]
     gated = await Gate(Fixed([1.0, bad, 0.0], "verifier"), Fixed([0.7, 0.7, 0.7], "judge"),
                        fail_score=0.0).feedback(req)
-    assert gated.scores == [0.7, None, 0.0]  # an unscored verdict is missing, not fail_score
+    assert shown(gated.scores) == [0.7, None, 0.0]  # an unscored verdict is missing (NaN), not fail_score
     judged = await Gate(Fixed([1.0, 1.0, 1.0], "verifier"), three).feedback(req)
-    assert judged.scores == [1.0, None, 0.5]
+    assert shown(judged.scores) == [1.0, None, 0.5]
     local = Gate(Fixed([1.0, bad, 0.0], "verifier"), Fixed([0.7, 0.7, 0.7], "judge")).feedback_local([req])
-    assert local[0].scores == [0.7, None, 0.0]
+    assert shown(local[0].scores) == [0.7, None, 0.0]
     with pytest.raises(TeacherError, match="no completion got a finite score"):
         await WeightedSum([(Fixed([bad, bad, bad]), 1.0)]).feedback(req)
 
