@@ -41,7 +41,7 @@ from opd_sdk.objectives.base import Composite, Objective, batch_loss
 from opd_sdk.pipeline import Pipeline
 from opd_sdk.rollout import RolloutEngine, build_rollout_engine
 from opd_sdk.settings import LoopSettings, OptimizerSettings, RolloutSettings, settings_from_kwargs
-from opd_sdk.teacher import tokenizer_fingerprint
+from opd_sdk.teacher import notify_optimizer_step, tokenizer_fingerprint
 from opd_sdk.types import Feedback, FeedbackFailure, FeedbackRequest, Score
 
 DEFAULT_TIS_CAP = 2.0  # truncated importance sampling cap when the engine's log-probs are not the trainer's
@@ -299,9 +299,7 @@ class Trainer:
     def _follow_student(self) -> None:
         """After an optimizer step: teachers that track the student's weights, and the rollout engine."""
         for c in self.collectors:
-            hook = getattr(c.teacher, "on_optimizer_step", None)
-            if callable(hook):
-                hook(self.step)
+            notify_optimizer_step(c.teacher, self.step)
         self.rollout.sync_weights(self.model)
 
     def train_step(self) -> dict[str, Any]:
