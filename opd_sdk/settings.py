@@ -72,7 +72,10 @@ class LoopSettings(_Settings):
     """The loop around the steps.
 
     steps: optimizer steps to run. seed: sampling, shuffling and init.
-    save_every: checkpoint every N steps (None or 0: none before the end).
+    save_every: checkpoint every N steps (None or 0: only at the end). A checkpoint
+        is also written at the end, on Ctrl-C / SIGTERM, and when training
+        stops for lack of signal or budget.
+    keep_checkpoints: how many of the newest step-N/ checkpoints to keep.
     max_no_signal_steps: after this many consecutive steps in which failed
         teacher calls left no sample with a learning signal, save a
         checkpoint and stop with an error naming the failures.
@@ -83,7 +86,8 @@ class LoopSettings(_Settings):
 
     steps: int = Field(100, ge=0)
     seed: int = 0
-    save_every: int | None = Field(None, ge=0)
+    save_every: int | None = Field(25, ge=0)
+    keep_checkpoints: int = Field(3, gt=0)
     max_no_signal_steps: int = Field(3, gt=0)
     flat_group_tolerance: float = Field(1e-6, ge=0)
     shuffle: bool = True

@@ -402,19 +402,36 @@ class Trainer:
             )
 
     def train(self, resume_from: str | Path | None = None) -> list[dict[str, Any]]:
-        """Run until max_steps; resume_from: a checkpoint folder or "latest" (in output_dir)."""
+        """Run until max_steps; resume_from: a checkpoint folder or "latest" (in output_dir).
+
+        With an output_dir, a checkpoint is written every `save_every` steps, at
+        the end, and before re-raising on Ctrl-C / SIGTERM (KeyboardInterrupt)
+        or TrainingStopped; only the newest `keep_checkpoints` are kept.
+        """
+        from opd_sdk.errors import TrainingStopped  # (imports here keep the lead's header untouched)
+
         if resume_from is not None:
             self.resume(resume_from)
-        bar = tqdm(total=self.max_steps, initial=self.step, disable=not self.progress, desc="opd train")
+        progress = _Progress(self.max_steps, self.step, bar=self.progress)
+        step_start = None  # sampler + RNG state while a step is under way
         try:
-            while self.step < self.max_steps:
-                row = self.train_step()
-                bar.update(1)
-                bar.set_postfix(reward=row["reward_mean"], loss=row["loss"], s=round(row["time_step_s"], 2))
-                if self.save_every and self.step % self.save_every == 0 and self.output_dir is not None:
-                    self.save_checkpoint()
+            with _sigterm_as_interrupt():
+                while self.step < self.max_steps:
+                    step_start = self._state_at_step_start()
+                    row = self.train_step()
+                    step_start = None
+                    progress.update(self.step, row)
+                    if self._save_every() and self.step % self._save_every() == 0:
+                        self._checkpoint()
+        except KeyboardInterrupt:
+            self._checkpoint(at_step_start=step_start)
+            raise
+        except TrainingStopped:
+            self._checkpoint()
+            raise
         finally:
-            bar.close()
+            progress.close()
+        self._checkpoint()
         if self.output_dir is not None:
             self.save_pretrained(self.output_dir / "final")
         return self.metrics.history
@@ -422,7 +439,11 @@ class Trainer:
     # ---- saving ---------------------------------------------------------------------------
 
     def save_pretrained(self, path: str | Path, *, merge_lora: bool = False) -> Path:
-        """The student (or its LoRA adapter; merged into the base with merge_lora=True) and tokenizer."""
+        """The student (or its LoRA adapter; merged into the base with merge_lora=True) and tokenizer.
+
+        A LoRA adapter's `base_model_name_or_path` is written as the base's
+        name (or folder name), never an absolute path of this machine.
+        """
         path = Path(path)
         model = self.model
         if merge_lora and is_peft(model):
@@ -431,32 +452,46 @@ class Trainer:
             model = copy.deepcopy(model).merge_and_unload()
         model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+        from opd_sdk.checkpoint import scrub_machine_paths
+
+        scrub_machine_paths(path)
         return path
 
-    def save_checkpoint(self, path: str | Path | None = None) -> Path:
+    def save_checkpoint(self, path: str | Path | None = None, *, at_step_start: dict[str, Any] | None = None) -> Path:
+        """Write step-N/ (or `path`). at_step_start: the sampler and RNG state saved before an
+        interrupted step, so the resumed run redraws that step's batch (and hits the cache)."""
         if path is None:
             if self.output_dir is None:
                 raise ConfigError("save_checkpoint needs a path or the trainer's output_dir")
             path = checkpoint_dir(self.output_dir, self.step)
         state = {
             "step": self.step,
-            "data": self.sampler.state_dict(),
+            "data": (at_step_start or {}).get("data", self.sampler.state_dict()),
             "teacher_cost_usd": self.teacher_cost_usd(),
             "in_flight": self.pipeline.state() if self.pipeline is not None else [],
         }
-        return save_checkpoint(
+        from opd_sdk.checkpoint import scrub_machine_paths
+
+        saved = save_checkpoint(
             path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, state=state,
-            objective=self.objective, tokenizer=self.tokenizer,
+            objective=self.objective, tokenizer=self.tokenizer, rng=(at_step_start or {}).get("rng"),
         )
+        scrub_machine_paths(saved)
+        return saved
 
     def resume(self, path: str | Path) -> int:
-        """Load a checkpoint (or "latest" under output_dir); returns the step it continues from."""
+        """Load a checkpoint (or "latest" under output_dir); returns the step it continues from.
+
+        Raises ConfigError when there is nothing to resume from.
+        """
         if str(path) == "latest":
             if self.output_dir is None:
                 raise ConfigError('resume_from="latest" needs output_dir')
             found = latest_checkpoint(self.output_dir)
             if found is None:
-                return self.step  # nothing saved yet: start fresh
+                raise ConfigError(
+                    f"nothing to resume: {self.output_dir} holds no step-N/ checkpoint; start without resuming"
+                )
             path = found
         state = load_checkpoint(
             path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, objective=self.objective
@@ -469,3 +504,91 @@ class Trainer:
         self.metrics.truncate_after(self.step)
         self.rollout.sync_weights(self.model)
         return self.step
+
+    # ---- checkpoints on schedule and on a stop ----------------------------------------------
+
+    def _save_every(self) -> int:
+        loop = getattr(self, "loop", None)  # the settings object, once __init__ keeps one
+        return int((loop.save_every if loop is not None else self.save_every) or 0)
+
+    def _keep_checkpoints(self) -> int:
+        loop = getattr(self, "loop", None)
+        if loop is not None:
+            return int(loop.keep_checkpoints)
+        from opd_sdk.settings import LoopSettings
+
+        return LoopSettings().keep_checkpoints
+
+    def _state_at_step_start(self) -> dict[str, Any]:
+        from opd_sdk.checkpoint import rng_state
+
+        return {"data": self.sampler.state_dict(), "rng": rng_state()}
+
+    def _checkpoint(self, at_step_start: dict[str, Any] | None = None) -> Path | None:
+        """Save step-N/ (N = completed steps) unless there is no output_dir or step-N/ is already saved; prune old ones."""
+        if self.output_dir is None or self.step == 0:
+            return None
+        path = checkpoint_dir(self.output_dir, self.step)
+        if latest_checkpoint(self.output_dir) == path:
+            return path
+        self.save_checkpoint(path, at_step_start=at_step_start)
+        from opd_sdk.checkpoint import prune_checkpoints
+
+        prune_checkpoints(self.output_dir, keep=self._keep_checkpoints())
+        return path
+
+
+class _Progress:
+    """A tqdm bar on a terminal; otherwise one plain line per step on stderr (nohup, CI, schedulers):
+    step, reward, loss, feedback failures, teacher cost, step time, ETA."""
+
+    def __init__(self, total: int, initial: int, *, bar: bool) -> None:
+        self.total, self.first = total, initial
+        self.bar = tqdm(total=total, initial=initial, desc="opd train") if bar else None
+        self.started = time.perf_counter()
+
+    def update(self, step: int, row: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(reward=row.get("reward_mean"), loss=row.get("loss"), s=round(row["time_step_s"], 2))
+            return
+        per_step = (time.perf_counter() - self.started) / max(1, step - self.first)
+        print(format_progress(step, self.total, row, eta_s=per_step * (self.total - step)), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_progress(step: int, total: int, row: dict[str, Any], *, eta_s: float) -> str:
+    """`opd: step 3/10 reward 0.500 loss 0.1234 failures 0 cost $0.0000 step 1.2s ETA 8s`"""
+
+    def num(value: Any, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    eta = f"{eta_s:.0f}s" if eta_s < 120 else f"{eta_s / 60:.0f}m" if eta_s < 7200 else f"{eta_s / 3600:.1f}h"
+    return (
+        f"opd: step {step}/{total} reward {num(row.get('reward_mean'), '.3f')} loss {num(row.get('loss'), '.4f')} "
+        f"failures {row.get('feedback_failures', 0)} cost ${row.get('teacher_cost_usd') or 0.0:.4f} "
+        f"step {row.get('time_step_s', 0.0):.1f}s ETA {eta}"
+    )
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a job scheduler's stop) raises KeyboardInterrupt in the main thread, like Ctrl-C."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
