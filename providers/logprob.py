@@ -32,8 +32,9 @@ in text mode a prompt that already starts with BOS is sent with
 request's `tokenizer` fingerprint equals this teacher's (computed once), its
 `prompt_token_ids` and completion `token_ids` are sent as they are, with no
 re-rendering. A token that ends inside a character (an emoji or CJK
-character split across byte-level tokens) is aligned at the character's
-start, as vLLM reports it. Log-probs at or below -9999 (vLLM's minus
+character split across byte-level tokens) emits no text until the token that
+completes the character, as vLLM's incremental detokenizer reports offsets
+(checked against a real vLLM server in tests/providers/test_real_vllm.py). Log-probs at or below -9999 (vLLM's minus
 infinity) become NaN, a missing value (see `TokenLogprobs`).
 
 A server that lacks a needed feature (echo log-probs; prompt_logprobs for
@@ -47,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import weakref
 from typing import Any, Literal
 
@@ -149,12 +149,15 @@ class LogprobTeacher:
         if completion.token_ids is not None:
             ids = list(completion.token_ids)
             text = tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            ends = []
+            ends, emitted = [], 0
             for t in range(len(ids)):
-                # a token that ends inside a character (emoji, CJK split across byte-level tokens)
-                # decodes to U+FFFD here; its end is where the prefix still agrees with the full text
+                # as vLLM's incremental detokenizer: a token that ends inside a character (emoji, CJK
+                # split across byte-level tokens) emits no text; its text, with whatever came before
+                # it in the same token, appears with the token that completes the character
                 prefix = tok.decode(ids[: t + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-                ends.append(len(os.path.commonprefix([prefix, text])))
+                if not prefix.endswith("\ufffd"):
+                    emitted = len(prefix)
+                ends.append(emitted)
             return text, ids, list(zip([0] + ends[:-1], ends))
         enc = tok(completion.text, add_special_tokens=False, return_offsets_mapping=True)
         return completion.text, list(enc["input_ids"]), [tuple(s) for s in enc["offset_mapping"]]

@@ -47,8 +47,19 @@ def _server_message(exc: openai.APIStatusError) -> str:
     return exc.message or ""
 
 
-def error_for_status(status: int, message: str, *, retry_after: float | None = None) -> TeacherError:
-    """The typed error for an HTTP status: 429 RateLimited, 5xx/408/409 ServerError, other 4xx ClientError."""
+def _server_code(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    inner = body.get("error", body) if isinstance(body, dict) else None
+    return str(inner.get("code") or inner.get("type") or "") if isinstance(inner, dict) else ""
+
+
+def error_for_status(status: int, message: str, *, retry_after: float | None = None,
+                     code: str = "") -> TeacherError:
+    """The typed error for an HTTP status: 429 RateLimited, 5xx/408/409 ServerError, other 4xx
+    ClientError. A 429 whose code is `insufficient_quota` (no credit left: waiting cannot help)
+    is a ClientError."""
+    if status == 429 and code == "insufficient_quota":
+        return ClientError(message + " (insufficient_quota: add credit or change the key)", status=status)
     if status == 429:
         return RateLimited(message, retry_after=retry_after, status=status)
     if status in RETRIABLE_STATUS:
@@ -57,15 +68,16 @@ def error_for_status(status: int, message: str, *, retry_after: float | None = N
 
 
 _RATE = ("rate", "quota", "429", "too_many")
-_SERVER = ("server", "overload", "unavailable", "internal", "timeout", "busy", "capacity", "5")
+_SERVER = ("server", "overload", "unavailable", "internal", "busy", "capacity")
 
 
 def error_from_body(error: Any, *, secrets: Iterable[str | None] = ()) -> TeacherError:
     """The typed error for a provider error object sent with HTTP 200 (`{"error": {...}}`).
 
     A numeric `code` (or `status`) is read as an HTTP status; a text code or type is
-    matched by words: rate/quota -> RateLimited, server/overloaded/unavailable/timeout
-    -> ServerError (both retried); anything else -> ClientError. The provider's
+    matched by words: rate/quota -> RateLimited (but `insufficient_quota` ->
+    ClientError), timeout -> TeacherTimeout, server/overloaded/unavailable ->
+    ServerError (all retried); anything else -> ClientError. The provider's
     message is kept (redacted).
     """
     if isinstance(error, dict):
@@ -78,9 +90,13 @@ def error_from_body(error: Any, *, secrets: Iterable[str | None] = ()) -> Teache
     status = int(code) if isinstance(code, int) or (isinstance(code, str) and code.isdigit()) else None
     if status is not None and 400 <= status < 600:
         return error_for_status(status, text)
+    if "insufficient_quota" in kind:
+        return ClientError(text + " (insufficient_quota: add credit or change the key)")
     if any(w in kind for w in _RATE):
         return RateLimited(text)
-    if any(w in kind for w in _SERVER[:-1]):
+    if "timeout" in kind or "timed_out" in kind:
+        return TeacherTimeout(text)
+    if any(w in kind for w in _SERVER):
         return ServerError(text)
     return ClientError(text)
 
@@ -103,7 +119,8 @@ def translate_openai_error(exc: BaseException, *, secrets: Iterable[str | None] 
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         retry_after = parse_retry_after(exc.response.headers) if exc.response is not None else None
-        return error_for_status(status, text(f"HTTP {status}: {_server_message(exc)}"), retry_after=retry_after)
+        return error_for_status(status, text(f"HTTP {status}: {_server_message(exc)}"), retry_after=retry_after,
+                                code=_server_code(exc))
     if isinstance(exc, openai.APIResponseValidationError):
         return BadResponse(text("the response did not match the API schema"), status=exc.status_code)
     if isinstance(exc, json.JSONDecodeError):

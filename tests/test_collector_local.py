@@ -128,3 +128,23 @@ def test_local_gate_and_weighted_sum_match_their_async_answers():
     assert out[0].scores == [1.0, 0.0, 3.0]  # judged by length where the verifier passes
     total = make_collector(WeightedSum([(verifier, 2.0), (Counting(), 0.5)])).collect_sync([req("7", "7", "8")])
     assert total[0].scores == [2.5, 0.5]
+
+
+def test_providers_declare_the_capabilities_the_collector_and_trainer_read():
+    """Each provider satisfies exactly the optional protocols it is used through (isinstance, no getattr)."""
+    from opd_sdk.teacher import (BatchTeacher, Closeable, CountsCalls, LocalTeacher, Pointwise, Teacher,
+                                 is_cacheable)
+    from providers import JudgeTeacher, LogprobTeacher, PreferenceTeacher, ReferenceTeacher, RewardModelTeacher
+
+    url = "http://127.0.0.1:9/v1"
+    judge = JudgeTeacher("m", base_url=url)
+    remote = [judge, PreferenceTeacher("m", base_url=url), ReferenceTeacher("m", base_url=url),
+              LogprobTeacher("m", base_url=url), RewardModelTeacher("http://127.0.0.1:9/r")]
+    for teacher in remote:
+        assert isinstance(teacher, Teacher) and not is_local(teacher) and is_cacheable(teacher), teacher
+    assert all(isinstance(t, Closeable) for t in remote[:4])  # their Endpoint's client
+    assert isinstance(judge, Pointwise) and isinstance(judge, CountsCalls)
+    verifier = VerifierTeacher()
+    assert isinstance(verifier, LocalTeacher) and is_local(verifier) and not isinstance(verifier, BatchTeacher)
+    assert not isinstance(verifier, FollowsStudent)
+    assert not is_local(JudgeTeacher("m", base_url=url, mode="listwise"))

@@ -142,10 +142,29 @@ def test_translate_redacts_a_key_the_server_echoes():
     ({"message": "Invalid model", "code": "invalid_request_error"}, "client_error", False, None),
     ({"message": "auth", "code": 401}, "client_error", False, 401),
     ("plain text error", "client_error", False, None),
+    ({"message": "You exceeded your current quota", "code": "insufficient_quota"}, "client_error", False, None),
+    ({"message": "upstream timed out", "code": "timeout"}, "timeout", True, None),
 ])
+
+
 def test_error_objects_in_a_200_are_typed_by_their_code(error, kind, retriable, status):
     from providers.openai_errors import error_from_body
 
     err = error_from_body(error)
     assert (err.error_type, err.retriable, err.status) == (kind, retriable, status)
     assert "provider error in a 200 reply" in str(err)
+
+
+def test_a_429_for_insufficient_quota_is_not_retried():
+    """OpenAI answers 429 with code insufficient_quota when the account has no credit left."""
+    fault = Fault.status(429, message="You exceeded your current quota")
+    with ScriptedServer(faults=[fault]) as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="sk-test-quota-0000", max_retries=0)
+        with pytest.raises(openai.RateLimitError) as info:
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        client.close()
+    plain = translate_openai_error(info.value)
+    assert plain.error_type == "rate_limited"  # the scripted body has no code: an ordinary 429
+    info.value.body["code"] = "insufficient_quota"
+    quota = translate_openai_error(info.value)
+    assert (quota.error_type, quota.retriable, quota.status) == ("client_error", False, 429)

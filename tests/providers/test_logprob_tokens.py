@@ -134,9 +134,23 @@ class VllmLikeEcho:
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1}}
 
 
-@pytest.mark.parametrize("text", ["ok 😀 42", "答案是42", "😀😀", "é🙂x"])
-async def test_characters_split_across_byte_tokens_align_exactly(text):
-    tok = byte_level_tokenizer()
+def space_merging_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE whose only merge is space + the first byte of an emoji ("Ġð"): " 😀" is
+    ["Ġð", "Ł", "ĺ", "Ģ"], so a space and half a character share a token (as in SmolLM2)."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)} | {"Ġð": len(alphabet), "<eos>": len(alphabet) + 1}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "ð")]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
+
+
+@pytest.mark.parametrize("make, text", [
+    (byte_level_tokenizer, "ok 😀 42"), (byte_level_tokenizer, "答案是42"), (byte_level_tokenizer, "😀😀"),
+    (byte_level_tokenizer, "é🙂x"), (space_merging_tokenizer, "19 😀, ok 🙂"),
+])
+async def test_characters_split_across_byte_tokens_align_exactly(make, text):
+    tok = make()
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert any(tok.decode(ids[: t + 1]).endswith("\ufffd") for t in range(len(ids)))  # a split character
     with ScriptedServer(VllmLikeEcho(tok)) as srv:
