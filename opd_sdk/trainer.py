@@ -468,7 +468,9 @@ class Trainer:
             "step": self.step,
             "data": (at_step_start or {}).get("data", self.sampler.state_dict()),
             "teacher_cost_usd": self.teacher_cost_usd(),
-            "in_flight": self.pipeline.state() if self.pipeline is not None else [],
+            "in_flight": (at_step_start or {}).get(
+                "in_flight", self.pipeline.state() if self.pipeline is not None else []
+            ),
         }
         from opd_sdk.checkpoint import scrub_machine_paths
 
@@ -522,7 +524,8 @@ class Trainer:
     def _state_at_step_start(self) -> dict[str, Any]:
         from opd_sdk.checkpoint import rng_state
 
-        return {"data": self.sampler.state_dict(), "rng": rng_state()}
+        in_flight = self.pipeline.state() if self.pipeline is not None else []
+        return {"data": self.sampler.state_dict(), "rng": rng_state(), "in_flight": in_flight}
 
     def _checkpoint(self, at_step_start: dict[str, Any] | None = None) -> Path | None:
         """Save step-N/ (N = completed steps) unless there is no output_dir or step-N/ is already saved; prune old ones."""
