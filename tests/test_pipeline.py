@@ -220,3 +220,9 @@ def test_ctrl_c_mid_step_with_a_batch_in_flight_resumes_that_step(tmp_path):
         rows = again.train(resume_from="latest")
     assert [r["step"] for r in rows] == [3, 4, 5, 6, 7, 8]
     assert max(teacher.answered.values()) == 1 and coll.usage.cache_hits >= 2 * 2
+    (tmp_path / "full").mkdir()
+    full, coll = _piped(Flaky(), tmp_path / "full")
+    with coll:
+        full_rows = full.train()
+    for key in ("reward_mean", "loss"):  # the same batches were trained, in the same order
+        assert [r[key] for r in rows] == pytest.approx([r[key] for r in full_rows[2:]], abs=1e-6)
