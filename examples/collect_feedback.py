@@ -14,7 +14,7 @@ is also in the sqlite cache, so a crash or Ctrl-C loses nothing paid for.
 --retry-failures asks again for lines whose feedback failed (the newest
 line for an index wins).
 
-python examples/collect_feedback.py in.jsonl out.jsonl --teacher judge --base-url http://127.0.0.1:8000/v1 --model smollm2
+python examples/collect_feedback.py in.jsonl out.jsonl --teacher judge --base-url http://127.0.0.1:8000/v1 --teacher-model smollm2
 python examples/collect_feedback.py in.jsonl out.jsonl --teacher verifier
 """
 
@@ -39,14 +39,14 @@ def make_teacher(args: argparse.Namespace):
     if args.teacher == "judge":
         from providers.judge import JudgeTeacher
 
-        return JudgeTeacher(args.model, rubric=args.rubric, base_url=args.base_url, api_key=key)
+        return JudgeTeacher(args.teacher_model, rubric=args.rubric, base_url=args.base_url, api_key=key)
     if args.teacher == "preference":
         from providers.preference import PreferenceTeacher
 
-        return PreferenceTeacher(args.model, base_url=args.base_url, api_key=key)
+        return PreferenceTeacher(args.teacher_model, base_url=args.base_url, api_key=key)
     from providers.reference import ReferenceTeacher
 
-    return ReferenceTeacher(args.model, n=1, base_url=args.base_url, api_key=key)
+    return ReferenceTeacher(args.teacher_model, n=1, base_url=args.base_url, api_key=key)
 
 
 def read_requests(path: Path) -> list[FeedbackRequest]:
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("output", type=Path)
     p.add_argument("--teacher", choices=["judge", "verifier", "preference", "reference"], default="judge")
     p.add_argument("--base-url", default=None)
-    p.add_argument("--model", default="gpt-4o-mini")
+    p.add_argument("--teacher-model", default="gpt-4o-mini", help="the served teacher model name")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY")
     p.add_argument("--rubric", default="Is the answer correct, concise and helpful?")
     p.add_argument("--concurrency", type=int, default=32)

@@ -7,8 +7,8 @@ turns the scores into a policy-gradient update. Every judge call goes through
 Retry-After, and a persistent cache (rerun the same command: no call is paid
 twice).
 
-OpenAI:        export OPENAI_API_KEY=...; python examples/distil_from_judge.py --judge-model gpt-4o-mini
-Local vLLM:    python examples/distil_from_judge.py --base-url http://127.0.0.1:8000/v1 --judge-model smollm2
+OpenAI:        export OPENAI_API_KEY=...; python examples/distil_from_judge.py --teacher-model gpt-4o-mini
+Local vLLM:    python examples/distil_from_judge.py --base-url http://127.0.0.1:8000/v1 --teacher-model smollm2
 (start vLLM on CPU as README shows; a local server needs no key).
 """
 
@@ -31,7 +31,7 @@ from providers.judge import JudgeTeacher
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint (default: api.openai.com)")
-    p.add_argument("--judge-model", default="gpt-4o-mini")
+    p.add_argument("--teacher-model", default="gpt-4o-mini")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
     p.add_argument("--rubric", default="Is the final answer correct? Is it short and direct?")
     p.add_argument("--student", default="smollm2", help="HF id, local folder, or smollm2 (offline)")
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
     judge = JudgeTeacher(
-        args.judge_model,
+        args.teacher_model,
         rubric=args.rubric,
         base_url=args.base_url,
         api_key=os.environ.get(args.api_key_env),  # never from a flag or a file

@@ -8,7 +8,7 @@ Retry-After, the persistent cache, a budget, and failures reported as None
 (TRL leaves them out of the group statistics) instead of a reward of 0.0.
 
 python examples/trl_grpo_rewards.py --teacher verifier --steps 5
-python examples/trl_grpo_rewards.py --teacher judge --base-url http://127.0.0.1:8000/v1 --model smollm2
+python examples/trl_grpo_rewards.py --teacher judge --base-url http://127.0.0.1:8000/v1 --teacher-model smollm2
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", choices=["verifier", "judge"], default="verifier")
     p.add_argument("--base-url", default=None)
-    p.add_argument("--model", default="gpt-4o-mini", help="judge model name")
+    p.add_argument("--teacher-model", default="gpt-4o-mini", help="the served judge model name")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY")
     p.add_argument("--rpm", type=float, default=None)
     p.add_argument("--student", default="smollm2")
     p.add_argument("--task", default="times_table")
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=8, help="completions per step")
-    p.add_argument("--num-generations", type=int, default=4)
-    p.add_argument("--max-completion-length", type=int, default=24)
+    p.add_argument("--prompts-per-step", type=int, default=2)
+    p.add_argument("--group-size", type=int, default=4, help="completions per prompt (GRPO's num_generations)")
+    p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--out", default="runs/trl_grpo")
     args = p.parse_args(argv)
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         from providers.judge import JudgeTeacher
 
-        teacher = JudgeTeacher(args.model, base_url=args.base_url, api_key=os.environ.get(args.api_key_env))
+        teacher = JudgeTeacher(args.teacher_model, base_url=args.base_url, api_key=os.environ.get(args.api_key_env))
     reward = as_reward_func(teacher, rpm=args.rpm, cache=os.path.join(args.out, "reward_cache.sqlite"))
 
     items = get_task(args.task).items("train")
@@ -58,9 +58,9 @@ def main(argv: list[str] | None = None) -> dict:
     config = GRPOConfig(
         output_dir=args.out,
         max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size,
-        num_generations=args.num_generations,
-        max_completion_length=args.max_completion_length,
+        per_device_train_batch_size=args.prompts_per_step * args.group_size,
+        num_generations=args.group_size,
+        max_completion_length=args.max_new_tokens,
         learning_rate=args.lr,
         logging_steps=1,
         report_to="none",

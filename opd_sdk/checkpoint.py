@@ -14,7 +14,10 @@ all of it into an already-built trainer (same model architecture, same
 optimizer setup); the next sampled batch is then the one the uninterrupted
 run would have drawn.
 
-Checkpoint files are pickles of our own state: load only checkpoints you wrote.
+Weights are safetensors; optimizer, scheduler, RNG and objective states are
+plain tensors and numbers read back with `torch.load(weights_only=True)`, so
+loading a checkpoint never runs arbitrary pickled code. JSON files saved next
+to a model never hold an absolute path of this machine (`scrub_machine_paths`).
 """
 
 from __future__ import annotations
@@ -37,11 +40,13 @@ def is_peft(model: torch.nn.Module) -> bool:
 
 
 def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states as tensors, ints and tuples (loadable with weights_only=True)."""
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached))
     except ImportError:  # numpy is optional
         pass
     if torch.cuda.is_available():
@@ -55,7 +60,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -86,8 +92,12 @@ def save_checkpoint(
     state: dict[str, Any],
     objective: Any = None,
     tokenizer: Any = None,
+    rng: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint folder at `path` (atomically); `state` must be JSON-serialisable."""
+    """Write a checkpoint folder at `path` (atomically); `state` must be JSON-serialisable.
+
+    rng: the RNG state to store (default: the current one).
+    """
     final = Path(path)
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
@@ -98,7 +108,7 @@ def save_checkpoint(
         tokenizer.save_pretrained(tmp / "tokenizer")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
+    torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
     if objective is not None and hasattr(objective, "state_dict"):
         torch.save(objective.state_dict(), tmp / "objective.pt")
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
@@ -159,9 +169,51 @@ def load_checkpoint(
         raise ConfigError(f"{folder} is not a complete checkpoint (no {STATE_FILE})")
     _load_model_weights(model, folder)
     device = next(model.parameters()).device
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=False))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     if objective is not None and hasattr(objective, "load_state_dict") and (folder / "objective.pt").exists():
-        objective.load_state_dict(torch.load(folder / "objective.pt", map_location=device, weights_only=False))
-    set_rng_state(torch.load(folder / "rng.pt", weights_only=False))
+        objective.load_state_dict(torch.load(folder / "objective.pt", map_location=device, weights_only=True))
+    set_rng_state(torch.load(folder / "rng.pt", weights_only=True))
     return json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def prune_checkpoints(output_dir: str | Path, *, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete step-N/ folders (and stale .tmp ones); returns the deleted."""
+    root = Path(output_dir)
+    found = sorted(
+        (int(p.name.split("-", 1)[1]), p)
+        for p in root.glob("step-*")
+        if p.name.split("-", 1)[1].isdigit() and (p / STATE_FILE).exists()
+    )
+    doomed = [p for _, p in found[: max(0, len(found) - keep)]] + list(root.glob("step-*.tmp"))
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+_PATH_KEYS = ("base_model_name_or_path", "_name_or_path", "name_or_path")
+
+
+def scrub_machine_paths(folder: str | Path) -> None:
+    """Replace absolute paths that save_pretrained wrote (a LoRA adapter's base model, say) by
+    their last component, in every JSON and README under `folder`: a saved model names its base,
+    it does not carry this machine's directory layout. Load a LoRA folder with the base given
+    explicitly (`opd eval` takes it from the config's student.model)."""
+    root = Path(folder)
+    absolute: set[str] = set()
+    for f in root.rglob("*.json"):
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if isinstance(data, dict):
+            absolute |= {data[k] for k in _PATH_KEYS if isinstance(data.get(k), str) and Path(data[k]).is_absolute()}
+    if not absolute:
+        return
+    for f in list(root.rglob("*.json")) + list(root.rglob("README.md")):
+        text = f.read_text(encoding="utf-8")
+        new = text
+        for a in sorted(absolute, key=len, reverse=True):
+            new = new.replace(json.dumps(a)[1:-1], Path(a).name).replace(a, Path(a).name)
+        if new != text:
+            f.write_text(new, encoding="utf-8")

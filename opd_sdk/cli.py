@@ -1,6 +1,6 @@
 """`opd`: the command line.
 
-    opd train CONFIG.yaml [--set key.sub=value ...] [--resume] [--check]
+    opd train CONFIG.yaml [--set key.sub=value ...] [--resume | --overwrite] [--check]
     opd eval  CONFIG.yaml [--model DIR] [--set ...]
     opd demo  [--out DIR] [--steps N] [--seed S]
 
@@ -33,8 +33,12 @@ def _parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="run a distillation from a YAML config")
     add_config(train)
-    train.add_argument("--resume", action="store_true", help="continue from output_dir's last checkpoint")
-    train.add_argument("--check", action="store_true", help="validate the config (no model load) and exit")
+    again = train.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from output_dir's last checkpoint")
+    again.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir")
+    train.add_argument(
+        "--check", action="store_true", help="run every check that needs no model weights, print all problems, exit"
+    )
 
     ev = sub.add_parser("eval", help="held-out accuracy (verifier) or mean teacher score of a student")
     add_config(ev)
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             from opd_sdk.runner import train
 
-            summary = train(cfg, resume=args.resume, log=_say)
+            summary = train(cfg, resume=args.resume, overwrite=args.overwrite, log=_say)
             _say(json.dumps(summary, indent=2))
         elif args.command == "eval":
             from opd_sdk.config import load_config
@@ -89,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"opd: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("opd: interrupted; `opd train CONFIG --resume` continues from the last checkpoint", file=sys.stderr)
+        hint = " (a checkpoint was saved)" if args.command == "train" else ""
+        print(f"opd: interrupted{hint}; `opd train CONFIG --resume` continues from the last checkpoint", file=sys.stderr)
         return 130
     return 0
 

@@ -7,31 +7,38 @@ to fix it; values are never echoed back, so a secret pasted into the wrong
 field does not reach a terminal or a log.
 
 API keys come from the environment only: a teacher names the variable in
-`api_key_env`; a literal `api_key` in the YAML is refused.
+`api_key_env`; a literal `api_key` in the YAML is refused. Teacher sections
+are declared in `teacher_types.py`, one class per `type:`.
 """
 
 from __future__ import annotations
 
-import re
+import difflib
+import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from opd_sdk.errors import ConfigError
 from opd_sdk.settings import LoopSettings, OptimizerSettings, RolloutSettings
-
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_KEY_FIELDS = {"api_key", "apikey", "key", "token", "api_token", "secret", "authorization"}
-_KEY_MESSAGE = (
-    "API keys are never read from a config file. Remove `{field}` and set "
-    "`api_key_env: NAME` instead, then `export NAME=...` in the shell that runs opd"
+from opd_sdk.settings import _Settings as _Strict
+from opd_sdk.teacher_types import (  # the teacher sections, one declaration each (re-exported here)
+    TEACHERS,
+    GateTeacherConfig,
+    JudgeTeacherConfig,
+    LogprobTeacherConfig,
+    PreferenceTeacherConfig,
+    PreferenceToScoreConfig,
+    ReferenceTeacherConfig,
+    RewardModelTeacherConfig,
+    SelfDistillTeacherConfig,
+    TeacherConfig,
+    VerifierTeacherConfig,
+    WeightedSumTeacherConfig,
+    WeightedTeacher,
 )
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class LoraConfig(_Strict):
@@ -83,176 +90,6 @@ class DataConfig(_Strict):
                 f"`task: NAME` (a built-in task); got {given or 'none'}"
             )
         return self
-
-
-class _KeyFromEnv(_Strict):
-    """A teacher that may need a key: it names the environment variable, never the key."""
-
-    api_key_env: str | None = "OPENAI_API_KEY"
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_literal_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for name in data:
-                if str(name).lower() in _KEY_FIELDS:
-                    raise ValueError(_KEY_MESSAGE.format(field=name))
-            params = data.get("params", None)
-            for name in params if isinstance(params, dict) else {}:
-                if str(name).lower() in _KEY_FIELDS:
-                    raise ValueError(_KEY_MESSAGE.format(field=f"params.{name}"))
-        return data
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _env_name(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        if not _ENV_NAME.match(value):
-            raise ValueError(
-                "must be the NAME of an environment variable (letters, digits, _), not the key "
-                "itself: write `api_key_env: OPENAI_API_KEY` and `export OPENAI_API_KEY=...`"
-            )
-        return value
-
-
-class _ApiTeacher(_KeyFromEnv):
-    """Fields every OpenAI-compatible teacher shares; `params` go to the provider as keyword arguments."""
-
-    model: str = Field(min_length=1)
-    base_url: str | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
-
-
-class JudgeTeacherConfig(_ApiTeacher):
-    """providers.JudgeTeacher: a rubric score in [0, 1]. More keyword arguments go in `params`."""
-
-    type: Literal["judge"]
-    rubric: str | None = None
-    scale: tuple[int, int] = (0, 10)
-    mode: Literal["pointwise", "listwise"] = "pointwise"
-    g_eval: bool = False  # expected score over the score tokens' top log-probs
-    temperature: float = Field(0.0, ge=0.0)
-
-
-class PreferenceTeacherConfig(_ApiTeacher):
-    """providers.PreferenceTeacher: pairwise verdicts, both orders asked."""
-
-    type: Literal["preference"]
-    criteria: str | None = None
-    allow_ties: bool = True
-
-
-class ReferenceTeacherConfig(_ApiTeacher):
-    """providers.ReferenceTeacher: the teacher's own sampled answers (SPIN, SFT on teacher text)."""
-
-    type: Literal["reference"]
-    n: int = Field(1, gt=0)
-    temperature: float = Field(1.0, ge=0.0)
-    max_tokens: int = Field(256, gt=0)
-
-
-class LogprobTeacherConfig(_ApiTeacher):
-    """providers.LogprobTeacher: teacher log-probs of the student's tokens (vLLM, llama.cpp)."""
-
-    type: Literal["logprob"]
-    top_k: int = Field(0, ge=0)
-
-
-class RewardModelTeacherConfig(_KeyFromEnv):
-    """providers.RewardModelTeacher: an HTTP reward endpoint (OpenRLHF contract by default)."""
-
-    type: Literal["reward_model"]
-    url: str = Field(min_length=1)
-    api_key_env: str | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
-
-
-class VerifierTeacherConfig(_Strict):
-    """providers.VerifierTeacher: a rule-based check against PromptItem.answer."""
-
-    type: Literal["verifier"]
-    mode: Literal["exact", "numeric", "regex"] = "numeric"
-    atol: float = Field(1e-6, ge=0.0)
-    rtol: float = Field(0.0, ge=0.0)
-    pattern: str | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _pattern(self) -> "VerifierTeacherConfig":
-        if self.mode == "regex" and not self.pattern:
-            raise ValueError("mode `regex` needs `pattern: <regular expression>`")
-        return self
-
-
-class SelfDistillTeacherConfig(_Strict):
-    """providers.SelfDistillTeacher: the student itself, shown PromptItem.privileged (no network)."""
-
-    type: Literal["self_distill"]
-    mode: Literal["live", "frozen", "ema"] = "frozen"
-    ema_decay: float = Field(0.99, gt=0.0, lt=1.0)
-    placement: Literal["user_suffix", "system"] = "user_suffix"
-    template: str | None = None  # must contain {privileged}
-    top_k: int = Field(0, ge=0)
-    params: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("template")
-    @classmethod
-    def _has_slot(cls, value: str | None) -> str | None:
-        if value is not None and "{privileged}" not in value:
-            raise ValueError("the template must contain `{privileged}` where the reference text goes")
-        return value
-
-
-class WeightedTeacher(_Strict):
-    weight: float
-    teacher: "TeacherConfig"
-
-
-class WeightedSumTeacherConfig(_Strict):
-    """providers.WeightedSum: sum of weight * score over the child teachers."""
-
-    type: Literal["weighted_sum"]
-    teachers: list[WeightedTeacher] = Field(min_length=1)
-
-
-class GateTeacherConfig(_Strict):
-    """providers.Gate: `judge`'s score counts only where `verifier` scores >= threshold, else fail_score."""
-
-    type: Literal["gate"]
-    verifier: "TeacherConfig"
-    judge: "TeacherConfig"
-    threshold: float = 1.0
-    fail_score: float = 0.0
-
-
-class PreferenceToScoreConfig(_Strict):
-    """providers.PreferenceScores: a preference teacher's verdicts as per-completion scores."""
-
-    type: Literal["preference_to_score"]
-    teacher: "TeacherConfig"
-    method: Literal["bradley_terry", "win_rate"] = "bradley_terry"
-
-
-TeacherConfig = Annotated[
-    Union[
-        JudgeTeacherConfig,
-        PreferenceTeacherConfig,
-        ReferenceTeacherConfig,
-        LogprobTeacherConfig,
-        RewardModelTeacherConfig,
-        VerifierTeacherConfig,
-        SelfDistillTeacherConfig,
-        WeightedSumTeacherConfig,
-        GateTeacherConfig,
-        PreferenceToScoreConfig,
-    ],
-    Field(discriminator="type"),
-]
-WeightedTeacher.model_rebuild()
-GateTeacherConfig.model_rebuild()
-PreferenceToScoreConfig.model_rebuild()
-WeightedSumTeacherConfig.model_rebuild()
 
 
 class ObjectiveConfig(_Strict):
@@ -380,7 +217,10 @@ def format_validation_error(exc: ValidationError) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         kind = err["type"]
         if kind == "extra_forbidden":
-            msg = "unknown field: remove it or check its spelling against the documented fields"
+            valid = _fields_at(err["loc"][:-1])
+            close = did_you_mean(str(err["loc"][-1]), valid)
+            msg = f"unknown field: did you mean `{close}`?" if close else "unknown field: remove it"
+            msg += f" (valid here: {', '.join(valid)})" if valid else ""
         elif kind == "missing":
             msg = "required field is missing: add it"
         elif kind == "union_tag_invalid":
@@ -405,10 +245,36 @@ def _field_path(loc: tuple) -> str:
     return ".".join(kept)
 
 
-_TEACHER_TAGS = {
-    "judge", "preference", "reference", "logprob", "reward_model", "verifier",
-    "self_distill", "weighted_sum", "gate", "preference_to_score",
-}  # fmt: skip
+_TEACHER_TAGS = set(TEACHERS)
+
+
+def did_you_mean(name: str, valid: list[str]) -> str | None:
+    """The valid name closest to a misspelt one: swapped letters first (modle -> model), then difflib's."""
+    swapped = [v for v in valid if sorted(v) == sorted(name)]
+    close = swapped or difflib.get_close_matches(name, valid, n=1)
+    return close[0] if close else None
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """The field names of the config section at pydantic location `loc` (for "did you mean")."""
+    models: list[type[BaseModel]] = [RunConfig]
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if len(models) > 1 and part in TEACHERS:  # the union tag pydantic puts after a teacher field
+            models = [TEACHERS[part]]
+            continue
+        field = models[0].model_fields.get(part) if len(models) == 1 else None
+        if field is None:
+            return []
+        models = _models_in(field.annotation)
+    return list(models[0].model_fields) if len(models) == 1 else []
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
 
 
 def validate_config(raw: Any) -> RunConfig:
@@ -431,4 +297,22 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping (student:, data:, teacher:, objective:)")
-    return validate_config(apply_overrides(raw, list(overrides or [])))
+    return validate_config(apply_overrides(resolve_input_paths(raw, path.parent), list(overrides or [])))
+
+
+def resolve_input_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Input paths written in a config file are relative to that file: data.path, data.eval_path, and
+    student.model when it names a folder there. Outputs (output_dir, collector.cache) and `--set`
+    values stay relative to the working directory, where the command runs."""
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for field in ("path", "eval_path"):
+            if isinstance(data.get(field), str) and not Path(data[field]).expanduser().is_absolute():
+                data[field] = str((base / Path(data[field]).expanduser()).resolve())
+    student = raw.get("student")
+    if isinstance(student, dict) and isinstance(student.get("model"), str):
+        model = student["model"]
+        local = base / model
+        if not Path(model).is_absolute() and (model.startswith(".") or local.is_dir()):
+            student["model"] = str(local.resolve())
+    return raw

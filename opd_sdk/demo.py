@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from opd_sdk.data import PromptItem
+from opd_sdk.metrics import plot_learning_curve
 
 # The tuned demo setting (measured on 2 CPU cores; see the report in README).
 DEMO_TASK = "times_table"
@@ -57,28 +58,8 @@ def _evaluate(model, tokenizer, items: list[PromptItem]):
 
 def plot_curve(history: list[dict], evals: list[tuple[int, float]], path: Path) -> Path:
     """Training reward per step (sampled at T=1) and held-out greedy accuracy, one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    steps = [r["step"] for r in history if r.get("reward_mean") is not None]
-    rewards = [r["reward_mean"] for r in history if r.get("reward_mean") is not None]
-    ax.plot(steps, rewards, color="tab:blue", alpha=0.35, label="train reward (sampled, T=1)")
-    if len(rewards) >= 3:
-        smooth = [sum(rewards[max(0, i - 2) : i + 1]) / len(rewards[max(0, i - 2) : i + 1]) for i in range(len(rewards))]
-        ax.plot(steps, smooth, color="tab:blue", label="train reward, 3-step mean")
-    ax.plot([s for s, _ in evals], [a for _, a in evals], "o-", color="tab:red", label="held-out accuracy (greedy)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylim(0, 1)
-    ax.set_title("opd demo: SmolLM2-135M-Instruct, times table, verifier + RLOO")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    title = "opd demo: SmolLM2-135M-Instruct, times table, verifier + RLOO"
+    return plot_learning_curve(history, evals, path, title=title, metric="accuracy (greedy)")
 
 
 def run_demo(

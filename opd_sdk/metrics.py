@@ -94,3 +94,33 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a metrics JSONL file."""
     with Path(path).open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_learning_curve(
+    history: list[dict[str, Any]], evals: list[tuple[int, float]], path: str | Path, *, title: str, metric: str
+) -> Path:
+    """One PNG: training reward per step (with a 3-step mean) and the held-out metric at the steps
+    in `evals` (step 0 = before training). Needs matplotlib (`pip install 'opd-sdk[demo]'`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    steps = [r["step"] for r in history if r.get("reward_mean") is not None]
+    rewards = [r["reward_mean"] for r in history if r.get("reward_mean") is not None]
+    if rewards:
+        ax.plot(steps, rewards, color="tab:blue", alpha=0.35, label="train reward (sampled)")
+    if len(rewards) >= 3:
+        smooth = [sum(rewards[max(0, i - 2) : i + 1]) / len(rewards[max(0, i - 2) : i + 1]) for i in range(len(rewards))]
+        ax.plot(steps, smooth, color="tab:blue", label="train reward, 3-step mean")
+    ax.plot([s for s, _ in evals], [a for _, a in evals], "o-", color="tab:red", label=f"held-out {metric}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -1,208 +1,42 @@
-"""Config `type` -> the class that builds it, for teachers and objectives.
+"""Config `type` -> what builds it, for teachers and objectives, and the checks that need no model.
 
-Two small dicts and plain functions, no plugin magic:
+- Teachers: `opd_sdk.teacher_types` declares each type once (config model,
+  provider, feedback kind, local or remote, factory); `TEACHERS` maps the
+  YAML `type:` to that declaration and `build_teacher` builds one.
+- Objectives: `opd_sdk.objectives.OBJECTIVES` maps a name to its class; the
+  class declares the feedback kinds it reads (`feedback_kinds`), and its
+  constructor's keyword arguments are the config's `params`.
 
-- `OBJECTIVES` (from opd_sdk.objectives): objective name -> class; the
-  config's `params` are its keyword arguments.
-- `TEACHER_FACTORIES`: teacher type -> a function (config, context) ->
-  Teacher. Compositions build their children recursively.
-
-`check_config(cfg)` runs every check that needs no model: objective and
-teacher parameters against the constructors' signatures, API keys present in
-the environment, the teacher's feedback kind readable by the objective. The
-CLI calls it before loading anything heavy, so a typo costs a second, not a
-model load.
+`check_config(cfg)` runs every check that needs no model weights and reports
+all problems at once, each as `yaml.path: what is wrong; how to fix it`. The
+CLI runs it for `--check` and before `opd train` loads anything.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
-from dataclasses import dataclass
-from typing import Any, Callable
+import typing
+from pathlib import Path
+from typing import Any
 
-from opd_sdk.config import (
-    GateTeacherConfig,
-    JudgeTeacherConfig,
-    LogprobTeacherConfig,
-    ObjectiveConfig,
-    PreferenceTeacherConfig,
-    PreferenceToScoreConfig,
-    ReferenceTeacherConfig,
-    RewardModelTeacherConfig,
-    RunConfig,
-    SelfDistillTeacherConfig,
-    VerifierTeacherConfig,
-    WeightedSumTeacherConfig,
-)
+from pydantic import TypeAdapter, ValidationError
+
+from opd_sdk.config import ObjectiveConfig, RunConfig, did_you_mean
 from opd_sdk.errors import ConfigError
+from opd_sdk.teacher_types import TEACHERS, BuildContext, build_teacher
+
+__all__ = ["TEACHERS", "BuildContext", "build_objective", "build_teacher", "check_config", "feedback_kind"]
 
 
-@dataclass
-class BuildContext:
-    """What a teacher factory may need besides its config: the student (self-distillation,
-    tokenizer matching) and the per-call timeout."""
-
-    model: Any = None
-    tokenizer: Any = None
-    timeout: float = 60.0
+def feedback_kind(teacher_type: str) -> str:
+    """What a teacher `type:` returns: score, preference, reference or token_logprobs."""
+    return TEACHERS[teacher_type].feedback
 
 
-# What each teacher type returns: lets check_config refuse an objective that cannot read it.
-FEEDBACK_KIND = {
-    "judge": "score",
-    "verifier": "score",
-    "reward_model": "score",
-    "weighted_sum": "score",
-    "gate": "score",
-    "preference_to_score": "score",
-    "preference": "preference",
-    "reference": "reference",
-    "logprob": "token_logprobs",
-    "self_distill": "token_logprobs",
-}
-
-
-PROVIDER_MODULES = {
-    "JudgeTeacher": "providers.judge",
-    "PreferenceTeacher": "providers.preference",
-    "ReferenceTeacher": "providers.reference",
-    "LogprobTeacher": "providers.logprob",
-    "RewardModelTeacher": "providers.reward_model",
-    "VerifierTeacher": "providers.verifier",
-    "SelfDistillTeacher": "providers.self_distill",
-    "PrivilegedTemplate": "providers.self_distill",
-    "WeightedSum": "providers.compose",
-    "Gate": "providers.compose",
-    "PreferenceScores": "providers.compose",
-}
-
-
-def _provider(name: str) -> Any:
-    """The provider class `name`, imported when first needed."""
-    return getattr(importlib.import_module(PROVIDER_MODULES[name]), name)
-
-
-def _api_key(cfg: Any, where: str) -> str | None:
-    """The key from the variable the config names; a missing key is an error only for a remote API."""
-    name = cfg.api_key_env
-    key = os.environ.get(name) if name else None
-    remote = getattr(cfg, "base_url", None) is None and not os.environ.get("OPENAI_BASE_URL")
-    if name and not key and remote and cfg.type != "reward_model":
-        raise ConfigError(
-            f"{where}.api_key_env: the environment variable {name} is not set. "
-            f"`export {name}=...` before running, or set {where}.base_url to a local server that needs no key"
-        )
-    return key
-
-
-def _kwargs(cfg: Any, fields: tuple[str, ...]) -> dict[str, Any]:
-    out = {f: getattr(cfg, f) for f in fields if getattr(cfg, f) is not None}
-    out.update(cfg.params)
-    return out
-
-
-def _judge(cfg: JudgeTeacherConfig, ctx: BuildContext, where: str) -> Any:
-    kw = _kwargs(cfg, ("rubric", "scale", "mode", "g_eval", "temperature"))
-    return _provider("JudgeTeacher")(
-        cfg.model, base_url=cfg.base_url, api_key=_api_key(cfg, where), timeout=ctx.timeout, **kw
-    )
-
-
-def _preference(cfg: PreferenceTeacherConfig, ctx: BuildContext, where: str) -> Any:
-    kw = _kwargs(cfg, ("criteria", "allow_ties"))
-    return _provider("PreferenceTeacher")(
-        cfg.model, base_url=cfg.base_url, api_key=_api_key(cfg, where), timeout=ctx.timeout, **kw
-    )
-
-
-def _reference(cfg: ReferenceTeacherConfig, ctx: BuildContext, where: str) -> Any:
-    kw = _kwargs(cfg, ("n", "temperature", "max_tokens"))
-    return _provider("ReferenceTeacher")(
-        cfg.model, base_url=cfg.base_url, api_key=_api_key(cfg, where), timeout=ctx.timeout, **kw
-    )
-
-
-def _logprob(cfg: LogprobTeacherConfig, ctx: BuildContext, where: str) -> Any:
-    kw = _kwargs(cfg, ("top_k",))
-    return _provider("LogprobTeacher")(
-        cfg.model,
-        tokenizer=ctx.tokenizer,
-        base_url=cfg.base_url,
-        api_key=_api_key(cfg, where),
-        timeout=ctx.timeout,
-        **kw,
-    )
-
-
-def _reward_model(cfg: RewardModelTeacherConfig, ctx: BuildContext, where: str) -> Any:
-    return _provider("RewardModelTeacher")(cfg.url, api_key=_api_key(cfg, where), timeout=ctx.timeout, **cfg.params)
-
-
-def _verifier(cfg: VerifierTeacherConfig, ctx: BuildContext, where: str) -> Any:
-    kw = _kwargs(cfg, ("mode", "atol", "rtol", "pattern"))
-    return _provider("VerifierTeacher")(**kw)
-
-
-def _self_distill(cfg: SelfDistillTeacherConfig, ctx: BuildContext, where: str) -> Any:
-    if ctx.model is None or ctx.tokenizer is None:
-        raise ConfigError(f"{where}: a self_distill teacher needs the student model and tokenizer")
-    template = _provider("PrivilegedTemplate")(placement=cfg.placement, text=cfg.template)
-    kw = dict(mode=cfg.mode, ema_decay=cfg.ema_decay, top_k=cfg.top_k, template=template, **cfg.params)
-    return _provider("SelfDistillTeacher")(ctx.model, ctx.tokenizer, **kw)
-
-
-def _weighted_sum(cfg: WeightedSumTeacherConfig, ctx: BuildContext, where: str) -> Any:
-    parts = [
-        (build_teacher(w.teacher, ctx, f"{where}.teachers.{i}.teacher"), w.weight) for i, w in enumerate(cfg.teachers)
-    ]
-    return _provider("WeightedSum")(parts)
-
-
-def _gate(cfg: GateTeacherConfig, ctx: BuildContext, where: str) -> Any:
-    verifier = build_teacher(cfg.verifier, ctx, f"{where}.verifier")
-    judge = build_teacher(cfg.judge, ctx, f"{where}.judge")
-    return _provider("Gate")(verifier, judge, threshold=cfg.threshold, fail_score=cfg.fail_score)
-
-
-def _preference_to_score(cfg: PreferenceToScoreConfig, ctx: BuildContext, where: str) -> Any:
-    inner = build_teacher(cfg.teacher, ctx, f"{where}.teacher")
-    return _provider("PreferenceScores")(inner, method=cfg.method)
-
-
-TEACHER_FACTORIES: dict[str, Callable[[Any, BuildContext, str], Any]] = {
-    "judge": _judge,
-    "preference": _preference,
-    "reference": _reference,
-    "logprob": _logprob,
-    "reward_model": _reward_model,
-    "verifier": _verifier,
-    "self_distill": _self_distill,
-    "weighted_sum": _weighted_sum,
-    "gate": _gate,
-    "preference_to_score": _preference_to_score,
-}
-
-# The provider class each leaf type builds (for signature checks of `params`).
-TEACHER_CLASSES = {
-    "judge": "JudgeTeacher",
-    "preference": "PreferenceTeacher",
-    "reference": "ReferenceTeacher",
-    "logprob": "LogprobTeacher",
-    "reward_model": "RewardModelTeacher",
-    "verifier": "VerifierTeacher",
-    "self_distill": "SelfDistillTeacher",
-}
-
-
-def build_teacher(cfg: Any, ctx: BuildContext | None = None, where: str = "teacher") -> Any:
-    """The Teacher a config describes; TypeErrors from a constructor become ConfigErrors naming the field."""
-    ctx = ctx or BuildContext()
-    try:
-        return TEACHER_FACTORIES[cfg.type](cfg, ctx, where)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}; check {where}.params against the provider's arguments") from None
+def _teacher_for(kind: str) -> str:
+    """A teacher type that returns `kind` (for error messages)."""
+    return next(name for name, model in TEACHERS.items() if model.feedback == kind)
 
 
 def _objective_classes() -> dict[str, type]:
@@ -212,19 +46,10 @@ def _objective_classes() -> dict[str, type]:
 
 
 def _check_params(cls: type, params: dict[str, Any], where: str, positional: int = 0) -> None:
-    """Refuse keyword arguments the constructor does not take, naming them and listing the valid ones."""
-    sig = inspect.signature(cls.__init__)
-    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-        return
-    names = [
-        n for n, p in sig.parameters.items() if n not in ("self", "tokenizer") and p.kind is not p.VAR_POSITIONAL
-    ]
-    unknown = sorted(set(params) - set(names[positional:]))
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown parameter(s) {', '.join(unknown)} for {cls.__name__}; "
-            f"valid: {', '.join(names[positional:])}"
-        )
+    """Raise a ConfigError listing every parameter the constructor does not take or whose value has the wrong type."""
+    problems = _param_problems(cls, params, where, positional)
+    if problems:
+        raise ConfigError("\n  ".join(problems))
 
 
 def build_objective(cfg: ObjectiveConfig, tokenizer: Any = None, where: str = "objective") -> Any:
@@ -237,7 +62,9 @@ def build_objective(cfg: ObjectiveConfig, tokenizer: Any = None, where: str = "o
     """
     classes = _objective_classes()
     if cfg.type not in classes:
-        raise ConfigError(f"{where}.type: unknown objective {cfg.type!r}; use one of {', '.join(sorted(classes))}")
+        close = did_you_mean(cfg.type, sorted(classes))
+        hint = f"did you mean {close!r}? " if close else ""
+        raise ConfigError(f"{where}.type: unknown objective {cfg.type!r}; {hint}use one of {', '.join(sorted(classes))}")
     cls = classes[cfg.type]
     params = dict(cfg.params)
     if cfg.type == "hybrid":
@@ -261,73 +88,186 @@ def build_objective(cfg: ObjectiveConfig, tokenizer: Any = None, where: str = "o
         params["tokenizer"] = tokenizer
     try:
         return cls(**params)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # ConfigError is a ValueError: the objective's own check
         raise ConfigError(f"{where}.params: {exc}") from None
 
 
-def _check_teacher(cfg: Any, where: str) -> None:
-    if cfg.type in TEACHER_CLASSES:
-        cls = _provider(TEACHER_CLASSES[cfg.type])
-        _check_params(cls, getattr(cfg, "params", {}), f"{where}.params", positional=1)
-    if hasattr(cfg, "api_key_env"):
-        _api_key(cfg, where)
-    for attr in ("verifier", "judge", "teacher"):
-        child = getattr(cfg, attr, None)
-        if child is not None and hasattr(child, "type"):
-            _check_teacher(child, f"{where}.{attr}")
-    for i, w in enumerate(getattr(cfg, "teachers", None) or []):
-        _check_teacher(w.teacher, f"{where}.teachers.{i}.teacher")
+def _param_problems(cls: type, params: dict[str, Any], where: str, positional: int = 0) -> list[str]:
+    """Keyword arguments `cls` does not take (with a "did you mean") and values of the wrong type,
+    one line each, named by YAML path (`teachers.1.params.on_mismatch`). `positional`: leading
+    constructor arguments the config supplies itself (a teacher's model)."""
+    sig = inspect.signature(cls.__init__)
+    names = [
+        n for n, p in sig.parameters.items() if n not in ("self", "tokenizer") and p.kind is not p.VAR_POSITIONAL
+    ][positional:]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    problems = []
+    for name in params:
+        if name not in names and not takes_any:
+            close = did_you_mean(name, names)
+            hint = f"did you mean `{close}`? " if close else ""
+            problems.append(f"{where}.{name}: unknown parameter for {cls.__name__}; {hint}valid: {', '.join(names)}")
+    annotations = getattr(cls.__init__, "__annotations__", {})
+    namespace = dict(vars(inspect.getmodule(cls)))
+    for name, value in params.items():
+        hint = annotations.get(name)
+        if hint is None:
+            continue
+        try:
+            if isinstance(hint, str):
+                hint = eval(hint, dict(vars(typing)), namespace)  # noqa: S307 - the provider's own annotation
+            TypeAdapter(hint).validate_python(value)
+        except ValidationError as exc:
+            err = exc.errors(include_input=False, include_url=False)[0]
+            problems.append(f"{where}.{name}: {err['msg']}")
+        except Exception:  # an annotation pydantic cannot check here (a client object, a callable): skip
+            continue
+    return problems
 
 
-def check_config(cfg: RunConfig) -> Any:
-    """Every check that needs no model; returns the built objective. Raises ConfigError."""
-    objective = build_objective(cfg.objective)
-    if cfg.student.device.startswith("cuda"):
-        import torch
+def _teacher_problems(cfg: Any, where: str) -> list[str]:
+    """Parameters and API keys of a teacher and, for a composition, of its children."""
+    problems: list[str] = []
+    if "params" in type(cfg).model_fields:
+        problems += _param_problems(cfg.provider_class(), cfg.params, f"{where}.params", positional=1)
+    if hasattr(cfg, "api_key"):
+        try:
+            cfg.api_key(where)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    for suffix, child in cfg.children():
+        problems += _teacher_problems(child, f"{where}.{suffix}")
+    return problems
 
-        if not torch.cuda.is_available():
-            raise ConfigError(f"student.device: {cfg.student.device} asked for, but torch sees no GPU; use auto or cpu")
+
+def _objective_problems(cfg: RunConfig, objective: Any) -> list[str]:
+    """Feedback sources and kinds the objective reads against the teachers given; group size."""
+    problems: list[str] = []
     kinds = tuple(getattr(objective, "feedback_kinds", ()))
     teachers = cfg.teacher_list()
-    if not teachers:
-        if kinds:
-            raise ConfigError(
-                f"teacher: objective {cfg.objective.type!r} reads {' or '.join(kinds)} feedback; add a "
-                f"`teacher:` section (for example type: {_teacher_for(kinds[0])})"
-            )
-        if cfg.eval.metric == "teacher_score":
-            raise ConfigError("eval.metric: teacher_score needs a `teacher:`; use metric: accuracy")
-        return objective
     where = ["teacher"] if cfg.teachers is None else [f"teachers.{i}" for i in range(len(teachers))]
-    for teacher, at in zip(teachers, where):
-        _check_teacher(teacher, at)
+    if not teachers and kinds:
+        problems.append(
+            f"teacher: objective {cfg.objective.type!r} reads {' or '.join(kinds)} feedback; add a "
+            f"`teacher:` section (for example type: {_teacher_for(kinds[0])})"
+        )
     sources = getattr(objective, "feedback_sources", 1)
-    if sources != len(teachers):
-        raise ConfigError(
+    if teachers and sources != len(teachers):
+        problems.append(
             f"objective {cfg.objective.type!r} reads {sources} feedback source(s) but {len(teachers)} teacher(s) "
             "are given; list one teacher per source under `teachers:` (a hybrid term's `source` indexes it)"
         )
     terms = getattr(objective, "terms", None) or [(objective, 1.0, 0)]
     for i, (term, _, source) in enumerate(terms):
+        at = f"objective.params.terms.{i}" if term is not objective else f"objective {cfg.objective.type!r}"
         term_kinds = tuple(getattr(term, "feedback_kinds", ()))
-        given = FEEDBACK_KIND[teachers[source].type]
-        if term_kinds and given not in term_kinds:
-            at = f"objective.params.terms.{i}" if term is not objective else f"objective {cfg.objective.type!r}"
-            raise ConfigError(
-                f"{at}: {type(term).__name__} reads {' or '.join(term_kinds)} feedback but {where[source]} "
-                f"(type {teachers[source].type!r}) returns {given}; pick a teacher that returns {term_kinds[0]} "
-                f"(for example type: {_teacher_for(term_kinds[0])}) or another objective"
+        if teachers and source < len(teachers) and term_kinds:
+            given = feedback_kind(teachers[source].type)
+            if given not in term_kinds:
+                problems.append(
+                    f"{at}: {type(term).__name__} reads {' or '.join(term_kinds)} feedback but {where[source]} "
+                    f"(type {teachers[source].type!r}) returns {given}; pick a teacher that returns "
+                    f"{term_kinds[0]} (for example type: {_teacher_for(term_kinds[0])}) or another objective"
+                )
+        needs_group = getattr(term, "advantage", None) in ("rloo", "grpo") or type(term).__name__ == "OnlineDPO"
+        if needs_group and cfg.rollout.group_size < 2:
+            problems.append(
+                f"rollout.group_size: {type(term).__name__} compares the samples of a prompt with each other, "
+                f"so group_size {cfg.rollout.group_size} gives no learning signal; set rollout.group_size: 4 (2 at least)"
             )
-    if cfg.data.task is not None:
-        from opd_sdk.tasks import get_task
+    return problems
 
-        get_task(cfg.data.task)
-    if cfg.data.path is not None and not os.path.exists(cfg.data.path):
-        raise ConfigError(f"data.path: {cfg.data.path} does not exist; give a JSONL file with one prompt a line")
-    if cfg.data.eval_path is not None and not os.path.exists(cfg.data.eval_path):
-        raise ConfigError(f"data.eval_path: {cfg.data.eval_path} does not exist")
+
+def _student_problems(cfg: RunConfig) -> list[str]:
+    """student.model is the offline SmolLM2, an existing folder, or a Hugging Face id that can be fetched."""
+    from opd_sdk.models import smollm2_gguf_path
+
+    name = cfg.student.model
+    if name.lower() in {"smollm2", "smollm2-135m-instruct", "smollm2-135m"}:
+        try:
+            smollm2_gguf_path()
+        except ConfigError as exc:
+            return [f"student.model: {exc}"]
+        return []
+    path = Path(name).expanduser()
+    if path.exists():
+        return [] if (path / "config.json").exists() else [f"student.model: {name} has no config.json; give a Hugging Face model folder"]
+    if path.is_absolute() or name.startswith((".", "~")) or name.count("/") != 1:
+        return [
+            f"student.model: {name} does not exist; give an existing model folder (relative paths are read "
+            "relative to the config file), a Hugging Face id like owner/name, or smollm2"
+        ]
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return [f"student.model: {name} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; download it first or give a local folder"]
+    return []
+
+
+def _data_problems(cfg: RunConfig) -> list[str]:
+    """Read and validate the prompts (task or JSONL), size the held-out split, check answers for accuracy."""
+    if cfg.data.hf_dataset is not None:
+        return []  # read at train time (a download); `datasets` reports its own errors
+    from opd_sdk.runner import load_data
+
+    for field in ("path", "eval_path"):
+        value = getattr(cfg.data, field)
+        if value is not None and not Path(value).is_file():
+            return [
+                f"data.{field}: {value} does not exist; give a JSONL file with one {{\"{cfg.data.prompt_field}\": ...}} "
+                "a line (relative paths are read relative to the config file)"
+            ]
+    try:
+        train, held = load_data(cfg.data, seed=cfg.seed)
+    except ConfigError as exc:
+        msg = str(exc)
+        return [msg if msg.startswith("data") else f"data: {msg}"]
+    problems = []
+    if cfg.eval.metric == "accuracy" and any(it.answer is None for it in held):
+        missing = sum(it.answer is None for it in held)
+        problems.append(
+            f"eval.metric: accuracy needs an answer for every held-out prompt, and {missing} of {len(held)} have "
+            f"none (field `{cfg.data.answer_field}`); add answers or set eval.metric: teacher_score"
+        )
+    return problems
+
+
+def _budget_problems(cfg: RunConfig) -> list[str]:
+    c = cfg.collector
+    if c.budget_usd is not None and not (c.price_per_1k_prompt_tokens or c.price_per_1k_completion_tokens):
+        return [
+            "collector.budget_usd: a budget needs prices to count against; set collector.price_per_1k_prompt_tokens "
+            "and collector.price_per_1k_completion_tokens (your provider's price per 1,000 tokens)"
+        ]
+    return []
+
+
+def check_config(cfg: RunConfig) -> Any:
+    """Every check that needs no model weights; returns the built objective.
+
+    Raises one ConfigError listing every problem found, one line each.
+    """
+    problems: list[str] = []
+    objective = None
+    try:
+        objective = build_objective(cfg.objective)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    if cfg.student.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append(f"student.device: {cfg.student.device} asked for, but torch sees no GPU; use auto or cpu")
+    teachers = cfg.teacher_list()
+    where = ["teacher"] if cfg.teachers is None else [f"teachers.{i}" for i in range(len(teachers))]
+    for teacher, at in zip(teachers, where):
+        problems += _teacher_problems(teacher, at)
+    if objective is not None:
+        problems += _objective_problems(cfg, objective)
+    if not teachers and cfg.eval.metric == "teacher_score":
+        problems.append("eval.metric: teacher_score needs a `teacher:`; use metric: accuracy")
+    problems += _student_problems(cfg) + _data_problems(cfg) + _budget_problems(cfg)
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     return objective
-
-
-def _teacher_for(kind: str) -> str:
-    return next(t for t, k in FEEDBACK_KIND.items() if k == kind)

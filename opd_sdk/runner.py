@@ -7,6 +7,9 @@ first, so a bad config fails in a second; only then does the student load.
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,9 @@ import yaml
 
 from opd_sdk.config import DataConfig, RunConfig, StudentConfig
 from opd_sdk.data import PromptItem, load_prompts
-from opd_sdk.errors import ConfigError
+from opd_sdk.checkpoint import latest_checkpoint
+from opd_sdk.errors import ConfigError, TrainingStopped
+from opd_sdk.metrics import plot_learning_curve, read_metrics
 from opd_sdk.models import resolve_model_path
 from opd_sdk.registry import BuildContext, build_objective, build_teacher, check_config
 from opd_sdk.types import FeedbackFailure, FeedbackRequest, Score
@@ -25,15 +30,23 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def load_student(cfg: StudentConfig, path: str | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) from `path` or the config's model; a LoRA adapter folder loads onto its base."""
+    """(model, tokenizer) from `path` or the config's model.
+
+    A LoRA adapter folder (`final/` of a LoRA run) loads onto the config's
+    student.model: saved adapters name their base, never a path of the
+    machine that trained them.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    where = path or resolve_model_path(cfg.model)
+    base = resolve_model_path(cfg.model)
+    where = path or base
+    if path is not None and not Path(path).is_dir():
+        raise ConfigError(f"--model {path}: no such folder; give the output_dir/final folder of a run")
     dtype = _DTYPES[cfg.dtype]
     if path is not None and (Path(path) / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM
+        from peft import PeftModel
 
-        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), path)
     else:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
     model.to(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
@@ -225,17 +238,41 @@ def save_resolved_config(cfg: RunConfig) -> Path:
     return path
 
 
-def train(cfg: RunConfig, *, resume: bool = False, log=print) -> dict:
-    """The whole run: check, load, wire, (resume,) train, evaluate held-out, save. Returns a summary."""
-    check_config(cfg)
-    from opd_sdk.checkpoint import latest_checkpoint
+# What a run writes into output_dir (the feedback cache is kept by --overwrite: it only saves money).
+RUN_FILES = ("metrics.jsonl", "config.yaml", "summary.json", "learning_curve.png", "final", "tb")
 
-    last = latest_checkpoint(cfg.output_dir)
-    if last is not None and not resume:
+
+def prepare_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder: --resume needs a checkpoint there; a new run needs
+    an empty folder unless --overwrite (which deletes the earlier run's files, not its cache)."""
+    out = Path(output_dir)
+    if resume:
+        if latest_checkpoint(out) is None:
+            raise ConfigError(
+                f"--resume: nothing to resume from, {out} holds no step-N/ checkpoint; "
+                "run without --resume to start a new run"
+            )
+        return
+    held = [out / n for n in RUN_FILES if (out / n).exists()] + sorted(out.glob("step-*"))
+    if held and not overwrite:
+        names = ", ".join(p.name for p in held[:4]) + (", ..." if len(held) > 4 else "")
         raise ConfigError(
-            f"output_dir {cfg.output_dir} already holds checkpoint {last.name}; pass --resume to continue it, "
-            "or choose another output_dir (--set output_dir=...)"
+            f"output_dir {out} already holds a run ({names}); pass --resume to continue it, "
+            "--overwrite to replace it, or choose another output_dir (--set output_dir=...)"
         )
+    for p in held:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, log=print) -> dict:
+    """The whole run: check, load, wire, (resume,) evaluate held-out, train, evaluate, report.
+
+    Leaves in output_dir: config.yaml, metrics.jsonl (step 0: the held-out
+    metric before training), step-N/ checkpoints, final/, summary.json and
+    learning_curve.png (when matplotlib is installed).
+    """
+    check_config(cfg)
+    prepare_output_dir(cfg.output_dir, resume=resume, overwrite=overwrite)
     torch.manual_seed(cfg.seed)
     save_resolved_config(cfg)
     model, tokenizer = load_student(cfg.student)
@@ -246,29 +283,70 @@ def train(cfg: RunConfig, *, resume: bool = False, log=print) -> dict:
         ctx = BuildContext(model=model, tokenizer=tokenizer, timeout=cfg.collector.timeout)
         collectors = [build_collector(cfg, build_teacher(t, ctx)) for t in cfg.teacher_list()]
     grader = collectors[0] if collectors else None  # for eval.metric teacher_score
+    metric = cfg.eval.metric
 
     def held_out(student: Any) -> dict:
         result = evaluate(cfg, student, tokenizer, held, grader)
         return {result["metric"]: result["value"]}
 
-    trainer = make_trainer(cfg, model, tokenizer, objective, collectors or None, train_items, held_out)
-    log(f"opd: training {cfg.student.model} for {cfg.steps} steps on {len(train_items)} prompts -> {cfg.output_dir}")
+    out = Path(cfg.output_dir)
     try:
-        history = trainer.train(resume_from="latest" if resume else None)
+        trainer = make_trainer(cfg, model, tokenizer, objective, collectors or None, train_items, held_out)
+        if resume:
+            trainer.resume("latest")
+        else:
+            before = held_out(trainer.model)[metric]
+            trainer.metrics.log(0, {f"eval/{metric}": before})
+            log(f"opd: held-out {metric} before training {before:.3f} on {len(held)} prompts")
+        log(f"opd: training {cfg.student.model} for {cfg.steps} steps on {len(train_items)} prompts -> {out}")
+        try:
+            trainer.train()
+        except TrainingStopped as exc:
+            write_summary(cfg, trainer, None, stopped=str(exc))
+            raise
         result = evaluate(cfg, trainer.model, tokenizer, held, grader)
     finally:
         for c in collectors:
             c.close()
+    summary = write_summary(cfg, trainer, result)
+    log(
+        f"opd: held-out {metric} before {_fmt(summary['heldout_before'])} -> after {result['value']:.3f} "
+        f"on {result['graded']} prompts; model in {summary['model_dir']}"
+    )
+    return summary
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def write_summary(cfg: RunConfig, trainer: Any, result: dict | None, *, stopped: str | None = None) -> dict:
+    """summary.json and learning_curve.png in output_dir, from metrics.jsonl (all runs of a resumed training)."""
+    out = Path(cfg.output_dir)
+    metric = cfg.eval.metric
+    rows = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+    evals = {r["step"]: r[f"eval/{metric}"] for r in rows if r.get(f"eval/{metric}") is not None}
+    if result is not None:
+        evals[trainer.step] = result["value"]
+    train_rows = [r for r in rows if r["step"] > 0]
     summary = {
         "steps": trainer.step,
-        "final_reward_mean": history[-1].get("reward_mean") if history else None,
-        "heldout_" + result["metric"]: result["value"],
-        "heldout_graded": result["graded"],
+        "final_reward_mean": train_rows[-1].get("reward_mean") if train_rows else None,
+        "heldout_metric": metric,
+        "heldout_before": evals.get(0),
+        "heldout_after": result["value"] if result else None,
+        "heldout_" + metric: result["value"] if result else None,
+        "heldout_graded": result["graded"] if result else None,
         "teacher_requests": trainer.usage_total("requests_sent"),
         "cache_hits": trainer.usage_total("cache_hits"),
-        "model_dir": str(Path(cfg.output_dir) / "final"),
+        "teacher_cost_usd": trainer.teacher_cost_usd(),
+        "model_dir": str(out / "final") if result else None,
+        "stopped": stopped,
     }
-    log(f"opd: held-out {result['metric']} {result['value']:.3f} on {result['graded']} prompts; model in {summary['model_dir']}")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if importlib.util.find_spec("matplotlib") is not None:
+        title = f"opd train: {Path(cfg.student.model).name}, {cfg.objective.type}"
+        plot_learning_curve(train_rows, sorted(evals.items()), out / "learning_curve.png", title=title, metric=metric)
     return summary
 
 

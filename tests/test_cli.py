@@ -58,6 +58,15 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(runner, "load_student", boom)
 
 
+def metric_rows(run: Path) -> list[dict]:
+    """metrics.jsonl's rows; step 0 holds only the held-out metric before training."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_rows(run: Path) -> list[dict]:
+    return [r for r in metric_rows(run) if r["step"] > 0]
+
+
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     rc = cli.main(list(argv))
     out = capsys.readouterr()
@@ -76,9 +85,9 @@ def test_check_accepts_a_valid_config(tmp_path, tiny_dir, capsys, no_model_load)
         ({}, ["rollout.group_sise=4"], "rollout.group_sise: unknown field"),
         ({"objective": {"type": "reward_wieghted"}}, [], "objective.type: unknown objective 'reward_wieghted'"),
         ({"objective": {"type": "reward_weighted", "params": {"advantages": "rloo"}}}, [],
-         "objective.params: unknown parameter(s) advantages for RewardWeighted"),
+         "objective.params.advantages: unknown parameter for RewardWeighted; did you mean `advantage`?"),
         ({"teacher": {"type": "verifier", "params": {"tolerance": 1}}}, [],
-         "teacher.params: unknown parameter(s) tolerance for VerifierTeacher"),
+         "teacher.params.tolerance: unknown parameter for VerifierTeacher; valid: check, atol"),
         ({"teacher": {"type": "reference", "model": "m", "base_url": "http://127.0.0.1:9/v1"}}, [],
          "objective 'reward_weighted': RewardWeighted reads score feedback but teacher (type 'reference') returns reference"),
         ({"teacher": {"type": "judge", "model": "gpt-4o-mini", "api_key_env": "OPD_TEST_UNSET_KEY"}}, [],
@@ -129,7 +138,7 @@ def test_two_teachers_feed_a_hybrid_from_yaml(tmp_path, capsys):
     assert rc == 0, err
     summary = json.loads(out[out.index("{"):])
     assert summary["steps"] == 2 and summary["teacher_requests"] >= 2 * 2 + 2  # 2 prompts x 2 steps + the teacher
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = train_rows(tmp_path / "run")
     assert all(r["rewardweighted/valid_samples"] == 4 and r["tokendistill/tokens"] > 0 for r in rows), rows
     assert all(r["feedback_failures"] == 0 for r in rows)
 
@@ -158,13 +167,21 @@ def test_train_then_eval_then_resume(tmp_path, tiny_dir, capsys):
     rc, out, err = run_cli(capsys, "train", str(path))
     assert rc == 0, err
     run = tmp_path / "run"
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]
-    assert all(r["feedback_failures"] == 0 and 0.0 <= r["reward_mean"] <= 1.0 for r in rows)
+    rows = metric_rows(run)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert set(rows[0]) == {"step", "eval/accuracy"}  # the held-out metric before training
+    assert all(r["feedback_failures"] == 0 and 0.0 <= r["reward_mean"] <= 1.0 for r in rows[1:])
     assert (run / "final" / "config.json").exists() and (run / "config.yaml").exists()
+    assert (run / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads(out[out.index("{"):])
+    assert json.loads((run / "summary.json").read_text()) == summary
     assert summary["steps"] == 2 and summary["heldout_graded"] == 8
-    assert "eval/accuracy" not in rows[0] and rows[1]["eval/accuracy"] == summary["heldout_accuracy"]  # same model
+    assert summary["heldout_before"] == rows[0]["eval/accuracy"]
+    assert summary["heldout_after"] == summary["heldout_accuracy"] == rows[2]["eval/accuracy"]  # same model
+    assert "eval/accuracy" not in rows[1]
+    assert f"held-out accuracy before training {rows[0]['eval/accuracy']:.3f}" in out
+    assert f"before {rows[0]['eval/accuracy']:.3f} -> after {summary['heldout_after']:.3f}" in out
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-1", "step-2"]
 
     rc, out, err = run_cli(capsys, "eval", str(path), "--model", str(run / "final"), "--json")
     assert rc == 0, err
@@ -172,12 +189,32 @@ def test_train_then_eval_then_resume(tmp_path, tiny_dir, capsys):
     assert result["metric"] == "accuracy" and result["graded"] == 8 and 0.0 <= result["value"] <= 1.0
 
     rc, _, err = run_cli(capsys, "train", str(path))  # a second run must not overwrite silently
-    assert rc == 2 and "pass --resume" in err
+    assert rc == 2 and "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert [r["step"] for r in metric_rows(run)] == [0, 1, 2]  # nothing was touched
 
-    rc, out, err = run_cli(capsys, "train", str(path), "--resume", "--set", "steps=3")
+    rc, out, err = run_cli(capsys, "train", str(path), "--resume", "--set", "steps=5")
     assert rc == 0, err
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in metric_rows(run)] == [0, 1, 2, 3, 4, 5]
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-3", "step-4", "step-5"]  # keep_checkpoints: 3
+    assert json.loads(out[out.index("{"):])["heldout_before"] == rows[0]["eval/accuracy"]
+
+    rc, out, err = run_cli(capsys, "train", str(path), "--overwrite")
+    assert rc == 0, err
+    assert [r["step"] for r in metric_rows(run)] == [0, 1, 2]
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-1", "step-2"]
+
+
+def test_resume_with_nothing_to_resume_says_so_and_stops(tmp_path, tiny_dir, capsys, no_model_load):
+    rc, _, err = run_cli(capsys, "train", str(write_config(tmp_path, tiny_dir)), "--resume")
+    assert rc == 2 and "nothing to resume from" in err and "run without --resume" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_checkpoints_are_on_by_default():
+    from opd_sdk.config import validate_config
+
+    cfg = validate_config({"student": {"model": "x"}, "data": {"task": "addition"}, "objective": {"type": "sft"}})
+    assert cfg.save_every == 25 and cfg.keep_checkpoints == 3
 
 
 def test_resume_after_a_crash_repeats_no_teacher_call(tmp_path, tiny_dir, capsys, monkeypatch):
@@ -228,6 +265,10 @@ def test_lora_student_trains_and_its_adapter_folder_evaluates(tmp_path, tiny_dir
     assert rc == 0, err
     final = tmp_path / "run" / "final"
     assert (final / "adapter_config.json").exists()
+    assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_dir.name
+    for f in [*final.rglob("*"), *(tmp_path / "run").glob("step-*/**/*")]:  # no machine path anywhere
+        if f.is_file() and f.suffix in (".json", ".md", ".txt", ".yaml"):
+            assert str(tiny_dir) not in f.read_text(), f
     rc, out, err = run_cli(capsys, "eval", str(path), "--model", str(final), "--json")
     assert rc == 0, err
     assert json.loads(out)["graded"] == 8

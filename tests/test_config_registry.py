@@ -1,13 +1,18 @@
-"""registry: every teacher type builds the real provider from its config, keys only from the environment."""
+"""registry: every teacher type builds the real provider from its config, keys only from the environment,
+and returns the feedback kind its declaration says."""
 
 from __future__ import annotations
+
+import asyncio
+import json
 
 import pytest
 
 from opd_sdk.config import validate_config
 from opd_sdk.errors import ConfigError
-from opd_sdk.registry import TEACHER_FACTORIES, BuildContext, build_objective, build_teacher
+from opd_sdk.registry import TEACHERS, BuildContext, build_objective, build_teacher
 from tests.loop_fixtures import tiny_model, tiny_tokenizer
+from tests.scripted_server import ScriptedServer
 
 LOCAL = "http://127.0.0.1:9/v1"
 JUDGE = {"type": "judge", "model": "m", "base_url": LOCAL, "api_key_env": "OPD_REG_KEY", "scale": [1, 5]}
@@ -60,11 +65,58 @@ def test_self_distill_builds_on_the_student():
         teacher_of({"type": "self_distill"})
 
 
-def test_every_config_type_has_a_factory():
-    assert set(TEACHER_FACTORIES) == {
-        "judge", "preference", "reference", "logprob", "reward_model", "verifier",
-        "self_distill", "weighted_sum", "gate", "preference_to_score",
-    }
+def _scripted(body: dict):
+    """One server for every API teacher: a judge score, a preference verdict, a reference text."""
+    schema = json.dumps(body.get("response_format") or {})
+    text = " ".join(m["content"] for m in body.get("messages", []) if isinstance(m.get("content"), str))
+    if '"winner"' in schema or '"winner"' in text:
+        return '{"winner": "A"}'
+    if '"score"' in schema or "score" in text.lower():
+        return '{"score": 7}'
+    return "3 plus 4 is 7."
+
+
+def _case(kind: str, url: str) -> dict:
+    """A working config of each declared teacher type against the scripted server (KeyError: add one)."""
+    judge = {"type": "judge", "model": "m", "base_url": url}
+    return {
+        "judge": judge,
+        "preference": {"type": "preference", "model": "m", "base_url": url},
+        "reference": {"type": "reference", "model": "m", "base_url": url},
+        "logprob": {"type": "logprob", "model": "m", "base_url": url, "params": {"send": "token_ids"}},
+        "reward_model": {"type": "reward_model", "url": url.removesuffix("/v1") + "/reward"},
+        "verifier": {"type": "verifier"},
+        "self_distill": {"type": "self_distill", "mode": "frozen"},
+        "weighted_sum": {"type": "weighted_sum", "teachers": [{"weight": 1.0, "teacher": {"type": "verifier"}}]},
+        "gate": {"type": "gate", "verifier": {"type": "verifier"}, "judge": judge},
+        "preference_to_score": {"type": "preference_to_score",
+                                "teacher": {"type": "preference", "model": "m", "base_url": url}},
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", sorted(TEACHERS))
+def test_every_declared_type_builds_and_returns_its_declared_feedback_kind(kind, monkeypatch):
+    """Parametrised over the declarations themselves: a new type without a working case here fails."""
+    from opd_sdk.types import Completion, FeedbackRequest
+    from tests.test_examples import EchoLogprobs
+    from tests.test_self_distill import make_model, make_tokenizer
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    tok = make_tokenizer()
+    ctx = BuildContext(model=make_model(tok), tokenizer=tok)
+    echo = EchoLogprobs(tok)
+    responder = lambda body: echo(body) if "prompt" in body else _scripted(body)  # noqa: E731
+    reward = {"/reward": lambda body: {"rewards": [0.25] * len(body["query"])}}
+    with ScriptedServer(responder, handlers=reward) as srv:
+        teacher = teacher_of(_case(kind, srv.base_url), ctx)
+        assert isinstance(teacher, TEACHERS[kind].provider_class())
+        prompt = [{"role": "user", "content": "What is 3 plus 4?"}]
+        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in ("7", "8")]
+        request = FeedbackRequest(prompt=prompt, completions=[Completion(text="7", token_ids=ids[0]),
+                                                              Completion(text="8", token_ids=ids[1])],
+                                  privileged="The answer is 7.", metadata={"answer": 7})
+        feedback = asyncio.run(teacher.feedback(request))
+    assert feedback.kind == TEACHERS[kind].feedback, feedback
 
 
 def test_objectives_get_the_tokenizer_and_hybrid_terms():

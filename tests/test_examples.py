@@ -73,7 +73,7 @@ class EchoLogprobs:
 
 def test_distil_from_judge(tmp_path, tiny_dir):
     with ScriptedServer(lambda body: '{"score": 8}') as srv:
-        argv = ["--base-url", srv.base_url, "--judge-model", "judge", "--api-key-env", "OPD_TEST_KEY",
+        argv = ["--base-url", srv.base_url, "--teacher-model", "judge", "--api-key-env", "OPD_TEST_KEY",
                 "--student", str(tiny_dir), "--out", str(tmp_path / "judge")] + TINY
         result = load_example("distil_from_judge").main(argv)
         assert srv.count == result["usage"].requests_sent > 0
@@ -128,7 +128,7 @@ def test_collect_feedback_is_resumable(tmp_path):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with ScriptedServer(lambda body: '{"score": 6}') as srv:
-        common = ["--teacher", "judge", "--base-url", srv.base_url, "--model", "judge", "--api-key-env", "OPD_TEST_KEY"]
+        common = ["--teacher", "judge", "--base-url", srv.base_url, "--teacher-model", "judge", "--api-key-env", "OPD_TEST_KEY"]
         # first run stops after 3 lines (simulated crash), the rerun does the rest
         src.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
         first = load_example("collect_feedback").main([str(src), str(out)] + common)
@@ -150,11 +150,37 @@ def test_collect_feedback_is_resumable(tmp_path):
 def test_trl_grpo_with_opd_reward(tmp_path, tiny_dir):
     pytest.importorskip("trl", reason="pip install 'opd-sdk[trl]'")
     result = load_example("trl_grpo_rewards").main(
-        ["--teacher", "verifier", "--student", str(tiny_dir), "--steps", "1", "--batch-size", "4",
-         "--num-generations", "2", "--max-completion-length", "4", "--out", str(tmp_path / "grpo")]
+        ["--teacher", "verifier", "--student", str(tiny_dir), "--steps", "1", "--prompts-per-step", "2",
+         "--group-size", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "grpo")]
     )
     assert len(result["rewards"]) == 1 and 0.0 <= result["rewards"][0] <= 1.0
     assert result["usage"].failures == 0 and result["usage"].requests_sent + result["usage"].cache_hits == 4
+
+
+# One set of flag names across the examples: a flag an example adds must be one of these.
+FLAGS = {
+    "--teacher": "teacher type", "--teacher-model": "the served teacher model name", "--no-teacher": "",
+    "--base-url": "", "--api-key-env": "", "--rubric": "", "--rpm": "", "--tpm": "", "--concurrency": "",
+    "--budget-usd": "", "--cache": "", "--student": "HF id, folder or smollm2", "--task": "", "--n-prompts": "",
+    "--n-eval": "", "--steps": "", "--prompts-per-step": "", "--group-size": "", "--max-new-tokens": "",
+    "--teacher-max-tokens": "", "--lr": "", "--beta": "", "--refresh-every": "", "--mode": "", "--send": "",
+    "--top-k": "", "--divergence": "", "--out": "", "--chunk": "", "--retry-failures": "", "--help": "",
+}
+SCRIPTS = sorted(p.stem for p in EXAMPLES.glob("*.py"))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_runs_and_uses_the_shared_flag_names(name):
+    import re
+    import subprocess
+    import sys
+
+    root = EXAMPLES.parent
+    proc = subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), "--help"], cwd=root, capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(root)))
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr
+    flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", proc.stdout.split("options:")[-1]))
+    assert flags and flags <= set(FLAGS), sorted(flags - set(FLAGS))
 
 
 @pytest.mark.real_server
@@ -165,7 +191,7 @@ def test_examples_against_the_real_vllm_server(tmp_path):
     base = url.rstrip("/") + ("" if url.rstrip("/").endswith("/v1") else "/v1")
     tiny = ["--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8"]
     judged = load_example("distil_from_judge").main(
-        ["--base-url", base, "--judge-model", "smollm2", "--out", str(tmp_path / "j")] + tiny
+        ["--base-url", base, "--teacher-model", "smollm2", "--out", str(tmp_path / "j")] + tiny
     )
     assert judged["usage"].requests_sent > 0 and judged["history"][0]["reward_mean"] is not None
     token = load_example("token_opd_vllm").main(
