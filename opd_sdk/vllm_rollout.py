@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -213,6 +214,9 @@ class VLLMRollout:
         self._calls = 0
         self._version = 0
         self._tmp: list[str] = []
+        # sample() and sync_weights() may come from different threads (rollouts overlapping the
+        # update with max_staleness >= 1): a weight load must never run inside a generation.
+        self._lock = threading.Lock()
         self.llm = self.server = None
         self._lora_name: str | None = None
         if mode == "colocate":
@@ -381,10 +385,11 @@ class VLLMRollout:
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Load `model`'s current weights into vLLM (in place; see the module docstring)."""
-        if self.llm is not None:
-            self._load_colocated(model)
-        else:
-            self._load_server(model)
+        with self._lock:
+            if self.llm is not None:
+                self._load_colocated(model)
+            else:
+                self._load_server(model)
 
     def sample(self, prompts: list[PromptItem], group_size: int) -> RolloutBatch:
         """group_size samples per prompt -> RolloutBatch [P*G, T] (batch.py's layout) with
@@ -395,17 +400,18 @@ class VLLMRollout:
             raise ConfigError("sample() got no prompts")
         texts = render_prompts(self.tokenizer, prompts, use_chat_template=self.use_chat_template)
         prompt_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        if self.llm is not None:
-            if self._asleep:  # sampled again without a sync in between: wake everything
-                self.llm.wake_up()
-                self._asleep = False
-            samples = self._generate_colocated(prompt_ids, group_size)
-            if self.sleep_mode:
-                self.llm.sleep(level=1)  # frees the GPU for the update; sync_weights wakes it
-                self._asleep = True
-        else:
-            samples = self._generate_server(prompt_ids, group_size)
-        self._calls += 1
+        with self._lock:
+            if self.llm is not None:
+                if self._asleep:  # sampled again without a sync in between: wake everything
+                    self.llm.wake_up()
+                    self._asleep = False
+                samples = self._generate_colocated(prompt_ids, group_size)
+                if self.sleep_mode:
+                    self.llm.sleep(level=1)  # frees the GPU for the update; sync_weights wakes it
+                    self._asleep = True
+            else:
+                samples = self._generate_server(prompt_ids, group_size)
+            self._calls += 1
         return assemble_batch(prompts, group_size, prompt_ids, samples, tokenizer=self.tokenizer, pad_id=self.pad_id,
                               eos_ids=self.eos_ids, temperature=self.temperature, max_new_tokens=self.max_new_tokens)
 

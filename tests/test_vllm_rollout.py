@@ -239,3 +239,26 @@ def test_trainer_steps_on_vllm_and_resume_restores_the_engine_weights(engine, to
         assert resumed.resume("latest") == 2
     # Resume loaded step 2 into the model and synced the engine: the same weights as the first run's.
     assert (engine.text_logprobs(ids) - trained).abs().max() < 1e-4
+
+
+@pytest.mark.vllm
+@requires_vllm
+def test_trainer_with_overlapping_rollouts_keeps_the_engine_in_step(engine, tok):
+    """max_staleness 1: the next batch is sampled in a worker thread while this step updates;
+    the engine's lock keeps weight loads out of generations, and the last sync wins."""
+    from opd_sdk.collector import FeedbackCollector
+    from opd_sdk.objectives import RewardWeighted
+    from opd_sdk.trainer import Trainer
+    from providers.verifier import VerifierTeacher
+
+    prompts = [PromptItem(prompt=f"What is {a}+{a}?", answer=str(2 * a)) for a in range(1, 9)]
+    ids = fixed_ids(tok)
+    model = student(tok, seed=6)
+    engine.sync_weights(model)
+    with FeedbackCollector(VerifierTeacher(check=lambda text, answer: len(text) / 12), progress=False) as collector:
+        trainer = Trainer(model, tok, RewardWeighted(advantage="rloo"), collector, prompts, rollout=engine,
+                          group_size=4, prompts_per_step=2, max_steps=3, lr=1e-2, temperature=T, precision="fp32",
+                          max_staleness=1, progress=False, tensorboard=False, shuffle=False)
+        history = trainer.train()
+    assert len(history) == 3
+    assert (engine.text_logprobs(ids) - trainer_logprobs(model, ids)).abs().max() < 1e-3
