@@ -351,7 +351,9 @@ class Trainer:
 
         if resume_from is not None:
             self.resume(resume_from)
-        progress = _Progress(self.max_steps, self.step, bar=self.progress)
+        from opd_sdk.progress import Progress
+
+        progress = Progress(self.max_steps, self.step, bar=self.progress)
         step_start = None  # sampler + RNG state while a step is under way
         try:
             with _sigterm_as_interrupt():
@@ -472,42 +474,6 @@ class Trainer:
 
         prune_checkpoints(self.output_dir, keep=self._keep_checkpoints())
         return path
-
-
-class _Progress:
-    """A tqdm bar on a terminal; otherwise one plain line per step on stderr (nohup, CI, schedulers):
-    step, reward, loss, feedback failures, teacher cost, step time, ETA."""
-
-    def __init__(self, total: int, initial: int, *, bar: bool) -> None:
-        self.total, self.first = total, initial
-        self.bar = tqdm(total=total, initial=initial, desc="opd train") if bar else None
-        self.started = time.perf_counter()
-
-    def update(self, step: int, row: dict[str, Any]) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(reward=row.get("reward_mean"), loss=row.get("loss"), s=round(row["time_step_s"], 2))
-            return
-        per_step = (time.perf_counter() - self.started) / max(1, step - self.first)
-        print(format_progress(step, self.total, row, eta_s=per_step * (self.total - step)), file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def format_progress(step: int, total: int, row: dict[str, Any], *, eta_s: float) -> str:
-    """`opd: step 3/10 reward 0.500 loss 0.1234 failures 0 cost $0.0000 step 1.2s ETA 8s`"""
-
-    def num(value: Any, fmt: str) -> str:
-        return "-" if value is None else format(value, fmt)
-
-    eta = f"{eta_s:.0f}s" if eta_s < 120 else f"{eta_s / 60:.0f}m" if eta_s < 7200 else f"{eta_s / 3600:.1f}h"
-    return (
-        f"opd: step {step}/{total} reward {num(row.get('reward_mean'), '.3f')} loss {num(row.get('loss'), '.4f')} "
-        f"failures {row.get('feedback_failures', 0)} cost ${row.get('teacher_cost_usd') or 0.0:.4f} "
-        f"step {row.get('time_step_s', 0.0):.1f}s ETA {eta}"
-    )
 
 
 @contextlib.contextmanager
