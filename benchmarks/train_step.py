@@ -91,7 +91,9 @@ def run_ours(args: argparse.Namespace) -> dict:
 
         trainer.sampler.next_batch = recording_next_batch
         history = trainer.train()
+        hybrid = hybrid_forwards(trainer, prompts[: args.prompts], collector)
     return {
+        "hybrid": hybrid,
         "name": "opd-sdk RewardWeighted (RLOO)",
         "step_s": [r["time_step_s"] for r in history],
         "reward": [r["reward_mean"] for r in history],
@@ -102,6 +104,31 @@ def run_ours(args: argparse.Namespace) -> dict:
         "prompts": seen,
         "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def hybrid_forwards(trainer, prompts, collector) -> dict:
+    """Trunk calls of one batch's loss: RewardWeighted alone vs a Hybrid of it and an SFT term."""
+    import torch
+
+    from opd_sdk.objectives import SFT, Hybrid, RewardWeighted, batch_loss
+    from opd_sdk.trainer import build_requests
+
+    batch = trainer.rollout.sample(prompts, trainer.group_size)
+    feedback = collector.collect_sync(build_requests(batch))
+    calls = []
+    trunk = trainer.model.get_decoder()
+    hook = trunk.register_forward_hook(lambda *a: calls.append(1))
+    out = {}
+    try:
+        for name, objective in (("reward_weighted", RewardWeighted()),
+                                ("hybrid", Hybrid([(RewardWeighted(), 1.0), (SFT(trainer.tokenizer), 0.5)]))):
+            calls.clear()
+            with torch.no_grad():
+                result = batch_loss(objective, trainer.model, batch, feedback)
+            out[name] = {"policy_passes": result.metrics["policy_passes"], "trunk_calls": len(calls)}
+    finally:
+        hook.remove()
+    return out
 
 
 def run_trl(args: argparse.Namespace) -> dict:
@@ -219,6 +246,12 @@ def report(runs: dict[str, list[dict]]) -> None:
         if seeds > 1:
             for r in rs:
                 print(f"    seed {r['seed']:<25} " + " ".join(f"{x:.2f}" for x in r["reward"]))
+    for name, rs in runs.items():
+        if rs[0].get("hybrid"):
+            h = rs[0]["hybrid"]
+            print(f"\none batch's loss, {name}: RewardWeighted alone {h['reward_weighted']['policy_passes']:.0f} policy "
+                  f"pass ({h['reward_weighted']['trunk_calls']} trunk calls); Hybrid(RewardWeighted + SFT) "
+                  f"{h['hybrid']['policy_passes']:.0f} policy pass ({h['hybrid']['trunk_calls']} trunk calls)")
     print("\nmean completion length per step (first seed):")
     for name, rs in runs.items():
         print(f"  {name:32} " + " ".join(f"{x:.1f}" if x is not None else "-" for x in rs[0]["completion_len"]))

@@ -94,3 +94,31 @@ class RolloutBatch:
             completions=self.completions,
             temperature=self.temperature,
         )
+
+    def to_json(self) -> dict:
+        """Plain JSON data (exact: float32 values round-trip through Python floats); see `from_json`."""
+        return {
+            "prompts": [p.model_dump(mode="json") for p in self.prompts],
+            "group_size": self.group_size,
+            "input_ids": self.input_ids_BT.tolist(),
+            "attention_mask": self.attention_mask_BT.tolist(),
+            "completion_mask": self.completion_mask_BT.tolist(),
+            "sampler_logprobs": self.sampler_logprobs_BT.float().tolist(),
+            "prompt_len": self.prompt_len,
+            "completions": [c.model_dump(mode="json") for c in self.completions],
+            "temperature": self.temperature,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict, device: torch.device | str = "cpu") -> "RolloutBatch":
+        return cls(
+            prompts=[PromptItem.model_validate(p) for p in data["prompts"]],
+            group_size=data["group_size"],
+            input_ids_BT=torch.tensor(data["input_ids"], dtype=torch.long, device=device),
+            attention_mask_BT=torch.tensor(data["attention_mask"], dtype=torch.long, device=device),
+            completion_mask_BT=torch.tensor(data["completion_mask"], dtype=torch.float32, device=device),
+            sampler_logprobs_BT=torch.tensor(data["sampler_logprobs"], dtype=torch.float32, device=device),
+            prompt_len=data["prompt_len"],
+            completions=[Completion.model_validate(c) for c in data["completions"]],
+            temperature=data["temperature"],
+        )

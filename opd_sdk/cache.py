@@ -5,7 +5,8 @@ one file at once; a busy writer makes others wait (busy timeout) instead of
 failing. A row is keyed by sha256(teacher id + "\\n" + cache key) and holds
 only that hash, the teacher id and the feedback JSON: never the request
 text, never a failure (a failure must be retried by a later run), never a
-secret (teacher ids are fingerprints without keys by contract).
+secret (teacher ids are fingerprints without keys by contract). The file (and
+its WAL / shared-memory files) is readable by its owner only (0600).
 """
 
 from __future__ import annotations
@@ -33,12 +34,27 @@ def cache_digest(teacher_id: str, cache_key: str) -> str:
     return hashlib.sha256(f"{teacher_id}\n{cache_key}".encode()).hexdigest()
 
 
+def _owner_only(path: Path) -> None:
+    """Create the database file readable and writable by its owner only (0600), and tighten an
+    existing one (and its WAL / shared-memory files) that we own. SQLite gives the -wal and -shm
+    files it creates the database file's permissions."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(fd)
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            if p.exists() and p.stat().st_uid == os.getuid() and p.stat().st_mode & 0o077:
+                os.chmod(p, 0o600)
+        except (OSError, AttributeError):  # another owner, or no getuid (Windows): leave it
+            pass
+
+
 class FeedbackCache:
     """`get` / `put` feedback by (teacher id, cache key). Thread- and process-safe."""
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout_s: float = 30.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _owner_only(self.path)
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(str(self.path), timeout=busy_timeout_s, check_same_thread=False,
                                      isolation_level=None)

@@ -10,22 +10,26 @@ final error into a `FeedbackFailure` value with the attempt count. A 429 with
 Retry-After pauses every new call of the collector, not just the one that
 got it. A failure is never cached and never becomes a reward.
 
-Optional teacher hooks (read with getattr; a teacher defines any it needs):
-- `pointwise = True`: split a request with several completions into one
-  sub-request per completion (each cached, retried and rate-limited on its
-  own) and merge the `Score`s back in order.
-- `api_calls(request) -> int`: HTTP calls one `feedback()` makes (RPM charge).
-- `cache_key(request) -> str`: what the cache keys on (default: the request's
-  canonical JSON).
-- `feedback_batch(requests) -> list[Feedback]`: the collector hands the
-  batch's cache misses to it in one call (local batched teachers).
+Optional teacher capabilities are the protocols of `opd_sdk.teacher`
+(`Pointwise`, `CountsCalls`, `CustomCacheKey`, `BatchTeacher`, `Closeable`),
+tested with isinstance.
+
+Errors: a `TeacherError` subclass is retried or not by its type and becomes a
+`FeedbackFailure` whose `error_type` is the type's kind. Any other exception
+out of a teacher is a bug: it propagates out of `collect` / `collect_sync`
+(the run stops with its traceback), never a masked failure.
 
 The torch loop is synchronous: `collect_sync` is the one place it enters
 asyncio. It runs the collection on the collector's own background event loop
 (one per collector, kept for its lifetime so the teacher's HTTP connection
 pool stays on one loop), so it works from plain code and from inside a
 running loop (a notebook, or a thread of an async app) alike. Use either
-`collect_sync` or `await collect` with one collector, not both.
+`collect_sync` or `await collect` with one collector, not both. `close()`
+shuts the loop down cleanly: the teacher's HTTP clients made on it are closed
+on it (see `providers.client.Endpoint`).
+
+For a local teacher (`opd_sdk.teacher.is_local`) use `make_collector`, which
+returns an in-process `opd_sdk.local.LocalRunner` with the same interface.
 """
 
 from __future__ import annotations
@@ -43,38 +47,20 @@ from tqdm.auto import tqdm
 from opd_sdk.cache import FeedbackCache
 from opd_sdk.constants import (DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, INITIAL_BACKOFF_S,
                                MAX_BACKOFF_S, MAX_RETRY_AFTER_S)
-from opd_sdk.errors import ConfigError, TeacherError
+from opd_sdk.errors import BadResponse, ConfigError, RateLimited, TeacherError, TeacherTimeout
 from opd_sdk.ratelimit import RateLimiter, estimate_tokens
 from opd_sdk.redact import redact
 from opd_sdk.retry import retrying
-from opd_sdk.types import (CallUsage, Feedback, FeedbackFailure, FeedbackRequest, Preference, Reference, Score,
+from opd_sdk.teacher import BatchTeacher, Closeable, CustomCacheKey, Teacher, api_calls, is_pointwise
+from opd_sdk.types import (MISSING, CallUsage, Feedback, FeedbackFailure, FeedbackRequest, Preference, Reference, Score,
                            TokenLogprobs)
 from opd_sdk.usage import Usage
 
 log = logging.getLogger("opd_sdk.collector")
 
 
-class _CallTimeout(TeacherError):
-    """The collector's per-call timeout fired (retriable)."""
-
-
 class _BudgetReached(Exception):
     """The budget was spent before this attempt; nothing was sent."""
-
-
-def _error_type(exc: BaseException) -> str:
-    if isinstance(exc, _CallTimeout):
-        return "timeout"
-    if isinstance(exc, TeacherError) and exc.status is not None:
-        return f"http_{exc.status}"
-    cause = type(exc.__cause__).__name__ if exc.__cause__ is not None else type(exc).__name__
-    if "Timeout" in cause:
-        return "timeout"
-    if "Connection" in cause:
-        return "connection"
-    if "JSONDecode" in cause or "Validation" in cause:
-        return "malformed_response"
-    return cause
 
 
 def _unanswered(exc: BaseException) -> FeedbackFailure:
@@ -82,16 +68,16 @@ def _unanswered(exc: BaseException) -> FeedbackFailure:
     return FeedbackFailure(reason=redact(f"not answered: {type(exc).__name__}: {exc}")[:500], error_type=kind)
 
 
-def _check_shape(feedback: Any, request: FeedbackRequest) -> Feedback:
-    """Reject answers that are not Feedback or do not fit the request."""
+def check_shape(feedback: Any, request: FeedbackRequest) -> Feedback:
+    """`feedback` if it is a Feedback value that fits `request`; else BadResponse (not retried)."""
     n = len(request.completions)
     if not isinstance(feedback, (Score, Preference, Reference, TokenLogprobs, FeedbackFailure)):
-        raise TeacherError(f"teacher returned {type(feedback).__name__}, not a Feedback value", retriable=False)
+        raise BadResponse(f"teacher returned {type(feedback).__name__}, not a Feedback value", retriable=False)
     if isinstance(feedback, Score) and len(feedback.scores) != n:
-        raise TeacherError(f"teacher returned {len(feedback.scores)} scores for {n} completions", retriable=False)
+        raise BadResponse(f"teacher returned {len(feedback.scores)} scores for {n} completions", retriable=False)
     if isinstance(feedback, TokenLogprobs) and len(feedback.logprobs) != n:
-        raise TeacherError(f"teacher returned log-probs for {len(feedback.logprobs)} of {n} completions",
-                           retriable=False)
+        raise BadResponse(f"teacher returned log-probs for {len(feedback.logprobs)} of {n} completions",
+                          retriable=False)
     return feedback
 
 
@@ -130,7 +116,7 @@ class FeedbackCollector:
         backoff_max_s: float = MAX_BACKOFF_S,
         retry_after_cap_s: float = MAX_RETRY_AFTER_S,
     ) -> None:
-        if not isinstance(getattr(teacher, "id", None), str) or not callable(getattr(teacher, "feedback", None)):
+        if not isinstance(teacher, Teacher) or not isinstance(teacher.id, str):
             raise ConfigError("teacher must have a string `id` and an async `feedback(request)` method "
                               f"(see opd_sdk.Teacher); got {type(teacher).__name__}")
         if not (isinstance(max_concurrency, int) and max_concurrency >= 1):
@@ -180,7 +166,7 @@ class FeedbackCollector:
         loop = asyncio.get_running_loop()
         if self._slots_loop is not loop:
             self._slots, self._slots_loop = asyncio.Semaphore(self.max_concurrency), loop
-        pointwise = bool(getattr(self.teacher, "pointwise", False))
+        pointwise = is_pointwise(self.teacher)
         units: list[FeedbackRequest] = []
         spans: list[tuple[int, int]] = []
         for r in requests:
@@ -218,14 +204,14 @@ class FeedbackCollector:
 
     def close(self) -> None:
         """Stop the background loop (if `collect_sync` started one); close the cache if
-        the collector opened it (one passed in as a FeedbackCache stays open).
+        the collector opened it (one passed in as a FeedbackCache stays open). Idempotent.
 
-        A teacher with `aclose()` (its HTTP client lives on that loop) is closed there first.
+        Before the loop stops, a `Closeable` teacher's `aclose()` runs on it, then the loop's
+        async generators are shut down (as `asyncio.run` does), which closes the teacher's
+        HTTP clients made on this loop (`providers.client.Endpoint`), on this loop.
         """
         if self._sync_loop is not None:
-            aclose = getattr(self.teacher, "aclose", None)
-            if callable(aclose):
-                asyncio.run_coroutine_threadsafe(aclose(), self._sync_loop).result(10)
+            asyncio.run_coroutine_threadsafe(self._shutdown_loop(), self._sync_loop).result(30)
             self._sync_loop.call_soon_threadsafe(self._sync_loop.stop)
             if self._sync_thread is not None:
                 self._sync_thread.join(10)
@@ -233,6 +219,16 @@ class FeedbackCollector:
             self._sync_loop = None
         if self.cache is not None and self._owns_cache:
             self.cache.close()
+            self._owns_cache = False
+
+    async def _shutdown_loop(self) -> None:
+        if isinstance(self.teacher, Closeable):  # its own clients, made on this loop
+            await self.teacher.aclose()
+        tasks = [t for t in self._tasks if not t.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.get_running_loop().shutdown_asyncgens()
 
     def __enter__(self) -> "FeedbackCollector":
         return self
@@ -242,12 +238,12 @@ class FeedbackCollector:
 
     # ----- scheduling --------------------------------------------------------
     def _cache_key(self, request: FeedbackRequest) -> str:
-        hook = getattr(self.teacher, "cache_key", None)
-        return hook(request) if callable(hook) else request.canonical_json()
+        if isinstance(self.teacher, CustomCacheKey):
+            return self.teacher.cache_key(request)
+        return request.canonical_json()
 
     def _api_calls(self, request: FeedbackRequest) -> int:
-        hook = getattr(self.teacher, "api_calls", None)
-        return int(hook(request)) if callable(hook) else 1
+        return api_calls(self.teacher, request)
 
     def _start(self, units: list[FeedbackRequest], keys: list[str],
                loop: asyncio.AbstractEventLoop) -> list[asyncio.Future]:
@@ -272,7 +268,7 @@ class FeedbackCollector:
                 continue
             self._inflight[key] = fut
             misses.append((key, unit))
-        if misses and callable(getattr(self.teacher, "feedback_batch", None)):
+        if misses and isinstance(self.teacher, BatchTeacher):
             self._spawn(loop, self._resolve_batch(misses, [by_key[k] for k, _ in misses]))
         else:
             for key, unit in misses:
@@ -291,7 +287,10 @@ class FeedbackCollector:
             result = feedback[0]
             self._store(key, result)
             fut.set_result(result)
-        except BaseException as exc:  # cancellation or a collector bug: still resolve the waiters
+        except Exception as exc:  # a teacher bug: every waiter re-raises it
+            if not fut.done():
+                fut.set_exception(exc)
+        except BaseException as exc:  # cancellation: still resolve the waiters
             if not fut.done():
                 fut.set_result(_unanswered(exc))
             raise
@@ -306,6 +305,10 @@ class FeedbackCollector:
             for (key, _), fut, result in zip(misses, futs, results):
                 self._store(key, result)
                 fut.set_result(result)
+        except Exception as exc:  # a teacher bug: every waiter re-raises it
+            for fut in futs:
+                if not fut.done():
+                    fut.set_exception(exc)
         except BaseException as exc:
             for fut in futs:
                 if not fut.done():
@@ -338,23 +341,18 @@ class FeedbackCollector:
                         self.usage.retries += int(attempts > 1)
                         results = await self._attempt(call, len(units), cap)
                         self._account(results, est_tokens)  # before the slot is released
-                    results = [_check_shape(r, u) for r, u in zip(results, units)]
+                    results = [check_shape(r, u) for r, u in zip(results, units)]
         except _BudgetReached:
             self.usage.budget_skipped += len(units)
             reason = (f"not sent: budget of ${self.budget_usd:.4f} reached "
                       f"(${self.usage.cost_usd:.4f} spent)")
             return [FeedbackFailure(reason=reason, error_type="budget", attempts=attempts, retriable=True)
                     for _ in units]
-        except TeacherError as exc:
-            reason = redact(str(exc)) or type(exc).__name__
-            log.warning("teacher %s failed after %d attempt(s): %s", self.teacher.id, attempts, reason)
-            return [FeedbackFailure(reason=reason, error_type=_error_type(exc), attempts=attempts,
-                                    retriable=exc.retriable) for _ in units]
-        except Exception as exc:  # a teacher bug: not retried, reported, never a reward
-            reason = redact(f"{type(exc).__name__}: {exc}")[:500]
-            log.warning("teacher %s raised %s (not a TeacherError; not retried)", self.teacher.id, reason)
-            return [FeedbackFailure(reason=reason, error_type=type(exc).__name__, attempts=attempts,
-                                    retriable=False) for _ in units]
+        except TeacherError as exc:  # anything else is a bug and propagates
+            failure = FeedbackFailure.from_error(exc, attempts)
+            log.warning("teacher %s failed after %d attempt(s) (%s): %s", self.teacher.id, attempts,
+                        failure.error_type, failure.reason)
+            return [failure for _ in units]
         return [r.model_copy(update={"attempts": max(r.attempts, attempts)}) if isinstance(r, FeedbackFailure)
                 else r for r in results]
 
@@ -363,17 +361,17 @@ class FeedbackCollector:
         try:
             raw = await asyncio.wait_for(call(), self.timeout)
         except asyncio.TimeoutError as exc:
-            raise _CallTimeout(f"no answer within the {self.timeout:g} s timeout", retriable=True) from exc
+            raise TeacherTimeout(f"no answer within the collector's {self.timeout:g} s timeout") from exc
         except TeacherError as exc:
             log.debug("teacher %s attempt failed (%s): %s", self.teacher.id,
                       "will retry if attempts remain" if exc.retriable else "not retriable", redact(str(exc)))
-            if exc.status == 429 and exc.retry_after:
+            if isinstance(exc, RateLimited) and exc.retry_after:
                 self.limiter.pause(min(exc.retry_after, retry_after_cap))
             raise
         results = [raw] if n_units == 1 and not isinstance(raw, list) else list(raw)
         if len(results) != n_units:
-            raise TeacherError(f"feedback_batch returned {len(results)} answers for {n_units} requests",
-                               retriable=False)
+            raise BadResponse(f"feedback_batch returned {len(results)} answers for {n_units} requests",
+                              retriable=False)
         return results
 
     def _account(self, results: list[Any], est_tokens: int) -> None:
@@ -391,23 +389,65 @@ class FeedbackCollector:
     # ----- pointwise merge ---------------------------------------------------
     @staticmethod
     def _merge(parts: list[Feedback]) -> Feedback:
-        """Merge per-completion Scores (pointwise teacher) into one Score, in order."""
-        failed = [i for i, p in enumerate(parts) if isinstance(p, FeedbackFailure)]
-        if failed:
-            first = parts[failed[0]]
+        """Merge per-completion Scores (pointwise teacher) into one Score, in order.
+
+        A completion whose call failed gets NaN (`MISSING`: a missing value, never a reward) and its
+        failure in `details["failed"]`; the others keep their scores. Only when every
+        completion failed is the whole a FeedbackFailure.
+        """
+        failed = {i: p for i, p in enumerate(parts) if isinstance(p, FeedbackFailure)}
+        if len(failed) == len(parts):
+            first = parts[0]
             assert isinstance(first, FeedbackFailure)
             return FeedbackFailure(
-                reason=f"completion(s) {failed} of {len(parts)} failed; first: {first.reason}",
+                reason=f"all {len(parts)} completions failed; first: {first.reason}",
                 error_type=first.error_type,
-                attempts=max(p.attempts for p in parts if isinstance(p, FeedbackFailure)),
-                retriable=all(parts[i].retriable for i in failed),  # type: ignore[union-attr]
+                attempts=max(p.attempts for p in failed.values()),
+                retriable=all(p.retriable for p in failed.values()),
+                status=first.status,
             )
-        if not all(isinstance(p, Score) for p in parts):
-            kinds = sorted({p.kind for p in parts})
-            return FeedbackFailure(reason=f"pointwise teacher returned {kinds}; only score can be merged",
-                                   error_type="bad_feedback")
-        usage = CallUsage(calls=sum(p.usage.calls for p in parts),
-                          prompt_tokens=sum(p.usage.prompt_tokens for p in parts),
-                          completion_tokens=sum(p.usage.completion_tokens for p in parts))
-        return Score(scores=[p.scores[0] for p in parts], usage=usage,  # type: ignore[union-attr]
-                     details={"pointwise": [p.details for p in parts]})
+        ok = [p for p in parts if not isinstance(p, FeedbackFailure)]
+        if not all(isinstance(p, Score) and len(p.scores) == 1 for p in ok):
+            kinds = sorted({p.kind for p in ok})
+            return FeedbackFailure(reason=f"pointwise teacher returned {kinds}; only one-value scores can be merged",
+                                   error_type="bad_response")
+        usage = CallUsage(calls=sum(p.usage.calls for p in ok),
+                          prompt_tokens=sum(p.usage.prompt_tokens for p in ok),
+                          completion_tokens=sum(p.usage.completion_tokens for p in ok))
+        details: dict[str, Any] = {"pointwise": [None if i in failed else p.details for i, p in enumerate(parts)]}
+        if failed:
+            details["failed"] = {i: {"reason": f.reason, "error_type": f.error_type, "retriable": f.retriable}
+                                 for i, f in failed.items()}
+        return Score(scores=[MISSING if i in failed else p.scores[0] for i, p in enumerate(parts)],  # type: ignore[union-attr]
+                     usage=usage, details=details)
+
+
+_LOCAL_IGNORES = ("max_concurrency", "rpm", "tpm", "timeout", "max_retries", "budget_usd",
+                  "price_per_1k_prompt_tokens", "price_per_1k_completion_tokens", "progress",
+                  "backoff_initial_s", "backoff_max_s", "retry_after_cap_s")
+
+
+def make_collector(teacher: Any, **collector_kwargs: Any) -> Any:
+    """The object the trainer collects feedback through, for `teacher`.
+
+    A local teacher (`opd_sdk.teacher.is_local`: verifier, self-distillation, a composite
+    of local teachers) gets an in-process `opd_sdk.local.LocalRunner` (only `cache` is
+    used; the network settings in `collector_kwargs` do not apply to it and are
+    ignored). Any other teacher gets a `FeedbackCollector(teacher, **collector_kwargs)`.
+    A teacher that is not cacheable (its answers change every step) gets no cache either
+    way. Both have `collect_sync(requests)`, `usage`, `close()` and `teacher`.
+
+    Raises TypeError for a keyword FeedbackCollector does not take.
+    """
+    from opd_sdk.local import LocalRunner
+    from opd_sdk.teacher import is_cacheable, is_local
+
+    unknown = sorted(set(collector_kwargs) - set(_LOCAL_IGNORES) - {"cache"})
+    if unknown:
+        raise TypeError(f"make_collector got unknown keyword(s) {unknown}; FeedbackCollector takes "
+                        f"{sorted(_LOCAL_IGNORES + ('cache',))}")
+    if not is_cacheable(teacher):
+        collector_kwargs["cache"] = None
+    if is_local(teacher):
+        return LocalRunner(teacher, cache=collector_kwargs.get("cache"))
+    return FeedbackCollector(teacher, **collector_kwargs)

@@ -16,7 +16,7 @@ import random
 from pathlib import Path
 from typing import Any, Iterable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from opd_sdk.errors import ConfigError
 from opd_sdk.types import ChatMessage
@@ -29,6 +29,14 @@ class PromptItem(BaseModel):
     privileged: str | None = None
     answer: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("answer")
+    @classmethod
+    def _answer_not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("the reference answer is empty or only whitespace; give the expected answer, "
+                             "or leave it out (None) for prompts without one")
+        return value
 
     def messages(self) -> list[ChatMessage]:
         """The prompt as chat messages (a text prompt becomes one user turn)."""
@@ -70,6 +78,11 @@ def _item_from_record(
             return str(value)  # numeric answers: keep their text form
         if not isinstance(value, str):
             raise ConfigError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+        if name == answer_field and not value.strip():
+            raise ConfigError(
+                f"{where}: the reference answer {name!r} is {value!r} (empty); a verifier would give an empty "
+                "completion full marks. Give the expected answer, or remove the field (or set it to null)."
+            )
         return value
 
     if metadata_fields is None:
@@ -111,7 +124,7 @@ def load_prompts(
     optionally privileged context and a reference answer. Other fields go to
     `metadata` (all of them, or only `metadata_fields` when given). A
     `datasets.DatasetDict` needs `split=`. Raises ConfigError naming the file,
-    line and missing field.
+    line and missing field, or an empty / whitespace-only reference answer.
     """
     kw = dict(
         prompt_field=prompt_field,

@@ -1,11 +1,30 @@
-"""One error root for the SDK, and the errors a teacher raises.
+"""One error root for the SDK, and the typed errors a teacher raises.
 
-Providers translate their client's exceptions into `TeacherError` at the
-adapter boundary, saying whether a retry may help and how long the server
-asked us to wait. The collector reads only these two fields.
+Providers translate their client's exceptions into a `TeacherError` subclass
+at the adapter boundary. The collector decides from the type alone whether
+to retry and which `FeedbackFailure.error_type` to record:
+
+| class                     | retried | error_type     | typical cause                           |
+|---------------------------|---------|----------------|-----------------------------------------|
+| `RateLimited`             | yes     | "rate_limited" | HTTP 429, a 200 whose body says so      |
+| `ServerError`             | yes     | "server_error" | HTTP 5xx, 408, 409                      |
+| `TeacherTimeout`          | yes     | "timeout"      | no answer in time                       |
+| `TeacherConnectionError`  | yes     | "connection"   | refused / dropped connection            |
+| `BadResponse`             | yes     | "bad_response" | malformed body, a verdict that did not parse |
+| `ClientError`             | no      | "client_error" | other 4xx: bad request, auth, not found |
+| `Unsupported` (ClientError)| no     | "unsupported"  | the server lacks a feature the teacher needs |
+| `Truncated` (ClientError) | no      | "truncated"    | the reply hit the token limit           |
+| `TokenizationMismatch` (ClientError) | no | "tokenization_mismatch" | teacher and student split text differently |
+
+Every one carries `status` (the HTTP status, when there was one) and
+`retry_after` (seconds the server asked us to wait, when it said so).
+An exception that is not a `TeacherError` coming out of a teacher is a bug:
+the collector lets it propagate.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 
 class OPDError(Exception):
@@ -17,26 +36,85 @@ class ConfigError(OPDError, ValueError):
 
 
 class TeacherError(OPDError):
-    """A teacher call failed.
+    """A teacher call failed. Raise a subclass; the base is for a kind not listed.
 
-    retriable: a later attempt may succeed (connection error, timeout, 408,
-        409, 429, 5xx, a verdict that did not parse).
+    retriable: a later attempt may succeed (default: the class's).
     retry_after: seconds the server asked us to wait, if it said so.
     status: the HTTP status, when there was one.
     """
+
+    error_type: ClassVar[str] = "teacher_error"
+    default_retriable: ClassVar[bool] = False
 
     def __init__(
         self,
         message: str,
         *,
-        retriable: bool,
+        retriable: bool | None = None,
         retry_after: float | None = None,
         status: int | None = None,
     ) -> None:
         super().__init__(message)
-        self.retriable = retriable
+        self.retriable = self.default_retriable if retriable is None else bool(retriable)
         self.retry_after = retry_after
         self.status = status
+
+
+class RateLimited(TeacherError):
+    """HTTP 429 (or a 200 whose error body says rate limit); retried after `retry_after` or backoff."""
+
+    error_type = "rate_limited"
+    default_retriable = True
+
+
+class ServerError(TeacherError):
+    """HTTP 5xx, 408 or 409, or a provider error body that says the server failed; retried."""
+
+    error_type = "server_error"
+    default_retriable = True
+
+
+class TeacherTimeout(TeacherError):
+    """No answer within the timeout; retried."""
+
+    error_type = "timeout"
+    default_retriable = True
+
+
+class TeacherConnectionError(TeacherError):
+    """The connection failed or dropped; retried."""
+
+    error_type = "connection"
+    default_retriable = True
+
+
+class BadResponse(TeacherError):
+    """The server answered, but not with what we can read (malformed JSON, a verdict
+    that did not parse, the wrong number of values); retried."""
+
+    error_type = "bad_response"
+    default_retriable = True
+
+
+class ClientError(TeacherError):
+    """The request itself is wrong (HTTP 400, 401, 403, 404, 422...): retrying cannot help."""
+
+    error_type = "client_error"
+    default_retriable = False
+
+
+class Unsupported(ClientError):
+    """The server cannot do what the teacher needs (no echo, no log-probs...); the message
+    names the missing feature."""
+
+    error_type = "unsupported"
+
+
+class Truncated(ClientError):
+    """The reply was cut off by the token limit (`finish_reason == "length"`); the message
+    says which `max_tokens` to raise."""
+
+    error_type = "truncated"
 
 
 class TrainingStopped(OPDError):
@@ -45,5 +123,23 @@ class TrainingStopped(OPDError):
     saves a checkpoint first; the message says what failed and how to resume."""
 
 
-class TokenizationMismatch(OPDError):
-    """Teacher and student tokenise the same text differently."""
+class TokenizationMismatch(ClientError):
+    """Teacher and student tokenise the same text differently (not retried: the same
+    text splits the same way again). Raised by teachers and by the objectives."""
+
+    error_type = "tokenization_mismatch"
+
+
+TEACHER_ERRORS: dict[str, type[TeacherError]] = {
+    cls.error_type: cls
+    for cls in (TeacherError, RateLimited, ServerError, TeacherTimeout, TeacherConnectionError, BadResponse,
+                ClientError, Unsupported, Truncated, TokenizationMismatch)
+}
+
+
+def error_from_failure(failure: object, prefix: str = "") -> TeacherError:
+    """The typed error that re-raises a `FeedbackFailure` value (a composite's child failed):
+    same kind, retriability and status; an unknown kind becomes a plain `TeacherError`."""
+    cls = TEACHER_ERRORS.get(getattr(failure, "error_type", ""), TeacherError)
+    return cls(prefix + str(getattr(failure, "reason", "")), retriable=bool(getattr(failure, "retriable", False)),
+               status=getattr(failure, "status", None))

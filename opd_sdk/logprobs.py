@@ -13,6 +13,7 @@ still runs the adapters).
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 import torch.utils.checkpoint
@@ -94,6 +95,117 @@ def _hidden_with_shared_prefix(trunk, input_ids_BT, attention_mask_BT, position_
     return torch.cat([last_prefix_B1H, post.last_hidden_state[:, :-1]], dim=1)
 
 
+@dataclass
+class Support:
+    """Positions where a loss needs the policy's log-probs of several tokens (a teacher's top-k).
+
+    rows_M, cols_M: long [M]: the row, and the column of the token the position predicts.
+    ids_MK: long [M, K]: token ids (padding where mask_MK is False). mask_MK: bool [M, K].
+    """
+
+    rows_M: torch.Tensor
+    cols_M: torch.Tensor
+    ids_MK: torch.Tensor
+    mask_MK: torch.Tensor
+
+
+@dataclass
+class SequenceLogprobs:
+    """One trunk pass, read several ways.
+
+    selected: {temperature: float [B, T]} log softmax(logits / temperature) of the token at
+        each column (0 before `from_col`).
+    support_MK: float [M, K] log-probs (temperature 1) of the support ids; log_tail_M: float
+        [M], log of the mass outside the support (None without a support).
+    """
+
+    selected: dict[float, torch.Tensor]
+    support_MK: torch.Tensor | None = None
+    log_tail_M: torch.Tensor | None = None
+
+
+def sequence_logprobs(
+    model: torch.nn.Module,
+    input_ids_BT: torch.Tensor,
+    attention_mask_BT: torch.Tensor,
+    *,
+    temperatures: tuple[float, ...] = (1.0,),
+    support: Support | None = None,
+    chunk_rows: int = 4,
+    recompute_head: bool = False,
+    from_col: int = 1,
+    share_prefix: bool = True,
+) -> SequenceLogprobs:
+    """Selected-token log-probs at each temperature, and support log-probs, from one trunk pass.
+
+    See `selected_logprobs` for the layout, padding, `from_col`, `share_prefix` and
+    `recompute_head`. The support's columns must be >= from_col. Raises ValueError for a
+    temperature <= 0.
+    """
+    if any(t <= 0 for t in temperatures):
+        raise ValueError("temperature must be > 0 for log-probabilities (greedy has none)")
+    position_ids_BT = (attention_mask_BT.long().cumsum(-1) - 1).clamp(min=0)
+    trunk, head = _trunk_and_head(model)
+    B, T = input_ids_BT.shape
+    kwargs = dict(input_ids=input_ids_BT, attention_mask=attention_mask_BT, position_ids=position_ids_BT)
+    from_col = max(1, min(from_col, T))
+    # states_BSX: the hidden states (or logits, for a model we cannot split) that predict columns from_col .. T-1
+    states_BSX = None
+    if trunk is not None and share_prefix and 1 < from_col < T and not _uses_activation_checkpointing(trunk):
+        G = shared_prefix_group(input_ids_BT, attention_mask_BT, from_col)
+        if G > 1:
+            states_BSX = _hidden_with_shared_prefix(trunk, input_ids_BT, attention_mask_BT, position_ids_BT, from_col, G)
+    if states_BSX is None:
+        if trunk is None:
+            states_BSX = model(**kwargs, use_cache=False).logits[:, from_col - 1 : -1]
+        else:
+            states_BSX = trunk(**kwargs, use_cache=False).last_hidden_state[:, from_col - 1 : -1]
+    is_hidden = trunk is not None
+
+    def chunk_logprobs(inputs_RSX: torch.Tensor, targets_RS: torch.Tensor, temperature: float) -> torch.Tensor:
+        logits_RSV = (head(inputs_RSX) if is_hidden else inputs_RSX).float()
+        if temperature != 1.0:
+            logits_RSV = logits_RSV / temperature
+        picked_RS = logits_RSV.gather(-1, targets_RS.unsqueeze(-1)).squeeze(-1)
+        return picked_RS - torch.logsumexp(logits_RSV, dim=-1)
+
+    selected = {}
+    zeros_BF = torch.zeros(B, from_col, device=input_ids_BT.device)
+    for temperature in dict.fromkeys(temperatures):
+        rows = []
+        for start in range(0, B, chunk_rows):
+            sl = slice(start, start + chunk_rows)
+            args = (states_BSX[sl], input_ids_BT[sl, from_col:], temperature)
+            if recompute_head and is_hidden and torch.is_grad_enabled():
+                rows.append(torch.utils.checkpoint.checkpoint(chunk_logprobs, *args, use_reentrant=False))
+            else:
+                rows.append(chunk_logprobs(*args))
+        selected[temperature] = torch.cat([zeros_BF, torch.cat(rows, 0)], dim=1)
+    if support is None:
+        return SequenceLogprobs(selected)
+    support_MK, log_tail_M = _support_logprobs(states_BSX, support, from_col, head if is_hidden else None, 64 * chunk_rows)
+    return SequenceLogprobs(selected, support_MK, log_tail_M)
+
+
+def _support_logprobs(states_BSX, support: Support, from_col: int, head, chunk_positions: int):
+    """Log-probs of the support ids, and of everything outside the support, at each position.
+
+    The head runs only at the M positions, a chunk at a time: no [B, T, V] tensor.
+    log_tail_M = log(1 - exp(logsumexp of the support log-probs)) in float32 (about 1e-7
+    absolute error; a tail below 1e-30 is clamped).
+    """
+    source_MX = states_BSX[support.rows_M, support.cols_M - from_col]
+    out_lp, out_tail = [], []
+    for start in range(0, source_MX.shape[0], chunk_positions):
+        sl = slice(start, start + chunk_positions)
+        logits_CV = (head(source_MX[sl]) if head is not None else source_MX[sl]).float()
+        lp_CK = logits_CV.gather(-1, support.ids_MK[sl]) - torch.logsumexp(logits_CV, dim=-1, keepdim=True)
+        out_lp.append(lp_CK)
+        inside_C = torch.logsumexp(torch.where(support.mask_MK[sl], lp_CK, float("-inf")), dim=-1)
+        out_tail.append(torch.log((-torch.expm1(inside_C)).clamp(min=1e-30)))
+    return torch.cat(out_lp, 0), torch.cat(out_tail, 0)
+
+
 def selected_logprobs(
     model: torch.nn.Module,
     input_ids_BT: torch.Tensor,
@@ -123,45 +235,8 @@ def selected_logprobs(
     P times instead of P*G. Off under activation checkpointing (which drops
     the cache) and for models without a KV cache.
     """
-    if temperature <= 0:
-        raise ValueError("temperature must be > 0 for log-probabilities (greedy has none)")
-    position_ids_BT = (attention_mask_BT.long().cumsum(-1) - 1).clamp(min=0)
-    trunk, head = _trunk_and_head(model)
-    B, T = input_ids_BT.shape
-    kwargs = dict(input_ids=input_ids_BT, attention_mask=attention_mask_BT, position_ids=position_ids_BT)
-    from_col = max(1, min(from_col, T))
-    shared_BSH = None  # hidden states at positions from_col-1 .. T-2 from the shared-prefix path
-    if trunk is not None and share_prefix and 1 < from_col < T and not _uses_activation_checkpointing(trunk):
-        G = shared_prefix_group(input_ids_BT, attention_mask_BT, from_col)
-        if G > 1:
-            shared_BSH = _hidden_with_shared_prefix(trunk, input_ids_BT, attention_mask_BT, position_ids_BT, from_col, G)
-    if shared_BSH is not None:
-        hidden_BTH = logits_BTV = None
-    elif trunk is None:
-        logits_BTV = model(**kwargs, use_cache=False).logits
-        hidden_BTH = None
-    else:
-        hidden_BTH = trunk(**kwargs, use_cache=False).last_hidden_state
-    hidden = hidden_BTH is not None or shared_BSH is not None
-
-    def chunk_logprobs(inputs_RTX: torch.Tensor, targets_RT: torch.Tensor) -> torch.Tensor:
-        logits_RTV = (head(inputs_RTX) if hidden else inputs_RTX).float()
-        if temperature != 1.0:
-            logits_RTV = logits_RTV / temperature
-        picked_RT = logits_RTV.gather(-1, targets_RT.unsqueeze(-1)).squeeze(-1)
-        return picked_RT - torch.logsumexp(logits_RTV, dim=-1)
-
-    rows = []
-    for start in range(0, B, chunk_rows):
-        sl = slice(start, start + chunk_rows)
-        targets = input_ids_BT[sl, from_col:]
-        if shared_BSH is not None:
-            inputs = shared_BSH[sl]
-        else:
-            inputs = (hidden_BTH if hidden_BTH is not None else logits_BTV)[sl, from_col - 1 : -1]
-        if recompute_head and hidden and torch.is_grad_enabled():
-            rows.append(torch.utils.checkpoint.checkpoint(chunk_logprobs, inputs, targets, use_reentrant=False))
-        else:
-            rows.append(chunk_logprobs(inputs, targets))
-    zeros_BF = torch.zeros(B, from_col, device=input_ids_BT.device)
-    return torch.cat([zeros_BF, torch.cat(rows, 0)], dim=1)
+    out = sequence_logprobs(
+        model, input_ids_BT, attention_mask_BT, temperatures=(temperature,), chunk_rows=chunk_rows,
+        recompute_head=recompute_head, from_col=from_col, share_prefix=share_prefix,
+    )
+    return out.selected[temperature]

@@ -2,9 +2,10 @@
 
 Follows the openai-python client's policy (retry on connection errors,
 timeouts, 408, 409, 429, 5xx; exponential backoff with jitter; honour
-`retry-after-ms`, then `retry-after` as seconds or an HTTP date). Departs from
-it in two ways: a server delay above the cap is clamped to the cap instead of
-being ignored, and the decision reads only `TeacherError.retriable` and
+`retry-after-ms`, then `retry-after` as seconds or an HTTP date, then the
+delay headers proxies use). Departs from it in three ways: a server delay
+above the cap is clamped to the cap instead of being ignored, a delay of 0
+(or in the past) falls back to the backoff instead of retrying at once, and the decision reads only `TeacherError.retriable` and
 `TeacherError.retry_after`, because providers translate their client's errors
 into `TeacherError` at the adapter boundary.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import email.utils
 import math
 import random
+import re
 import time
 from typing import Any, Mapping
 
@@ -34,18 +36,53 @@ def _finite_nonneg(text: str) -> float | None:
     return value
 
 
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?"
+                       r"(?:(\d+(?:\.\d+)?)ms)?$")
+# proxies' names for the server's delay, read after retry-after-ms and retry-after
+PROXY_DELAY_HEADERS = ("llm_provider-retry-after", "x-litellm-retry-after")
+RESET_HEADERS = ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens", "x-ratelimit-reset")
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in a duration: "2", "0.5", "1s", "20ms", "6m0s", "1h2m3.5s" (None if unparsable)."""
+    text = text.strip().lower()
+    plain = _finite_nonneg(text)
+    if plain is not None:
+        return plain
+    match = _DURATION.match(text)
+    if not text or match is None or not any(match.groups()):
+        return None
+    h, m, sec, ms = (float(g) if g else 0.0 for g in match.groups())
+    return h * 3600 + m * 60 + sec + ms / 1000
+
+
+def _seconds_or_date(text: str, now: float | None) -> float | None:
+    delay = _finite_nonneg(text)
+    if delay is None and text:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            when = None
+        if when is not None and when.tzinfo is not None:
+            delay = when.timestamp() - (time.time() if now is None else now)
+    return delay
+
+
 def parse_retry_after(
     headers: Mapping[str, Any] | None,
     *,
     cap: float = MAX_RETRY_AFTER_S,
     now: float | None = None,
 ) -> float | None:
-    """Seconds a server asked us to wait, clamped to [0, cap]; None if it did not say.
+    """Seconds a server asked us to wait, clamped to (0, cap]; None if it did not say.
 
-    Reads `retry-after-ms` (milliseconds) first, then `retry-after` as seconds
-    (floats allowed) or as an HTTP date (a date in the past means 0). Header
-    names are matched case-insensitively; unparsable or negative values are
-    ignored. `now` (unix time) is for tests.
+    Reads, first found wins: `retry-after-ms` (milliseconds); `retry-after` as
+    seconds (floats allowed) or an HTTP date; the proxies' `llm_provider-retry-after`
+    (LiteLLM); then `x-ratelimit-reset-requests` / `-tokens` durations such as "1s",
+    "20ms" or "6m0s" (the longer of the two). A delay of 0, a negative one, a date
+    in the past or an unparsable value means "no server delay": None, so the caller
+    uses its exponential backoff, never an immediate retry. Header names are matched
+    case-insensitively; `now` (unix time) is for tests.
     """
     if not headers:
         return None
@@ -54,17 +91,14 @@ def parse_retry_after(
     if "retry-after-ms" in lowered:
         ms = _finite_nonneg(lowered["retry-after-ms"])
         delay = None if ms is None else ms / 1000.0
-    if delay is None and "retry-after" in lowered:
-        text = lowered["retry-after"]
-        delay = _finite_nonneg(text)
-        if delay is None and text:
-            try:
-                when = email.utils.parsedate_to_datetime(text)
-            except (TypeError, ValueError, IndexError, OverflowError):
-                when = None
-            if when is not None and when.tzinfo is not None:
-                delay = max(0.0, when.timestamp() - (time.time() if now is None else now))
-    if delay is None:
+    for name in ("retry-after", *PROXY_DELAY_HEADERS):
+        if (delay is None or delay <= 0) and name in lowered:
+            delay = _seconds_or_date(lowered[name], now)
+    if delay is None or delay <= 0:
+        resets = [parse_duration(lowered[h]) for h in RESET_HEADERS if h in lowered]
+        resets = [r for r in resets if r is not None and r > 0]
+        delay = max(resets) if resets else None
+    if delay is None or not delay > 0:
         return None
     return min(delay, cap)
 
@@ -99,8 +133,8 @@ class ServerOrBackoffWait(wait_base):
     def __call__(self, retry_state: RetryCallState) -> float:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         server = getattr(exc, "retry_after", None) if isinstance(exc, TeacherError) else None
-        if server is not None:
-            return min(max(0.0, float(server)), self.retry_after_cap)
+        if server is not None and server > 0:  # 0 or less: no server delay, back off
+            return min(float(server), self.retry_after_cap)
         return backoff_delay(retry_state.attempt_number, initial=self.initial, maximum=self.maximum)
 
 

@@ -52,6 +52,10 @@ class RolloutSettings(_Settings):
         another engine, or stale weights). None: on (2.0) when the engine's
         log-probs are not the trainer's own (`RolloutEngine.exact_logprobs`
         False), else off. 0: off.
+    max_staleness: 0 (default): sample, collect, update in turn. k >= 1:
+        keep the rollouts and feedback of the next k steps in flight while
+        the current step updates (opd_sdk.pipeline); truncated importance
+        sampling is then on (tis_cap 2.0 unless set).
     """
 
     prompts_per_step: int = Field(8, gt=0)
@@ -61,13 +65,14 @@ class RolloutSettings(_Settings):
     top_p: float = Field(1.0, gt=0, le=1.0)
     top_k: int = Field(0, ge=0)
     tis_cap: float | None = Field(None, ge=0)
+    max_staleness: int = Field(0, ge=0)
 
 
 class LoopSettings(_Settings):
     """The loop around the steps.
 
     steps: optimizer steps to run. seed: sampling, shuffling and init.
-    save_every: checkpoint every N steps (None: only at the end). A checkpoint
+    save_every: checkpoint every N steps (None or 0: only at the end). A checkpoint
         is also written at the end, on Ctrl-C / SIGTERM, and when training
         stops for lack of signal or budget.
     keep_checkpoints: how many of the newest step-N/ checkpoints to keep.
@@ -81,7 +86,7 @@ class LoopSettings(_Settings):
 
     steps: int = Field(100, ge=0)
     seed: int = 0
-    save_every: int | None = Field(25, gt=0)
+    save_every: int | None = Field(25, ge=0)
     keep_checkpoints: int = Field(3, gt=0)
     max_no_signal_steps: int = Field(3, gt=0)
     flat_group_tolerance: float = Field(1e-6, ge=0)
@@ -122,6 +127,9 @@ def settings_from_kwargs(
         try:
             out.append(model.model_validate({**current.model_dump(), **update}))
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_input=False))
+            names = {ALIASES.get(k, k): k for k in kwargs}
+            problems = "; ".join(
+                f"{names.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" for e in exc.errors(include_input=False)
+            )
             raise ConfigError(f"Trainer: {problems}") from None
     return out[0], out[1], out[2]

@@ -1,24 +1,26 @@
-"""The on-policy student loop: sample, collect feedback, loss, optimizer step.
+"""The on-policy student loop: sample, collect, targets, forward + loss, step.
 
-    prompts  = sampler.next_batch()                      # P prompts
-    batch    = rollout.sample(prompts, G)                # the student answers, P*G rows
-    feedback = collector.collect_sync(requests(batch))   # one Feedback per prompt group
-    loss     = objective.loss(model, micro_batch, its feedback)   # per micro-batch
-    loss.backward(); clip; optimizer.step(); scheduler.step()
-    objective.after_step(step, model); rollout.sync_weights(model)
+    prompts  = sampler.next_batch()                           # P prompts
+    batch    = rollout.sample(prompts, G)                     # the student answers, P*G rows
+    feedback = collector.collect_sync(build_requests(batch))  # one Feedback per prompt group
+    result   = batch_loss(objective, model, batch, feedback)  # targets once; per micro-batch one
+                                                              # policy forward, every term's loss, backward
+    if result.signal: clip; optimizer.step(); scheduler.step(); teachers and rollout follow the weights
+    else:             no weight moves (skipped_step); failures for max_no_signal_steps steps stop the run
 
-The objective holds the loss math (see `opd_sdk.objectives`); the collector
-holds retries, rate limits, the cache and the budget; this module only wires
-them together, keeps time, and checkpoints. Micro-batches are whole prompt
-groups, so group-relative advantages are exact under gradient accumulation;
-each micro-batch's loss is weighted by its share of the prompts (for a
-token-normalised loss this is a per-micro-batch token mean, a small
-departure from one token mean over the whole batch).
+The layers: `rollout` (RolloutBatch) -> `targets` (Feedback -> tensors, once
+per batch) -> `forward` (the trainer's one policy pass per micro-batch, plus
+the frozen models an objective declares) -> `losses` (pure functions) ->
+this module's step. Micro-batches are whole prompt groups, and every loss is
+a sum divided by the whole batch's unit count, so gradient accumulation
+gives the one-big-batch gradient exactly.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import math
 import random
 import sys
 import time
@@ -30,31 +32,45 @@ import torch
 from tqdm.auto import tqdm
 
 from opd_sdk.batch import RolloutBatch
+from opd_sdk.collector import FeedbackCollector
 from opd_sdk.checkpoint import checkpoint_dir, is_peft, latest_checkpoint, load_checkpoint, save_checkpoint
 from opd_sdk.data import PromptItem, PromptSampler, load_prompts
-from opd_sdk.errors import ConfigError
+from opd_sdk.errors import ConfigError, TrainingStopped
 from opd_sdk.metrics import MetricsLogger
-from opd_sdk.rollout import RolloutEngine, TransformersRollout
+from opd_sdk.objectives.base import Composite, Objective, batch_loss
+from opd_sdk.pipeline import Pipeline
+from opd_sdk.rollout import RolloutEngine, build_rollout_engine
+from opd_sdk.settings import LoopSettings, OptimizerSettings, RolloutSettings, settings_from_kwargs
+from opd_sdk.teacher import notify_optimizer_step, tokenizer_fingerprint
 from opd_sdk.types import Feedback, FeedbackFailure, FeedbackRequest, Score
 
+DEFAULT_TIS_CAP = 2.0  # truncated importance sampling cap when the engine's log-probs are not the trainer's
 
-def build_requests(batch: RolloutBatch) -> list[FeedbackRequest]:
-    """One FeedbackRequest per prompt group: the prompt, its G completions, privileged context.
+
+def build_requests(batch: RolloutBatch, tokenizer_id: str | None = None) -> list[FeedbackRequest]:
+    """One FeedbackRequest per prompt group: the prompt (text and the token ids it was sampled
+    from), its G completions, privileged context.
 
     metadata = the prompt's metadata plus {"answer": ...} when the prompt has
-    a reference answer (a verifier reads it there).
+    a reference answer (a verifier reads it there). tokenizer_id: the
+    student tokenizer's fingerprint (a teacher with the same one uses the ids as they are).
     """
     requests = []
+    G, L = batch.group_size, batch.prompt_len
     for p, item in enumerate(batch.prompts):
         metadata = dict(item.metadata)
         if item.answer is not None:
             metadata["answer"] = item.answer
+        row = p * G
+        prompt_ids = batch.input_ids_BT[row, :L][batch.attention_mask_BT[row, :L] > 0].tolist()
         requests.append(
             FeedbackRequest(
                 prompt=item.prompt,
                 completions=batch.completions_of(p),
                 privileged=item.privileged,
                 metadata=metadata,
+                prompt_token_ids=prompt_ids,
+                tokenizer=tokenizer_id,
             )
         )
     return requests
@@ -73,8 +89,6 @@ def set_seed(seed: int) -> None:
 
 def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int, total_steps: int):
     """Linear warmup, then constant / linear decay to 0 / cosine decay to 0."""
-    import math
-
     if kind not in ("constant", "linear", "cosine"):
         raise ConfigError(f"lr_schedule must be 'constant', 'linear' or 'cosine', got {kind!r}")
 
@@ -107,7 +121,7 @@ def _wrap_lora(model: torch.nn.Module, lora: Any) -> torch.nn.Module:
 
 
 def _score_stats(feedback: Sequence[Feedback]) -> tuple[float | None, float | None]:
-    values = [s for fb in feedback if isinstance(fb, Score) for s in fb.scores]
+    values = [s for fb in feedback if isinstance(fb, Score) for s in fb.scores if math.isfinite(s)]
     if not values:
         return None, None
     mean = sum(values) / len(values)
@@ -119,65 +133,59 @@ class Trainer:
     """Trains `model` on its own samples with `objective` and teacher feedback from `collector`.
 
     prompts: list of PromptItem / str / dict, a JSONL path or a datasets split.
-    collector: a FeedbackCollector (anything with collect_sync(requests)); may
-        be None only for an objective that reads no feedback (feedback_kinds == ()).
-        A list of collectors, one per teacher, for an objective with several
-        feedback sources (`Hybrid` with a `source` per term): they are asked
-        at the same time, and each prompt's feedback is a tuple with one
-        Feedback per collector.
-    group_size: samples per prompt (G); prompts_per_step: P;
-    micro_batch_prompts: prompts per forward/backward (gradient accumulation), default P.
+    collector: what `opd_sdk.collector.make_collector` returns for a teacher (anything
+        with collect_sync(requests), usage, teacher); None only for an objective that
+        reads no feedback. A list, one per source, for a `Composite` objective with
+        several teachers (`Hybrid` with a `source` per term): asked at the same time;
+        each prompt's feedback is then a tuple with one Feedback per collector.
+    rollout: a RolloutEngine; default the one `sampling.engine` names (`build_rollout_engine`).
+    optimizer / sampling / loop: validated `OptimizerSettings` / `RolloutSettings` /
+        `LoopSettings` (opd_sdk.settings: every default and bound is declared there);
+        flat keywords (lr=, group_size=, max_steps=, ...) override single fields.
+    micro_batch_prompts: prompts per forward/backward; default P / optimizer.grad_accum.
     precision: "fp32", "bf16" (autocast, on CPU or GPU) or "auto" (bf16 on GPU, fp32 on CPU).
         On this project's 2-core CPU, bf16 autocast measured far slower than fp32 for SmolLM2
         (fwd+bwd 352 s vs 23 s a batch, generation 39 s vs 15-27 s, under load), hence the CPU default.
     lora: None, a peft LoraConfig, or a dict of LoraConfig arguments.
-    output_dir: metrics.jsonl, checkpoints step-N/ every `save_every` steps, final/ model.
+    output_dir: metrics.jsonl, checkpoints step-N/ every `loop.save_every` steps, final/ model.
     eval_fn, eval_every: every `eval_every` steps, eval_fn(model) -> {name: number} (held-out
         accuracy, say) is logged in that step's row as eval/<name>; its time is not in time_step_s.
+
+    Raises ConfigError for bad settings; `train_step` raises TrainingStopped when
+    `loop.max_no_signal_steps` steps in a row had no usable feedback because teacher
+    calls failed, or when the teacher budget is spent.
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
         tokenizer: Any,
-        objective: Any,
+        objective: Objective | Composite,
         collector: Any,
         prompts: Any,
         *,
         rollout: RolloutEngine | None = None,
-        group_size: int = 4,
-        prompts_per_step: int = 8,
+        optimizer: OptimizerSettings | None = None,
+        sampling: RolloutSettings | None = None,
+        loop: LoopSettings | None = None,
         micro_batch_prompts: int | None = None,
-        max_steps: int = 100,
-        lr: float = 1e-5,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 0,
-        lr_schedule: str = "constant",
-        max_grad_norm: float | None = 1.0,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        max_new_tokens: int = 128,
         precision: str = "auto",
         lora: Any = None,
         gradient_checkpointing: bool = False,
         output_dir: str | Path | None = None,
-        save_every: int = 0,
         eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
         eval_every: int = 0,
-        seed: int = 0,
-        shuffle: bool = True,
         tensorboard: bool | str = "auto",
         wandb_project: str | None = None,
         progress: bool | None = None,
+        **settings: Any,
     ) -> None:
-        if group_size < 1 or prompts_per_step < 1 or max_steps < 0:
-            raise ConfigError("group_size and prompts_per_step must be >= 1, max_steps >= 0")
-        if collector is None and getattr(objective, "feedback_kinds", ("?",)):
+        opt, samp, loop = settings_from_kwargs(optimizer, sampling, loop, **settings)
+        self.settings = (opt, samp, loop)
+        if collector is None and objective.feedback_kinds:
             raise ConfigError(f"{type(objective).__name__} reads teacher feedback; pass a FeedbackCollector")
         collectors = [] if collector is None else list(collector) if isinstance(collector, (list, tuple)) else [collector]
-        sources = getattr(objective, "feedback_sources", 1)
+        sources = objective.feedback_sources if isinstance(objective, Composite) else 1
         if collectors and len(collectors) != sources:
             raise ConfigError(
                 f"{type(objective).__name__} reads {sources} feedback source(s) but {len(collectors)} collector(s) "
@@ -185,7 +193,9 @@ class Trainer:
             )
         if precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
-        set_seed(seed)
+        if micro_batch_prompts is not None and micro_batch_prompts < 1:
+            raise ConfigError(f"micro_batch_prompts must be >= 1, got {micro_batch_prompts}")
+        set_seed(loop.seed)
         self.device = next(model.parameters()).device
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
@@ -200,31 +210,42 @@ class Trainer:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model
         self.tokenizer = tokenizer
+        self.tokenizer_id = tokenizer_fingerprint(tokenizer)
         self.objective = objective
         self.collectors = collectors
         items = prompts if isinstance(prompts, list) and all(isinstance(p, PromptItem) for p in prompts) else None
-        self.sampler = PromptSampler(items or load_prompts(prompts), prompts_per_step, seed=seed, shuffle=shuffle)
-        self.rollout = rollout or TransformersRollout(
-            model,
-            tokenizer,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            max_new_tokens=max_new_tokens,
-            # bf16 autocast slows CPU generation down (measured: 39 s vs 15-27 s a batch), so CPU samples in fp32.
-            autocast_dtype=self.autocast_dtype if self.device.type == "cuda" else None,
+        self.sampler = PromptSampler(items or load_prompts(prompts), samp.prompts_per_step, seed=loop.seed,
+                                     shuffle=loop.shuffle)
+        # bf16 autocast slows CPU generation down (measured: 39 s vs 15-27 s a batch), so CPU samples in fp32.
+        self.rollout = rollout or build_rollout_engine(
+            samp, model, tokenizer, autocast_dtype=self.autocast_dtype if self.device.type == "cuda" else None
         )
-        self.group_size = group_size
-        self.micro_batch_prompts = micro_batch_prompts or prompts_per_step
-        self.max_steps = max_steps
-        self.max_grad_norm = max_grad_norm
+        self.group_size = samp.group_size
+        self.micro_batch_prompts = micro_batch_prompts or max(1, math.ceil(samp.prompts_per_step / opt.grad_accum))
+        self.max_steps = loop.steps
+        self.max_grad_norm = opt.max_grad_norm
+        self.flat_tolerance = loop.flat_group_tolerance
+        self.max_no_signal_steps = loop.max_no_signal_steps
+        exact = getattr(self.rollout, "exact_logprobs", True) and samp.max_staleness == 0
+        self.tis_cap = (None if exact else DEFAULT_TIS_CAP) if samp.tis_cap is None else (samp.tis_cap or None)
+        self.pipeline = None
+        if samp.max_staleness:
+            for c in collectors:
+                c.collect_sync([])  # starts each collector's event loop here, before worker threads share it
+            self.pipeline = Pipeline(
+                samp.max_staleness,
+                sample=lambda: self.rollout.sample(self.sampler.next_batch(), self.group_size),
+                collect=self._collect,
+                overlap=bool(collectors) and all(isinstance(c, FeedbackCollector) for c in collectors),
+            )
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError("the model has no trainable parameters")
-        self.optimizer = _adamw(self.params, lr=lr, betas=betas, weight_decay=weight_decay)
-        self.scheduler = make_scheduler(self.optimizer, lr_schedule, warmup_steps, max_steps)
+        self.optimizer = _adamw(self.params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, opt.schedule, opt.warmup_steps, loop.steps)
         self.output_dir = Path(output_dir) if output_dir is not None else None
-        self.save_every = save_every
+        self.save_every = loop.save_every or 0
         if eval_every and eval_fn is None:
             raise ConfigError("eval_every needs eval_fn (a function model -> {name: number})")
         self.eval_fn = eval_fn
@@ -237,9 +258,9 @@ class Trainer:
         )
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.step = 0
+        self.no_signal_streak = 0  # consecutive steps without signal because teacher calls failed
         self.teacher_cost_before = 0.0  # cost spent by earlier runs of a resumed training
-        if hasattr(objective, "setup"):
-            objective.setup(model)
+        objective.setup(model)
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -252,7 +273,7 @@ class Trainer:
         """One Feedback per prompt; with several collectors, one tuple (a Feedback per collector) per prompt."""
         if not self.collectors:
             return []
-        requests = build_requests(batch)
+        requests = build_requests(batch, self.tokenizer_id)
         if len(self.collectors) == 1:
             return self._collect_one(self.collectors[0], requests)
         with ThreadPoolExecutor(len(self.collectors)) as pool:  # each collector runs its own event loop
@@ -275,52 +296,71 @@ class Trainer:
         """Teacher spend of this training, earlier runs of a resumed one included."""
         return self.teacher_cost_before + float(self.usage_total("cost_usd") or 0.0)
 
-    def train_step(self) -> dict[str, Any]:
-        """One optimizer step; returns the metrics it logged."""
-        t_start = time.perf_counter()
-        prompts = self.sampler.next_batch()
-        batch = self.rollout.sample(prompts, self.group_size)
-        t_sampled = time.perf_counter()
+    def _follow_student(self) -> None:
+        """After an optimizer step: teachers that track the student's weights, and the rollout engine."""
+        for c in self.collectors:
+            notify_optimizer_step(c.teacher, self.step)
+        self.rollout.sync_weights(self.model)
 
-        feedback = self._collect(batch)
+    def train_step(self) -> dict[str, Any]:
+        """One step: sample, collect, loss; an optimizer step unless nothing carries a signal.
+
+        Returns the metrics it logged. Raises TrainingStopped (after logging the
+        step) when the budget is spent or failures left no signal for too long.
+        """
+        t_start = time.perf_counter()
+        staleness = 0
+        if self.pipeline is None:
+            batch = self.rollout.sample(self.sampler.next_batch(), self.group_size)
+            t_sampled = time.perf_counter()
+            feedback = self._collect(batch)
+        else:  # sample ahead with the current weights; train on the oldest batch in flight
+            self.pipeline.top_up(self.step, self.max_steps - self.step)
+            t_sampled = time.perf_counter()
+            batch, feedback, staleness = self.pipeline.pop(self.step)
         t_feedback = time.perf_counter()
 
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_total, objective_metrics = 0.0, {}
-        for first, micro in batch.micro_batches(self.micro_batch_prompts):
-            micro_feedback = feedback[first : first + micro.num_prompts] if feedback else []
-            with self._autocast():
-                out = self.objective.loss(self.model, micro, micro_feedback)
-            share = micro.num_prompts / batch.num_prompts
-            if out.loss.requires_grad:
-                (out.loss * share).backward()
-            loss_total += float(out.loss.detach()) * share
-            for k, v in out.metrics.items():
-                objective_metrics[k] = objective_metrics.get(k, 0.0) + float(v) * share
-        t_backward = time.perf_counter()
-
-        grad_norm = None
-        if self.max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.step += 1
-        if hasattr(self.objective, "after_step"):
+        try:
+            self.model.train()
+            self.optimizer.zero_grad(set_to_none=True)
+            result = batch_loss(
+                self.objective, self.model, batch, feedback, micro_batch_prompts=self.micro_batch_prompts,
+                flat_tolerance=self.flat_tolerance, backward=True, tis_cap=self.tis_cap, pad_id=self.pad_id,
+                autocast=self._autocast(),
+            )
+            t_backward = time.perf_counter()
+            skipped = result.signal == 0
+            grad_norm, lr = None, self.scheduler.get_last_lr()[0]
+            if not skipped:
+                if self.max_grad_norm is not None:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+                self.optimizer.step()
+                self.scheduler.step()
+            self.step += 1
             self.objective.after_step(self.step, self.model)
-        self.rollout.sync_weights(self.model)
-        t_end = time.perf_counter()
+            if not skipped:
+                self._follow_student()
+        except BaseException:
+            if self.pipeline is not None:
+                self.pipeline.drain()  # answers in flight land in the cache: a resume does not pay for them again
+            raise
 
         flat = [fb for entry in feedback for fb in (entry if isinstance(entry, tuple) else (entry,))]
+        failure_kinds = collections.Counter(fb.error_type for fb in flat if isinstance(fb, FeedbackFailure))
+        self.no_signal_streak = self.no_signal_streak + 1 if skipped and failure_kinds else 0
+        t_end = time.perf_counter()
+
         reward_mean, reward_std = _score_stats(flat)
         sampled_tokens = batch.completion_tokens()
         row = {
-            **objective_metrics,  # the objective's view first; the trainer's own numbers below win
+            **result.metrics,  # the objective's view first; the trainer's own numbers below win
             "reward_mean": reward_mean,
             "reward_std": reward_std,
-            "loss": loss_total,
-            "feedback_failures": sum(isinstance(fb, FeedbackFailure) for fb in flat),
+            "loss": float(result.loss),
+            "feedback_failures": sum(failure_kinds.values()),
+            **{f"failures/{kind}": n for kind, n in sorted(failure_kinds.items())},
+            "skipped_step": int(skipped),
+            "staleness": staleness,
             "grad_norm": grad_norm,
             "lr": lr,
             "completion_tokens": sampled_tokens,
@@ -338,7 +378,28 @@ class Trainer:
         }
         if self.eval_every and self.step % self.eval_every == 0:
             row.update({f"eval/{k}": v for k, v in self.eval_fn(self.model).items()})
-        return self.metrics.log(self.step, row)
+        logged = self.metrics.log(self.step, row)
+        self._stop_if_hopeless(failure_kinds)
+        return logged
+
+    def _stop_if_hopeless(self, failure_kinds: collections.Counter) -> None:
+        """Raise TrainingStopped on a spent budget, or after too many steps without signal from failures."""
+        teachers = ", ".join(c.teacher.id for c in self.collectors) or "none"
+        kinds = ", ".join(f"{kind} x{n}" for kind, n in failure_kinds.most_common())
+        where = f" in {self.output_dir}" if self.output_dir is not None else ""
+        resume = f"fix the cause, then resume from the checkpoint{where} (`opd train CONFIG --resume`)"
+        if self.pipeline is not None and (failure_kinds.get("budget") or self.no_signal_streak >= self.max_no_signal_steps):
+            self.pipeline.drain()
+        if failure_kinds.get("budget"):
+            raise TrainingStopped(
+                f"the teacher budget is spent (teacher {teachers}, ${self.teacher_cost_usd():.4f}) at step "
+                f"{self.step}; raise collector.budget_usd, then resume from the checkpoint{where}"
+            )
+        if self.no_signal_streak >= self.max_no_signal_steps:
+            raise TrainingStopped(
+                f"{self.no_signal_streak} steps in a row had no usable teacher feedback (teacher {teachers}; "
+                f"last step's failures: {kinds}); stopped at step {self.step}; {resume}"
+            )
 
     def train(self, resume_from: str | Path | None = None) -> list[dict[str, Any]]:
         """Run until max_steps; resume_from: a checkpoint folder or "latest" (in output_dir).
@@ -409,6 +470,7 @@ class Trainer:
             "step": self.step,
             "data": (at_step_start or {}).get("data", self.sampler.state_dict()),
             "teacher_cost_usd": self.teacher_cost_usd(),
+            "in_flight": self.pipeline.state() if self.pipeline is not None else [],
         }
         from opd_sdk.checkpoint import scrub_machine_paths
 
@@ -439,6 +501,8 @@ class Trainer:
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["data"])
         self.teacher_cost_before = float(state.get("teacher_cost_usd", 0.0))
+        if self.pipeline is not None:
+            self.pipeline.load_state(state.get("in_flight", []), self.device)
         self.metrics.truncate_after(self.step)
         self.rollout.sync_weights(self.model)
         return self.step

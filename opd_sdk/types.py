@@ -11,13 +11,26 @@ Everything here round-trips through JSON exactly (it is stored in the cache).
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+
+
+MISSING = math.nan  # a missing score or log-prob: masked by consumers, never a reward
+MISSING_LOGPROB = -9999.0  # servers send this (or less) for log(0); stored as NaN
+
+
+def _missing_to_nan(value: float) -> float:
+    return math.nan if value <= MISSING_LOGPROB else value
+
+
+def _usable(value: float) -> bool:
+    return math.isfinite(value)
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="constants")
 
 
 class ChatMessage(_Frozen):
@@ -96,10 +109,21 @@ class _FeedbackBase(_Frozen):
 
 
 class Score(_FeedbackBase):
-    """One scalar per completion, aligned with `request.completions`."""
+    """One scalar per completion, aligned with `request.completions`.
+
+    A completion the teacher could not score (its call failed while the
+    others' succeeded; `details["failed"]` maps its index to the reason) has
+    NaN (`MISSING`). NaN, +-inf and None (which a custom teacher may send)
+    are missing values: a consumer masks them (`valid()`, or
+    `math.isfinite`), never reads them as a reward.
+    """
 
     kind: Literal["score"] = "score"
-    scores: list[float]
+    scores: list[float | None]
+
+    def valid(self) -> list[bool]:
+        """Per completion: whether its score is a finite number."""
+        return [s is not None and math.isfinite(s) for s in self.scores]
 
 
 class Preference(_FeedbackBase):
@@ -131,20 +155,46 @@ class TokenLogprobs(_FeedbackBase):
     logprobs[i][t]: log p_T(y_t | x, y_<t) for completion i, token t.
     top_k[i][t] (optional): the teacher's top-k alternatives at that position
         as {token_id: logprob}. Keys are ints after validation.
+
+    Servers send -9999 (vLLM) or similar for minus infinity: any value at or
+    below `MISSING_LOGPROB` is stored as NaN (a missing value, masked and
+    counted by consumers), in `logprobs` and in `top_k` alike.
     """
 
     kind: Literal["token_logprobs"] = "token_logprobs"
     logprobs: list[list[float]]
     top_k: list[list[dict[int, float]]] | None = None
 
+    @field_validator("logprobs", mode="after")
+    @classmethod
+    def _missing_values(cls, rows: list[list[float]]) -> list[list[float]]:
+        return [[_missing_to_nan(v) for v in row] for row in rows]
+
+    @field_validator("top_k", mode="after")
+    @classmethod
+    def _missing_top_k(cls, rows: list[list[dict[int, float]]] | None) -> list[list[dict[int, float]]] | None:
+        if rows is None:
+            return None
+        return [[{k: _missing_to_nan(v) for k, v in entry.items()} for entry in row] for row in rows]
+
+    def n_missing(self) -> int:
+        """How many log-probs (selected tokens and top-k entries) are missing (NaN or +inf)."""
+        bad = sum(not _usable(v) for row in self.logprobs for v in row)
+        if self.top_k is not None:
+            bad += sum(not _usable(v) for row in self.top_k for entry in row for v in entry.values())
+        return bad
+
 
 class FeedbackFailure(_FeedbackBase):
     """A request that got no usable feedback.
 
     reason: short text (never contains secrets).
-    error_type: the exception class or cause ("timeout", "budget", "http_500").
+    error_type: the kind, from the `TeacherError` subclass ("rate_limited",
+        "server_error", "timeout", "connection", "bad_response", "client_error",
+        "unsupported", "truncated") or the collector ("budget", "cancelled").
     attempts: how many times the teacher was called.
     retriable: whether a later run might succeed.
+    status: the HTTP status of the last attempt, when there was one.
     """
 
     kind: Literal["failure"] = "failure"
@@ -152,6 +202,16 @@ class FeedbackFailure(_FeedbackBase):
     error_type: str = "error"
     attempts: int = 0
     retriable: bool = False
+    status: int | None = None
+
+    @classmethod
+    def from_error(cls, exc: Any, attempts: int) -> "FeedbackFailure":
+        """The failure value for a `TeacherError` (its kind, retriability and status; message redacted)."""
+        from opd_sdk.redact import redact
+
+        reason = redact(str(exc))[:500] or type(exc).__name__
+        return cls(reason=reason, error_type=exc.error_type, attempts=attempts, retriable=exc.retriable,
+                   status=exc.status)
 
 
 Preference.model_rebuild()
@@ -169,7 +229,8 @@ def feedback_from_json(text: str) -> Feedback:
 
 
 def feedback_to_json(feedback: Feedback) -> str:
-    return FEEDBACK_ADAPTER.dump_json(feedback).decode()
+    """JSON of one feedback value; NaN and +-inf are written as JSON constants so they round-trip."""
+    return feedback.model_dump_json()
 
 
 def is_failure(feedback: Feedback) -> bool:

@@ -16,9 +16,15 @@ make its counts and its Retry-After handling wrong.
 An HTTP connection pool belongs to the event loop it was first used on, and
 each FeedbackCollector runs its own loop; so the first loop uses the client
 as built (or injected) and any other loop gets a copy with the same settings
-and a fresh connection pool. One teacher can then serve several collectors
-(training, then a held-out eval) without "Event loop is closed" errors. (An
-injected client's custom http_client is used on its first loop only.)
+and a fresh connection pool. Each loop's client is closed on that loop when
+the loop shuts down its async generators (`asyncio.run` does at its end,
+`FeedbackCollector.close()` does too). One teacher can then serve
+`asyncio.run(teacher.self_test())`, several collectors, and a collector made
+after another closed, without "Event loop is closed" errors. (An injected
+client's custom http_client is used on its first loop only.)
+
+A 200 whose body is an error object (`{"error": {...}}`, no `choices`) is a
+provider error, typed by its code (`openai_errors.error_from_body`).
 
 The API key is kept only inside the openai client: it never enters `id`,
 `repr`, `id_params()` or error text.
@@ -27,16 +33,20 @@ The API key is kept only inside the openai client: it never enters `id`,
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import weakref
-from typing import Any
+from typing import Any, AsyncIterator
 
 import openai
 
 from opd_sdk.constants import DEFAULT_TIMEOUT_S
-from opd_sdk.errors import ConfigError, OPDError, TeacherError
+from opd_sdk.errors import BadResponse, ConfigError, TeacherError
 from opd_sdk.types import CallUsage
-from providers.openai_errors import translate_openai_error
+from providers.openai_errors import error_from_body, translate_openai_error
+
+# what the openai client raises for a failed call (anything else is a bug and propagates)
+_CLIENT_ERRORS = (openai.OpenAIError, json.JSONDecodeError, OSError, asyncio.TimeoutError)
 
 
 class Endpoint:
@@ -76,7 +86,7 @@ class Endpoint:
             key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
             self._root = openai.AsyncOpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=0)
         self._root_taken = False
-        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI] = (
+        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[openai.AsyncOpenAI, Any]] = (
             weakref.WeakKeyDictionary()
         )
         self.base_url = str(self._root.base_url).rstrip("/")
@@ -84,17 +94,40 @@ class Endpoint:
 
     @property
     def client(self) -> openai.AsyncOpenAI:
-        """The client for the running event loop (see the module docstring)."""
+        """The client for the running event loop (see the module docstring); outside a
+        loop, the root client (for reading settings, not for calls)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return self._root
-        if loop not in self._per_loop:
+        held = self._per_loop.get(loop)
+        return held[0] if held is not None else self._root
+
+    async def _client_here(self) -> openai.AsyncOpenAI:
+        """The client for the running loop, made on first use there.
+
+        Each loop's client is held by an async generator started on that loop: the
+        loop's `shutdown_asyncgens()` (run by `asyncio.run` at its end, and by
+        `FeedbackCollector.close()`) closes it, so its connections are closed on their
+        own loop while it still runs, never later by the garbage collector.
+        """
+        loop = asyncio.get_running_loop()
+        held = self._per_loop.get(loop)
+        if held is None:
             if self._root_taken:
-                self._per_loop[loop] = self._root.copy(http_client=openai.DefaultAsyncHttpxClient())
+                client = self._root.copy(http_client=openai.DefaultAsyncHttpxClient())
             else:
-                self._per_loop[loop], self._root_taken = self._root, True
-        return self._per_loop[loop]
+                client, self._root_taken = self._root, True
+            keeper = _keep_until_loop_shutdown(client)
+            await keeper.__anext__()  # registers the generator with this loop
+            held = self._per_loop[loop] = (client, keeper)
+        return held[0]
+
+    async def aclose(self) -> None:
+        """Close the running loop's client now (other loops' clients close with their loops)."""
+        held = self._per_loop.pop(asyncio.get_running_loop(), None)
+        if held is not None:
+            await held[1].aclose()
 
     def _secrets(self) -> list[str]:
         key = getattr(self.client, "api_key", None)
@@ -108,13 +141,17 @@ class Endpoint:
         return f"Endpoint(model={self.model!r}, base_url={self.base_url!r})"
 
     async def chat(self, messages: list[dict[str, str]], **params: Any) -> Any:
-        """POST /chat/completions; returns the openai ChatCompletion."""
+        """POST /chat/completions; returns the openai ChatCompletion (with at least one choice).
+
+        Raises a typed `TeacherError` (see `providers.openai_errors`), also for a 200 whose
+        body is an error object instead of choices.
+        """
+        client = await self._client_here()
         try:
-            return await self.client.chat.completions.create(model=self.model, messages=messages, **params)
-        except OPDError:
-            raise
-        except Exception as exc:  # every client failure crosses here as a TeacherError
+            response = await client.chat.completions.create(model=self.model, messages=messages, **params)
+        except _CLIENT_ERRORS as exc:  # every client failure crosses here as a TeacherError
             raise translate_openai_error(exc, secrets=self._secrets()) from exc
+        return self._checked(response)
 
     async def chat_json(
         self, messages: list[dict[str, str]], name: str, schema: dict[str, Any], structured: str, **params: Any
@@ -127,14 +164,14 @@ class Endpoint:
         succeeds the endpoint stops sending a schema for good (the caller's
         prompt still asks for JSON and its parser is lenient); if it fails
         too, its error is raised and the schema stays on (the 400 was about
-        something else).
+        something else; so does a 400 that says the context overflowed).
         """
         if structured != "none" and self.schema_supported:
             fmt = {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
             try:
                 return await self.chat(messages, response_format=fmt, **params)
             except TeacherError as err:
-                if structured != "auto" or err.status != 400:
+                if structured != "auto" or err.status != 400 or context_overflow(err):
                     raise
             response = await self.chat(messages, **params)
             self.schema_supported = False
@@ -142,13 +179,41 @@ class Endpoint:
         return await self.chat(messages, **params)
 
     async def complete(self, prompt: str | list[int], **params: Any) -> Any:
-        """POST /completions (legacy text completions); returns the openai Completion."""
+        """POST /completions (legacy text completions); returns the openai Completion (as `chat`)."""
+        client = await self._client_here()
         try:
-            return await self.client.completions.create(model=self.model, prompt=prompt, **params)
-        except OPDError:
-            raise
-        except Exception as exc:
+            response = await client.completions.create(model=self.model, prompt=prompt, **params)
+        except _CLIENT_ERRORS as exc:
             raise translate_openai_error(exc, secrets=self._secrets()) from exc
+        return self._checked(response)
+
+    def _checked(self, response: Any) -> Any:
+        """`response` if it holds choices; a 200 with an error body (or nothing) raises typed."""
+        if getattr(response, "choices", None):
+            return response
+        extra = getattr(response, "model_extra", None) or {}
+        error = extra.get("error")
+        if error is not None:
+            raise error_from_body(error, secrets=self._secrets())
+        raise BadResponse("the server answered 200 with no choices and no error object")
+
+
+async def _keep_until_loop_shutdown(client: openai.AsyncOpenAI) -> AsyncIterator[None]:
+    """Yield once, then close `client` when the loop shuts its async generators down."""
+    try:
+        yield
+        await asyncio.Event().wait()  # never resumed: only closed
+    finally:
+        await client.close()
+
+
+_OVERFLOW_WORDS = ("context length", "context window", "maximum context", "too long", "too many tokens",
+                   "maximum input", "max_model_len", "exceeds the model")
+
+
+def context_overflow(err: BaseException) -> bool:
+    """Whether an error says the input did not fit the model's context (vLLM, OpenAI, llama.cpp wording)."""
+    return any(w in str(err).lower() for w in _OVERFLOW_WORDS)
 
 
 def usage_of(response: Any) -> CallUsage:

@@ -19,6 +19,13 @@
 The parts' `usage` is summed into the result. Sub-teachers are called
 directly, so their answers are cached as part of the composite (the
 collector caches the composite's answer under the composite's id).
+
+Missing values: a child score that is None, NaN or inf is a missing value
+for that completion in every combinator (NaN, `opd_sdk.types.MISSING`, in the
+result: never 0.0, never `fail_score`); when no completion has a score the whole is a
+failure. A composite whose children are all local is local itself
+(`feedback_local`), forwards `on_optimizer_step` to its children, and is
+cacheable only when all its children are.
 """
 
 from __future__ import annotations
@@ -27,80 +34,180 @@ import asyncio
 import math
 from typing import Any, Sequence
 
-from opd_sdk.errors import ConfigError, TeacherError
-from opd_sdk.teacher import fingerprint
-from opd_sdk.types import FeedbackFailure, FeedbackRequest, Preference, Score
+from opd_sdk.errors import ConfigError, error_from_failure
+from opd_sdk.teacher import Closeable, api_calls, fingerprint, is_cacheable, is_local, notify_optimizer_step
+from opd_sdk.types import MISSING, Feedback, FeedbackFailure, FeedbackRequest, Preference, Score
 from providers.client import add_usage
 
 
-def _scores(feedback: Any, who: Any, n: int) -> Score:
+def _missing(value: float | None) -> bool:
+    return value is None or not math.isfinite(value)
+
+
+def _as_score(feedback: Any, who: Any, n: int) -> Score | FeedbackFailure:
+    """A child's answer as a Score of n values (None/NaN/inf kept as missing), or its failure."""
     if isinstance(feedback, FeedbackFailure):
-        raise TeacherError(f"{who!r} failed: {feedback.reason}", retriable=feedback.retriable)
+        return feedback.model_copy(update={"reason": f"{who!r} failed: {feedback.reason}"})
     if not isinstance(feedback, Score) or len(feedback.scores) != n:
-        raise TeacherError(f"{who!r} returned {type(feedback).__name__}, need a Score with {n} values",
-                           retriable=False)
+        return FeedbackFailure(reason=f"{who!r} returned {type(feedback).__name__}, need a Score with {n} values",
+                               error_type="bad_response")
     return feedback
 
 
-def _calls(teacher: Any, request: FeedbackRequest) -> int:
-    hook = getattr(teacher, "api_calls", None)
-    return hook(request) if hook is not None else 1
+def _raise_failure(result: Feedback) -> Feedback:
+    """Async path: a failure is raised as its typed error, so the collector retries it by type."""
+    if isinstance(result, FeedbackFailure):
+        raise error_from_failure(result)
+    return result
 
 
-class WeightedSum:
-    """sum_k w_k * score_k for teachers that return Scores."""
+def _all_missing(scores: list[float | None], what: str) -> Feedback | None:
+    if scores and all(_missing(s) for s in scores):
+        return FeedbackFailure(reason=f"{what}: no completion got a finite score", error_type="bad_response")
+    return None
+
+
+class _Composite:
+    """Shared by the combinators: children, locality, caching, close and step hooks."""
+
+    children: list[Any]
+
+    @property
+    def local(self) -> bool:
+        """In process when every child is (then `make_collector` runs it without a loop)."""
+        return all(is_local(t) for t in self.children)
+
+    @property
+    def cacheable(self) -> bool:
+        return all(is_cacheable(t) for t in self.children)
+
+    def on_optimizer_step(self, step: int) -> None:
+        """Forward the trainer's step to every child that follows the student."""
+        for child in self.children:
+            notify_optimizer_step(child, step)
+
+    async def aclose(self) -> None:
+        for child in self.children:
+            if isinstance(child, Closeable):
+                await child.aclose()
+
+    def feedback_local(self, requests: Sequence[FeedbackRequest]) -> list[Feedback]:
+        if not self.local:
+            raise ConfigError(f"{self!r} has a remote child; run it through a FeedbackCollector")
+        return self._local(list(requests))
+
+    def _local(self, requests: list[FeedbackRequest]) -> list[Feedback]:
+        raise NotImplementedError
+
+
+class WeightedSum(_Composite):
+    """sum_k w_k * score_k for teachers that return Scores.
+
+    A completion whose score is missing (None, NaN, inf) in any part is missing
+    in the sum (NaN): a sum with a missing term is not the same reward. A part
+    that fails entirely makes the whole a failure.
+    """
 
     def __init__(self, parts: Sequence[tuple[Any, float]]) -> None:
         if not parts:
             raise ConfigError("WeightedSum needs at least one (teacher, weight) pair")
         self.parts = [(t, float(w)) for t, w in parts]
+        if not all(math.isfinite(w) for _, w in self.parts):
+            raise ConfigError("WeightedSum weights must be finite numbers")
+        self.children = [t for t, _ in self.parts]
         self.id = fingerprint("weighted_sum", parts=[[t.id, w] for t, w in self.parts])
 
     def api_calls(self, request: FeedbackRequest) -> int:
-        return sum(_calls(t, request) for t, _ in self.parts)
+        return sum(api_calls(t, request) for t, _ in self.parts)
 
     def __repr__(self) -> str:
         return f"WeightedSum({[(t, w) for t, w in self.parts]!r})"
 
-    async def feedback(self, request: FeedbackRequest) -> Score:
+    def combine(self, request: FeedbackRequest, answers: Sequence[Any]) -> Feedback:
         n = len(request.completions)
+        scores = [_as_score(a, t, n) for a, (t, _) in zip(answers, self.parts)]
+        for s in scores:
+            if isinstance(s, FeedbackFailure):
+                return s
+        total: list[float | None] = []
+        for i in range(n):
+            values = [s.scores[i] for s in scores]  # type: ignore[union-attr]
+            total.append(MISSING if any(_missing(v) for v in values)
+                         else math.fsum(w * v for v, (_, w) in zip(values, self.parts)))  # type: ignore[misc]
+        return _all_missing(total, "WeightedSum") or Score(
+            scores=total, details={"parts": [s.scores for s in scores]},  # type: ignore[union-attr]
+            usage=add_usage(*(s.usage for s in scores)))
+
+    async def feedback(self, request: FeedbackRequest) -> Feedback:
         answers = await asyncio.gather(*(t.feedback(request) for t, _ in self.parts))
-        scores = [_scores(a, t, n) for a, (t, _) in zip(answers, self.parts)]
-        total = [math.fsum(w * s.scores[i] for s, (_, w) in zip(scores, self.parts)) for i in range(n)]
-        return Score(scores=total, details={"parts": [s.scores for s in scores]},
-                     usage=add_usage(*(s.usage for s in scores)))
+        return _raise_failure(self.combine(request, answers))
+
+    def _local(self, requests: list[FeedbackRequest]) -> list[Feedback]:
+        per_part = [t.feedback_local(requests) for t, _ in self.parts]
+        return [self.combine(r, [answers[k] for answers in per_part]) for k, r in enumerate(requests)]
 
 
-class Gate:
-    """The judge's score where the verifier passes, else fail_score."""
+class Gate(_Composite):
+    """The judge's score where the verifier passes, else fail_score.
+
+    A completion the verifier could not score (None, NaN, inf) is missing
+    (NaN), never `fail_score`; so is one the judge could not score.
+    """
 
     def __init__(self, verifier: Any, judge: Any, *, threshold: float = 1.0, fail_score: float = 0.0) -> None:
+        if not (math.isfinite(threshold) and math.isfinite(fail_score)):
+            raise ConfigError("Gate: threshold and fail_score must be finite numbers")
         self.verifier, self.judge, self.threshold, self.fail_score = verifier, judge, threshold, fail_score
+        self.children = [verifier, judge]
         self.id = fingerprint("gate", verifier=verifier.id, judge=judge.id, threshold=threshold, fail=fail_score)
 
     def api_calls(self, request: FeedbackRequest) -> int:
         """An upper bound: the judge is called only on completions that pass."""
-        return _calls(self.verifier, request) + _calls(self.judge, request)
+        return api_calls(self.verifier, request) + api_calls(self.judge, request)
 
     def __repr__(self) -> str:
         return f"Gate({self.verifier!r} -> {self.judge!r})"
 
-    async def feedback(self, request: FeedbackRequest) -> Score:
+    def passed(self, request: FeedbackRequest, checked: Score) -> list[int]:
+        """Indices of the completions the verifier passes (a missing verdict never passes)."""
+        return [i for i, s in enumerate(checked.scores) if not _missing(s) and s >= self.threshold]
+
+    def combine(self, request: FeedbackRequest, checked: Score, passed: list[int], judged: Any) -> Feedback:
         n = len(request.completions)
-        checked = _scores(await self.verifier.feedback(request), self.verifier, n)
-        passed = [i for i, s in enumerate(checked.scores) if s >= self.threshold]
-        scores = [self.fail_score] * n
+        scores: list[float | None] = [MISSING if _missing(s) else self.fail_score for s in checked.scores]
         usage = [checked.usage]
-        judged = None
+        judge_scores: list[float | None] = []
         if passed:
-            sub = request.with_completions([request.completions[i] for i in passed])
-            judged = _scores(await self.judge.feedback(sub), self.judge, len(passed))
-            usage.append(judged.usage)
-            for i, s in zip(passed, judged.scores):
-                scores[i] = s
-        return Score(scores=scores, details={"verifier": checked.scores, "passed": passed,
-                                             "judge": judged.scores if judged else []},
-                     usage=add_usage(*usage))
+            answer = _as_score(judged, self.judge, len(passed))
+            if isinstance(answer, FeedbackFailure):
+                return answer
+            usage.append(answer.usage)
+            judge_scores = list(answer.scores)
+            for i, s in zip(passed, answer.scores):
+                scores[i] = MISSING if _missing(s) else s
+        return _all_missing(scores, "Gate") or Score(
+            scores=scores, details={"verifier": checked.scores, "passed": passed, "judge": judge_scores},
+            usage=add_usage(*usage))
+
+    def _subset(self, request: FeedbackRequest, passed: list[int]) -> FeedbackRequest:
+        return request.with_completions([request.completions[i] for i in passed])
+
+    async def feedback(self, request: FeedbackRequest) -> Feedback:
+        n = len(request.completions)
+        checked = _raise_failure(_as_score(await self.verifier.feedback(request), self.verifier, n))
+        passed = self.passed(request, checked)
+        judged = await self.judge.feedback(self._subset(request, passed)) if passed else None
+        return _raise_failure(self.combine(request, checked, passed, judged))  # type: ignore[arg-type]
+
+    def _local(self, requests: list[FeedbackRequest]) -> list[Feedback]:
+        checks = [_as_score(a, self.verifier, len(r.completions))
+                  for a, r in zip(self.verifier.feedback_local(requests), requests)]
+        plans = [None if isinstance(c, FeedbackFailure) else self.passed(r, c) for c, r in zip(checks, requests)]
+        asked = [k for k, p in enumerate(plans) if p]
+        judged = self.judge.feedback_local([self._subset(requests[k], plans[k]) for k in asked]) if asked else []
+        by_k = dict(zip(asked, judged))
+        return [c if isinstance(c, FeedbackFailure) else self.combine(r, c, plans[k], by_k.get(k))
+                for k, (c, r) in enumerate(zip(checks, requests))]
 
 
 def win_rates(pairs: Sequence[Any], n: int) -> list[float]:
@@ -155,8 +262,12 @@ def _solve(a: list[list[float]], b: list[float]) -> list[float]:
     return x
 
 
-class PreferenceScores:
-    """Scores from a preference teacher: "win_rate" or "bradley_terry"."""
+class PreferenceScores(_Composite):
+    """Scores from a preference teacher: "win_rate" or "bradley_terry".
+
+    A pair whose probability is not finite makes the request a failure (a
+    missing comparison is not a tie); a score that comes out non-finite is NaN.
+    """
 
     def __init__(self, teacher: Any, *, method: str = "bradley_terry", l2: float = 1e-3) -> None:
         if method not in ("win_rate", "bradley_terry"):
@@ -164,28 +275,39 @@ class PreferenceScores:
         if l2 <= 0:
             raise ConfigError(f"l2: must be > 0 (it keeps strengths finite), got {l2}")
         self.teacher, self.method, self.l2 = teacher, method, l2
+        self.children = [teacher]
         self.id = fingerprint("preference_scores", teacher=teacher.id, method=method, l2=l2)
-        hook = getattr(teacher, "api_calls", None)
-        if hook is not None:
-            self.api_calls = hook
+
+    def api_calls(self, request: FeedbackRequest) -> int:
+        return api_calls(self.teacher, request)
 
     def __repr__(self) -> str:
         return f"PreferenceScores({self.teacher!r}, method={self.method!r})"
 
-    async def feedback(self, request: FeedbackRequest) -> Score:
-        answer = await self.teacher.feedback(request)
+    def combine(self, request: FeedbackRequest, answer: Any) -> Feedback:
         if isinstance(answer, FeedbackFailure):
-            raise TeacherError(f"{self.teacher!r} failed: {answer.reason}", retriable=answer.retriable)
+            return answer.model_copy(update={"reason": f"{self.teacher!r} failed: {answer.reason}"})
         if not isinstance(answer, Preference):
-            raise TeacherError(f"{self.teacher!r} returned {type(answer).__name__}, need a Preference",
-                               retriable=False)
+            return FeedbackFailure(reason=f"{self.teacher!r} returned {type(answer).__name__}, need a Preference",
+                                   error_type="bad_response")
+        if not all(math.isfinite(p.probability) for p in answer.pairs):
+            return FeedbackFailure(reason=f"{self.teacher!r} returned a pair with a non-finite probability",
+                                   error_type="bad_response", retriable=True)
         n = len(request.completions)
         if self.method == "win_rate":
-            scores = win_rates(answer.pairs, n)
+            raw = win_rates(answer.pairs, n)
             extra: dict[str, Any] = {}
         else:
             theta = bradley_terry(answer.pairs, n, l2=self.l2)
             sig = lambda x: 1.0 / (1.0 + math.exp(-x))  # noqa: E731
-            scores = [sum(sig(theta[i] - theta[j]) for j in range(n) if j != i) / (n - 1) for i in range(n)]
+            raw = [sum(sig(theta[i] - theta[j]) for j in range(n) if j != i) / (n - 1) for i in range(n)]
             extra = {"theta": theta}
-        return Score(scores=scores, details={"method": self.method, **extra}, usage=answer.usage)
+        scores: list[float | None] = [MISSING if _missing(s) else s for s in raw]
+        return _all_missing(scores, "PreferenceScores") or Score(
+            scores=scores, details={"method": self.method, **extra}, usage=answer.usage)
+
+    async def feedback(self, request: FeedbackRequest) -> Feedback:
+        return _raise_failure(self.combine(request, await self.teacher.feedback(request)))
+
+    def _local(self, requests: list[FeedbackRequest]) -> list[Feedback]:
+        return [self.combine(r, a) for r, a in zip(requests, self.teacher.feedback_local(requests))]

@@ -21,23 +21,33 @@ returned `Score` is normalised to [0, 1]: (n - lo) / (hi - lo).
   up to `max_reasks` times; then a retriable `TeacherError` is raised, which
   the FeedbackCollector retries and finally records as a FeedbackFailure.
   A verdict that never parses never becomes a score.
+- Verdicts: the final one, never a number mentioned on the way
+  (`providers.verdict.parse_score`); two different verdicts with none marked
+  final are re-asked.
+- A reply cut off by the token limit (`finish_reason == "length"`) raises
+  `Truncated` at once (not retried, not re-asked), saying to raise max_tokens.
 - Modes: "pointwise" (one call per completion; `pointwise = True` tells the
   collector to split requests so each completion is cached and retried on
-  its own) or "listwise" (one call sees all completions and returns
-  `{"scores": [...]}`: fewer calls, and the judge can compare).
+  its own; a completion that fails for good, e.g. one that overflows the
+  judge's context, is NaN (missing) and the others keep their scores) or "listwise"
+  (one call sees all completions and returns `{"scores": [...]}`: fewer
+  calls, and the judge can compare). Listwise shows the completions in an
+  order shuffled per call (against position bias) and maps the scores back;
+  when the list overflows the judge's context it grades each completion alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import Any, Literal
 
 import openai
 
-from opd_sdk.errors import ConfigError, TeacherError
+from opd_sdk.errors import BadResponse, ClientError, ConfigError, TeacherError, Truncated
 from opd_sdk.teacher import fingerprint
-from opd_sdk.types import CallUsage, FeedbackRequest, Score
-from providers.client import Endpoint, add_usage, usage_of
+from opd_sdk.types import MISSING, CallUsage, FeedbackRequest, Score
+from providers.client import Endpoint, add_usage, context_overflow, usage_of
 from providers.untrusted import UNTRUSTED_NOTE, fence
 from providers.verdict import VerdictError, expected_score, parse_score, parse_scores
 
@@ -102,6 +112,7 @@ class JudgeTeacher:
         self.structured, self.g_eval, self.top_logprobs = structured, g_eval, top_logprobs
         self.max_reasks, self.temperature, self.max_tokens = max_reasks, temperature, max_tokens
         self.pointwise = mode == "pointwise"
+        self._listwise_calls = 0
         self.id = fingerprint(
             "judge", **self.endpoint.id_params(), rubric=rubric, scale=[lo, hi], mode=mode,
             structured=structured, g_eval=g_eval, top_logprobs=top_logprobs if g_eval else None,
@@ -110,6 +121,10 @@ class JudgeTeacher:
 
     def __repr__(self) -> str:
         return f"JudgeTeacher(model={self.endpoint.model!r}, base_url={self.endpoint.base_url!r}, mode={self.mode!r})"
+
+    async def aclose(self) -> None:
+        """Close the HTTP client of the running event loop (each loop's closes with it anyway)."""
+        await self.endpoint.aclose()
 
     def api_calls(self, request: FeedbackRequest) -> int:
         return len(request.completions) if self.pointwise else 1
@@ -165,6 +180,7 @@ class JudgeTeacher:
         for attempt in range(1, self.max_reasks + 2):
             response = await self._call(history, n)
             usages.append(usage_of(response))
+            check_not_truncated(response, self.max_tokens, "JudgeTeacher")
             text = response.choices[0].message.content or ""
             try:
                 if n is None:
@@ -180,9 +196,8 @@ class JudgeTeacher:
                                                 f"Reply again with only the JSON object."},
                 ]
         excerpt = text[:160].replace("\n", " ")
-        raise TeacherError(
-            f"judge verdict did not parse after {self.max_reasks + 1} calls ({reason}); last reply: {excerpt!r}",
-            retriable=True,
+        raise BadResponse(
+            f"judge verdict did not parse after {self.max_reasks + 1} calls ({reason}); last reply: {excerpt!r}"
         )
 
     async def _score_one(self, request: FeedbackRequest, text: str) -> tuple[float, dict[str, Any], CallUsage]:
@@ -199,18 +214,68 @@ class JudgeTeacher:
                 detail["g_eval"] = None  # no single-token score to read: the sampled score stands
         return (raw - self.lo) / (self.hi - self.lo), detail, usage
 
-    async def feedback(self, request: FeedbackRequest) -> Score:
-        if self.pointwise:
-            results = await asyncio.gather(*(self._score_one(request, c.text) for c in request.completions))
-            return Score(
-                scores=[r[0] for r in results],
-                details={"verdicts": [r[1] for r in results], "scale": [self.lo, self.hi]},
-                usage=add_usage(*(r[2] for r in results)),
-            )
-        n = len(request.completions)
-        _, values, usage, attempts = await self._ask(self.listwise_messages(request), n)
+    async def _pointwise(self, request: FeedbackRequest) -> Score:
+        """Each completion on its own. A completion that fails for good (a non-retriable error,
+        e.g. it overflows the judge's context) is NaN (missing); it does not sink the others. A
+        retriable error is raised, so the collector retries the request."""
+        results = await asyncio.gather(*(self._score_one(request, c.text) for c in request.completions),
+                                       return_exceptions=True)
+        errors = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
+        for r in errors.values():
+            if not isinstance(r, TeacherError) or r.retriable:
+                raise r
+        if len(errors) == len(results):
+            raise next(iter(errors.values()))
+        ok = [r for r in results if not isinstance(r, BaseException)]
+        details: dict[str, Any] = {"verdicts": [None if i in errors else r[1] for i, r in enumerate(results)],
+                                   "scale": [self.lo, self.hi]}
+        if errors:
+            details["failed"] = {i: {"reason": str(e), "error_type": e.error_type} for i, e in errors.items()}
         return Score(
-            scores=[(v - self.lo) / (self.hi - self.lo) for v in values],
-            details={"raw": values, "attempts": attempts, "scale": [self.lo, self.hi]},
+            scores=[MISSING if i in errors else r[0] for i, r in enumerate(results)],  # type: ignore[index]
+            details=details,
+            usage=add_usage(*(r[2] for r in ok)),  # type: ignore[index]
+        )
+
+    def _order(self, request: FeedbackRequest) -> list[int]:
+        """The order the listwise judge sees the completions in: shuffled per call (against
+        position bias), seeded by the request and a call counter, so runs are reproducible."""
+        self._listwise_calls += 1
+        seed = f"{request.canonical_json()}|{self._listwise_calls}"
+        order = list(range(len(request.completions)))
+        random.Random(seed).shuffle(order)
+        return order
+
+    async def _listwise(self, request: FeedbackRequest) -> Score:
+        n = len(request.completions)
+        order = self._order(request)  # shown[k] = request.completions[order[k]]
+        shown = request.with_completions([request.completions[i] for i in order])
+        try:
+            _, values, usage, attempts = await self._ask(self.listwise_messages(shown), n)
+        except ClientError as err:
+            if n > 1 and context_overflow(err):  # too long together: grade each alone
+                score = await self._pointwise(request)
+                return score.model_copy(update={"details": {**score.details, "listwise_overflow": str(err)}})
+            raise
+        raw = [0.0] * n
+        for k, i in enumerate(order):
+            raw[i] = values[k]
+        return Score(
+            scores=[(v - self.lo) / (self.hi - self.lo) for v in raw],
+            details={"raw": raw, "order": order, "attempts": attempts, "scale": [self.lo, self.hi]},
             usage=usage,
         )
+
+    async def feedback(self, request: FeedbackRequest) -> Score:
+        if self.pointwise:
+            return await self._pointwise(request)
+        return await self._listwise(request)
+
+
+def check_not_truncated(response: Any, max_tokens: int, who: str) -> None:
+    """Raise `Truncated` (not retried) when the reply stopped at the token limit: asking again
+    at the same limit would pay for the same cut-off reply."""
+    if getattr(response.choices[0], "finish_reason", None) == "length":
+        raise Truncated(f"{who}: the reply was cut off at max_tokens={max_tokens} before a verdict; "
+                        f"raise max_tokens (e.g. {who}(max_tokens={max_tokens * 4}) or teacher.max_tokens in "
+                        "the config), or ask for a shorter answer in the rubric")

@@ -26,6 +26,20 @@ split the text into the same tokens. Two ways to send:
 
 The prompt is rendered as the student saw it (`opd_sdk.rollout.render_prompts`:
 the tokenizer's chat template with the generation prompt, or raw text).
+Prompt ids are tokenised as the rollout does, without added special tokens;
+in text mode a prompt that already starts with BOS is sent with
+`add_special_tokens=False` (vLLM), so no server adds a second BOS. When a
+request's `tokenizer` fingerprint equals this teacher's (computed once), its
+`prompt_token_ids` and completion `token_ids` are sent as they are, with no
+re-rendering. A token that ends inside a character (an emoji or CJK
+character split across byte-level tokens) emits no text until the token that
+completes the character, as vLLM's incremental detokenizer reports offsets
+(checked against a real vLLM server in tests/providers/test_real_vllm.py). Log-probs at or below -9999 (vLLM's minus
+infinity) become NaN, a missing value (see `TokenLogprobs`).
+
+A server that lacks a needed feature (echo log-probs; prompt_logprobs for
+top_k or send="token_ids") raises `Unsupported` naming it, whatever status it
+answered with, and every later call fails at once without being sent.
 `self_test()` scores one text twice and reports the spread, so a user learns
 before training whether the endpoint's numbers are stable.
 """
@@ -34,14 +48,15 @@ from __future__ import annotations
 
 import asyncio
 import math
+import weakref
 from typing import Any, Literal
 
 import openai
 
 from opd_sdk.data import PromptItem
-from opd_sdk.errors import ConfigError, TeacherError, TokenizationMismatch
+from opd_sdk.errors import ClientError, ConfigError, ServerError, TokenizationMismatch, Unsupported
 from opd_sdk.rollout import render_prompts
-from opd_sdk.teacher import fingerprint
+from opd_sdk.teacher import fingerprint, tokenizer_fingerprint
 from opd_sdk.types import Completion, FeedbackRequest, TokenLogprobs
 from providers.client import Endpoint, add_usage, usage_of
 
@@ -97,14 +112,22 @@ class LogprobTeacher:
         self.endpoint = Endpoint(model, base_url=base_url, api_key=api_key, client=client, timeout=timeout)
         self.tokenizer, self.use_chat_template = tokenizer, use_chat_template
         self.top_k, self.send, self.on_mismatch = top_k, send, on_mismatch
+        self.tokenizer_id = tokenizer_fingerprint(tokenizer) if tokenizer is not None else None  # once
+        self._unsupported: Unsupported | None = None  # a missing server feature, found once
+        self._server_ok = False  # one echo call succeeded: the server has what we need
+        self._first_call_lock: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary())
         self.id = fingerprint(
             "logprob", **self.endpoint.id_params(), top_k=top_k, send=send, on_mismatch=on_mismatch,
-            use_chat_template=use_chat_template,
-            tokenizer=getattr(tokenizer, "name_or_path", None), vocab=len(tokenizer) if tokenizer is not None else None,
+            use_chat_template=use_chat_template, tokenizer=self.tokenizer_id,
         )
 
     def __repr__(self) -> str:
         return f"LogprobTeacher(model={self.endpoint.model!r}, base_url={self.endpoint.base_url!r}, send={self.send!r})"
+
+    async def aclose(self) -> None:
+        """Close the HTTP client of the running event loop (each loop's closes with it anyway)."""
+        await self.endpoint.aclose()
 
     def api_calls(self, request: FeedbackRequest) -> int:
         return len(request.completions)
@@ -126,23 +149,70 @@ class LogprobTeacher:
         if completion.token_ids is not None:
             ids = list(completion.token_ids)
             text = tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            ends = [len(tok.decode(ids[: t + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False))
-                    for t in range(len(ids))]
+            ends, emitted = [], 0
+            for t in range(len(ids)):
+                # as vLLM's incremental detokenizer: a token that ends inside a character (emoji, CJK
+                # split across byte-level tokens) emits no text; its text, with whatever came before
+                # it in the same token, appears with the token that completes the character
+                prefix = tok.decode(ids[: t + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                if not prefix.endswith("\ufffd"):
+                    emitted = len(prefix)
+                ends.append(emitted)
             return text, ids, list(zip([0] + ends[:-1], ends))
         enc = tok(completion.text, add_special_tokens=False, return_offsets_mapping=True)
         return completion.text, list(enc["input_ids"]), [tuple(s) for s in enc["offset_mapping"]]
 
     # ----- teacher calls ---------------------------------------------------
-    async def _echo(self, prompt: str | list[int]) -> Any:
-        extra = {"prompt_logprobs": self.top_k} if (self.top_k or self.send == "token_ids") else None
-        response = await self.endpoint.complete(
-            prompt, echo=True, logprobs=1, max_tokens=1, temperature=0.0, extra_body=extra
-        )
+    def _prompt_has_bos(self, prompt_text: str) -> bool:
+        bos = getattr(self.tokenizer, "bos_token", None) if self.tokenizer is not None else None
+        return bool(bos) and prompt_text.startswith(bos)
+
+    async def _echo(self, prompt: str | list[int], *, add_special_tokens: bool = True) -> Any:
+        """One echo call. A server that lacks echo / prompt log-probs raises `Unsupported` naming the
+        feature, whatever status it answered with; after that, every call fails at once, unsent.
+        Until one call has shown what the server can do, calls go one at a time (so a server
+        without the feature is asked once, not once per completion in flight)."""
+        if self._unsupported is not None:
+            raise self._unsupported
+        if self._server_ok:
+            return await self._echo_call(prompt, add_special_tokens)
+        loop = asyncio.get_running_loop()
+        lock = self._first_call_lock.setdefault(loop, asyncio.Lock())
+        async with lock:
+            if self._unsupported is not None:
+                raise self._unsupported
+            response = await self._echo_call(prompt, add_special_tokens)
+            self._server_ok = True
+            return response
+
+    async def _echo_call(self, prompt: str | list[int], add_special_tokens: bool) -> Any:
+        extra: dict[str, Any] = {}
+        if self.top_k or self.send == "token_ids":
+            extra["prompt_logprobs"] = self.top_k
+        if not add_special_tokens:
+            extra["add_special_tokens"] = False  # the rendered prompt already holds BOS: no second one
+        try:
+            response = await self.endpoint.complete(
+                prompt, echo=True, logprobs=1, max_tokens=1, temperature=0.0, extra_body=extra or None
+            )
+        except (ClientError, ServerError) as err:
+            text = str(err).lower()
+            if any(word in text for word in ("echo", "logprob", "prompt_logprobs")):
+                raise self._missing(f"the server refused echo / log-probs on /completions ({err})") from err
+            raise
         choice = response.choices[0]
         if choice.logprobs is None or not choice.logprobs.token_logprobs:
-            raise TeacherError("the endpoint returned no echo logprobs; it must support echo=True with logprobs "
-                               "on /completions (vLLM, llama.cpp)", retriable=False)
+            raise self._missing("the endpoint returned no echo logprobs; it must support echo=True with logprobs "
+                                "on /completions (vLLM, llama.cpp)")
+        if extra.get("prompt_logprobs") is not None and _field(choice, "prompt_logprobs") is None:
+            need = "top_k" if self.top_k else "send='token_ids'"
+            raise self._missing(f"{need} needs a server that returns prompt_logprobs with token ids (vLLM); "
+                                "this one returned none")
         return response
+
+    def _missing(self, message: str) -> Unsupported:
+        self._unsupported = Unsupported(message)
+        return self._unsupported
 
     def _top_k_at(self, entry: dict | None) -> dict[int, float]:
         entry = entry or {}
@@ -150,7 +220,7 @@ class LogprobTeacher:
 
     async def _score_text(self, prompt_text: str, completion: Completion) -> tuple[list[float], Any, dict, Any]:
         text, ids, spans = self.student_tokens(completion)
-        response = await self._echo(prompt_text + text)
+        response = await self._echo(prompt_text + text, add_special_tokens=not self._prompt_has_bos(prompt_text))
         lp = response.choices[0].logprobs
         start_p, end = len(prompt_text), len(prompt_text) + len(text)
         offsets = list(lp.text_offset)
@@ -161,8 +231,7 @@ class LogprobTeacher:
         t_logprobs = [float(lp.token_logprobs[k]) for k in keep]
         prompt_lps = _field(response.choices[0], "prompt_logprobs")
         if self.top_k and prompt_lps is None:
-            raise TeacherError("top_k needs a server that returns prompt_logprobs with token ids (vLLM)",
-                               retriable=False)
+            raise Unsupported("top_k needs a server that returns prompt_logprobs with token ids (vLLM)")
         top = [self._top_k_at(prompt_lps[k]) for k in keep] if self.top_k else None
         if spans is None:  # no student tokenizer: the teacher's own tokens, or a count check on given ids
             if ids is not None and len(ids) != len(keep):
@@ -189,26 +258,39 @@ class LogprobTeacher:
                   for t, (a, b) in enumerate(spans)]
         return mapped, None, {"alignment": "offsets", "mismatch": message}, response
 
-    async def _score_ids(self, prompt_text: str, completion: Completion) -> tuple[list[float], Any, dict, Any]:
+    async def _score_ids(self, prompt_ids: list[int], completion: Completion) -> tuple[list[float], Any, dict, Any]:
         _, ids, _ = self.student_tokens(completion)
-        prompt_ids = list(self.tokenizer(prompt_text)["input_ids"])
         response = await self._echo(prompt_ids + ids)
         prompt_lps = _field(response.choices[0], "prompt_logprobs")
         if prompt_lps is None or len(prompt_lps) < len(prompt_ids) + len(ids):
-            raise TeacherError("send='token_ids' needs a server that returns prompt_logprobs (vLLM)", retriable=False)
+            raise Unsupported("send='token_ids' needs a server that returns prompt_logprobs (vLLM)")
         entries = prompt_lps[len(prompt_ids): len(prompt_ids) + len(ids)]
         logprobs = [float(e[str(i)]["logprob"]) for e, i in zip(entries, ids)]
         top = [self._top_k_at(e) for e in entries] if self.top_k else None
         return logprobs, top, {"alignment": "token_ids"}, response
 
-    async def _score(self, prompt_text: str, completion: Completion) -> tuple[list[float], Any, dict, Any]:
-        if self.send == "token_ids":
-            return await self._score_ids(prompt_text, completion)
-        return await self._score_text(prompt_text, completion)
+    def same_tokenizer(self, request: FeedbackRequest) -> bool:
+        """Whether the request's ids come from this teacher's (the student's) tokenizer."""
+        return request.tokenizer is not None and request.tokenizer == self.tokenizer_id
+
+    def prompt_token_ids(self, request: FeedbackRequest) -> list[int]:
+        """The prompt's ids for send="token_ids": the request's own when its tokenizer fingerprint is
+        this teacher's; else rendered and tokenised as the rollout does (no special tokens added:
+        a chat template that emits BOS is not given a second one)."""
+        if self.same_tokenizer(request) and request.prompt_token_ids is not None:
+            return list(request.prompt_token_ids)
+        return list(self.tokenizer(self.render_prompt(request), add_special_tokens=False)["input_ids"])
 
     async def feedback(self, request: FeedbackRequest) -> TokenLogprobs:
-        prompt_text = self.render_prompt(request)
-        results = await asyncio.gather(*(self._score(prompt_text, c) for c in request.completions))
+        if self.send == "token_ids":
+            prompt_ids = self.prompt_token_ids(request)
+            if not self.same_tokenizer(request) and request.tokenizer is not None:
+                request = request.with_completions([Completion(text=c.text) for c in request.completions])
+            calls = [self._score_ids(prompt_ids, c) for c in request.completions]
+        else:
+            prompt_text = self.render_prompt(request)
+            calls = [self._score_text(prompt_text, c) for c in request.completions]
+        results = await asyncio.gather(*calls)
         tops = [r[1] for r in results]
         return TokenLogprobs(
             logprobs=[r[0] for r in results],
@@ -218,7 +300,10 @@ class LogprobTeacher:
         )
 
     async def self_test(self, prompt: str = "What is 3 + 4?", text: str = "3 + 4 = 7.", repeats: int = 2) -> dict:
-        """Score the same text `repeats` times; report the spread of the log-probs.
+        """Check the server once before training: it can do what this teacher needs (echo,
+        prompt log-probs when top_k or send="token_ids"; else `Unsupported`, naming the
+        feature, is raised), and its numbers are stable: the same text is scored `repeats`
+        times and the spread reported.
 
         Returns {"n_tokens", "max_abs_diff", "mean_abs_diff", "total_logprob", "stable"} where stable
         means max_abs_diff <= 1e-3 (batching or nondeterministic kernels can make it larger).

@@ -1,8 +1,9 @@
 """Translate `openai` / httpx exceptions into `TeacherError` (the adapter boundary).
 
-Retriable: connection errors, timeouts, 408, 409, 429, 5xx, and a 200 whose
-body was not the JSON we expected (a truncated or malformed reply). Not
-retriable: any other 4xx (bad request, auth, not found...) and anything else.
+Typed (see `opd_sdk.errors`): timeouts -> TeacherTimeout, connection errors
+-> TeacherConnectionError, 429 -> RateLimited, 5xx / 408 / 409 -> ServerError,
+a 200 whose body was not the JSON we expected -> BadResponse (all retried);
+any other 4xx and any other openai error -> ClientError (not retried).
 `retry_after` comes from the response's `retry-after-ms` / `retry-after`
 headers (see `opd_sdk.retry.parse_retry_after`).
 
@@ -22,12 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Iterable
+from typing import Any, Iterable
 
 import openai
 
 from opd_sdk.constants import RETRIABLE_STATUS
-from opd_sdk.errors import TeacherError
+from opd_sdk.errors import (BadResponse, ClientError, RateLimited, ServerError, TeacherConnectionError, TeacherError,
+                            TeacherTimeout)
 from opd_sdk.redact import redact
 from opd_sdk.retry import parse_retry_after
 
@@ -45,36 +47,86 @@ def _server_message(exc: openai.APIStatusError) -> str:
     return exc.message or ""
 
 
+def _server_code(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    inner = body.get("error", body) if isinstance(body, dict) else None
+    return str(inner.get("code") or inner.get("type") or "") if isinstance(inner, dict) else ""
+
+
+def error_for_status(status: int, message: str, *, retry_after: float | None = None,
+                     code: str = "") -> TeacherError:
+    """The typed error for an HTTP status: 429 RateLimited, 5xx/408/409 ServerError, other 4xx
+    ClientError. A 429 whose code is `insufficient_quota` (no credit left: waiting cannot help)
+    is a ClientError."""
+    if status == 429 and code == "insufficient_quota":
+        return ClientError(message + " (insufficient_quota: add credit or change the key)", status=status)
+    if status == 429:
+        return RateLimited(message, retry_after=retry_after, status=status)
+    if status in RETRIABLE_STATUS:
+        return ServerError(message, retry_after=retry_after, status=status)
+    return ClientError(message, retry_after=retry_after, status=status)
+
+
+_RATE = ("rate", "quota", "429", "too_many")
+_SERVER = ("server", "overload", "unavailable", "internal", "busy", "capacity")
+
+
+def error_from_body(error: Any, *, secrets: Iterable[str | None] = ()) -> TeacherError:
+    """The typed error for a provider error object sent with HTTP 200 (`{"error": {...}}`).
+
+    A numeric `code` (or `status`) is read as an HTTP status; a text code or type is
+    matched by words: rate/quota -> RateLimited (but `insufficient_quota` ->
+    ClientError), timeout -> TeacherTimeout, server/overloaded/unavailable ->
+    ServerError (all retried); anything else -> ClientError. The provider's
+    message is kept (redacted).
+    """
+    if isinstance(error, dict):
+        message = str(error.get("message") or error.get("msg") or error)
+        code = error.get("code", error.get("status"))
+        kind = f"{code} {error.get('type', '')}".lower()
+    else:
+        message, code, kind = str(error), None, str(error).lower()
+    text = redact(f"provider error in a 200 reply: {message}", list(secrets))[:_MAX_MESSAGE]
+    status = int(code) if isinstance(code, int) or (isinstance(code, str) and code.isdigit()) else None
+    if status is not None and 400 <= status < 600:
+        return error_for_status(status, text)
+    if "insufficient_quota" in kind:
+        return ClientError(text + " (insufficient_quota: add credit or change the key)")
+    if any(w in kind for w in _RATE):
+        return RateLimited(text)
+    if "timeout" in kind or "timed_out" in kind:
+        return TeacherTimeout(text)
+    if any(w in kind for w in _SERVER):
+        return ServerError(text)
+    return ClientError(text)
+
+
 def translate_openai_error(exc: BaseException, *, secrets: Iterable[str | None] = ()) -> TeacherError:
-    """A `TeacherError` for `exc`, saying whether a retry may help."""
+    """A typed `TeacherError` for `exc` (see `opd_sdk.errors`); a `TeacherError` passes as it is."""
     secrets = list(secrets)
 
-    def make(message: str, *, retriable: bool, retry_after: float | None = None,
-             status: int | None = None) -> TeacherError:
-        text = redact(f"{type(exc).__name__}: {message}", secrets)[:_MAX_MESSAGE]
-        return TeacherError(text, retriable=retriable, retry_after=retry_after, status=status)
+    def text(message: str) -> str:
+        return redact(f"{type(exc).__name__}: {message}", secrets)[:_MAX_MESSAGE]
 
     if isinstance(exc, TeacherError):
         return exc
     if isinstance(exc, openai.APITimeoutError):
-        return make("the request timed out", retriable=True)
+        return TeacherTimeout(text("the request timed out"))
     if isinstance(exc, openai.APIConnectionError):
         cause = exc.__cause__
         detail = f" ({type(cause).__name__})" if cause is not None else ""
-        return make(f"connection error{detail}", retriable=True)
+        return TeacherConnectionError(text(f"connection error{detail}"))
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         retry_after = parse_retry_after(exc.response.headers) if exc.response is not None else None
-        return make(f"HTTP {status}: {_server_message(exc)}", retriable=status in RETRIABLE_STATUS,
-                    retry_after=retry_after, status=status)
+        return error_for_status(status, text(f"HTTP {status}: {_server_message(exc)}"), retry_after=retry_after,
+                                code=_server_code(exc))
     if isinstance(exc, openai.APIResponseValidationError):
-        return make("the response did not match the API schema", retriable=True, status=exc.status_code)
+        return BadResponse(text("the response did not match the API schema"), status=exc.status_code)
     if isinstance(exc, json.JSONDecodeError):
-        return make(f"the response body was not valid JSON ({exc.msg})", retriable=True)
+        return BadResponse(text(f"the response body was not valid JSON ({exc.msg})"))
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return make("the request timed out", retriable=True)
+        return TeacherTimeout(text("the request timed out"))
     if isinstance(exc, (ConnectionError, OSError)):
-        return make("connection error", retriable=True)
-    if isinstance(exc, openai.OpenAIError):
-        return make(str(exc), retriable=False)
-    return make(str(exc), retriable=False)
+        return TeacherConnectionError(text("connection error"))
+    return ClientError(text(str(exc)))

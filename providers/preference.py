@@ -22,10 +22,11 @@ from typing import Any, Literal
 
 import openai
 
-from opd_sdk.errors import ConfigError, TeacherError
+from opd_sdk.errors import BadResponse, ClientError, ConfigError
 from opd_sdk.teacher import fingerprint
 from opd_sdk.types import CallUsage, FeedbackRequest, Preference, PreferencePair
 from providers.client import Endpoint, add_usage, usage_of
+from providers.judge import check_not_truncated
 from providers.untrusted import UNTRUSTED_NOTE, fence
 from providers.verdict import VerdictError, parse_choice
 
@@ -74,6 +75,10 @@ class PreferenceTeacher:
     def __repr__(self) -> str:
         return f"PreferenceTeacher(model={self.endpoint.model!r}, base_url={self.endpoint.base_url!r})"
 
+    async def aclose(self) -> None:
+        """Close the HTTP client of the running event loop (each loop's closes with it anyway)."""
+        await self.endpoint.aclose()
+
     def api_calls(self, request: FeedbackRequest) -> int:
         n = len(request.completions)
         return n * (n - 1)
@@ -104,6 +109,7 @@ class PreferenceTeacher:
         for _ in range(self.max_reasks + 1):
             response = await self._call(history)
             usages.append(usage_of(response))
+            check_not_truncated(response, self.max_tokens, "PreferenceTeacher")
             text = response.choices[0].message.content or ""
             try:
                 return parse_choice(text, self.choices), add_usage(*usages)
@@ -114,10 +120,9 @@ class PreferenceTeacher:
                     {"role": "user", "content": f"That reply is not a valid verdict: {reason}. "
                                                 "Reply again with only the JSON object."},
                 ]
-        raise TeacherError(
+        raise BadResponse(
             f"preference verdict did not parse after {self.max_reasks + 1} calls ({reason}); "
             f"last reply: {text[:160]!r}",
-            retriable=True,
         )
 
     async def _pair(self, request: FeedbackRequest, i: int, j: int) -> tuple[PreferencePair, dict, CallUsage]:
@@ -131,7 +136,7 @@ class PreferenceTeacher:
     async def feedback(self, request: FeedbackRequest) -> Preference:
         n = len(request.completions)
         if n < 2:
-            raise TeacherError(f"PreferenceTeacher needs at least 2 completions per request, got {n}", retriable=False)
+            raise ClientError(f"PreferenceTeacher needs at least 2 completions per request, got {n}; sample more per prompt")
         results = await asyncio.gather(*(self._pair(request, i, j) for i, j in itertools.combinations(range(n), 2)))
         return Preference(
             pairs=[r[0] for r in results],

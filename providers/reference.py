@@ -20,7 +20,7 @@ import json
 
 import openai
 
-from opd_sdk.errors import ConfigError, TeacherError
+from opd_sdk.errors import BadResponse, ConfigError
 from opd_sdk.teacher import fingerprint
 from opd_sdk.types import Completion, FeedbackRequest, Reference
 from providers.client import Endpoint, add_usage, messages_payload, usage_of
@@ -67,6 +67,10 @@ class ReferenceTeacher:
     def __repr__(self) -> str:
         return f"ReferenceTeacher(model={self.endpoint.model!r}, base_url={self.endpoint.base_url!r}, n={self.n})"
 
+    async def aclose(self) -> None:
+        """Close the HTTP client of the running event loop (each loop's closes with it anyway)."""
+        await self.endpoint.aclose()
+
     def api_calls(self, request: FeedbackRequest) -> int:
         return 1 if self.n_per_call else self.n
 
@@ -93,9 +97,7 @@ class ReferenceTeacher:
             responses = list(await asyncio.gather(*(self.endpoint.chat(messages, **params) for _ in range(self.n))))
         choices = [c for r in responses for c in r.choices if c.message.content][: self.n]
         if len(choices) < self.n:
-            raise TeacherError(
-                f"teacher returned {len(choices)} non-empty answers, expected {self.n}", retriable=True
-            )
+            raise BadResponse(f"teacher returned {len(choices)} non-empty answers, expected {self.n}")
         return Reference(
             completions=[Completion(text=c.message.content) for c in choices],
             details={"finish_reasons": [c.finish_reason for c in choices]},

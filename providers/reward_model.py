@@ -22,12 +22,12 @@ from typing import Any, Callable
 
 import httpx
 
-from opd_sdk.constants import DEFAULT_TIMEOUT_S, RETRIABLE_STATUS
-from opd_sdk.errors import ConfigError, TeacherError
+from opd_sdk.constants import DEFAULT_TIMEOUT_S
+from opd_sdk.errors import BadResponse, ConfigError, TeacherConnectionError, TeacherTimeout
 from opd_sdk.retry import parse_retry_after
 from opd_sdk.teacher import fingerprint
 from opd_sdk.types import CallUsage, FeedbackRequest, Score
-from providers.openai_errors import redact
+from providers.openai_errors import error_for_status, redact
 
 
 def openrlhf_payload(request: FeedbackRequest, keys: dict[str, str]) -> dict[str, Any]:
@@ -105,11 +105,11 @@ class RewardModelTeacher:
             values = body[self.rewards_key]
         else:
             keys = sorted(body) if isinstance(body, dict) else type(body).__name__
-            raise TeacherError(f"reward reply has no {self.rewards_key!r} list (got {keys})", retriable=True)
+            raise BadResponse(f"reward reply has no {self.rewards_key!r} list (got {keys})")
         if not isinstance(values, list) or len(values) != n:
-            raise TeacherError(f"reward reply: expected {n} rewards, got {values!r:.120}", retriable=True)
+            raise BadResponse(f"reward reply: expected {n} rewards, got {values!r:.120}")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
-            raise TeacherError(f"reward reply: rewards must be finite numbers, got {values!r:.120}", retriable=True)
+            raise BadResponse(f"reward reply: rewards must be finite numbers, got {values!r:.120}")
         return [float(v) for v in values]
 
     async def _post(self, body: dict) -> Any:
@@ -120,20 +120,17 @@ class RewardModelTeacher:
                 async with httpx.AsyncClient(timeout=self._timeout) as client:
                     response = await client.post(self.url, json=body, headers=self._headers)
         except httpx.TimeoutException as exc:
-            raise TeacherError(f"reward model timed out ({type(exc).__name__})", retriable=True) from exc
+            raise TeacherTimeout(f"reward model timed out ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
-            raise TeacherError(f"reward model connection error ({type(exc).__name__})", retriable=True) from exc
+            raise TeacherConnectionError(f"reward model connection error ({type(exc).__name__})") from exc
         if response.status_code != 200:
             text = redact(response.text[:200], [self._api_key])
-            raise TeacherError(
-                f"reward model HTTP {response.status_code}: {text}",
-                retriable=response.status_code in RETRIABLE_STATUS,
-                retry_after=parse_retry_after(response.headers), status=response.status_code,
-            )
+            raise error_for_status(response.status_code, f"reward model HTTP {response.status_code}: {text}",
+                                   retry_after=parse_retry_after(response.headers))
         try:
             return response.json()
         except ValueError as exc:
-            raise TeacherError("reward model reply was not JSON", retriable=True) from exc
+            raise BadResponse("reward model reply was not JSON") from exc
 
     async def feedback(self, request: FeedbackRequest) -> Score:
         body = await self._post(self.payload(request))

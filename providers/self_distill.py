@@ -12,12 +12,10 @@ without the context. Departures: we return only per-token log-probabilities
 - mode="live": the policy being trained, read as it is at call time. The
   teacher pass runs under `torch.no_grad()`, so no gradient flows through it.
 - mode="frozen": a copy taken at construction (or at `refresh()`).
-- mode="ema": a copy updated as ema = d*ema + (1-d)*policy once each time
-  the policy's weights have changed (an optimizer step), checked before every
-  teacher pass, so no trainer hook is needed; `after_step` folds at once.
-  A change is detected by a float64 sum of every trainable tensor (about
-  0.3 s for 135M parameters on 2 cores); in-place version counters would be
-  cheaper but fused optimizers do not bump them.
+- mode="ema": a copy updated as ema = d*ema + (1-d)*policy once per
+  optimizer step: the trainer calls `on_optimizer_step(step)` (the
+  `opd_sdk.teacher.FollowsStudent` hook) after each step, and the EMA folds
+  there, once per step number. Scoring never folds.
 
 Views. The student view is the prompt rendered with the tokenizer's chat
 template (generation prompt added); the teacher view is the same prompt with
@@ -35,6 +33,16 @@ give the collector no cache for them (`cacheable` is False, for a collector
 or trainer that checks). A frozen teacher is cacheable; its id changes at
 `refresh()`.
 
+Token ids: when a request's `tokenizer` fingerprint equals this teacher's
+tokenizer's (computed once, at construction), each completion's `token_ids`
+are scored as they are, without re-rendering or re-tokenising the student
+view (only the teacher view's prompt is rendered, once per prompt and
+privileged text). A request from another tokenizer, or completions without
+ids, are rendered from text and checked as described above.
+
+Local: `feedback_local(requests)` (= `score_batch`) runs in process;
+`opd_sdk.collector.make_collector` gives it no thread, loop or retries.
+
 Assumes the rollout engine tokenises prompts the same way (chat template
 rendered as text, then tokenised without added special tokens).
 """
@@ -49,7 +57,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from opd_sdk.errors import ConfigError, TokenizationMismatch
-from opd_sdk.teacher import fingerprint
+from opd_sdk.teacher import fingerprint, tokenizer_fingerprint
 from opd_sdk.types import CallUsage, ChatMessage, Feedback, FeedbackFailure, FeedbackRequest, TokenLogprobs
 
 Mode = Literal["live", "frozen", "ema"]
@@ -153,7 +161,8 @@ class SelfDistillTeacher:
         self.autocast_dtype = autocast_dtype
         self._refreshes = 0
         self._copy = None if mode == "live" else _frozen(model)
-        self._folded_version = self._weights_version()
+        self._folded_step = 0
+        self.tokenizer_id = tokenizer_fingerprint(tokenizer)
         self._prompt_cache: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
         probe = FeedbackRequest(prompt="What is 2 plus 2?", completions=[{"text": "4"}], privileged="2 + 2 = 4")
         self.check_views(probe)  # a template that cannot work fails here, not mid-training
@@ -177,13 +186,7 @@ class SelfDistillTeacher:
             params["refreshes"] = self._refreshes
         return fingerprint("self_distill", **params)
 
-    @torch.no_grad()
-    def _weights_version(self) -> list[float]:
-        """A float64 sum per trainable tensor: changes whenever an optimizer step changes the weights."""
-        if self.mode != "ema":
-            return []
-        trainable = [p for p in self.policy.parameters() if p.requires_grad] or list(self.policy.parameters())
-        return torch.stack([p.detach().sum(dtype=torch.float64) for p in trainable]).tolist()
+    local = True  # runs in process over the batch (opd_sdk.teacher.LocalTeacher)
 
     @property
     def cacheable(self) -> bool:
@@ -200,24 +203,25 @@ class SelfDistillTeacher:
         if self._copy is not None:
             self._copy.load_state_dict(self.policy.state_dict())
             self._refreshes += 1
-            self._folded_version = self._weights_version()
-
-    def after_step(self, step: int, policy: torch.nn.Module | None = None) -> None:
-        """Optional hook after optimizer step `step`: EMA mode folds the policy in now."""
-        self._sync_ema()
 
     @torch.no_grad()
-    def _sync_ema(self) -> None:
-        """ema = d*ema + (1-d)*policy, once per change of the policy's weights."""
-        if self.mode != "ema":
-            return
-        current = self._weights_version()
-        if current == self._folded_version:
+    def on_optimizer_step(self, step: int) -> None:
+        """The trainer's hook after optimizer step `step` (1, 2, ...; `FollowsStudent`).
+
+        EMA mode folds ema = d*ema + (1-d)*policy, once per step number (a repeated or
+        older step number is ignored). Live and frozen modes do nothing.
+        """
+        if self.mode != "ema" or step <= self._folded_step:
             return
         src = dict(self.policy.named_parameters())
         for name, p_ema in self._copy.named_parameters():
             p_ema.mul_(self.ema_decay).add_(src[name].detach().to(p_ema.dtype), alpha=1.0 - self.ema_decay)
-        self._folded_version = current
+        self._folded_step = step
+
+    def after_step(self, step: int, policy: torch.nn.Module | None = None) -> None:
+        """Deprecated spelling of `on_optimizer_step(step)` (examples/self_distill.py calls it);
+        the trainer calls `on_optimizer_step`, and a step told twice folds once."""
+        self.on_optimizer_step(step)
 
     # --- views ------------------------------------------------------------------
     def _render(self, messages: list[ChatMessage], completion: str | None) -> list[int]:
@@ -278,10 +282,17 @@ class SelfDistillTeacher:
                 )
 
     # --- scoring ------------------------------------------------------------------
+    def same_tokenizer(self, request: FeedbackRequest) -> bool:
+        """Whether the request's fingerprint says its token ids come from this teacher's tokenizer."""
+        return request.tokenizer is not None and request.tokenizer == self.tokenizer_id
+
     def _completion_ids(self, request: FeedbackRequest) -> list[list[int]]:
+        """Completion ids to score: as sent unless the request names another tokenizer (then the
+        text is re-tokenised); a request without a fingerprint keeps its ids (checked by views)."""
         out = []
+        foreign = request.tokenizer is not None and request.tokenizer != self.tokenizer_id
         for comp in request.completions:
-            ids = comp.token_ids
+            ids = None if foreign else comp.token_ids
             if ids is None:
                 ids = list(self.tokenizer(comp.text, add_special_tokens=False)["input_ids"])
             if not ids:
@@ -290,8 +301,12 @@ class SelfDistillTeacher:
         return out
 
     def score_batch(self, requests: Sequence[FeedbackRequest]) -> list[Feedback]:
-        """Synchronous core: one batched teacher pass over every completion of every request."""
-        self._sync_ema()
+        """Synchronous core: one batched teacher pass over every completion of every request.
+
+        Returns one TokenLogprobs per request (logprobs[i][t] for completion i, token t), or a
+        FeedbackFailure for a request without privileged context. Raises TokenizationMismatch
+        when a request re-rendered from text tokenises differently in the two views.
+        """
         results: list[Feedback | None] = [None] * len(requests)
         rows: list[tuple[int, list[int], list[int]]] = []  # (request index, teacher prompt, completion)
         for r, req in enumerate(requests):
@@ -302,7 +317,8 @@ class SelfDistillTeacher:
                     attempts=1,
                 )
                 continue
-            self.check_views(req)
+            if not (self.same_tokenizer(req) and all(c.token_ids is not None for c in req.completions)):
+                self.check_views(req)  # ids from text (or another tokenizer): check both views agree
             _, teacher_prompt = self.prompt_ids(req)
             rows.extend((r, teacher_prompt, ids) for ids in self._completion_ids(req))
         scored = self._forward(rows) if rows else []
@@ -356,6 +372,9 @@ class SelfDistillTeacher:
             return out
         finally:
             model.train(was_training)
+
+    def feedback_local(self, requests: Sequence[FeedbackRequest]) -> list[Feedback]:
+        return self.score_batch(requests)
 
     async def feedback_batch(self, requests: Sequence[FeedbackRequest]) -> list[Feedback]:
         return self.score_batch(requests)

@@ -22,16 +22,31 @@ import re
 from typing import Any
 
 _NUMBER = r"-?\d+(?:\.\d+)?"
-_SCORE_KEY = re.compile(r'"?score"?\s*[:=]\s*"?(' + _NUMBER + ")", re.IGNORECASE)
+_SCORE_KEY = re.compile(r'"?score"?\s*[:=]\s*"?(' + _NUMBER + ")", re.IGNORECASE)  # G-Eval's score token
 _FENCE = re.compile(r"^```(?:json)?\s*|\s*```$", re.IGNORECASE)
+_REASONING = re.compile(r"<(think|thinking|reasoning|scratchpad)>.*?(</\1>|$)", re.IGNORECASE | re.DOTALL)
+_MARKUP = re.compile(r"\*+|`+|__+|^\s*[#>]+", re.MULTILINE)
+# a keyed verdict in prose: "score: 7", "Final score = 7/10", "rating of 8", "verdict - 6 out of 10"
+_KEYED = re.compile(
+    r"\b(?P<final>final(?:[\s_]+(?:score|rating|grade|verdict|answer))?|(?:score|rating|grade|verdict))\b"
+    r"(?:\s+(?:is|of))?\s*[:=\-]?\s*(?P<num>" + _NUMBER + r")(?:\s*(?:/|out\s+of)\s*(?P<den>\d+(?:\.\d+)?))?",
+    re.IGNORECASE,
+)
+_FRACTION = re.compile(r"(?<![\w/.])(?P<num>" + _NUMBER + r")\s*/\s*(?P<den>\d+)(?![\w/]|\.\d)")
+_FINAL_BEFORE = re.compile(r"final\W*(?:\w+\W*){0,2}$", re.IGNORECASE)
 
 
 class VerdictError(ValueError):
     """The judge's reply is not a usable verdict; the message says why."""
 
 
-def _json_objects(text: str) -> list[Any]:
-    """Every top-level JSON object found in `text`, in order."""
+def _clean(text: str) -> str:
+    """Reasoning blocks removed (<think>...</think>, also unclosed), markdown emphasis removed."""
+    return _MARKUP.sub(" ", _REASONING.sub(" ", text)).strip()
+
+
+def _json_objects(text: str) -> list[tuple[int, Any]]:
+    """Every top-level JSON object found in `text`, in order, with its start offset."""
     decoder = json.JSONDecoder()
     found, i = [], 0
     cleaned = _FENCE.sub("", text.strip())
@@ -44,7 +59,7 @@ def _json_objects(text: str) -> list[Any]:
         except ValueError:
             i = start + 1
             continue
-        found.append(value)
+        found.append((start, value))
         i = end
 
 
@@ -60,41 +75,121 @@ def _in_scale(value: Any, lo: float, hi: float, what: str) -> float:
     return number
 
 
+def _on_scale(num: str, den: str | None, lo: float, hi: float) -> float:
+    """A number, or a fraction n/d read as a share of the scale ("8/10" on 0-10 is 8; "4/5" is 8)."""
+    value = float(num)
+    if den is None:
+        return value
+    d = float(den)
+    if d <= 0:
+        raise VerdictError(f"a fraction with denominator {den} is not a score")
+    return value if d == hi and lo == 0 else lo + value / d * (hi - lo)
+
+
+def _is_final(text: str, start: int) -> bool:
+    return bool(_FINAL_BEFORE.search(text[max(0, start - 40):start]))
+
+
+def _decide(candidates: list[tuple[bool, Any]], what: str, example: str) -> Any:
+    """The verdict among (marked_final, value) candidates, in reply order.
+
+    The last candidate marked final wins. Unmarked: all must agree; two different
+    verdicts with none marked final are an error (the judge is asked again).
+    """
+    if not candidates:
+        raise VerdictError(f"no {what} found; expected a JSON object like {example}")
+    finals = [v for marked, v in candidates if marked]
+    if finals:
+        return finals[-1]
+    values = [v for _, v in candidates]
+    if any(v != values[0] for v in values[1:]):
+        shown = ", ".join(str(v) for v in values[:4])
+        raise VerdictError(f"the reply holds different {what}s ({shown}) and none is marked final; "
+                           f"give exactly one, as {example}")
+    return values[0]
+
+
 def parse_score(text: str, lo: float, hi: float) -> float:
-    """The judge's score on its own scale, from `{"score": n}` or, leniently, `score: n`."""
-    for obj in _json_objects(text):
-        if isinstance(obj, dict) and "score" in obj:
-            return _in_scale(obj["score"], lo, hi, "score")
-    match = _SCORE_KEY.search(text)
-    if match:
-        return _in_scale(match.group(1), lo, hi, "score")
-    raise VerdictError('no score found; expected a JSON object like {"score": 7}')
+    """The judge's final score on its own scale.
+
+    Reads, in reply order: JSON objects with "score" (or "final_score"), keyed
+    prose ("score: 7", "Final score: 3", "rating 8/10"), and bare fractions
+    over the scale's top ("8/10" on 0-10). Reasoning blocks (<think>...) and
+    markdown are ignored. The last verdict marked final wins; otherwise every
+    verdict found must agree (else VerdictError: asked again). Fractions are
+    read as a share of the scale.
+    """
+    body = _clean(text)
+    candidates: list[tuple[int, bool, float]] = []
+    spans: list[tuple[int, int]] = []
+    for start, obj in _json_objects(body):
+        if isinstance(obj, dict):
+            for key in ("final_score", "score"):
+                if key in obj:
+                    value = _in_scale(obj[key], lo, hi, "score")
+                    candidates.append((start, key == "final_score" or _is_final(body, start), value))
+                    break
+            spans.append((start, start + len(json.dumps(obj))))
+    for m in _KEYED.finditer(body):
+        if any(a <= m.start() < b for a, b in spans):
+            continue
+        marked = m.group("final").lower().startswith("final") or _is_final(body, m.start())
+        value = _in_scale(_on_scale(m.group("num"), m.group("den"), lo, hi), lo, hi, "score")
+        candidates.append((m.start(), marked, value))
+    keyed_at = {m.start("num") for m in _KEYED.finditer(body)}
+    for m in _FRACTION.finditer(body):
+        if m.start("num") in keyed_at or any(a <= m.start() < b for a, b in spans):
+            continue
+        if float(m.group("den")) == hi:
+            value = _in_scale(_on_scale(m.group("num"), m.group("den"), lo, hi), lo, hi, "score")
+            candidates.append((m.start(), _is_final(body, m.start()), value))
+    candidates.sort(key=lambda c: c[0])
+    return _decide([(marked, v) for _, marked, v in candidates], "score", '{"score": 7}')
 
 
 def parse_scores(text: str, n: int, lo: float, hi: float) -> list[float]:
-    """Listwise verdict: `{"scores": [s_0, ..., s_{n-1}]}`, one per response, in order."""
-    for obj in _json_objects(text):
-        if isinstance(obj, dict) and isinstance(obj.get("scores"), list):
-            values = obj["scores"]
-            if len(values) != n:
-                raise VerdictError(f"expected {n} scores, one per response, got {len(values)}")
-            return [_in_scale(v, lo, hi, f"scores[{i}]") for i, v in enumerate(values)]
-    raise VerdictError(f'no scores list found; expected a JSON object like {{"scores": [{", ".join(["7"] * n)}]}}')
+    """Listwise verdict: `{"scores": [s_0, ..., s_{n-1}]}`, one per response, in order.
+
+    Several objects: the last marked final ("final_scores", or "final" just before it)
+    wins; otherwise they must agree (else VerdictError).
+    """
+    body = _clean(text)
+    candidates: list[tuple[bool, tuple[float, ...]]] = []
+    for start, obj in _json_objects(body):
+        if not isinstance(obj, dict):
+            continue
+        key = "final_scores" if isinstance(obj.get("final_scores"), list) else "scores"
+        if not isinstance(obj.get(key), list):
+            continue
+        values = obj[key]
+        if len(values) != n:
+            raise VerdictError(f"expected {n} scores, one per response, got {len(values)}")
+        parsed = tuple(_in_scale(v, lo, hi, f"scores[{i}]") for i, v in enumerate(values))
+        candidates.append((key == "final_scores" or _is_final(body, start), parsed))
+    example = '{"scores": [' + ", ".join(["7"] * n) + "]}"
+    return list(_decide(candidates, "scores list", example))
 
 
 def parse_choice(text: str, choices: tuple[str, ...]) -> str:
-    """Pairwise verdict: `{"winner": "A" | "B" | "tie"}` (case-insensitive)."""
+    """Pairwise verdict: `{"winner": "A" | "B" | "tie"}` (case-insensitive); the final one."""
     lowered = {c.lower(): c for c in choices}
-    for obj in _json_objects(text):
-        if isinstance(obj, dict) and "winner" in obj:
-            value = str(obj["winner"]).strip().lower()
-            if value in lowered:
-                return lowered[value]
-            raise VerdictError(f"winner must be one of {list(choices)}, got {obj['winner']!r}")
-    match = re.search(r'"?winner"?\s*[:=]\s*"?(\w+)', text, re.IGNORECASE)
-    if match and match.group(1).lower() in lowered:
-        return lowered[match.group(1).lower()]
-    raise VerdictError(f'no winner found; expected a JSON object like {{"winner": "{choices[0]}"}}')
+    body = _clean(text)
+    candidates: list[tuple[int, bool, str]] = []
+    spans = []
+    for start, obj in _json_objects(body):
+        if isinstance(obj, dict) and ("winner" in obj or "final_winner" in obj):
+            key = "final_winner" if "final_winner" in obj else "winner"
+            value = str(obj[key]).strip().lower()
+            if value not in lowered:
+                raise VerdictError(f"winner must be one of {list(choices)}, got {obj[key]!r}")
+            candidates.append((start, key == "final_winner" or _is_final(body, start), lowered[value]))
+            spans.append((start, start + len(json.dumps(obj))))
+    for m in re.finditer(r'"?(final[\s_]+)?winner"?\s*(?:is)?\s*[:=]?\s*"?(\w+)', body, re.IGNORECASE):
+        if any(a <= m.start() < b for a, b in spans) or m.group(2).lower() not in lowered:
+            continue
+        candidates.append((m.start(), bool(m.group(1)) or _is_final(body, m.start()), lowered[m.group(2).lower()]))
+    candidates.sort(key=lambda c: c[0])
+    return _decide([(marked, v) for _, marked, v in candidates], "winner", f'{{"winner": "{choices[0]}"}}')
 
 
 def expected_score(

@@ -6,8 +6,14 @@ answer checks out against the expected one, else 0.0. A 0.0 here is a real
 verdict (the answer is wrong or missing), not a stand-in for a failed call.
 
 The expected answer is `request.metadata["answer"]`, or `request.privileged`
-when there is no answer; a request with neither is an error (non-retriable),
-because scoring it 0 would teach the student that a right answer is wrong.
+when there is no answer; a request with neither, or with an empty one, is an
+error (ClientError, non-retriable), because scoring it 0 would teach the
+student that a right answer is wrong, and an empty reference would give an
+empty completion full marks. An empty (or whitespace) completion always gets
+0.0, whatever the check.
+
+Local: `feedback_local(requests)` scores a batch in process (the trainer's
+`make_collector` runs it so: no thread, loop, retries or cache).
 
 Checks (`mode`):
 - "exact": the extracted answer equals the expected one after trimming,
@@ -25,11 +31,11 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-from opd_sdk.errors import ConfigError, TeacherError
+from opd_sdk.errors import ClientError, ConfigError, TeacherError
 from opd_sdk.teacher import fingerprint
-from opd_sdk.types import FeedbackRequest, Score
+from opd_sdk.types import Feedback, FeedbackFailure, FeedbackRequest, Score
 
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][-+]?\d+)?|-?\.\d+")
 
@@ -101,6 +107,8 @@ class VerifierTeacher:
     def __repr__(self) -> str:
         return f"VerifierTeacher(mode={self.mode!r})"
 
+    local = True  # answered in process: make_collector runs it without a loop, retries or cache
+
     def api_calls(self, request: FeedbackRequest) -> int:
         return 0  # local checks: nothing to charge to a rate limit
 
@@ -108,21 +116,26 @@ class VerifierTeacher:
     def expected(request: FeedbackRequest) -> str:
         answer = request.metadata.get("answer", request.privileged)
         if answer is None:
-            raise TeacherError(
+            raise ClientError(
                 "VerifierTeacher needs the expected answer in request.metadata['answer'] (or request.privileged); "
-                "give your PromptItems an answer", retriable=False,
+                "give your PromptItems an answer",
             )
+        if not str(answer).strip():
+            raise ClientError("VerifierTeacher: the expected answer is empty; fix the data (every item needs a "
+                              "non-empty answer), or an empty completion would count as right")
         return str(answer)
 
     def score_text(self, text: str, expected: str) -> tuple[float, Any]:
-        """(score, what was extracted) for one completion."""
+        """(score, what was extracted) for one completion; an empty completion always gets 0.0."""
+        if not text.strip():
+            return 0.0, None
         if self.mode == "callable":
             verdict = self.check(text, expected)
             return (float(verdict), None) if not isinstance(verdict, bool) else (1.0 if verdict else 0.0, None)
         if self.mode == "numeric":
             got, want = extract_number(text), extract_number(expected)
             if want is None:
-                raise TeacherError(f"expected answer {expected!r} holds no number; use mode='exact'", retriable=False)
+                raise ClientError(f"expected answer {expected!r} holds no number; use mode='exact'")
             ok = got is not None and math.isfinite(got) and abs(got - want) <= self.atol + self.rtol * abs(want)
             return (1.0 if ok else 0.0), got
         if self.mode == "regex":
@@ -133,7 +146,21 @@ class VerifierTeacher:
         same = _norm(got) == _norm(expected) if self.normalize else got == expected
         return (1.0 if same else 0.0), got
 
-    async def feedback(self, request: FeedbackRequest) -> Score:
+    def score(self, request: FeedbackRequest) -> Score:
+        """Scores of one request's completions; raises ClientError when it has no usable answer."""
         expected = self.expected(request)
         results = [self.score_text(c.text, expected) for c in request.completions]
         return Score(scores=[r[0] for r in results], details={"extracted": [r[1] for r in results]})
+
+    def feedback_local(self, requests: Sequence[FeedbackRequest]) -> list[Feedback]:
+        """One Score per request, in process; a request without a usable answer is a failure value."""
+        out: list[Feedback] = []
+        for request in requests:
+            try:
+                out.append(self.score(request))
+            except TeacherError as exc:
+                out.append(FeedbackFailure.from_error(exc, attempts=1))
+        return out
+
+    async def feedback(self, request: FeedbackRequest) -> Score:
+        return self.score(request)

@@ -52,6 +52,14 @@ attribute may be reassigned between phases of a test, it is read per request):
 - Fault.drop(): send the headers and half of the body, then close the
   connection.
 - Fault.malformed(): 200 with a body that is not JSON.
+- Fault.headers_status(code, headers, message=None): any status with any extra
+  headers (proxies' delay headers: `llm_provider-retry-after`,
+  `x-ratelimit-reset-requests`...).
+- Fault.error_in_200(message, code=None, type=None): HTTP 200 whose body is
+  `{"error": {...}}` with no choices (what some proxies send).
+
+A responder may return a full response dict, e.g. with `"finish_reason":
+"length"` (a reply cut off by the token limit) or log-probs of -9999.
 
 What it records (read these after the requests; all are thread-safe copies):
 
@@ -100,6 +108,17 @@ class Fault:
     drop_connection: bool = False
     malformed_json: bool = False
     message: str | None = None
+    error_body: dict | None = None
+
+    @classmethod
+    def headers_status(cls, code: int, headers: dict[str, str], message: str | None = None) -> "Fault":
+        """Any status with arbitrary extra headers (e.g. a proxy's `llm_provider-retry-after`)."""
+        return cls(name=f"http_{code}", http_status=code, headers=tuple(headers.items()), message=message)
+
+    @classmethod
+    def error_in_200(cls, message: str, code: Any = None, type: str | None = None) -> "Fault":
+        """HTTP 200 whose body is a provider error object `{"error": {...}}`, with no choices."""
+        return cls(name="error_in_200", error_body={"message": message, "code": code, "type": type})
 
     @classmethod
     def status(cls, code: int, retry_after: str | None = None, retry_after_ms: str | None = None,
@@ -410,6 +429,9 @@ class ScriptedServer:
             text = fault.message or f"scripted {fault.http_status}"
             err = {"error": {"message": text, "type": "scripted", "code": None}}
             await self._send(writer, fault.http_status, err, fault.headers)
+            return True
+        if fault is not None and fault.error_body is not None:
+            await self._send(writer, 200, {"error": fault.error_body})
             return True
         if fault is not None and fault.malformed_json:
             await self._send_raw(writer, 200, b'{"id": "chatcmpl-broken", "choices": [', ())

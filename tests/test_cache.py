@@ -68,3 +68,28 @@ def test_several_processes_write_one_file(tmp_path):
     with FeedbackCache(path) as cache:
         assert len(cache) == 450
         assert cache.get("t", "2-149") == Score(scores=[149.0])
+
+
+def test_cache_files_are_readable_by_their_owner_only(tmp_path):
+    import os
+    import stat
+
+    from opd_sdk.cache import FeedbackCache
+    from opd_sdk.types import Score
+
+    old = os.umask(0o022)  # a usual umask: files would be 0644
+    try:
+        path = tmp_path / "sub" / "cache.sqlite"
+        with FeedbackCache(path) as cache:
+            cache.put("t:1", "k", Score(scores=[1.0]))
+            files = sorted(p for p in path.parent.iterdir())
+            assert [p.name for p in files] == ["cache.sqlite", "cache.sqlite-shm", "cache.sqlite-wal"]
+            for p in files:
+                assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+        loose = tmp_path / "loose.sqlite"
+        FeedbackCache(loose).close()
+        os.chmod(loose, 0o644)  # a cache made by an older version
+        FeedbackCache(loose).close()
+        assert stat.S_IMODE(loose.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)

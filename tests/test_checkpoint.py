@@ -42,17 +42,17 @@ class Interrupted(Exception):
 
 
 class CrashOnLoss(RewardWeighted):
-    """Dies in the loss of step `crash_step`: after that step's feedback was collected (and cached)."""
+    """Dies in the targets step of step `crash_step`: after that step's feedback was collected (and cached)."""
 
     def __init__(self, crash_step, **kw):
         super().__init__(**kw)
         self.calls, self.crash_step = 0, crash_step
 
-    def loss(self, policy, batch, feedback):
+    def plan(self, batch, feedback, ctx):
         self.calls += 1
         if self.calls == self.crash_step:
             raise Interrupted
-        return super().loss(policy, batch, feedback)
+        return super().plan(batch, feedback, ctx)
 
 
 def make_trainer(out, cache, objective, save_every=0):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 
@@ -77,7 +78,8 @@ async def test_non_retriable_4xx_fails_at_once(server):
     collector = FeedbackCollector(MinimalJudge(server.base_url), **FAST)
     [result] = await collector.collect(make_requests(1))
     assert isinstance(result, FeedbackFailure)
-    assert result.attempts == 1 and not result.retriable and result.error_type == "http_400"
+    assert result.attempts == 1 and not result.retriable
+    assert (result.error_type, result.status) == ("client_error", 400)
     assert "bad field" in result.reason
     assert server.count == 1 and collector.usage.failures == 1
 
@@ -87,7 +89,7 @@ async def test_retries_exhausted_gives_failure_with_attempts(server):
     collector = FeedbackCollector(MinimalJudge(server.base_url), max_retries=3, **FAST)
     [result] = await collector.collect(make_requests(1))
     assert isinstance(result, FeedbackFailure)
-    assert (result.attempts, result.retriable, result.error_type) == (4, True, "http_503")
+    assert (result.attempts, result.retriable, result.error_type) == (4, True, "server_error")
     assert server.count == 4
 
 
@@ -212,7 +214,10 @@ async def test_pointwise_split_merge_and_partial_failure(server, tmp_path):
     server.faults = lambda i, body: Fault.status(400) if answer_of(body) == "bbbb" else None
     collector = FeedbackCollector(judge, cache=tmp_path / "c.sqlite", **FAST)
     [merged] = await collector.collect([request])
-    assert isinstance(merged, FeedbackFailure) and "[1]" in merged.reason and merged.error_type == "http_400"
+    # one completion's failure does not sink the others: it is a missing value, theirs are scores
+    assert isinstance(merged, Score) and merged.valid() == [True, False, True]
+    assert merged.scores[0::2] == [1.0, 2.0] and math.isnan(merged.scores[1])
+    assert merged.details["failed"][1]["error_type"] == "client_error"
     assert server.count == 3
     server.faults = None
     [merged] = await collector.collect([request])
@@ -261,7 +266,8 @@ async def test_collect_sync_inside_a_running_loop_and_from_a_thread(server):
     collector.close()
 
 
-async def test_teacher_bug_is_a_failure_not_retried():
+async def test_teacher_bug_propagates_not_retried():
+    """A non-TeacherError out of a teacher is a bug: it stops the run (it used to be a masked failure)."""
     class Broken:
         id = "broken:1"
         calls = 0
@@ -270,9 +276,22 @@ async def test_teacher_bug_is_a_failure_not_retried():
             Broken.calls += 1
             raise ValueError("oops")
 
-    [result] = await FeedbackCollector(Broken(), **FAST).collect(make_requests(1))
-    assert isinstance(result, FeedbackFailure)
-    assert (result.error_type, result.attempts, result.retriable, Broken.calls) == ("ValueError", 1, False, 1)
+    with pytest.raises(ValueError, match="oops"):
+        await FeedbackCollector(Broken(), **FAST).collect(make_requests(3))
+    assert Broken.calls == 3  # each request called once, none retried
+
+
+def test_teacher_bug_propagates_from_collect_sync():
+    class Broken:
+        id = "broken:2"
+
+        async def feedback(self, request):
+            raise TypeError("a bug in our code")
+
+    collector = FeedbackCollector(Broken(), **FAST)
+    with pytest.raises(TypeError, match="a bug in our code"):
+        collector.collect_sync(make_requests(2))
+    collector.close()
 
 
 async def test_wrong_number_of_scores_is_a_failure():

@@ -25,7 +25,7 @@ async def test_api_key_never_leaks(tmp_path, caplog):
         assert all(KEY not in str(r.headers) for r in srv.requests)  # ... and the server kept no copy
         await judge.aclose()
     failure = results[0]
-    assert isinstance(failure, FeedbackFailure) and failure.error_type == "http_401"
+    assert isinstance(failure, FeedbackFailure) and (failure.error_type, failure.status) == ("client_error", 401)
     assert [r.kind for r in results[1:]] == ["score", "score"]
     assert "Incorrect API key provided" in failure.reason  # the message survives, the key does not
     texts = [failure.reason, failure.model_dump_json(), caplog.text, repr(collector), repr(judge),
@@ -38,14 +38,18 @@ async def test_api_key_never_leaks(tmp_path, caplog):
     assert "Incorrect API key provided" in caplog.text  # the failure was logged (redacted)
 
 
-async def test_key_in_an_unexpected_exception_is_redacted(caplog):
+async def test_key_in_a_teacher_error_is_redacted(caplog):
+    """An unexpected exception now propagates (a bug); a TeacherError's text is redacted in the failure."""
+    from opd_sdk.errors import ServerError
+
     class Leaky:
         id = "leaky:1"
 
         async def feedback(self, request):
-            raise RuntimeError(f"client blew up with Authorization: Bearer {KEY}")
+            raise ServerError(f"client blew up with Authorization: Bearer {KEY}", retriable=False)
 
     request = FeedbackRequest(prompt="q", completions=[Completion(text="a")])
     [failure] = await FeedbackCollector(Leaky()).collect([request])
-    assert isinstance(failure, FeedbackFailure) and failure.error_type == "RuntimeError"
+    assert isinstance(failure, FeedbackFailure) and failure.error_type == "server_error"
+    assert "client blew up" in failure.reason
     assert KEY not in failure.reason and KEY not in caplog.text

@@ -86,3 +86,30 @@ def test_sampler_epochs_and_exact_resume():
     unshuffled = PromptSampler(items, 3, shuffle=False)
     assert [p.prompt for p in unshuffled.next_batch()] == ["0", "1", "2"]
     assert [p.prompt for p in unshuffled.next_batch()] == ["3", "4", "0"]
+
+
+@pytest.mark.parametrize("answer", ["", "   ", "\n\t"])
+def test_empty_reference_answer_is_refused_with_file_and_line(tmp_path, answer):
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"prompt": "2+2?", "answer": "4"}) + "\n"
+                    + json.dumps({"prompt": "3+3?", "answer": answer}) + "\n")
+    with pytest.raises(ConfigError, match=r"qa.jsonl:2: the reference answer 'answer' is .*empty"):
+        load_prompts(path)
+    with pytest.raises(ConfigError, match=r"prompts\[0\]: .*reference answer"):
+        load_prompts([{"prompt": "q", "answer": answer}])
+    with pytest.raises(ValueError, match="reference answer is empty"):
+        PromptItem(prompt="q", answer=answer)
+    assert load_prompts([{"prompt": "q", "answer": None}])[0].answer is None  # no answer at all is fine
+
+
+def test_verifier_never_credits_an_empty_completion():
+    """Before: an empty reference gave an empty completion 1.0 from the exact verifier."""
+    from opd_sdk.types import Completion, FeedbackRequest
+    from providers import VerifierTeacher
+
+    for mode, kw in [("exact", {}), ("numeric", {}), ("regex", {"pattern": ".*"}),
+                     ("callable", {"check": lambda text, want: True})]:
+        teacher = VerifierTeacher(mode, **kw)
+        request = FeedbackRequest(prompt="q", completions=[Completion(text=""), Completion(text="  \n")],
+                                  metadata={"answer": "4"})
+        assert teacher.score(request).scores == [0.0, 0.0], mode

@@ -23,13 +23,13 @@ RETRY_AFTER_CASES = [
     ({"Retry-After": "2"}, 2.0),  # header names are case-insensitive
     ({"retry-after": "0.5"}, 0.5),  # non-standard float seconds
     ({"retry-after": " 3 "}, 3.0),
-    ({"retry-after": "0"}, 0.0),
+    ({"retry-after": "0"}, None),  # 0 means "no server delay": the backoff applies (issue 14 s2; was 0.0)
     ({"retry-after-ms": "1500"}, 1.5),
     ({"retry-after-ms": "250", "retry-after": "9"}, 0.25),  # ms wins
     ({"retry-after-ms": "junk", "retry-after": "9"}, 9.0),  # bad ms falls back
     ({"retry-after-ms": "-5", "retry-after": "4"}, 4.0),
     ({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, 10.0),  # HTTP date, 10 s after NOW
-    ({"retry-after": "Wed, 21 Oct 2015 07:27:00 GMT"}, 0.0),  # a date in the past
+    ({"retry-after": "Wed, 21 Oct 2015 07:27:00 GMT"}, None),  # a date in the past: backoff (was 0.0)
     ({"retry-after": "Wed, 21 Oct 2015 09:27:50 GMT"}, 60.0),  # 2 h away: capped
     ({"retry-after": "3600"}, 60.0),  # capped at MAX_RETRY_AFTER_S
     ({"retry-after-ms": "inf"}, 60.0),  # "forever" is clamped to the cap
@@ -38,6 +38,20 @@ RETRY_AFTER_CASES = [
     ({"retry-after": "soon"}, None),
     ({"retry-after": ""}, None),
     ({"x-other": "5"}, None),
+    ({"retry-after": "-3"}, None),
+    ({"retry-after-ms": "0"}, None),
+    ({"retry-after-ms": "0", "retry-after": "2"}, 2.0),  # a useless ms value does not hide a real one
+    # delays proxies send (LiteLLM; OpenAI-style reset durations)
+    ({"llm_provider-retry-after": "7"}, 7.0),
+    ({"LLM_PROVIDER-Retry-After": "1.5"}, 1.5),
+    ({"x-ratelimit-reset-requests": "1s"}, 1.0),
+    ({"x-ratelimit-reset-tokens": "6m0s"}, 60.0),  # 360 s, capped
+    ({"x-ratelimit-reset-tokens": "20ms"}, 0.02),
+    ({"x-ratelimit-reset-requests": "1m30.5s"}, 60.0),
+    ({"x-ratelimit-reset-requests": "2s", "x-ratelimit-reset-tokens": "12.5s"}, 12.5),  # the longer
+    ({"x-ratelimit-reset-requests": "0s"}, None),
+    ({"x-ratelimit-reset-requests": "soon"}, None),
+    ({"retry-after": "0", "x-ratelimit-reset-requests": "3s"}, 3.0),
 ]
 
 
@@ -81,22 +95,22 @@ async def test_policy_retries_only_retriable_errors_and_honours_server_delay():
     assert calls[1] - calls[0] >= 0.19
 
 
-@pytest.mark.parametrize("fault,retriable,status,retry_after", [
-    (Fault.rate_limit(retry_after="1"), True, 429, 1.0),
-    (Fault.rate_limit(retry_after_ms="20"), True, 429, 0.02),
-    (Fault.status(500), True, 500, None),
-    (Fault.status(503, retry_after="2"), True, 503, 2.0),
-    (Fault.status(408), True, 408, None),
-    (Fault.status(409), True, 409, None),
-    (Fault.status(400), False, 400, None),
-    (Fault.status(401), False, 401, None),
-    (Fault.status(404), False, 404, None),
-    (Fault.status(422), False, 422, None),
-    (Fault.drop(), True, None, None),
-    (Fault.malformed(), True, None, None),
-    (Fault.hang(2.0), True, None, None),
+@pytest.mark.parametrize("fault,retriable,status,retry_after,kind", [
+    (Fault.rate_limit(retry_after="1"), True, 429, 1.0, "rate_limited"),
+    (Fault.rate_limit(retry_after_ms="20"), True, 429, 0.02, "rate_limited"),
+    (Fault.status(500), True, 500, None, "server_error"),
+    (Fault.status(503, retry_after="2"), True, 503, 2.0, "server_error"),
+    (Fault.status(408), True, 408, None, "server_error"),
+    (Fault.status(409), True, 409, None, "server_error"),
+    (Fault.status(400), False, 400, None, "client_error"),
+    (Fault.status(401), False, 401, None, "client_error"),
+    (Fault.status(404), False, 404, None, "client_error"),
+    (Fault.status(422), False, 422, None, "client_error"),
+    (Fault.drop(), True, None, None, "connection"),
+    (Fault.malformed(), True, None, None, "bad_response"),
+    (Fault.hang(2.0), True, None, None, "timeout"),
 ])
-def test_translate_real_openai_errors(fault, retriable, status, retry_after):
+def test_translate_real_openai_errors(fault, retriable, status, retry_after, kind):
     key = "sk-test-TRANSLATE-abcdef123456"
     with ScriptedServer(faults=[fault]) as srv:
         client = openai.OpenAI(base_url=srv.base_url, api_key=key, max_retries=0, timeout=0.3)
@@ -104,7 +118,7 @@ def test_translate_real_openai_errors(fault, retriable, status, retry_after):
             client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
         client.close()
     err = translate_openai_error(info.value, secrets=[key])
-    assert (err.retriable, err.status, err.retry_after) == (retriable, status, retry_after)
+    assert (err.retriable, err.status, err.retry_after, err.error_type) == (retriable, status, retry_after, kind)
     assert key not in str(err)
 
 
@@ -118,3 +132,39 @@ def test_translate_redacts_a_key_the_server_echoes():
         client.close()
     err = translate_openai_error(info.value)  # caught by pattern even when the key is not passed
     assert key not in str(err) and "HTTP 401" in str(err) and not err.retriable
+
+
+@pytest.mark.parametrize("error, kind, retriable, status", [
+    ({"message": "Rate limit reached", "code": "rate_limit_exceeded"}, "rate_limited", True, None),
+    ({"message": "slow down", "code": 429}, "rate_limited", True, 429),
+    ({"message": "upstream failed", "code": "502"}, "server_error", True, 502),
+    ({"message": "The server is overloaded", "type": "overloaded_error"}, "server_error", True, None),
+    ({"message": "Invalid model", "code": "invalid_request_error"}, "client_error", False, None),
+    ({"message": "auth", "code": 401}, "client_error", False, 401),
+    ("plain text error", "client_error", False, None),
+    ({"message": "You exceeded your current quota", "code": "insufficient_quota"}, "client_error", False, None),
+    ({"message": "upstream timed out", "code": "timeout"}, "timeout", True, None),
+])
+
+
+def test_error_objects_in_a_200_are_typed_by_their_code(error, kind, retriable, status):
+    from providers.openai_errors import error_from_body
+
+    err = error_from_body(error)
+    assert (err.error_type, err.retriable, err.status) == (kind, retriable, status)
+    assert "provider error in a 200 reply" in str(err)
+
+
+def test_a_429_for_insufficient_quota_is_not_retried():
+    """OpenAI answers 429 with code insufficient_quota when the account has no credit left."""
+    fault = Fault.status(429, message="You exceeded your current quota")
+    with ScriptedServer(faults=[fault]) as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="sk-test-quota-0000", max_retries=0)
+        with pytest.raises(openai.RateLimitError) as info:
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        client.close()
+    plain = translate_openai_error(info.value)
+    assert plain.error_type == "rate_limited"  # the scripted body has no code: an ordinary 429
+    info.value.body["code"] = "insufficient_quota"
+    quota = translate_openai_error(info.value)
+    assert (quota.error_type, quota.retriable, quota.status) == ("client_error", False, 429)

@@ -163,27 +163,62 @@ def test_ema_update_by_hand(tok):
                 p.fill_(value)
 
     set_policy(1.0)
-    teacher.after_step(1)
+    teacher.on_optimizer_step(1)
     assert torch.allclose(w, torch.full_like(w, 0.25))  # 0.75*0 + 0.25*1
-    teacher.after_step(1)  # the policy did not change: no second fold
+    teacher.on_optimizer_step(1)  # the same step told twice: no second fold
     assert torch.allclose(w, torch.full_like(w, 0.25))
     set_policy(2.0)  # an optimizer step changes the weights
-    teacher.after_step(2)
+    teacher.on_optimizer_step(2)
     assert torch.allclose(w, torch.full_like(w, 0.6875))  # 0.75*0.25 + 0.25*2
     assert not any(p.requires_grad for p in teacher.teacher_model.parameters())
 
 
-async def test_ema_folds_before_scoring_without_a_trainer_hook(tok):
+async def test_ema_folds_at_the_step_hook_not_when_scoring(tok):
+    """Replaces the old checksum test: the EMA folds when the trainer says a step happened
+    (FollowsStudent.on_optimizer_step), never by detecting weight changes while scoring."""
+    from opd_sdk.teacher import FollowsStudent, notify_optimizer_step
+
     model = make_model(tok)
     teacher = SelfDistillTeacher(model, tok, mode="ema", ema_decay=0.5)
+    assert isinstance(teacher, FollowsStudent)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
         model.lm_head.weight.add_(1.0)
-    await teacher.feedback(request(tok))
+    await teacher.feedback(request(tok))  # scoring does not fold
+    assert torch.equal(teacher.teacher_model.lm_head.weight, start["lm_head.weight"])
+    notify_optimizer_step(teacher, 1)
     expected = 0.5 * start["lm_head.weight"] + 0.5 * model.lm_head.weight
     assert torch.allclose(teacher.teacher_model.lm_head.weight, expected)
-    await teacher.feedback(request(tok))  # same weights: no second fold
+    await teacher.feedback(request(tok))
     assert torch.allclose(teacher.teacher_model.lm_head.weight, expected)
+
+
+async def test_same_tokenizer_ids_are_scored_as_they_are(tok):
+    """A request whose tokenizer fingerprint is the teacher's: completion ids are used as sent,
+    nothing is re-rendered or re-tokenised for the student view, and the log-probs are those of
+    teacher prompt + the ids (checked against an unbatched forward)."""
+    from opd_sdk.teacher import tokenizer_fingerprint
+
+    model = make_model(tok)
+    teacher = SelfDistillTeacher(model, tok, mode="frozen")
+    assert teacher.tokenizer_id == tokenizer_fingerprint(tok)
+    ids = [list(tok("12", add_special_tokens=False)["input_ids"]), [5, 6, 7]]  # the second: any sampled ids
+    base = request(tok)
+    same = base.model_copy(update={
+        "completions": [Completion(text="12", token_ids=ids[0]), Completion(text="?", token_ids=ids[1])],
+        "tokenizer": teacher.tokenizer_id, "prompt_token_ids": teacher.prompt_ids(base)[0]})
+    renders = []
+    original = teacher._render
+    teacher._render = lambda *a: renders.append(a) or original(*a)  # count template renders
+    fb = await teacher.feedback(same)
+    assert renders == []  # the teacher prompt was cached; no student view was rendered
+    _, teacher_prompt = teacher.prompt_ids(base)
+    for i in range(2):
+        assert fb.logprobs[i] == pytest.approx(reference_logprobs(teacher.teacher_model, teacher_prompt, ids[i]),
+                                               abs=1e-5)
+    other = same.model_copy(update={"tokenizer": "tok:someone-else"})  # another tokenizer: re-rendered, checked
+    fb_other = await teacher.feedback(other)
+    assert renders and len(fb_other.logprobs[1]) == len(tok("?", add_special_tokens=False)["input_ids"])
 
 
 def test_id_and_cacheability(tok):

@@ -222,3 +222,86 @@ def test_hybrid_reads_one_collector_per_source():
         assert row["distill/teacher_tokens_missing"] == 0 and row["feedback_failures"] == 0
         assert row["teacher_requests"] is not None
     assert history[-1]["teacher_requests"] == sum(sent) > sent[0]  # both teachers counted
+
+
+class Constant:
+    """Gives every completion the same score: every group is flat, nothing to learn."""
+
+    id = "constant-0.7"
+
+    async def feedback(self, request):
+        return Score(scores=[0.7] * len(request.completions))
+
+
+class AlwaysDown:
+    id = "always-down"
+
+    async def feedback(self, request):
+        raise TeacherError("connection refused", retriable=False)
+
+
+def _tiny_trainer(teacher, **kw):
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, seed=3)
+    settings = dict(group_size=2, prompts_per_step=2, max_new_tokens=3, lr=1e-2, precision="fp32", max_steps=3)
+    return Trainer(model, tok, RewardWeighted(advantage="grpo"), collector(teacher, max_retries=0), SEVEN,
+                   **(settings | kw))
+
+
+def test_flat_groups_move_no_weight():
+    """A verifier giving every completion 0.7: 3 GRPO steps at lr 1e-2 change no tensor (AdamW not stepped)."""
+    trainer = _tiny_trainer(Constant())
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    history = trainer.train()
+    assert [r["skipped_step"] for r in history] == [1, 1, 1]
+    assert all(r["flat_groups"] == 2 and r["signal"] == 0 and r["grad_norm"] is None for r in history)
+    assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+    assert trainer.scheduler.last_epoch == 0  # the schedule did not advance either
+
+
+def test_a_teacher_that_always_fails_stops_the_run_with_a_clear_error():
+    from opd_sdk.errors import TrainingStopped
+
+    trainer = _tiny_trainer(AlwaysDown(), max_steps=10, max_no_signal_steps=3)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(TrainingStopped, match=r"3 steps in a row.*always-down.*x2.*--resume") as err:
+        trainer.train()
+    assert trainer.step == 3 and trainer.metrics.history[-1]["feedback_failures"] == 2
+    assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+
+
+def test_a_spent_budget_stops_the_run():
+    from opd_sdk.errors import TrainingStopped
+    from opd_sdk.types import CallUsage
+
+    class Paid:
+        id = "paid"
+
+        async def feedback(self, request):
+            return Score(scores=[float(c.text.endswith("7")) for c in request.completions],
+                         usage=CallUsage(calls=1, prompt_tokens=1000, completion_tokens=0))
+
+    trainer = _tiny_trainer(Paid(), max_steps=10)
+    trainer.collectors = [collector(Paid(), budget_usd=0.002, price_per_1k_prompt_tokens=0.001, max_concurrency=1)]
+    with pytest.raises(TrainingStopped, match="budget is spent"):
+        trainer.train()
+    assert trainer.step < 10
+
+
+def test_requests_carry_the_prompt_token_ids_and_the_tokenizer():
+    tok = tiny_tokenizer()
+    model = tiny_model(tok)
+    trainer = Trainer(model, tok, RewardWeighted(), collector(), SEVEN, group_size=2, prompts_per_step=2,
+                      max_new_tokens=2)
+    batch = trainer.rollout.sample(SEVEN[:2], 2)
+    reqs = build_requests(batch, trainer.tokenizer_id)
+    rendered = tok.apply_chat_template([{"role": "user", "content": SEVEN[0].prompt}], add_generation_prompt=True,
+                                       tokenize=False)
+    assert reqs[0].prompt_token_ids == tok(rendered, add_special_tokens=False)["input_ids"]
+    assert reqs[0].tokenizer == trainer.tokenizer_id and trainer.tokenizer_id.startswith("tok:")
+
+
+def test_unknown_setting_says_did_you_mean():
+    tok = tiny_tokenizer()
+    with pytest.raises(ConfigError, match="did you mean 'group_size'"):
+        Trainer(tiny_model(tok), tok, RewardWeighted(), collector(), SEVEN, group_sise=4)

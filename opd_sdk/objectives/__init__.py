@@ -17,12 +17,14 @@ on the student's own samples.
   text, not the student's samples); `Hybrid` adds a token-level and a
   sequence-level objective.
 
-Every objective follows the `Objective` protocol in `base.py`; the loss math
-lives in pure functions next to each class. `OBJECTIVES` maps config names
-to classes.
+Every objective follows the `Objective` protocol in `base.py`: a `plan`
+(feedback -> tensors, once per batch, via `opd_sdk.targets`) and a
+`compute` (its loss from the trainer's one forward pass, `opd_sdk.forward`);
+the loss math is pure functions in `opd_sdk.losses`. `OBJECTIVES` maps
+config names to classes.
 """
 
-from opd_sdk.objectives.base import LossOutput, Objective
+from opd_sdk.objectives.base import Composite, LossOutput, Objective, batch_loss
 from opd_sdk.objectives.hybrid import Hybrid
 from opd_sdk.objectives.online_dpo import OnlineDPO
 from opd_sdk.objectives.rejection_sampling import RejectionSampling
@@ -43,6 +45,8 @@ OBJECTIVES: dict[str, type] = {
 
 __all__ = [
     "OBJECTIVES",
+    "Composite",
+    "batch_loss",
     "Hybrid",
     "LossOutput",
     "Objective",

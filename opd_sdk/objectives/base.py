@@ -1,34 +1,39 @@
-"""The `Objective` protocol, `LossOutput`, and the small helpers objectives share.
+"""The `Objective` protocol, and `batch_loss`: targets -> forward -> loss for one batch.
 
-An objective turns one `RolloutBatch` plus the teacher's feedback into a
-scalar loss. The trainer calls, in order:
+An objective is the glue between the targets layer and a loss: once per
+batch it turns the teacher's feedback into a `Plan` (which rows its loss
+reads, the tensors it needs, the batch's unit count it divides by, how many
+samples carry a learning signal); per micro-batch it computes its share of
+the loss from a `View` of the one forward pass the trainer ran. The trainer
+calls, in order:
 
-    objective.setup(policy)                      # once, before training
-    out = objective.loss(policy, batch, feedback)  # every step
-    out.loss.backward(); optimizer.step()
-    objective.after_step(step, policy)           # step = optimizer steps done (1, 2, ...)
+    objective.setup(policy)                                  # once: frozen copies
+    result = batch_loss(objective, policy, batch, feedback,  # every step
+                        micro_batch_prompts=m, backward=True)
+    optimizer.step()                                         # unless result.signal == 0
+    objective.after_step(step, policy)                       # refresh opponents, etc.
 
-`feedback` is aligned with `batch.prompts`: one Feedback per prompt group,
-whose per-completion values are aligned with that group's G completions
-(rows p*G .. p*G+G-1). A `FeedbackFailure` masks its whole group out and is
-counted in `metrics["feedback_failures"]`; it is never read as a reward.
-
-Each objective also says which feedback kinds it reads in `feedback_kinds`
-(an empty tuple: it needs no teacher, e.g. SFT on `PromptItem.answer`).
+`feedback` is aligned with `batch.prompts`: one Feedback per prompt group
+(a tuple, one per source, for a `Composite` objective with several
+teachers). A `FeedbackFailure` masks its group out and is counted; it is
+never read as a reward. `objective.loss(policy, batch, feedback)` runs the
+same pipeline on one batch and returns the loss tensor, for use outside the
+trainer and in tests.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import math
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 
 from opd_sdk.batch import RolloutBatch
-from opd_sdk.errors import ConfigError
-from opd_sdk.types import Feedback, FeedbackFailure, Score
+from opd_sdk.forward import Part, Plan, View, forward_micro
+from opd_sdk.targets import count_failures
+from opd_sdk.types import Feedback
 
 
 @dataclass
@@ -39,18 +44,74 @@ class LossOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class PlanContext:
+    """What a plan may need besides the batch and its feedback.
+
+    flat_tolerance: a group whose rewards span at most this is flat (no signal).
+    vocab_size: the student's vocabulary size (top-k ids are checked against it).
+    """
+
+    flat_tolerance: float = 0.0
+    vocab_size: int = 1 << 62
+
+
+# Mean metrics from `compute`: name -> (sum, count); count None: the values add up (a share of a sum).
+MeanMetrics = dict[str, tuple[Any, Any]]
+
+
 @runtime_checkable
 class Objective(Protocol):
+    """feedback_kinds: the Feedback kinds its plan reads (empty: no teacher needed).
+    chunk_rows: rows per LM-head chunk in the forward pass."""
+
     feedback_kinds: tuple[str, ...]
+    chunk_rows: int
 
     def setup(self, policy: torch.nn.Module) -> None:
         """Once before training: make the frozen copies this objective needs."""
 
-    def loss(self, policy: torch.nn.Module, batch: RolloutBatch, feedback: Sequence[Feedback]) -> LossOutput:
-        """The loss for one batch; `feedback` has one entry per prompt group."""
-
     def after_step(self, step: int, policy: torch.nn.Module) -> None:
         """After optimizer step number `step` (1-based): refresh opponents, etc."""
+
+    def temperature(self, batch: RolloutBatch) -> float:
+        """The temperature its policy (and frozen-model) log-probs are taken at."""
+
+    def frozen_models(self) -> dict[str, torch.nn.Module]:
+        """Models run without gradients over the same sequences ({"reference": m})."""
+
+    def plan(self, batch: RolloutBatch, feedback: Sequence[Feedback], ctx: PlanContext) -> Plan:
+        """Feedback -> the whole batch's targets, once per step."""
+
+    def compute(self, view: View, plan: Plan, part: Part, batch: RolloutBatch) -> tuple[torch.Tensor, MeanMetrics]:
+        """This micro-batch's share of the loss (already divided by plan.normaliser) and mean metrics."""
+
+
+@dataclass
+class Term:
+    """One weighted objective of a `Composite`, with the feedback it reads."""
+
+    name: str | None
+    objective: Any
+    weight: float
+    feedback: Sequence[Feedback]
+
+
+@runtime_checkable
+class Composite(Protocol):
+    """An objective made of weighted terms (`Hybrid`); the trainer runs its terms over one forward."""
+
+    def split(self, feedback: Sequence[Any]) -> list[Term]: ...
+
+
+@dataclass
+class BatchLoss:
+    """loss: the batch's loss (a tensor when not backward, else its float). signal: samples,
+    pairs or tokens with a learning signal (0: nothing to learn, no step). metrics: the log."""
+
+    loss: Any
+    signal: int
+    metrics: dict[str, float]
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -62,76 +123,90 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return twin
 
 
-def check_feedback(batch: RolloutBatch, feedback: Sequence[Feedback], who: str) -> None:
-    """Raise a clear error when feedback is not one entry per prompt group."""
-    if len(feedback) != len(batch.prompts):
-        raise ConfigError(
-            f"{who}: got {len(feedback)} feedback entries for {len(batch.prompts)} prompts; "
-            "pass one Feedback per prompt group, aligned with batch.prompts"
-        )
+def batch_loss(
+    objective: Any,
+    policy: torch.nn.Module,
+    batch: RolloutBatch,
+    feedback: Sequence[Any] | None,
+    *,
+    micro_batch_prompts: int | None = None,
+    flat_tolerance: float = 0.0,
+    backward: bool = False,
+    tis_cap: float | None = None,
+    pad_id: int = 0,
+    autocast: Any = None,
+) -> BatchLoss:
+    """Targets once, then per micro-batch (whole prompt groups): one forward, every term's loss.
 
-
-def expect_kind(fb: Feedback, kinds: tuple[str, ...], who: str, group: int) -> None:
-    """Raise ConfigError when a (non-failure) feedback has a kind this objective cannot read."""
-    if isinstance(fb, FeedbackFailure) or fb.kind in kinds:
-        return
-    raise ConfigError(
-        f"{who} reads {' or '.join(kinds)} feedback but group {group} got '{fb.kind}'; "
-        f"use a teacher that returns {kinds[0]} feedback or pick a matching objective"
-    )
-
-
-def count_failures(feedback: Sequence[Feedback]) -> int:
-    return sum(isinstance(fb, FeedbackFailure) for fb in feedback)
-
-
-def sequence_sums(values_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
-    """values_BT summed over the masked positions of each row -> [B]."""
-    return (values_BT * mask_BT).sum(-1)
-
-
-def zero_loss(logprobs_BT: torch.Tensor) -> torch.Tensor:
-    """A 0.0 loss still attached to the graph (every group failed: backward() must not crash)."""
-    return (logprobs_BT * 0.0).sum()
-
-
-def first_param_zero(policy: torch.nn.Module) -> torch.Tensor:
-    """A 0.0 loss attached to the policy's graph (nothing to learn from in this batch)."""
-    for p in policy.parameters():
-        if p.requires_grad:
-            return p.sum() * 0.0
-    return torch.zeros((), requires_grad=True)
-
-
-def sample_std(values: list[float]) -> float:
-    """Sample (n-1) standard deviation; 0.0 for fewer than two values."""
-    if len(values) < 2:
-        return 0.0
-    mean = sum(values) / len(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-
-
-def score_table(batch: RolloutBatch, feedback: Sequence[Feedback], who: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score feedback -> rewards_PG (float64) and valid_PG (bool, [P, G]).
-
-    A FeedbackFailure, or a Score with any non-finite value, leaves its whole
-    group invalid (reward 0.0 there is a placeholder that nothing reads).
+    Each term's loss is a sum divided by its whole-batch unit count, so the
+    micro-batch losses add up to the one-big-batch loss exactly; with
+    backward=True each is backpropagated at once (gradient accumulation).
+    Nothing runs when no term has a learning signal. Metrics: counters are
+    whole-batch counts, means are means over the batch.
     """
-    check_feedback(batch, feedback, who)
-    P, G = len(batch.prompts), batch.group_size
-    rewards_PG = torch.zeros(P, G, dtype=torch.float64)
-    valid_PG = torch.zeros(P, G, dtype=torch.bool)
-    for p, fb in enumerate(feedback):
-        expect_kind(fb, ("score",), who, p)
-        if isinstance(fb, FeedbackFailure):
-            continue
-        assert isinstance(fb, Score)
-        if len(fb.scores) != G:
-            raise ConfigError(
-                f"{who}: group {p} has {G} completions but its Score has {len(fb.scores)} "
-                "values; the teacher must score every completion, in order"
-            )
-        if all(math.isfinite(s) for s in fb.scores):
-            rewards_PG[p] = torch.tensor(fb.scores, dtype=torch.float64)
-            valid_PG[p] = True
-    return rewards_PG, valid_PG
+    feedback = list(feedback) if feedback is not None else []
+    terms = objective.split(feedback) if isinstance(objective, Composite) else [Term(None, objective, 1.0, feedback)]
+    vocab = getattr(getattr(policy, "config", None), "vocab_size", None) or PlanContext.vocab_size
+    ctx = PlanContext(flat_tolerance=flat_tolerance, vocab_size=vocab)
+    plans = [t.objective.plan(batch, t.feedback, ctx) for t in terms]
+    signal = sum(p.signal for p in plans)
+
+    def key(term: Term, name: str) -> str:
+        return name if term.name is None else f"{term.name}/{name}"
+
+    metrics: dict[str, float] = {}
+    for term, plan in zip(terms, plans):
+        metrics.update({key(term, k): v for k, v in plan.metrics.items()})
+    flat = [fb for entry in feedback for fb in (entry if isinstance(entry, tuple) else (entry,))]
+    metrics["feedback_failures"] = float(count_failures(flat))
+    metrics["signal"] = float(signal)
+    sums: dict[str, list] = {}
+    stats = {"logprob_abs_diff_sum": 0.0, "logprob_tokens": 0.0, "max_ratio": 0.0, "policy_passes": 0.0}
+    total: Any = 0.0
+    if signal > 0:
+        P = batch.num_prompts
+        step = micro_batch_prompts or P
+        entries = [(t.objective, p) for t, p in zip(terms, plans)]
+        chunk_rows = min(t.objective.chunk_rows for t in terms)
+        recompute = any(getattr(t.objective, "recompute_head", False) for t in terms)
+        for start in range(0, P, step):
+            with autocast or contextlib.nullcontext():
+                views, micro_stats = forward_micro(
+                    policy, batch, start, min(P, start + step), entries,
+                    pad_id=pad_id, chunk_rows=chunk_rows, recompute_head=recompute, tis_cap=tis_cap,
+                )
+                micro_loss = None
+                for term, plan, vp in zip(terms, plans, views):
+                    if vp is None:
+                        continue
+                    loss_k, means = term.objective.compute(vp[0], plan, vp[1], batch)
+                    micro_loss = term.weight * loss_k if micro_loss is None else micro_loss + term.weight * loss_k
+                    for name, (num, den) in means.items():
+                        acc = sums.setdefault(key(term, name), [0.0, 0.0, den is None])
+                        acc[0] += float(num)
+                        acc[1] += 0.0 if den is None else float(den)
+            for k, v in micro_stats.items():
+                stats[k] = max(stats[k], v) if k == "max_ratio" else stats[k] + v
+            if micro_loss is None:
+                continue
+            if backward:
+                micro_loss.backward()
+                total += float(micro_loss.detach())
+            else:
+                total = total + micro_loss
+    for name, (num, den, additive) in sums.items():
+        metrics[name] = num if additive else (num / den if den else 0.0)
+    metrics["policy_passes"] = stats["policy_passes"]
+    if stats["logprob_tokens"]:
+        metrics["logprob_abs_diff"] = stats["logprob_abs_diff_sum"] / stats["logprob_tokens"]
+        metrics["max_importance_ratio"] = stats["max_ratio"]
+    if not backward and not torch.is_tensor(total):
+        total = torch.zeros((), requires_grad=True)  # nothing to learn: backward() runs and moves nothing
+    metrics["loss"] = float(total.detach()) if torch.is_tensor(total) else float(total)
+    return BatchLoss(total, signal, metrics)
+
+
+def run_loss(objective: Any, policy: torch.nn.Module, batch: RolloutBatch, feedback: Sequence[Any] | None) -> LossOutput:
+    """`objective.loss(...)`: the whole pipeline on one batch, one micro-batch."""
+    out = batch_loss(objective, policy, batch, feedback)
+    return LossOutput(out.loss, out.metrics)

@@ -5,9 +5,9 @@
 This is the two halves of the unifying view at once: a token-level
 divergence to a logprob teacher (`TokenDistill`) plus a sequence-level
 reward (`RewardWeighted` on a verifier or judge), or an on-policy term plus
-an `SFT` anchor. Each term runs its own forward pass (they need different
-rows and different feedback); that is the price of keeping the terms
-independent.
+an `SFT` anchor. The terms share one forward pass per micro-batch: the
+trainer runs the policy once over the union of the rows and texts the terms
+read (`opd_sdk.forward`), and each term computes its loss from that.
 
 Where each term's feedback comes from. Terms are (objective, weight,
 source): `source` indexes the teacher whose feedback the term reads.
@@ -29,7 +29,7 @@ import torch
 
 from opd_sdk.batch import RolloutBatch
 from opd_sdk.errors import ConfigError
-from opd_sdk.objectives.base import LossOutput, count_failures
+from opd_sdk.objectives.base import LossOutput, Term, run_loss
 
 
 class Hybrid:
@@ -87,18 +87,17 @@ class Hybrid:
                 lists[s].append(fb)
         return lists
 
-    def loss(self, policy: torch.nn.Module, batch: RolloutBatch, feedback: Sequence[Any]) -> LossOutput:
+    @property
+    def chunk_rows(self) -> int:
+        return min(o.chunk_rows for o, _, _ in self.terms)
+
+    def split(self, feedback: Sequence[Any]) -> list[Term]:
+        """The weighted terms, each with the feedback of its source (the forward layer runs them together)."""
         per_source = self.split_feedback(feedback)
-        total = None
-        metrics: dict[str, float] = {}
-        for (objective, weight, source), name in zip(self.terms, self.names):
-            out = objective.loss(policy, batch, per_source[source])
-            total = weight * out.loss if total is None else total + weight * out.loss
-            metrics.update({f"{name}/{k}": v for k, v in out.metrics.items()})
-        used = sorted({s for _, _, s in self.terms})
-        metrics["feedback_failures"] = float(sum(count_failures(per_source[s]) for s in used))
-        metrics["loss"] = float(total.detach())
-        return LossOutput(total, metrics)
+        return [Term(name, o, w, per_source[s]) for (o, w, s), name in zip(self.terms, self.names)]
+
+    def loss(self, policy: torch.nn.Module, batch: RolloutBatch, feedback: Sequence[Any]) -> LossOutput:
+        return run_loss(self, policy, batch, feedback)
 
     def state_dict(self) -> dict[str, Any]:
         return {name: o.state_dict() for (o, _, _), name in zip(self.terms, self.names) if hasattr(o, "state_dict")}

@@ -24,69 +24,16 @@ from __future__ import annotations
 from typing import Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from opd_sdk.batch import RolloutBatch
 from opd_sdk.errors import ConfigError
-from opd_sdk.logprobs import selected_logprobs
-from opd_sdk.objectives.base import (
-    LossOutput,
-    check_feedback,
-    count_failures,
-    expect_kind,
-    first_param_zero,
-    frozen_copy,
-    sequence_sums,
-)
-from opd_sdk.types import Feedback, FeedbackFailure, Preference, Score
+from opd_sdk.forward import Part, Plan, View
+from opd_sdk.losses.preference import dpo_loss, dpo_per_pair
+from opd_sdk.objectives.base import MeanMetrics, PlanContext, frozen_copy, run_loss
+from opd_sdk.targets import feedback_pairs
+from opd_sdk.types import Feedback
 
-
-def dpo_loss(
-    policy_w_N: torch.Tensor,
-    policy_l_N: torch.Tensor,
-    ref_w_N: torch.Tensor,
-    ref_l_N: torch.Tensor,
-    beta: float,
-    loss_type: str = "sigmoid",
-    prob_N: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """DPO / IPO over N pairs of sequence log-probs [N] -> (mean loss [], h_N)."""
-    h_N = (policy_w_N - ref_w_N) - (policy_l_N - ref_l_N)
-    p_N = torch.ones_like(h_N) if prob_N is None else prob_N.to(h_N.dtype)
-    if loss_type == "sigmoid":
-        per_pair_N = -(p_N * F.logsigmoid(beta * h_N) + (1.0 - p_N) * F.logsigmoid(-beta * h_N))
-    elif loss_type == "ipo":
-        per_pair_N = (h_N - (p_N - 0.5) / beta) ** 2
-    else:
-        raise ConfigError(f"OnlineDPO loss_type must be 'sigmoid' or 'ipo', got {loss_type!r}")
-    return per_pair_N.mean(), h_N.detach()
-
-
-def feedback_pairs(batch: RolloutBatch, feedback: Sequence[Feedback], who: str) -> list[tuple[int, int, float]]:
-    """(winner row, loser row, probability) for every usable pair in the batch."""
-    check_feedback(batch, feedback, who)
-    G = batch.group_size
-    pairs: list[tuple[int, int, float]] = []
-    for p, fb in enumerate(feedback):
-        expect_kind(fb, ("preference", "score"), who, p)
-        if isinstance(fb, FeedbackFailure):
-            continue
-        if isinstance(fb, Preference):
-            for pair in fb.pairs:
-                if not (0 <= pair.winner < G and 0 <= pair.loser < G) or pair.winner == pair.loser:
-                    raise ConfigError(
-                        f"{who}: group {p} has a preference pair ({pair.winner}, {pair.loser}) outside "
-                        f"0..{G - 1} or comparing a completion with itself; fix the teacher's indices"
-                    )
-                pairs.append((p * G + pair.winner, p * G + pair.loser, pair.probability))
-        elif isinstance(fb, Score):
-            if len(fb.scores) != G:
-                raise ConfigError(f"{who}: group {p} has {G} completions but {len(fb.scores)} scores")
-            best = max(range(G), key=lambda g: (fb.scores[g], -g))
-            worst = min(range(G), key=lambda g: (fb.scores[g], g))
-            if fb.scores[best] > fb.scores[worst]:
-                pairs.append((p * G + best, p * G + worst, 1.0))
-    return pairs
+__all__ = ["OnlineDPO", "dpo_loss", "feedback_pairs"]
 
 
 class OnlineDPO:
@@ -119,33 +66,37 @@ class OnlineDPO:
         if self.reference is None:
             self.reference = frozen_copy(policy)
 
+    def frozen_models(self) -> dict[str, torch.nn.Module]:
+        if self.reference is None:
+            raise ConfigError("OnlineDPO needs setup(policy) before the first loss (it copies the reference)")
+        return {"reference": self.reference}
+
     def after_step(self, step: int, policy: torch.nn.Module) -> None:
         pass
 
-    def loss(self, policy: torch.nn.Module, batch: RolloutBatch, feedback: Sequence[Feedback]) -> LossOutput:
-        if self.reference is None:
-            raise ConfigError("OnlineDPO needs setup(policy) before the first loss (it copies the reference)")
+    def temperature(self, batch: RolloutBatch) -> float:
+        return 1.0
+
+    def loss(self, policy: torch.nn.Module, batch: RolloutBatch, feedback: Sequence[Feedback] | None):
+        return run_loss(self, policy, batch, feedback)
+
+    def plan(self, batch: RolloutBatch, feedback: Sequence[Feedback], ctx: PlanContext) -> Plan:
         pairs = feedback_pairs(batch, feedback, "OnlineDPO")
-        metrics = {"feedback_failures": float(count_failures(feedback)), "pairs": float(len(pairs))}
-        if not pairs:
-            return LossOutput(first_param_zero(policy), {**metrics, "loss": 0.0})
-        used = sorted({r for w, l, _ in pairs for r in (w, l)})  # only rows in a pair are run
-        slot = {r: i for i, r in enumerate(used)}
-        rows = torch.tensor(used, device=batch.input_ids_BT.device)
-        L = batch.prompt_len
-        ids, attn, mask = batch.input_ids_BT[rows], batch.attention_mask_BT[rows], batch.completion_mask_BT[rows]
-        policy_lp = selected_logprobs(policy, ids, attn, chunk_rows=self.chunk_rows, from_col=L)
-        policy_U = sequence_sums(policy_lp, mask.float())
-        with torch.no_grad():
-            ref_lp = selected_logprobs(self.reference, ids, attn, chunk_rows=self.chunk_rows, from_col=L)
-            ref_U = sequence_sums(ref_lp, mask.float())
-        w = torch.tensor([slot[w] for w, _, _ in pairs], device=rows.device)
-        l_ = torch.tensor([slot[l] for _, l, _ in pairs], device=rows.device)
-        prob_N = torch.tensor([p for _, _, p in pairs], dtype=policy_U.dtype, device=rows.device)
-        loss, h_N = dpo_loss(policy_U[w], policy_U[l_], ref_U[w], ref_U[l_], self.beta, self.loss_type, prob_N)
-        metrics.update(
-            margin_mean=float(h_N.mean()),
-            margin_accuracy=float((h_N > 0).float().mean()),
-            loss=float(loss.detach()),
-        )
-        return LossOutput(loss, metrics)
+        rows_B = torch.zeros(batch.size, dtype=torch.bool)
+        for w, l_, _ in pairs:
+            rows_B[w] = rows_B[l_] = True  # only rows in a pair are run
+        return Plan(rows_B, float(len(pairs)), len(pairs), {"pairs": float(len(pairs))}, data={"pairs": pairs})
+
+    def compute(self, view: View, plan: Plan, part: Part, batch: RolloutBatch) -> tuple[torch.Tensor, MeanMetrics]:
+        rows, T = part.rows.tolist(), view.T
+        slot = {r: i for i, r in enumerate(rows)}
+        pairs = [(w, l_, p) for w, l_, p in plan.data["pairs"] if w in slot]
+        mask_RT = batch.completion_mask_BT[rows, :T].float()
+        policy_R = (view.policy() * mask_RT).sum(-1)
+        ref_R = (view.policy(model="reference") * mask_RT).sum(-1)
+        w = torch.tensor([slot[w] for w, _, _ in pairs], device=policy_R.device)
+        l_ = torch.tensor([slot[l] for _, l, _ in pairs], device=policy_R.device)
+        prob_N = torch.tensor([p for _, _, p in pairs], dtype=policy_R.dtype, device=policy_R.device)
+        per_pair_N, h_N = dpo_per_pair(policy_R[w], policy_R[l_], ref_R[w], ref_R[l_], self.beta, self.loss_type, prob_N)
+        n = len(pairs)
+        return per_pair_N.sum() / plan.normaliser, {"margin_mean": (h_N.sum(), n), "margin_accuracy": ((h_N > 0).sum(), n)}

@@ -17,9 +17,10 @@ import torch
 
 from opd_sdk.batch import RolloutBatch
 from opd_sdk.errors import ConfigError
-from opd_sdk.logprobs import selected_logprobs
-from opd_sdk.objectives.base import LossOutput, count_failures, first_param_zero, score_table
-from opd_sdk.objectives.sft import nll_loss
+from opd_sdk.forward import Part, Plan, View
+from opd_sdk.losses.nll import nll_sum
+from opd_sdk.objectives.base import MeanMetrics, PlanContext, run_loss
+from opd_sdk.targets import score_table
 from opd_sdk.types import Feedback
 
 
@@ -68,24 +69,31 @@ class RejectionSampling:
     def setup(self, policy: torch.nn.Module) -> None:
         pass
 
+    def frozen_models(self) -> dict[str, torch.nn.Module]:
+        return {}
+
     def after_step(self, step: int, policy: torch.nn.Module) -> None:
         pass
 
-    def loss(self, policy: torch.nn.Module, batch: RolloutBatch, feedback: Sequence[Feedback]) -> LossOutput:
-        rewards_PG, valid_PG = score_table(batch, feedback, "RejectionSampling")
-        keep_B = select_best(rewards_PG, valid_PG, self.top_k, self.threshold).reshape(-1)
-        metrics = {"feedback_failures": float(count_failures(feedback)), "selected": float(keep_B.sum())}
-        if valid_PG.any():
-            metrics["reward_mean"] = float(rewards_PG[valid_PG].mean())
-        if not keep_B.any():
-            return LossOutput(first_param_zero(policy), {**metrics, "loss": 0.0})
-        metrics["selected_reward_mean"] = float(rewards_PG.reshape(-1)[keep_B].mean())
-        rows = keep_B.nonzero().squeeze(-1)
-        logprobs_NT = selected_logprobs(
-            policy, batch.input_ids_BT[rows], batch.attention_mask_BT[rows],
-            chunk_rows=self.chunk_rows, from_col=batch.prompt_len,
-        )
-        mask_NT = batch.completion_mask_BT[rows].float()
-        loss = nll_loss(logprobs_NT, mask_NT)
-        metrics.update(tokens=float(mask_NT.sum()), nll=float(loss.detach()), loss=float(loss.detach()))
-        return LossOutput(loss, metrics)
+    def temperature(self, batch: RolloutBatch) -> float:
+        return 1.0
+
+    def loss(self, policy: torch.nn.Module, batch: RolloutBatch, feedback: Sequence[Feedback] | None):
+        return run_loss(self, policy, batch, feedback)
+
+    def plan(self, batch: RolloutBatch, feedback: Sequence[Feedback], ctx: PlanContext) -> Plan:
+        table = score_table(batch, feedback, "RejectionSampling")
+        keep_B = select_best(table.rewards_PG, table.valid_PG, self.top_k, self.threshold).reshape(-1)
+        mask_BT = batch.completion_mask_BT.float() * keep_B.unsqueeze(-1).float().to(batch.completion_mask_BT.device)
+        metrics = {"selected": float(keep_B.sum()), "tokens": float(mask_BT.sum())}
+        if table.valid_PG.any():
+            metrics["reward_mean"] = float(table.rewards_PG[table.valid_PG].mean())
+        if keep_B.any():
+            metrics["selected_reward_mean"] = float(table.rewards_PG.reshape(-1)[keep_B].mean())
+        return Plan(keep_B, float(mask_BT.sum()), int(keep_B.sum()), metrics, data={"mask_BT": mask_BT})
+
+    def compute(self, view: View, plan: Plan, part: Part, batch: RolloutBatch) -> tuple[torch.Tensor, MeanMetrics]:
+        logprobs_RT = view.policy()
+        mask_RT = plan.data["mask_BT"][part.rows, : view.T].to(logprobs_RT.device)
+        nll = nll_sum(logprobs_RT, mask_RT)
+        return nll / plan.normaliser, {"nll": (nll.detach(), mask_RT.sum())}

@@ -15,7 +15,7 @@ Where the real side comes from: `source="reference"` reads a teacher's
 `Reference` feedback (a black-box API teacher writes the answer);
 `source="answer"` reads `PromptItem.answer` (teacher-free self-play on a
 dataset, the paper's setting). The text is tokenised with the student's
-tokenizer after the batch's own prompt tokens (`targets.py`).
+tokenizer after the batch's own prompt tokens (`opd_sdk.targets`).
 
 Departures from the paper: the generated side is the on-policy sample of
 the current batch (every one of the G samples is paired with the prompt's
@@ -30,38 +30,16 @@ from __future__ import annotations
 from typing import Any, Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from opd_sdk.batch import RolloutBatch
 from opd_sdk.errors import ConfigError
-from opd_sdk.logprobs import selected_logprobs
-from opd_sdk.objectives.base import LossOutput, count_failures, first_param_zero, frozen_copy, sequence_sums
-from opd_sdk.objectives.sft import reference_texts
-from opd_sdk.objectives.targets import encode_text, text_rows
+from opd_sdk.forward import Part, Plan, View
+from opd_sdk.losses.preference import spin_loss, spin_per_pair
+from opd_sdk.objectives.base import MeanMetrics, PlanContext, frozen_copy, run_loss
+from opd_sdk.targets import encode_text, reference_texts
 from opd_sdk.types import Feedback
 
-
-def spin_loss(
-    policy_real_N: torch.Tensor,
-    policy_gen_N: torch.Tensor,
-    opp_real_N: torch.Tensor,
-    opp_gen_N: torch.Tensor,
-    beta: float,
-    loss_type: str = "sigmoid",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPIN loss over N (real, generated) pairs -> (mean loss [], margin_N).
-
-    Inputs are sequence log-probs [N] under the policy and the opponent.
-    """
-    margin_N = (policy_real_N - policy_gen_N) - (opp_real_N - opp_gen_N)
-    logits_N = beta * margin_N
-    if loss_type == "sigmoid":
-        per_pair_N = -F.logsigmoid(logits_N)
-    elif loss_type == "hinge":
-        per_pair_N = torch.relu(1.0 - logits_N)
-    else:
-        raise ConfigError(f"SPIN loss_type must be 'sigmoid' or 'hinge', got {loss_type!r}")
-    return per_pair_N.mean(), margin_N.detach()
+__all__ = ["SPIN", "spin_loss"]
 
 
 class SPIN:
@@ -130,55 +108,62 @@ class SPIN:
             self.opponent.load_state_dict(state["opponent"])
         self.refreshes = int(state.get("refreshes", 0))
 
-    def _seq_logprobs(self, model, ids_NT, attn_NT, mask_NT, from_col: int) -> torch.Tensor:
-        lp_NT = selected_logprobs(model, ids_NT, attn_NT, chunk_rows=self.chunk_rows, from_col=from_col)
-        return sequence_sums(lp_NT, mask_NT)
+    def temperature(self, batch: RolloutBatch) -> float:
+        return 1.0
 
-    def loss(self, policy: torch.nn.Module, batch: RolloutBatch, feedback: Sequence[Feedback] | None) -> LossOutput:
+    def frozen_models(self) -> dict[str, torch.nn.Module]:
         if self.opponent is None:
             raise ConfigError("SPIN needs setup(policy) before the first loss (it copies the opponent)")
+        return {"opponent": self.opponent}
+
+    def loss(self, policy: torch.nn.Module, batch: RolloutBatch, feedback: Sequence[Feedback] | None):
+        return run_loss(self, policy, batch, feedback)
+
+    def plan(self, batch: RolloutBatch, feedback: Sequence[Feedback] | None, ctx: PlanContext) -> Plan:
         texts, missing = reference_texts(batch, feedback, self.source, "SPIN")
-        failures = count_failures(feedback) if self.source == "reference" and feedback else 0
-        metrics = {"feedback_failures": float(failures), "missing_answers": float(missing)}
         if self.source == "answer" and not texts:
             raise ConfigError("SPIN(source='answer'): no prompt in this batch has PromptItem.answer; "
                               "give answers or use source='reference' with a ReferenceTeacher")
         G, L = batch.group_size, batch.prompt_len
-        real_items = [(p, encode_text(self.tokenizer, t)) for p, t in texts]
-        gen_rows, identical = [], 0
-        for p, real in real_items:
+        real = [(p, encode_text(self.tokenizer, t)) for p, t in texts]
+        rows_B = torch.zeros(batch.size, dtype=torch.bool)
+        pairs, identical = [], 0  # (generated row, index of its real text)
+        for k, (p, ids) in enumerate(real):
             for b in range(p * G, p * G + G):
                 sampled = batch.input_ids_BT[b, L:][batch.completion_mask_BT[b, L:] > 0].tolist()
-                if sampled == real:  # the student wrote the real answer: margin is 0 by construction
+                if sampled == ids:  # the student wrote the real answer: margin is 0 by construction
                     identical += 1
                 elif sampled:
-                    gen_rows.append(b)
-        metrics["identical_skipped"] = float(identical)
-        if not gen_rows:
-            return LossOutput(first_param_zero(policy), {**metrics, "pairs": 0.0, "loss": 0.0})
-        pad = getattr(self.tokenizer, "pad_token_id", None) or 0
-        real_ids, real_attn, real_mask = text_rows(batch, real_items, pad)
-        rows = torch.tensor(gen_rows, device=batch.input_ids_BT.device)
-        gen_ids, gen_attn = batch.input_ids_BT[rows], batch.attention_mask_BT[rows]
-        gen_mask = batch.completion_mask_BT[rows].float()
-        real_index = {p: n for n, (p, _) in enumerate(texts)}
-        pair_real = torch.tensor([real_index[b // G] for b in gen_rows], device=rows.device)
+                    pairs.append((b, k))
+                    rows_B[b] = True
+        metrics = {"missing_answers": float(missing), "identical_skipped": float(identical),
+                   "pairs": float(len(pairs)), "opponent_refreshes": float(self.refreshes)}
+        used = sorted({k for _, k in pairs})  # only real texts in a pair are scored
+        renumber = {k: i for i, k in enumerate(used)}
+        pairs = [(b, renumber[k]) for b, k in pairs]
+        return Plan(rows_B, float(len(pairs)), len(pairs), metrics, texts=[real[k] for k in used],
+                    data={"pairs": pairs})
 
-        policy_real = self._seq_logprobs(policy, real_ids, real_attn, real_mask, L)
-        policy_gen = self._seq_logprobs(policy, gen_ids, gen_attn, gen_mask, L)
-        with torch.no_grad():
-            opp_real = self._seq_logprobs(self.opponent, real_ids, real_attn, real_mask, L)
-            opp_gen = self._seq_logprobs(self.opponent, gen_ids, gen_attn, gen_mask, L)
-        loss, margin_N = spin_loss(
-            policy_real[pair_real], policy_gen, opp_real[pair_real], opp_gen, self.beta, self.loss_type
+    def compute(self, view: View, plan: Plan, part: Part, batch: RolloutBatch) -> tuple[torch.Tensor, MeanMetrics]:
+        rows, T = part.rows.tolist(), view.T
+        slot = {b: i for i, b in enumerate(rows)}
+        text_slot = {k: i for i, k in enumerate(part.texts)}
+        pairs = [(slot[b], text_slot[k]) for b, k in plan.data["pairs"] if b in slot]
+        gen_mask_RT = batch.completion_mask_BT[rows, :T].float()
+        policy_gen_R = (view.policy() * gen_mask_RT).sum(-1)
+        opp_gen_R = (view.policy(model="opponent") * gen_mask_RT).sum(-1)
+        policy_real_K = (view.texts() * view.text_mask).sum(-1)
+        opp_real_K = (view.texts(model="opponent") * view.text_mask).sum(-1)
+        g = torch.tensor([i for i, _ in pairs], device=policy_gen_R.device)
+        r = torch.tensor([k for _, k in pairs], device=policy_gen_R.device)
+        per_pair_N, margin_N = spin_per_pair(
+            policy_real_K[r], policy_gen_R[g], opp_real_K[r], opp_gen_R[g], self.beta, self.loss_type
         )
-        metrics.update(
-            pairs=float(len(gen_rows)),
-            margin_mean=float(margin_N.mean()),
-            margin_accuracy=float((margin_N > 0).float().mean()),
-            real_logp_mean=float(policy_real.detach().mean()),
-            gen_logp_mean=float(policy_gen.detach().mean()),
-            opponent_refreshes=float(self.refreshes),
-            loss=float(loss.detach()),
-        )
-        return LossOutput(loss, metrics)
+        n = len(pairs)
+        means: MeanMetrics = {
+            "margin_mean": (margin_N.sum(), n),
+            "margin_accuracy": ((margin_N > 0).sum(), n),
+            "real_logp_mean": (policy_real_K.detach().sum(), len(part.texts)),
+            "gen_logp_mean": (policy_gen_R.detach().sum(), len(rows)),
+        }
+        return per_pair_N.sum() / plan.normaliser, means

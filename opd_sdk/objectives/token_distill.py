@@ -24,89 +24,31 @@ in two forms, picked by `divergence`:
   policy-gradient term for the future positions).
   jsd(beta) = beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q,
   with P the teacher and Q the student (GKD's definition); tv = 1/2 sum |P - Q|.
-Losses are averaged over the scored completion tokens of the batch.
+Losses are averaged over the scored completion tokens (or support positions) of
+the batch; the math lives in `opd_sdk.losses.token_divergence`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Literal, Sequence
 
 import torch
 
 from opd_sdk.batch import RolloutBatch
 from opd_sdk.errors import ConfigError
-from opd_sdk.logprobs import selected_logprobs
-from opd_sdk.objectives.base import LossOutput, count_failures, first_param_zero, zero_loss
-from opd_sdk.objectives.reward_weighted import masked_normalise
-from opd_sdk.objectives.teacher_tokens import support_logprobs, teacher_support, teacher_token_logprobs
+from opd_sdk.forward import Part, Plan, View
+from opd_sdk.losses.token_divergence import (
+    DIVERGENCES,
+    bucket_divergence,
+    discounted_returns,
+    reverse_kl_pg_loss,
+    reverse_kl_pg_per_token,
+)
+from opd_sdk.objectives.base import MeanMetrics, PlanContext, run_loss
+from opd_sdk.targets import count_failures, teacher_support, teacher_token_logprobs
 from opd_sdk.types import Feedback
 
-DIVERGENCES = ("reverse_kl_pg", "forward_kl", "reverse_kl", "jsd", "tv")
-STUDENT_LOG_TAIL_FLOOR = -50.0  # ~2e-22: keeps log(student tail) finite when the support covers everything
-
-
-def discounted_returns(rewards_BT: torch.Tensor, mask_BT: torch.Tensor, gamma: float) -> torch.Tensor:
-    """A_t = sum_{t' >= t, masked} gamma^(t'-t) r_t' along each row -> [B, T] (0 off-mask)."""
-    r_BT = rewards_BT * mask_BT
-    if gamma == 0.0:
-        return r_BT
-    out_BT = torch.zeros_like(r_BT)
-    running_B = torch.zeros_like(r_BT[:, 0])
-    for t in range(r_BT.shape[1] - 1, -1, -1):
-        running_B = r_BT[:, t] + gamma * running_B
-        out_BT[:, t] = running_B
-    return out_BT * mask_BT
-
-
-def reverse_kl_pg_loss(
-    student_BT: torch.Tensor, teacher_BT: torch.Tensor, mask_BT: torch.Tensor, gamma: float = 0.0
-) -> torch.Tensor:
-    """Policy-gradient reverse KL: -sum_t A_t * log p_S(y_t) / n with A from detached r_t = T - S -> []."""
-    advantage_BT = discounted_returns((teacher_BT - student_BT).detach(), mask_BT, gamma)
-    return masked_normalise(-advantage_BT * student_BT, mask_BT, "token")
-
-
-def bucket_divergence(
-    teacher_MK: torch.Tensor,
-    student_MK: torch.Tensor,
-    student_log_tail_M: torch.Tensor,
-    mask_MK: torch.Tensor,
-    divergence: str,
-    beta: float = 0.5,
-    teacher_tail_floor: float = 1e-6,
-) -> torch.Tensor:
-    """Divergence between teacher P and student Q on K support buckets + 1 tail bucket -> [M].
-
-    teacher_MK, student_MK: log-probs on the support (padding where mask_MK is False).
-    student_log_tail_M: log of the student's mass outside the support.
-    """
-    neg = torch.full_like(student_MK, -math.inf)
-    t_MK = torch.where(mask_MK, teacher_MK, neg)
-    s_MK = torch.where(mask_MK, student_MK, neg)
-    t_tail_M = (1.0 - torch.exp(t_MK).sum(-1)).clamp(min=teacher_tail_floor)
-    logP = torch.cat([t_MK, torch.log(t_tail_M).unsqueeze(-1)], -1)  # [M, K+1]
-    logQ = torch.cat([s_MK, student_log_tail_M.clamp(min=STUDENT_LOG_TAIL_FLOOR).unsqueeze(-1)], -1)
-    on = torch.cat([mask_MK, torch.ones_like(mask_MK[:, :1])], -1)
-    zero = torch.zeros_like(logP)
-    logP, logQ = torch.where(on, logP, zero), torch.where(on, logQ, zero)  # finite everywhere
-    P, Q = torch.exp(logP) * on, torch.exp(logQ) * on
-
-    def kl(a, log_a, log_b):
-        return torch.where(on, a * (log_a - log_b), zero).sum(-1)
-
-    if divergence == "forward_kl":
-        return kl(P, logP, logQ)
-    if divergence == "reverse_kl":
-        return kl(Q, logQ, logP)
-    if divergence == "jsd":
-        if not 0.0 < beta < 1.0:
-            raise ConfigError(f"jsd beta must be in (0, 1) (0.5 is the symmetric JSD), got {beta}")
-        logM = torch.logsumexp(torch.stack([logP + math.log(beta), logQ + math.log(1.0 - beta)]), 0)
-        return beta * kl(P, logP, logM) + (1.0 - beta) * kl(Q, logQ, logM)
-    if divergence == "tv":
-        return 0.5 * (P - Q).abs().sum(-1)
-    raise ConfigError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+__all__ = ["TokenDistill", "bucket_divergence", "discounted_returns", "reverse_kl_pg_loss"]
 
 
 class TokenDistill:
@@ -148,52 +90,57 @@ class TokenDistill:
     def after_step(self, step: int, policy: torch.nn.Module) -> None:
         pass
 
-    def loss(self, policy: torch.nn.Module, batch: RolloutBatch, feedback: Sequence[Feedback]) -> LossOutput:
+    def temperature(self, batch: RolloutBatch) -> float:
+        return 1.0  # the student's own distribution, compared with the teacher's
+
+    def frozen_models(self) -> dict[str, torch.nn.Module]:
+        return {}
+
+    def loss(self, policy: torch.nn.Module, batch: RolloutBatch, feedback: Sequence[Feedback]):
+        return run_loss(self, policy, batch, feedback)
+
+    def plan(self, batch: RolloutBatch, feedback: Sequence[Feedback], ctx: PlanContext) -> Plan:
         tokens = teacher_token_logprobs(batch, feedback, "TokenDistill")
         metrics = {
-            "feedback_failures": float(count_failures(feedback)),
             "tokens": float(tokens.mask_BT.sum()),
             "teacher_tokens_missing": float(tokens.missing),
             "teacher_nonfinite": float(tokens.nonfinite),
         }
+        rows_B = (tokens.mask_BT.sum(-1) > 0).cpu()
+        data = {"teacher_BT": tokens.teacher_BT, "mask_BT": tokens.mask_BT}
         if self.divergence == "reverse_kl_pg":
-            student_BT = selected_logprobs(
-                policy,
-                batch.input_ids_BT,
-                batch.attention_mask_BT,
-                chunk_rows=self.chunk_rows,
-                from_col=batch.prompt_len,
-            )
-            if tokens.mask_BT.sum() == 0:
-                return LossOutput(zero_loss(student_BT), {**metrics, "loss": 0.0})
-            loss = reverse_kl_pg_loss(student_BT, tokens.teacher_BT, tokens.mask_BT, self.gamma)
-            # k1 estimate of KL(S || T) per token: mean of log p_S(y) - log p_T(y)
-            log_ratio_BT = (student_BT - tokens.teacher_BT).detach()
-            metrics["reverse_kl"] = float(masked_normalise(log_ratio_BT, tokens.mask_BT, "token"))
-            metrics["loss"] = float(loss.detach())
-            return LossOutput(loss, metrics)
+            n = int(tokens.mask_BT.sum())
+            return Plan(rows_B, float(n), n, metrics, data=data)
+        support = teacher_support(batch, feedback, tokens, ctx.vocab_size, "TokenDistill")
+        M = int(support.rows_M.numel())
+        return Plan(rows_B, float(M), M, metrics, support=support, data=data)
 
-        vocab = getattr(getattr(policy, "config", None), "vocab_size", None) or 1 << 62
-        support = teacher_support(batch, feedback, tokens, vocab, "TokenDistill")
-        if support.rows_M.numel() == 0:
-            return LossOutput(first_param_zero(policy), {**metrics, "loss": 0.0})
-        student_MK, log_tail_M = support_logprobs(
-            policy, batch.input_ids_BT, batch.attention_mask_BT, support, chunk_positions=64 * self.chunk_rows
-        )
+    def compute(self, view: View, plan: Plan, part: Part, batch: RolloutBatch) -> tuple[torch.Tensor, MeanMetrics]:
+        if self.divergence == "reverse_kl_pg":
+            rows, T = part.rows, view.T
+            student_RT = view.policy(1.0)
+            teacher_RT = plan.data["teacher_BT"][rows, :T].to(student_RT.device)
+            mask_RT = plan.data["mask_BT"][rows, :T].to(student_RT.device)
+            per_token_RT = reverse_kl_pg_per_token(student_RT, teacher_RT, mask_RT, self.gamma)
+            if view.weights is not None:
+                per_token_RT = per_token_RT * view.weights
+            # k1 estimate of KL(S || T) per token: mean of log p_S(y) - log p_T(y)
+            log_ratio = ((student_RT - teacher_RT).detach() * mask_RT).sum()
+            return per_token_RT.sum() / plan.normaliser, {"reverse_kl": (log_ratio, mask_RT.sum())}
+        assert plan.support is not None
+        student_MK, log_tail_M = view.support()
+        sel = part.support_M.to(plan.support.teacher_MK.device)
+        teacher_MK, mask_MK = plan.support.teacher_MK[sel], plan.support.mask_MK[sel]
         per_position_M = bucket_divergence(
-            support.teacher_MK, student_MK, log_tail_M, support.mask_MK,
-            self.divergence, self.beta, self.teacher_tail_floor,
+            teacher_MK, student_MK, log_tail_M, mask_MK, self.divergence, self.beta, self.teacher_tail_floor
         )
-        loss = per_position_M.mean()
+        M = per_position_M.shape[0]
         with torch.no_grad():
-            t_tail = (1.0 - torch.where(support.mask_MK, support.teacher_MK.exp(), 0.0).sum(-1)).clamp(min=0)
-        metrics.update(
-            {
-                self.divergence: float(loss.detach()),
-                "support_size_mean": float(support.mask_MK.sum(-1).float().mean()),
-                "teacher_tail_mean": float(t_tail.mean()),
-                "student_tail_mean": float(log_tail_M.detach().exp().mean()),
-                "loss": float(loss.detach()),
-            }
-        )
-        return LossOutput(loss, metrics)
+            teacher_tail_M = (1.0 - torch.where(mask_MK, teacher_MK.exp(), 0.0).sum(-1)).clamp(min=0)
+        means: MeanMetrics = {
+            self.divergence: (per_position_M.detach().sum(), M),
+            "support_size_mean": (mask_MK.sum(), M),
+            "teacher_tail_mean": (teacher_tail_M.sum(), M),
+            "student_tail_mean": (log_tail_M.detach().exp().sum(), M),
+        }
+        return per_position_M.sum() / plan.normaliser, means

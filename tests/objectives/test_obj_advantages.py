@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from opd_sdk.errors import ConfigError
-from opd_sdk.objectives.advantages import (
+from opd_sdk.losses.advantages import (
     compute_advantages,
     grpo_advantages,
     reinforce_advantages,

@@ -124,13 +124,23 @@ def test_kl_to_reference_is_zero_at_start_then_positive(model, batch):
 
 
 def test_kl_in_reward_and_k1(model, batch):
+    """kl_penalty="reward": A = (r - beta * sum_t k1_t) - batch mean; the loss value is -sum_b A_b n_b / N."""
     obj = RewardWeighted(advantage="reinforce", beta=0.1, kl_estimator="k1", kl_penalty="reward")
     obj.setup(model)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     out = obj.loss(model, batch, [Score(scores=[1.0, 0.0]), Score(scores=[0.0, 1.0])])
-    assert out.metrics["kl"] != 0.0 and math.isfinite(out.loss.item())
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    kl_sum = (seq_logprobs(model, batch) - seq_logprobs(obj.reference, batch)).double()  # k1 summed per row
+    n = batch.completion_mask_BT.sum(-1).double()
+
+    def loss_for(r):
+        return float(-((r - r.mean()) * n).sum() / n.sum())
+
+    assert out.metrics["kl"] != 0.0
+    assert out.loss.item() == pytest.approx(loss_for(rewards - 0.1 * kl_sum), abs=1e-6)
+    assert abs(loss_for(rewards - 0.1 * kl_sum) - loss_for(rewards)) > 1e-4  # the penalty is not ignored
 
 
 def test_bad_feedback_is_a_clear_error(model, batch):

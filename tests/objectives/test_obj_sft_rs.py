@@ -9,7 +9,7 @@ from opd_sdk.logprobs import selected_logprobs
 from opd_sdk.objectives import SFT, RejectionSampling
 from opd_sdk.objectives.rejection_sampling import select_best
 from opd_sdk.objectives.sft import nll_loss
-from opd_sdk.objectives.targets import encode_text, text_rows
+from opd_sdk.targets import encode_text, text_rows
 from opd_sdk.types import Completion, FeedbackFailure, Reference, Score
 
 

@@ -8,7 +8,8 @@ from objtools import VOCAB, tiny_llama
 
 from opd_sdk.errors import ConfigError, TokenizationMismatch
 from opd_sdk.objectives import TokenDistill
-from opd_sdk.objectives.teacher_tokens import support_logprobs, teacher_support, teacher_token_logprobs
+from opd_sdk.logprobs import sequence_logprobs
+from opd_sdk.targets import teacher_support, teacher_token_logprobs
 from opd_sdk.objectives.token_distill import bucket_divergence, discounted_returns, reverse_kl_pg_loss
 from opd_sdk.types import FeedbackFailure, Score, TokenLogprobs
 
@@ -136,7 +137,9 @@ def test_support_logprobs_match_the_full_softmax(model, batch):
     tok = teacher_token_logprobs(batch, fb, "t")
     sup = teacher_support(batch, fb, tok, VOCAB, "t")
     with torch.no_grad():
-        lp_MK, tail_M = support_logprobs(model, batch.input_ids_BT, batch.attention_mask_BT, sup, chunk_positions=3)
+        out = sequence_logprobs(model, batch.input_ids_BT, batch.attention_mask_BT, support=sup,
+                                from_col=batch.prompt_len, chunk_rows=1)
+        lp_MK, tail_M = out.support_MK, out.log_tail_M
         full = torch.log_softmax(full_logits(model, batch), -1)
     full_MV = full[sup.rows_M, sup.cols_M - 1].double()
     assert torch.allclose(lp_MK[sup.mask_MK].double(), full_MV.gather(-1, sup.ids_MK)[sup.mask_MK], atol=1e-5)

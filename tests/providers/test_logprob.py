@@ -172,3 +172,22 @@ def test_config_errors():
         LogprobTeacher("m", base_url="http://127.0.0.1:9/v1", send="token_ids")
     with pytest.raises(ConfigError, match="on_mismatch"):
         LogprobTeacher("m", base_url="http://127.0.0.1:9/v1", on_mismatch="guess")
+
+
+async def test_self_test_fails_fast_on_a_server_without_prompt_logprobs():
+    """Checked once before training: top_k needs prompt_logprobs; a server without them is named."""
+    from opd_sdk.errors import Unsupported
+
+    class NoPromptLogprobs(EchoTeacher):
+        def __call__(self, body):
+            out = super().__call__(body)
+            del out["choices"][0]["prompt_logprobs"]
+            return out
+
+    with ScriptedServer(NoPromptLogprobs()) as srv:
+        teacher = LogprobTeacher("m", client=client_for(srv), top_k=2)
+        with pytest.raises(Unsupported, match="prompt_logprobs"):
+            await teacher.self_test(prompt="Q:", text="ab")
+        with pytest.raises(Unsupported):
+            await teacher.feedback(req(Completion(text="ab")))
+        assert srv.count == 1  # found once; the later call was not sent

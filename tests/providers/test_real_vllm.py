@@ -50,9 +50,11 @@ async def test_judge_without_a_schema_gives_scores_or_honest_failures():
         results = await col.collect(requests_()[:1])
     for r in results:
         if isinstance(r, Score):
-            assert all(0.0 <= s <= 1.0 for s in r.scores)
-        else:
-            assert isinstance(r, FeedbackFailure) and r.retriable and "parse" in r.reason, r
+            assert all(0.0 <= s <= 1.0 for s in r.scores if s == s)  # a NaN is a completion that failed
+        else:  # a verdict that did not parse (retriable), or a reply cut at max_tokens (not retried)
+            assert isinstance(r, FeedbackFailure), r
+            assert (r.error_type, r.retriable) in {("bad_response", True), ("truncated", False)}, r
+            assert "parse" in r.reason or "max_tokens" in r.reason, r
     await judge.endpoint.client.close()
 
 
@@ -136,3 +138,34 @@ async def test_logprobs_equal_transformers_for_the_same_weights(smollm2, send):
     report = await teacher.self_test()
     assert report["stable"] and report["n_tokens"] > 0
     await teacher.endpoint.client.close()
+
+
+@pytest.mark.parametrize("send", ["text", "token_ids"])
+async def test_split_characters_and_the_requests_own_ids_align_with_transformers(smollm2, send):
+    """Emoji and CJK split across byte-level tokens: with the student's tokenizer the teacher's values
+    map one to one (text mode reads vLLM's offsets); with the request's fingerprint and prompt ids,
+    the ids go as they are."""
+    import torch
+
+    from opd_sdk.logprobs import selected_logprobs
+    from opd_sdk.teacher import tokenizer_fingerprint
+    from providers import LogprobTeacher
+
+    model, tok = smollm2
+    text = "答案是 19 😀, très bien 🙂"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert any(tok.decode(ids[: t + 1]).endswith("\ufffd") for t in range(len(ids)))  # really split
+    prompt = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
+                                     tokenize=False)
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    request = FeedbackRequest(prompt=QUESTION, completions=[Completion(text=text, token_ids=ids)],
+                              prompt_token_ids=prompt_ids, tokenizer=tokenizer_fingerprint(tok))
+    teacher = LogprobTeacher(MODEL, base_url=URL, tokenizer=tok, send=send)
+    fb = await teacher.feedback(request)
+    assert fb.details["per_completion"][0]["alignment"] == ("exact" if send == "text" else "token_ids")
+    input_ids_BT = torch.tensor([prompt_ids + ids])
+    with torch.no_grad():
+        local = selected_logprobs(model, input_ids_BT, torch.ones_like(input_ids_BT))[0, len(prompt_ids):].tolist()
+    assert len(fb.logprobs[0]) == len(ids)
+    assert max(abs(a - b) for a, b in zip(local, fb.logprobs[0])) < 1e-3
+    await teacher.aclose()

@@ -169,3 +169,54 @@ async def test_composites_fail_when_a_part_fails():
     with pytest.raises(TeacherError, match="need a Preference"):
         await PreferenceScores(VerifierTeacher()).feedback(request(texts=("1", "2"), metadata={"answer": "1"}))
     assert isinstance(Score(scores=[0.0]), Score) and isinstance(Preference(pairs=[]), Preference)
+
+
+class Fixed:
+    """A local teacher that answers fixed scores (NaN, inf or None included) for every request."""
+
+    local = True
+
+    def __init__(self, scores, name="fixed"):
+        self.scores, self.id = list(scores), f"{name}:{scores!r}"
+
+    def feedback_local(self, requests):
+        return [Score(scores=self.scores[: len(r.completions)]) for r in requests]
+
+    async def feedback(self, request):
+        return self.feedback_local([request])[0]
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+def shown(scores):
+    return [None if s is None or math.isnan(s) else s for s in scores]
+
+
+@pytest.mark.parametrize("bad", [NAN, INF, -INF, None])
+async def test_nan_inf_none_scores_are_missing_in_every_composite_never_zero(bad):
+    req = request(texts=("a", "b", "c"))
+    three = Fixed([1.0, bad, 0.5])
+    summed = await WeightedSum([(three, 2.0), (Fixed([0.25, 0.25, 0.25]), 1.0)]).feedback(req)
+    assert shown(summed.scores) == [2.25, None, 1.25]
+    gated = await Gate(Fixed([1.0, bad, 0.0], "verifier"), Fixed([0.7, 0.7, 0.7], "judge"),
+                       fail_score=0.0).feedback(req)
+    assert shown(gated.scores) == [0.7, None, 0.0]  # an unscored verdict is missing (NaN), not fail_score
+    judged = await Gate(Fixed([1.0, 1.0, 1.0], "verifier"), three).feedback(req)
+    assert shown(judged.scores) == [1.0, None, 0.5]
+    local = Gate(Fixed([1.0, bad, 0.0], "verifier"), Fixed([0.7, 0.7, 0.7], "judge")).feedback_local([req])
+    assert shown(local[0].scores) == [0.7, None, 0.0]
+    with pytest.raises(TeacherError, match="no completion got a finite score"):
+        await WeightedSum([(Fixed([bad, bad, bad]), 1.0)]).feedback(req)
+
+
+async def test_preference_scores_with_a_non_finite_outcome_is_a_failure():
+    class Pairs:
+        id = "pairs:1"
+
+        async def feedback(self, request):
+            return Preference.model_construct(pairs=[PreferencePair.model_construct(winner=0, loser=1,
+                                                                                    probability=NAN)])
+
+    with pytest.raises(TeacherError, match="non-finite probability"):
+        await PreferenceScores(Pairs()).feedback(request(texts=("a", "b")))
