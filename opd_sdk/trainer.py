@@ -408,12 +408,10 @@ class Trainer:
         the end, and before re-raising on Ctrl-C / SIGTERM (KeyboardInterrupt)
         or TrainingStopped; only the newest `keep_checkpoints` are kept.
         """
-        from opd_sdk.errors import TrainingStopped  # (imports here keep the lead's header untouched)
+        from opd_sdk.progress import Progress
 
         if resume_from is not None:
             self.resume(resume_from)
-        from opd_sdk.progress import Progress
-
         progress = Progress(self.max_steps, self.step, bar=self.progress)
         step_start = None  # sampler + RNG state while a step is under way
         try:
@@ -423,7 +421,7 @@ class Trainer:
                     row = self.train_step()
                     step_start = None
                     progress.update(self.step, row)
-                    if self._save_every() and self.step % self._save_every() == 0:
+                    if self.save_every and self.step % self.save_every == 0:
                         self._checkpoint()
         except KeyboardInterrupt:
             self._checkpoint(at_step_start=step_start)
@@ -470,7 +468,9 @@ class Trainer:
             "step": self.step,
             "data": (at_step_start or {}).get("data", self.sampler.state_dict()),
             "teacher_cost_usd": self.teacher_cost_usd(),
-            "in_flight": self.pipeline.state() if self.pipeline is not None else [],
+            "in_flight": (at_step_start or {}).get(
+                "in_flight", self.pipeline.state() if self.pipeline is not None else []
+            ),
         }
         from opd_sdk.checkpoint import scrub_machine_paths
 
@@ -509,22 +509,14 @@ class Trainer:
 
     # ---- checkpoints on schedule and on a stop ----------------------------------------------
 
-    def _save_every(self) -> int:
-        loop = getattr(self, "loop", None)  # the settings object, once __init__ keeps one
-        return int((loop.save_every if loop is not None else self.save_every) or 0)
-
-    def _keep_checkpoints(self) -> int:
-        loop = getattr(self, "loop", None)
-        if loop is not None:
-            return int(loop.keep_checkpoints)
-        from opd_sdk.settings import LoopSettings
-
-        return LoopSettings().keep_checkpoints
-
     def _state_at_step_start(self) -> dict[str, Any]:
+        """What a checkpoint written during the next step must hold instead of that step's half-done state."""
         from opd_sdk.checkpoint import rng_state
 
-        return {"data": self.sampler.state_dict(), "rng": rng_state()}
+        state = {"data": self.sampler.state_dict(), "rng": rng_state()}
+        if self.pipeline is not None:
+            state["in_flight"] = self.pipeline.state()
+        return state
 
     def _checkpoint(self, at_step_start: dict[str, Any] | None = None) -> Path | None:
         """Save step-N/ (N = completed steps) unless there is no output_dir or step-N/ is already saved; prune old ones."""
@@ -536,7 +528,7 @@ class Trainer:
         self.save_checkpoint(path, at_step_start=at_step_start)
         from opd_sdk.checkpoint import prune_checkpoints
 
-        prune_checkpoints(self.output_dir, keep=self._keep_checkpoints())
+        prune_checkpoints(self.output_dir, keep=self.settings[2].keep_checkpoints)  # settings: (optimizer, sampling, loop)
         return path
 
 

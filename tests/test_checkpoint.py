@@ -124,17 +124,17 @@ def test_resume_errors_are_clear(tmp_path):
 
 
 class StopInLoss(RewardWeighted):
-    """Raises `error` in the loss of step `at`: after that step's batch was drawn and its feedback cached."""
+    """Raises `error` in the targets step of step `at`: after that step's batch was drawn and its feedback cached."""
 
     def __init__(self, at, error, **kw):
         super().__init__(**kw)
         self.calls, self.at, self.error = 0, at, error
 
-    def loss(self, policy, batch, feedback):
+    def plan(self, batch, feedback, ctx):
         self.calls += 1
         if self.calls == self.at:
             raise self.error
-        return super().loss(policy, batch, feedback)
+        return super().plan(batch, feedback, ctx)
 
 
 def test_ctrl_c_mid_step_checkpoints_the_step_start_and_resumes_exactly(tmp_path):
