@@ -2,10 +2,25 @@
 
 from opd_sdk.batch import RolloutBatch
 from opd_sdk.cache import FeedbackCache
-from opd_sdk.collector import FeedbackCollector
+from opd_sdk.collector import FeedbackCollector, make_collector
 from opd_sdk.config import RunConfig, load_config
 from opd_sdk.data import PromptItem, PromptSampler, load_prompts
-from opd_sdk.errors import ConfigError, OPDError, TeacherError, TokenizationMismatch
+from opd_sdk.errors import (
+    BadResponse,
+    ClientError,
+    ConfigError,
+    OPDError,
+    RateLimited,
+    ServerError,
+    TeacherConnectionError,
+    TeacherError,
+    TeacherTimeout,
+    TokenizationMismatch,
+    TrainingStopped,
+    Truncated,
+    Unsupported,
+)
+from opd_sdk.local import LocalRunner
 from opd_sdk.evaluate import EvalResult, greedy_accuracy, last_number_matches
 from opd_sdk.logprobs import selected_logprobs
 from opd_sdk.metrics import MetricsLogger, read_metrics
@@ -22,7 +37,8 @@ from opd_sdk.objectives import (
     TokenDistill,
 )
 from opd_sdk.rollout import RolloutEngine, TransformersRollout
-from opd_sdk.teacher import Teacher, fingerprint
+from opd_sdk.teacher import FollowsStudent, LocalTeacher, Teacher, fingerprint, tokenizer_fingerprint
+from opd_sdk.settings import LoopSettings, OptimizerSettings, RolloutSettings
 from opd_sdk.trainer import Trainer, build_requests
 from opd_sdk.trl import as_reward_func
 from opd_sdk.types import (
@@ -36,11 +52,30 @@ from opd_sdk.types import (
     PreferencePair,
     Reference,
     Score,
+    MISSING,
     TokenLogprobs,
 )
 from opd_sdk.usage import Usage
 
 __all__ = [
+    "BadResponse",
+    "ClientError",
+    "FollowsStudent",
+    "LocalRunner",
+    "LocalTeacher",
+    "LoopSettings",
+    "MISSING",
+    "OptimizerSettings",
+    "RateLimited",
+    "RolloutSettings",
+    "ServerError",
+    "TeacherConnectionError",
+    "TeacherTimeout",
+    "TrainingStopped",
+    "Truncated",
+    "Unsupported",
+    "make_collector",
+    "tokenizer_fingerprint",
     "OBJECTIVES",
     "LossOutput",
     "Objective",

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from opd_sdk.cache import FeedbackCache
 from opd_sdk.constants import (DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, INITIAL_BACKOFF_S,
-                               MAX_BACKOFF_S, MAX_RETRY_AFTER_S)
+                               DRAIN_TIMEOUT_S, MAX_BACKOFF_S, MAX_RETRY_AFTER_S)
 from opd_sdk.errors import BadResponse, ConfigError, RateLimited, TeacherError, TeacherTimeout
 from opd_sdk.ratelimit import RateLimiter, estimate_tokens
 from opd_sdk.redact import redact
@@ -206,7 +206,8 @@ class FeedbackCollector:
         """Stop the background loop (if `collect_sync` started one); close the cache if
         the collector opened it (one passed in as a FeedbackCache stays open). Idempotent.
 
-        Before the loop stops, a `Closeable` teacher's `aclose()` runs on it, then the loop's
+        Calls in flight get up to DRAIN_TIMEOUT_S to answer (their answers are cached: a
+        resumed run does not pay for them again). Then a `Closeable` teacher's `aclose()` runs on the loop, then the loop's
         async generators are shut down (as `asyncio.run` does), which closes the teacher's
         HTTP clients made on this loop (`providers.client.Endpoint`), on this loop.
         """
@@ -222,6 +223,10 @@ class FeedbackCollector:
             self._owns_cache = False
 
     async def _shutdown_loop(self) -> None:
+        # calls already sent are paid for: let them answer (into the cache) before stopping
+        tasks = [t for t in self._tasks if not t.done()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=min(self.timeout, DRAIN_TIMEOUT_S))
         if isinstance(self.teacher, Closeable):  # its own clients, made on this loop
             await self.teacher.aclose()
         tasks = [t for t in self._tasks if not t.done()]

@@ -8,3 +8,4 @@ MAX_BACKOFF_S = 8.0
 MAX_RETRY_AFTER_S = 60.0  # cap on a server's requested delay
 RETRIABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 CHARS_PER_TOKEN = 4  # rough estimate for token-rate limits before a call
+DRAIN_TIMEOUT_S = 30.0  # on close, how long calls already sent may take to answer (into the cache)

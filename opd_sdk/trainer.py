@@ -513,10 +513,8 @@ class Trainer:
         """What a checkpoint written during the next step must hold instead of that step's half-done state."""
         from opd_sdk.checkpoint import rng_state
 
-        state = {"data": self.sampler.state_dict(), "rng": rng_state()}
-        if self.pipeline is not None:
-            state["in_flight"] = self.pipeline.state()
-        return state
+        in_flight = self.pipeline.state() if self.pipeline is not None else []
+        return {"data": self.sampler.state_dict(), "rng": rng_state(), "in_flight": in_flight}
 
     def _checkpoint(self, at_step_start: dict[str, Any] | None = None) -> Path | None:
         """Save step-N/ (N = completed steps) unless there is no output_dir or step-N/ is already saved; prune old ones."""

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 
 import pytest
 
 from opd_sdk.collector import FeedbackCollector
 from opd_sdk.data import PromptItem
+from opd_sdk.errors import ServerError, TrainingStopped
 from opd_sdk.objectives import RewardWeighted
 from opd_sdk.trainer import Trainer
-from opd_sdk.types import Score
+from opd_sdk.types import CallUsage, Score
 from providers.judge import JudgeTeacher
 from tests.loop_fixtures import one_thread, tiny_model, tiny_tokenizer  # noqa: F401 (fixture)
 from tests.scripted_server import ScriptedServer
@@ -127,3 +129,100 @@ def test_resume_with_feedback_in_flight_pays_nothing_twice(tmp_path):
     assert [r["step"] for r in rows] == [4, 5, 6] and any(r["skipped_step"] == 0 for r in rows)
     for key in ("reward_mean", "loss"):  # the resumed run is the uninterrupted one
         assert [r[key] for r in rows] == pytest.approx([r[key] for r in full_rows[3:]], abs=1e-6)
+
+
+class Flaky(SlowSeven):
+    """Answers (counting each answered request), but is down while `down` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(0.02, dense=True)
+        self.down, self.answered = False, collections.Counter()
+
+    async def feedback(self, request):
+        if self.down:
+            raise ServerError("503 service unavailable", status=503)
+        out = await super().feedback(request)
+        self.answered[request.canonical_json()] += 1
+        return out
+
+
+def _piped(teacher, tmp_path, **collector):
+    tok = tiny_tokenizer()
+    coll = FeedbackCollector(teacher, progress=False, max_retries=0, cache=tmp_path / "c.sqlite", **collector)
+    trainer = Trainer(tiny_model(tok, seed=0), tok, RewardWeighted(), coll, SEVEN, group_size=2, prompts_per_step=2,
+                      max_steps=8, lr=3e-3, max_new_tokens=4, seed=0, precision="fp32", max_staleness=1,
+                      max_no_signal_steps=2, output_dir=tmp_path / "run", save_every=100)
+    return trainer, coll
+
+
+def test_teacher_down_mid_pipeline_stops_cleanly_and_resume_pays_nothing_twice(tmp_path):
+    teacher = Flaky()
+    trainer, coll = _piped(teacher, tmp_path)
+    real_step = trainer.train_step
+
+    def step_then_fail():
+        row = real_step()
+        teacher.down = trainer.step >= 3  # down from the batches sampled after step 3
+        return row
+
+    trainer.train_step = step_then_fail
+    with coll, pytest.raises(TrainingStopped, match="no usable teacher feedback"):
+        trainer.train()
+    stopped_at = trainer.step
+    assert 3 < stopped_at < 8 and (tmp_path / "run" / f"step-{stopped_at}").is_dir()
+    teacher.down = False
+    again, coll = _piped(teacher, tmp_path)
+    with coll:
+        rows = again.train(resume_from="latest")
+    assert again.step == 8 and rows[-1]["step"] == 8
+    assert max(teacher.answered.values()) == 1  # no answered request was asked twice
+
+
+def test_budget_spent_mid_pipeline_stops_cleanly_and_resume_pays_nothing_twice(tmp_path):
+    teacher = Flaky()
+
+    priced = {"budget_usd": 0.0095, "price_per_1k_prompt_tokens": 1.0}
+    trainer, coll = _piped(teacher, tmp_path, **priced)
+    real = teacher.feedback
+
+    async def with_usage(request):  # 1 prompt token a call: $0.001; the budget covers 9 calls
+        out = await real(request)
+        return out.model_copy(update={"usage": CallUsage(calls=1, prompt_tokens=1)})
+
+    teacher.feedback = with_usage
+    with coll, pytest.raises(TrainingStopped, match="budget is spent"):
+        trainer.train()
+    assert sum(teacher.answered.values()) <= 9 + 4  # calls already in flight at the limit finish (2 batches x 2)
+    again, coll = _piped(teacher, tmp_path, budget_usd=1.0, price_per_1k_prompt_tokens=1.0)
+    with coll:
+        again.train(resume_from="latest")
+    assert again.step == 8 and max(teacher.answered.values()) == 1
+
+
+def test_ctrl_c_mid_step_with_a_batch_in_flight_resumes_that_step(tmp_path):
+    """KeyboardInterrupt inside step 3's update: the checkpoint holds the batches in flight at that step's
+    start, so the resumed run trains the same batches and asks nothing twice."""
+    teacher = Flaky()
+    trainer, coll = _piped(teacher, tmp_path)
+    real = trainer.objective.plan
+
+    def plan(batch, feedback, ctx):
+        if trainer.step == 2:
+            raise KeyboardInterrupt
+        return real(batch, feedback, ctx)
+
+    trainer.objective.plan = plan
+    with coll, pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert (tmp_path / "run" / "step-2").is_dir()
+    again, coll = _piped(teacher, tmp_path)
+    with coll:
+        rows = again.train(resume_from="latest")
+    assert [r["step"] for r in rows] == [3, 4, 5, 6, 7, 8]
+    assert max(teacher.answered.values()) == 1 and coll.usage.cache_hits >= 2 * 2
+    (tmp_path / "full").mkdir()
+    full, coll = _piped(Flaky(), tmp_path / "full")
+    with coll:
+        full_rows = full.train()
+    for key in ("reward_mean", "loss"):  # the same batches were trained, in the same order
+        assert [r[key] for r in rows] == pytest.approx([r[key] for r in full_rows[2:]], abs=1e-6)

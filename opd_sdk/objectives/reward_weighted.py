@@ -151,7 +151,7 @@ class RewardWeighted:
         mask_BT = batch.completion_mask_BT.float() * valid_B.unsqueeze(-1).float().to(batch.completion_mask_BT.device)
         failures = count_failures(feedback)
         metrics: dict[str, float] = {
-            "nonfinite_score_groups": float((~valid_PG.any(-1)).sum()) - failures,
+            "missing_scores": float((~valid_PG).sum()) - failures * batch.group_size,
             "valid_samples": float(valid_B.sum()),
             "tokens": float(mask_BT.sum()),
             "flat_groups": float(flat_P.sum()),

@@ -189,10 +189,13 @@ def test_equal_rewards_everywhere_skip_the_forward(model, batch):
     out.loss.backward()
 
 
-def test_a_nan_score_masks_its_group_and_is_counted(model, batch):
+def test_a_missing_score_masks_its_completion_and_is_counted(model, batch):
+    """A NaN score (a pointwise call that failed) masks that completion only; RLOO then has no baseline
+    for the group's other member (advantage 0), so only group 1 is run."""
     out = RewardWeighted().loss(model, batch, [Score(scores=[1.0, float("nan")]), Score(scores=[0.0, 1.0])])
-    assert out.metrics["nonfinite_score_groups"] == 1.0 and out.metrics["feedback_failures"] == 0.0
-    assert out.metrics["valid_samples"] == 2.0 and out.metrics["reward_mean"] == 0.5
+    assert out.metrics["missing_scores"] == 1.0 and out.metrics["feedback_failures"] == 0.0
+    assert out.metrics["valid_samples"] == 3.0 and out.metrics["reward_mean"] == pytest.approx(2 / 3)
+    assert out.metrics["active_samples"] == 2.0
 
 
 def test_recompute_head_gives_the_same_gradient(model, batch):

