@@ -183,8 +183,12 @@ def settings_from_kwargs(
             out.append(model.model_validate({**current.model_dump(), **update}))
         except ValidationError as exc:
             names = {ALIASES.get(k, k): k for k in kwargs}
+
+            def where(loc: tuple) -> str:  # a field's error names the keyword given; a model check names its own
+                return f"{names.get(str(loc[0]), loc[0])}: " if loc else ""
+
             problems = "; ".join(
-                f"{names.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" for e in exc.errors(include_input=False)
+                where(e["loc"]) + e["msg"].removeprefix("Value error, ") for e in exc.errors(include_input=False)
             )
             raise ConfigError(f"Trainer: {problems}") from None
     return out[0], out[1], out[2]
