@@ -20,25 +20,37 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from opd_sdk.batch import RolloutBatch
+from opd_sdk.checkpoint import (
+    checkpoint_dir,
+    is_peft,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    scrub_machine_paths,
+)
 from opd_sdk.collector import FeedbackCollector
-from opd_sdk.checkpoint import checkpoint_dir, is_peft, latest_checkpoint, load_checkpoint, save_checkpoint
 from opd_sdk.data import PromptItem, PromptSampler, load_prompts
 from opd_sdk.errors import ConfigError, TrainingStopped
 from opd_sdk.metrics import MetricsLogger
 from opd_sdk.objectives.base import Composite, Objective, batch_loss
 from opd_sdk.pipeline import Pipeline
+from opd_sdk.progress import Progress
 from opd_sdk.rollout import RolloutEngine, build_rollout_engine
 from opd_sdk.settings import LoopSettings, OptimizerSettings, RolloutSettings, settings_from_kwargs
 from opd_sdk.teacher import notify_optimizer_step, tokenizer_fingerprint
@@ -181,7 +193,7 @@ class Trainer:
         **settings: Any,
     ) -> None:
         opt, samp, loop = settings_from_kwargs(optimizer, sampling, loop, **settings)
-        self.settings = (opt, samp, loop)
+        self.optimizer_settings, self.sampling, self.loop = opt, samp, loop
         if collector is None and objective.feedback_kinds:
             raise ConfigError(f"{type(objective).__name__} reads teacher feedback; pass a FeedbackCollector")
         collectors = [] if collector is None else list(collector) if isinstance(collector, (list, tuple)) else [collector]
@@ -408,8 +420,6 @@ class Trainer:
         the end, and before re-raising on Ctrl-C / SIGTERM (KeyboardInterrupt)
         or TrainingStopped; only the newest `keep_checkpoints` are kept.
         """
-        from opd_sdk.progress import Progress
-
         if resume_from is not None:
             self.resume(resume_from)
         progress = Progress(self.max_steps, self.step, bar=self.progress)
@@ -447,13 +457,9 @@ class Trainer:
         path = Path(path)
         model = self.model
         if merge_lora and is_peft(model):
-            import copy
-
             model = copy.deepcopy(model).merge_and_unload()
         model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
-        from opd_sdk.checkpoint import scrub_machine_paths
-
         scrub_machine_paths(path)
         return path
 
@@ -472,8 +478,6 @@ class Trainer:
                 "in_flight", self.pipeline.state() if self.pipeline is not None else []
             ),
         }
-        from opd_sdk.checkpoint import scrub_machine_paths
-
         saved = save_checkpoint(
             path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, state=state,
             objective=self.objective, tokenizer=self.tokenizer, rng=(at_step_start or {}).get("rng"),
@@ -511,8 +515,6 @@ class Trainer:
 
     def _state_at_step_start(self) -> dict[str, Any]:
         """What a checkpoint written during the next step must hold instead of that step's half-done state."""
-        from opd_sdk.checkpoint import rng_state
-
         in_flight = self.pipeline.state() if self.pipeline is not None else []
         return {"data": self.sampler.state_dict(), "rng": rng_state(), "in_flight": in_flight}
 
@@ -524,18 +526,13 @@ class Trainer:
         if latest_checkpoint(self.output_dir) == path:
             return path
         self.save_checkpoint(path, at_step_start=at_step_start)
-        from opd_sdk.checkpoint import prune_checkpoints
-
-        prune_checkpoints(self.output_dir, keep=self.settings[2].keep_checkpoints)  # settings: (optimizer, sampling, loop)
+        prune_checkpoints(self.output_dir, keep=self.loop.keep_checkpoints)
         return path
 
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
     """SIGTERM (a job scheduler's stop) raises KeyboardInterrupt in the main thread, like Ctrl-C."""
-    import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
