@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from opd_sdk.constants import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S
 from opd_sdk.errors import ConfigError
 from opd_sdk.settings import LoopSettings, OptimizerSettings, RolloutSettings
 from opd_sdk.settings import _Settings as _Strict
@@ -107,11 +108,11 @@ RolloutConfig = RolloutSettings
 class CollectorConfig(_Strict):
     """Teacher-call limits. `cache` defaults to OUTPUT_DIR/feedback_cache.sqlite."""
 
-    max_concurrency: int = Field(16, gt=0)
+    max_concurrency: int = Field(DEFAULT_MAX_CONCURRENCY, gt=0)
     rpm: float | None = Field(None, gt=0)
     tpm: float | None = Field(None, gt=0)
-    timeout: float = Field(60.0, gt=0)
-    max_retries: int = Field(5, ge=0)
+    timeout: float = Field(DEFAULT_TIMEOUT_S, gt=0)
+    max_retries: int = Field(DEFAULT_MAX_RETRIES, ge=0)
     cache: str | None = None
     no_cache: bool = False
     budget_usd: float | None = Field(None, gt=0)

@@ -40,10 +40,8 @@ class MetricsLogger:
     ) -> None:
         self.path = Path(path) if path is not None else None
         self.history: list[dict[str, Any]] = []
-        self._file = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("a", encoding="utf-8")
         self._tb = None
         has_tb = importlib.util.find_spec("tensorboard") is not None
         if tb_dir is not None and (tensorboard is True or (tensorboard == "auto" and has_tb)):
@@ -59,9 +57,9 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self.history.append(row)
-        if self._file is not None:
-            self._file.write(json.dumps(row) + "\n")
-            self._file.flush()
+        if self.path is not None:  # opened per row: no handle outlives a step, a crash loses at most this row
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
         numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
         if self._tb is not None:
             for k, v in numeric.items():
@@ -73,17 +71,14 @@ class MetricsLogger:
     def truncate_after(self, step: int) -> None:
         """Drop rows logged after `step` (a resumed run repeats them)."""
         self.history = [r for r in self.history if r["step"] <= step]
-        if self.path is None or self._file is None:
+        if self.path is None or not self.path.exists():
             return
-        self._file.close()
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        self._file = self.path.open("a", encoding="utf-8")
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        tmp.replace(self.path)  # atomic: a crash here never leaves half a file
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
@@ -91,9 +86,16 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a metrics JSONL file."""
-    with Path(path).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a metrics JSONL file (a last line cut short by a killed process is dropped)."""
+    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return rows
 
 
 def plot_learning_curve(

@@ -169,11 +169,10 @@ def _objective_problems(cfg: RunConfig, objective: Any) -> list[str]:
                     f"(type {teachers[source].type!r}) returns {given}; pick a teacher that returns "
                     f"{term_kinds[0]} (for example type: {_teacher_for(term_kinds[0])}) or another objective"
                 )
-        needs_group = getattr(term, "advantage", None) in ("rloo", "grpo") or type(term).__name__ == "OnlineDPO"
-        if needs_group and cfg.rollout.group_size < 2:
+        if cfg.rollout.group_size < term.min_group_size:
             problems.append(
                 f"rollout.group_size: {type(term).__name__} compares the samples of a prompt with each other, "
-                f"so group_size {cfg.rollout.group_size} gives no learning signal; set rollout.group_size: 4 (2 at least)"
+                f"so group_size {cfg.rollout.group_size} gives no learning signal; set rollout.group_size: 4 ({term.min_group_size} at least)"
             )
     return problems
 

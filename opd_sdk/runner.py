@@ -126,40 +126,28 @@ def build_collector(cfg: RunConfig, teacher: Any) -> Any:
 def make_trainer(
     cfg: RunConfig, model: Any, tokenizer: Any, objective: Any, collector: Any, prompts: list, eval_fn: Any = None
 ) -> Any:
+    """The Trainer for a config: its optimizer:, rollout: and loop settings passed as validated (no renames)."""
+    from opd_sdk.settings import LoopSettings
     from opd_sdk.trainer import Trainer
 
-    o, r = cfg.optimizer, cfg.rollout
-    lora = cfg.student.lora.model_dump() if cfg.student.lora else None
-    if lora is not None:
-        lora = dict(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=lora["target_modules"])
+    lora = cfg.student.lora
     return Trainer(
         model,
         tokenizer,
         objective,
         collector,
         prompts,
-        group_size=r.group_size,
-        prompts_per_step=r.prompts_per_step,
-        micro_batch_prompts=max(1, r.prompts_per_step // o.grad_accum),
-        max_steps=cfg.steps,
-        lr=o.lr,
-        weight_decay=o.weight_decay,
-        betas=o.betas,
-        warmup_steps=o.warmup_steps,
-        lr_schedule=o.schedule,
-        max_grad_norm=o.max_grad_norm,
-        temperature=r.temperature,
-        top_p=r.top_p,
-        top_k=r.top_k,
-        max_new_tokens=r.max_new_tokens,
+        optimizer=cfg.optimizer,
+        sampling=cfg.rollout,
+        loop=LoopSettings.model_validate({name: getattr(cfg, name) for name in LoopSettings.model_fields}),
         precision=cfg.student.precision,
-        lora=lora,
+        lora=dict(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules)
+        if lora is not None
+        else None,
         gradient_checkpointing=cfg.student.gradient_checkpointing,
         output_dir=cfg.output_dir,
-        save_every=cfg.save_every or 0,
         eval_fn=eval_fn if cfg.eval.every else None,
         eval_every=cfg.eval.every or 0,
-        seed=cfg.seed,
         tensorboard=cfg.logging.tensorboard,
         wandb_project=cfg.logging.wandb_project,
         progress=cfg.logging.progress,

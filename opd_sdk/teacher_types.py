@@ -26,6 +26,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
+from opd_sdk.constants import DEFAULT_TIMEOUT_S
 from opd_sdk.errors import ConfigError
 from opd_sdk.settings import _Settings as _Strict
 
@@ -44,7 +45,7 @@ class BuildContext:
 
     model: Any = None
     tokenizer: Any = None
-    timeout: float = 60.0
+    timeout: float = DEFAULT_TIMEOUT_S
 
 
 class _TeacherType(_Strict):

@@ -20,25 +20,37 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from opd_sdk.batch import RolloutBatch
+from opd_sdk.checkpoint import (
+    checkpoint_dir,
+    is_peft,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    scrub_machine_paths,
+)
 from opd_sdk.collector import FeedbackCollector
-from opd_sdk.checkpoint import checkpoint_dir, is_peft, latest_checkpoint, load_checkpoint, save_checkpoint
 from opd_sdk.data import PromptItem, PromptSampler, load_prompts
 from opd_sdk.errors import ConfigError, TrainingStopped
 from opd_sdk.metrics import MetricsLogger
 from opd_sdk.objectives.base import Composite, Objective, batch_loss
 from opd_sdk.pipeline import Pipeline
+from opd_sdk.progress import Progress
 from opd_sdk.rollout import RolloutEngine, build_rollout_engine
 from opd_sdk.settings import LoopSettings, OptimizerSettings, RolloutSettings, settings_from_kwargs
 from opd_sdk.teacher import notify_optimizer_step, tokenizer_fingerprint
@@ -181,7 +193,7 @@ class Trainer:
         **settings: Any,
     ) -> None:
         opt, samp, loop = settings_from_kwargs(optimizer, sampling, loop, **settings)
-        self.settings = (opt, samp, loop)
+        self.optimizer_settings, self.sampling, self.loop = opt, samp, loop
         if collector is None and objective.feedback_kinds:
             raise ConfigError(f"{type(objective).__name__} reads teacher feedback; pass a FeedbackCollector")
         collectors = [] if collector is None else list(collector) if isinstance(collector, (list, tuple)) else [collector]
@@ -408,11 +420,9 @@ class Trainer:
         the end, and before re-raising on Ctrl-C / SIGTERM (KeyboardInterrupt)
         or TrainingStopped; only the newest `keep_checkpoints` are kept.
         """
-        from opd_sdk.errors import TrainingStopped  # (imports here keep the lead's header untouched)
-
         if resume_from is not None:
             self.resume(resume_from)
-        progress = _Progress(self.max_steps, self.step, bar=self.progress)
+        progress = Progress(self.max_steps, self.step, bar=self.progress)
         step_start = None  # sampler + RNG state while a step is under way
         try:
             with _sigterm_as_interrupt():
@@ -421,7 +431,7 @@ class Trainer:
                     row = self.train_step()
                     step_start = None
                     progress.update(self.step, row)
-                    if self._save_every() and self.step % self._save_every() == 0:
+                    if self.save_every and self.step % self.save_every == 0:
                         self._checkpoint()
         except KeyboardInterrupt:
             self._checkpoint(at_step_start=step_start)
@@ -447,13 +457,9 @@ class Trainer:
         path = Path(path)
         model = self.model
         if merge_lora and is_peft(model):
-            import copy
-
             model = copy.deepcopy(model).merge_and_unload()
         model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
-        from opd_sdk.checkpoint import scrub_machine_paths
-
         scrub_machine_paths(path)
         return path
 
@@ -472,8 +478,6 @@ class Trainer:
                 "in_flight", self.pipeline.state() if self.pipeline is not None else []
             ),
         }
-        from opd_sdk.checkpoint import scrub_machine_paths
-
         saved = save_checkpoint(
             path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, state=state,
             objective=self.objective, tokenizer=self.tokenizer, rng=(at_step_start or {}).get("rng"),
@@ -509,21 +513,8 @@ class Trainer:
 
     # ---- checkpoints on schedule and on a stop ----------------------------------------------
 
-    def _save_every(self) -> int:
-        loop = getattr(self, "loop", None)  # the settings object, once __init__ keeps one
-        return int((loop.save_every if loop is not None else self.save_every) or 0)
-
-    def _keep_checkpoints(self) -> int:
-        loop = getattr(self, "loop", None)
-        if loop is not None:
-            return int(loop.keep_checkpoints)
-        from opd_sdk.settings import LoopSettings
-
-        return LoopSettings().keep_checkpoints
-
     def _state_at_step_start(self) -> dict[str, Any]:
-        from opd_sdk.checkpoint import rng_state
-
+        """What a checkpoint written during the next step must hold instead of that step's half-done state."""
         in_flight = self.pipeline.state() if self.pipeline is not None else []
         return {"data": self.sampler.state_dict(), "rng": rng_state(), "in_flight": in_flight}
 
@@ -535,54 +526,13 @@ class Trainer:
         if latest_checkpoint(self.output_dir) == path:
             return path
         self.save_checkpoint(path, at_step_start=at_step_start)
-        from opd_sdk.checkpoint import prune_checkpoints
-
-        prune_checkpoints(self.output_dir, keep=self._keep_checkpoints())
+        prune_checkpoints(self.output_dir, keep=self.loop.keep_checkpoints)
         return path
-
-
-class _Progress:
-    """A tqdm bar on a terminal; otherwise one plain line per step on stderr (nohup, CI, schedulers):
-    step, reward, loss, feedback failures, teacher cost, step time, ETA."""
-
-    def __init__(self, total: int, initial: int, *, bar: bool) -> None:
-        self.total, self.first = total, initial
-        self.bar = tqdm(total=total, initial=initial, desc="opd train") if bar else None
-        self.started = time.perf_counter()
-
-    def update(self, step: int, row: dict[str, Any]) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(reward=row.get("reward_mean"), loss=row.get("loss"), s=round(row["time_step_s"], 2))
-            return
-        per_step = (time.perf_counter() - self.started) / max(1, step - self.first)
-        print(format_progress(step, self.total, row, eta_s=per_step * (self.total - step)), file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def format_progress(step: int, total: int, row: dict[str, Any], *, eta_s: float) -> str:
-    """`opd: step 3/10 reward 0.500 loss 0.1234 failures 0 cost $0.0000 step 1.2s ETA 8s`"""
-
-    def num(value: Any, fmt: str) -> str:
-        return "-" if value is None else format(value, fmt)
-
-    eta = f"{eta_s:.0f}s" if eta_s < 120 else f"{eta_s / 60:.0f}m" if eta_s < 7200 else f"{eta_s / 3600:.1f}h"
-    return (
-        f"opd: step {step}/{total} reward {num(row.get('reward_mean'), '.3f')} loss {num(row.get('loss'), '.4f')} "
-        f"failures {row.get('feedback_failures', 0)} cost ${row.get('teacher_cost_usd') or 0.0:.4f} "
-        f"step {row.get('time_step_s', 0.0):.1f}s ETA {eta}"
-    )
 
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
     """SIGTERM (a job scheduler's stop) raises KeyboardInterrupt in the main thread, like Ctrl-C."""
-    import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -121,3 +121,84 @@ def test_resume_errors_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="full model"):
         lora_trainer.resume(path)
     coll.close()
+
+
+class StopInLoss(RewardWeighted):
+    """Raises `error` in the targets step of step `at`: after that step's batch was drawn and its feedback cached."""
+
+    def __init__(self, at, error, **kw):
+        super().__init__(**kw)
+        self.calls, self.at, self.error = 0, at, error
+
+    def plan(self, batch, feedback, ctx):
+        self.calls += 1
+        if self.calls == self.at:
+            raise self.error
+        return super().plan(batch, feedback, ctx)
+
+
+def test_ctrl_c_mid_step_checkpoints_the_step_start_and_resumes_exactly(tmp_path):
+    """No save_every: the only checkpoint is the one Ctrl-C writes. It holds step 2's weights with the
+    sampler and RNG as they were when step 3 began, so the resumed run redraws step 3 (from the cache)
+    and ends with the uninterrupted run's weights."""
+    full, _, full_coll = make_trainer(tmp_path / "full", tmp_path / "full.sqlite", RewardWeighted(**objective()))
+    full.train()
+    full_coll.close()
+
+    out, cache = tmp_path / "run", tmp_path / "run.sqlite"
+    first, first_teacher, first_coll = make_trainer(out, cache, StopInLoss(3, KeyboardInterrupt(), **objective()))
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    first_coll.close()
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-2"]
+
+    second, second_teacher, second_coll = make_trainer(out, cache, RewardWeighted(**objective()))
+    second.train(resume_from="latest")
+    second_coll.close()
+    assert second_coll.usage.cache_hits == 4 and second_teacher.calls == 4  # step 3 from the cache
+    for name, want in full.model.state_dict().items():
+        assert torch.allclose(want, second.model.state_dict()[name], atol=1e-6, rtol=0), name
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_training_stopped_checkpoints_then_reraises_and_old_checkpoints_are_pruned(tmp_path):
+    from opd_sdk.errors import TrainingStopped
+
+    trainer, _, coll = make_trainer(tmp_path, None, StopInLoss(4, TrainingStopped("no signal"), **objective()),
+                                    save_every=1)
+    with pytest.raises(TrainingStopped, match="no signal"):
+        trainer.train()
+    coll.close()
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-1", "step-2", "step-3"]
+    trainer.max_steps, trainer.objective.at = 6, 0
+    trainer.train()
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-4", "step-5", "step-6"]  # keep_checkpoints 3
+
+
+def test_resume_from_nothing_is_an_error(tmp_path):
+    trainer, _, coll = make_trainer(tmp_path, None, RewardWeighted())
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        trainer.train(resume_from="latest")
+    coll.close()
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("arbitrary code ran",))
+
+
+def test_a_checkpoint_never_unpickles_arbitrary_objects(tmp_path, capsys):
+    import pickle
+
+    from opd_sdk.checkpoint import load_checkpoint
+
+    trainer, _, coll = make_trainer(tmp_path, None, RewardWeighted())
+    trainer.max_steps = 1
+    trainer.train()
+    coll.close()
+    step = latest_checkpoint(tmp_path)
+    assert (step / "model" / "model.safetensors").exists()
+    (step / "rng.pt").write_bytes(pickle.dumps({"python": _Payload()}))
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_checkpoint(step, model=trainer.model, optimizer=trainer.optimizer, scheduler=trainer.scheduler)
+    assert "arbitrary code ran" not in capsys.readouterr().out

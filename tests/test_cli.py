@@ -272,3 +272,24 @@ def test_lora_student_trains_and_its_adapter_folder_evaluates(tmp_path, tiny_dir
     rc, out, err = run_cli(capsys, "eval", str(path), "--model", str(final), "--json")
     assert rc == 0, err
     assert json.loads(out)["graded"] == 8
+
+
+def test_a_stop_for_no_signal_keeps_a_checkpoint_and_a_summary(tmp_path, tiny_dir, capsys, monkeypatch):
+    from opd_sdk.errors import TrainingStopped
+    from opd_sdk.trainer import Trainer
+
+    real_step = Trainer.train_step
+
+    def step_then_stop(self):
+        if self.step == 1:
+            raise TrainingStopped("teacher: 3 steps without usable feedback; opd train CONFIG --resume")
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_stop)
+    rc, out, err = run_cli(capsys, "train", str(write_config(tmp_path, tiny_dir, steps=5)))
+    run = tmp_path / "run"
+    assert rc == 2 and "3 steps without usable feedback" in err
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-1"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 1 and "without usable feedback" in summary["stopped"]
+    assert summary["heldout_before"] is not None and summary["heldout_after"] is None

@@ -63,10 +63,12 @@ MeanMetrics = dict[str, tuple[Any, Any]]
 @runtime_checkable
 class Objective(Protocol):
     """feedback_kinds: the Feedback kinds its plan reads (empty: no teacher needed).
-    chunk_rows: rows per LM-head chunk in the forward pass."""
+    chunk_rows: rows per LM-head chunk in the forward pass.
+    min_group_size: samples per prompt below which it has no learning signal (checked before training)."""
 
     feedback_kinds: tuple[str, ...]
     chunk_rows: int
+    min_group_size: int
 
     def setup(self, policy: torch.nn.Module) -> None:
         """Once before training: make the frozen copies this objective needs."""

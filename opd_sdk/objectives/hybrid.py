@@ -88,6 +88,10 @@ class Hybrid:
         return lists
 
     @property
+    def min_group_size(self) -> int:
+        return max(o.min_group_size for o, _, _ in self.terms)
+
+    @property
     def chunk_rows(self) -> int:
         return min(o.chunk_rows for o, _, _ in self.terms)
 

@@ -43,6 +43,7 @@ class OnlineDPO:
     reference: frozen reference model (default: a frozen copy made in setup()).
     """
 
+    min_group_size = 2  # pairs compare two samples of one prompt
     feedback_kinds = ("preference", "score")
 
     def __init__(

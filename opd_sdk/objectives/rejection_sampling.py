@@ -55,6 +55,7 @@ class RejectionSampling:
     threshold: keep only samples with reward >= threshold.
     """
 
+    min_group_size = 1
     feedback_kinds = ("score",)
 
     def __init__(self, *, top_k: int | None = 1, threshold: float | None = None, chunk_rows: int = 4) -> None:

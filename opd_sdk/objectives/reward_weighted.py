@@ -122,6 +122,8 @@ class RewardWeighted:
         self.grpo_eps = grpo_eps
         self.chunk_rows = chunk_rows
         self.recompute_head = recompute_head
+        # RLOO's and GRPO's baselines are the other samples of the prompt: one sample has no signal
+        self.min_group_size = 2 if advantage in ("rloo", "grpo") else 1
 
     def setup(self, policy: torch.nn.Module) -> None:
         if self.beta > 0 and self.reference is None:

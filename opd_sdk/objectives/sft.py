@@ -38,6 +38,8 @@ class SFT:
     all_references: learn every Reference completion, not only the first.
     """
 
+    min_group_size = 1
+
     def __init__(
         self,
         tokenizer: Any,

@@ -52,6 +52,8 @@ class SPIN:
         steps (None: only when refresh_opponent() is called).
     """
 
+    min_group_size = 1
+
     def __init__(
         self,
         tokenizer: Any,

@@ -61,6 +61,7 @@ class TokenDistill:
     beta: the JSD mixture weight (jsd only).
     """
 
+    min_group_size = 1
     feedback_kinds = ("token_logprobs",)
 
     def __init__(
