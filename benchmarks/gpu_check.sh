@@ -26,7 +26,7 @@ if ! $PY -c "import vllm" 2>/dev/null; then
   $PY -m pip install -q "vllm>=0.14" > "$OUT/install.log" 2>&1 || { tail -n 30 "$OUT/install.log"; exit 1; }
 fi
 $PY -m pip install -q --no-deps -e . >> "$OUT/install.log" 2>&1
-$PY -m pip install -q pytest pytest-asyncio pytest-timeout tenacity peft accelerate gguf >> "$OUT/install.log" 2>&1
+$PY -m pip install -q pytest pytest-asyncio pytest-timeout tenacity peft accelerate gguf matplotlib >> "$OUT/install.log" 2>&1
 $PY -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())" \
   | tee "$OUT/versions.txt"
 INSTALL_S=$((SECONDS - START))
