@@ -36,7 +36,8 @@ from opd_sdk.objectives import (
     RewardWeighted,
     TokenDistill,
 )
-from opd_sdk.rollout import RolloutEngine, TransformersRollout
+from opd_sdk.rollout import RolloutEngine, TransformersRollout, build_rollout_engine
+from opd_sdk.vllm_rollout import VLLMRollout
 from opd_sdk.teacher import FollowsStudent, LocalTeacher, Teacher, fingerprint, tokenizer_fingerprint
 from opd_sdk.settings import LoopSettings, OptimizerSettings, RolloutSettings
 from opd_sdk.trainer import Trainer, build_requests
@@ -114,6 +115,8 @@ __all__ = [
     "RolloutEngine",
     "Trainer",
     "TransformersRollout",
+    "VLLMRollout",
+    "build_rollout_engine",
     "build_requests",
     "greedy_accuracy",
     "last_number_matches",

@@ -39,6 +39,9 @@ class RolloutEngine(Protocol):
 
     def sample(self, prompts: list[PromptItem], group_size: int) -> RolloutBatch: ...
 
+    def close(self) -> None:
+        """Free what the engine holds (a vLLM engine, temporary folders)."""
+
     def sync_weights(self, model: torch.nn.Module) -> None: ...
 
 
@@ -189,6 +192,9 @@ class TransformersRollout:
         self.eos_ids = eos_token_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.eos_ids[0]
+
+    def close(self) -> None:
+        """Nothing to free: the engine is the trainer's own model."""
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Shares the trainer's model, so nothing to copy; a foreign model's weights are loaded."""

@@ -278,6 +278,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, log=
         return {result["metric"]: result["value"]}
 
     out = Path(cfg.output_dir)
+    trainer = None
     try:
         trainer = make_trainer(cfg, model, tokenizer, objective, collectors or None, train_items, held_out)
         if resume:
@@ -294,6 +295,8 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, log=
             raise
         result = evaluate(cfg, trainer.model, tokenizer, held, grader)
     finally:
+        if trainer is not None:
+            trainer.close()
         for c in collectors:
             c.close()
     summary = write_summary(cfg, trainer, result)
