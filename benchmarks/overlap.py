@@ -102,45 +102,59 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--json", help="write the raw results here")
+    parser.add_argument("--from-json", help="print the table of results written earlier with --json")
     args = parser.parse_args()
 
+    if args.from_json:
+        report(json.loads(Path(args.from_json).read_text()), args)
+        return
     settings = [(f"scripted judge, {lat:g} s", lat) for lat in args.latency]
     if args.vllm_url:
         settings.append(("real vLLM judge", None))
-    results: dict[str, dict[int, list[dict]]] = {}
+    results: dict[str, dict[str, list[dict]]] = {}
     for label, latency in settings:
         for k in args.k:
             for seed in args.seeds:
                 t = time.perf_counter()
-                results.setdefault(label, {}).setdefault(k, []).append(run(args, latency, k, seed))
+                results.setdefault(label, {}).setdefault(str(k), []).append(run(args, latency, k, seed))
                 print(f"[{label} k={k} seed={seed}] {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
                 if args.json:
                     Path(args.json).write_text(json.dumps(results, indent=1))
+    report(results, args)
 
-    print(f"\n{len(args.seeds)} seed(s), {args.steps} steps of {args.prompts} prompts x {args.group_size} samples; "
-          "steps 2+ for times (the first step waits for its own feedback in every mode)")
-    print(f"{'teacher':24} {'mode':6} {'steps/min':>9} {'x sync':>7} {'bound s/step':>12} {'% of bound':>10} "
-          f"{'max stale':>9} {'reward first3':>13} {'reward last3':>12}")
+
+def report(results: dict[str, dict[str, list[dict]]], args: argparse.Namespace) -> None:
+    """Per teacher and mode: steps/min, the bound per step, the fraction of it reached, rewards.
+
+    feedback = the sync run's wait per step (the teacher's latency for a batch);
+    work = the run's own step minus its wait (sampling + update). The bound is
+    work + feedback for sync (they run in turn) and max(work, feedback / k) with
+    k batches of feedback in flight.
+    """
+    runs_ = next(iter(next(iter(results.values())).values()))
+    print(f"\n{len(runs_)} seed(s), {len(runs_[0]['step_s'])} steps; times over steps 2+ (the first step waits "
+          "for its own feedback in every mode); reward last3 mean +- std over seeds")
+    print(f"{'teacher':24} {'mode':6} {'s/step':>6} {'steps/min':>9} {'x sync':>7} {'bound s/step':>12} "
+          f"{'% of bound':>10} {'max stale':>9} {'reward first3':>13} {'reward last3':>15}")
     for label, by_k in results.items():
-        sync = by_k.get(0)
-        work = mean([mean([s - w for s, w in zip(r["step_s"][1:], r["wait_s"][1:])]) for r in sync]) if sync else None
-        feedback = mean([mean(r["wait_s"][1:]) for r in sync]) if sync else None
-        bound = max(work, feedback) if sync else None
-        sync_rate = 60 / mean([mean(r["step_s"][1:]) for r in sync]) if sync else None
+        sync = by_k.get("0")
+        feedback = mean([mean(r["wait_s"][1:]) for r in sync]) if sync else float("nan")
+        sync_step = mean([mean(r["step_s"][1:]) for r in sync]) if sync else float("nan")
         for k, runs in by_k.items():
             step = mean([mean(r["step_s"][1:]) for r in runs])
-            rate = 60 / step
-            first = mean([mean(r["reward"][:3]) for r in runs])
-            last = mean([mean(r["reward"][-3:]) for r in runs])
-            print(f"{label:24} {'sync' if k == 0 else f'k={k}':6} {rate:9.2f} "
-                  f"{rate / sync_rate if sync_rate else float('nan'):7.2f} {bound or float('nan'):12.2f} "
-                  f"{100 * bound / step if bound else float('nan'):9.0f}% {max(max(r['staleness']) for r in runs):9d} "
-                  f"{first:13.3f} {last:12.3f}")
+            work = mean([mean([s - w for s, w in zip(r["step_s"][1:], r["wait_s"][1:])]) for r in runs])
+            bound = work + feedback if k == "0" else max(work, feedback / int(k))
+            last = [mean(r["reward"][-3:]) for r in runs]
+            spread = (sum((x - mean(last)) ** 2 for x in last) / (len(last) - 1)) ** 0.5 if len(last) > 1 else 0.0
+            print(f"{label:24} {'sync' if k == '0' else f'k={k}':6} {step:6.2f} {60 / step:9.2f} "
+                  f"{sync_step / step:7.2f} {bound:12.2f} {100 * bound / step:9.0f}% "
+                  f"{max(max(r['staleness']) for r in runs):9d} {mean([mean(r['reward'][:3]) for r in runs]):13.3f} "
+                  f"{mean(last):8.3f} +- {spread:.3f}")
     print("\nreward per step, mean over seeds:")
     for label, by_k in results.items():
         for k, runs in by_k.items():
             curve = [mean([r["reward"][i] for r in runs]) for i in range(min(len(r["reward"]) for r in runs))]
-            print(f"  {label:24} {'sync' if k == 0 else f'k={k}':6} " + " ".join(f"{x:.2f}" for x in curve))
+            print(f"  {label:24} {'sync' if k == '0' else f'k={k}':6} " + " ".join(f"{x:.2f}" for x in curve))
 
 
 if __name__ == "__main__":
