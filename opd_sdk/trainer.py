@@ -405,22 +405,25 @@ class Trainer:
 
     def _stop_if_hopeless(self, failure_kinds: collections.Counter) -> None:
         """Raise TrainingStopped on a spent budget, or after too many steps without signal from failures."""
+        budget_spent = bool(failure_kinds.get("budget"))
+        no_signal = self.no_signal_streak >= self.max_no_signal_steps
+        if not (budget_spent or no_signal):
+            return
+        if self.pipeline is not None:
+            self.pipeline.drain()  # answers already paid for land in the cache before the stop
         teachers = ", ".join(c.teacher.id for c in self.collectors) or "none"
-        kinds = ", ".join(f"{kind} x{n}" for kind, n in failure_kinds.most_common())
         where = f" in {self.output_dir}" if self.output_dir is not None else ""
-        resume = f"fix the cause, then resume from the checkpoint{where} (`opd train CONFIG --resume`)"
-        if self.pipeline is not None and (failure_kinds.get("budget") or self.no_signal_streak >= self.max_no_signal_steps):
-            self.pipeline.drain()
-        if failure_kinds.get("budget"):
+        if budget_spent:
             raise TrainingStopped(
                 f"the teacher budget is spent (teacher {teachers}, ${self.teacher_cost_usd():.4f}) at step "
                 f"{self.step}; raise collector.budget_usd, then resume from the checkpoint{where}"
             )
-        if self.no_signal_streak >= self.max_no_signal_steps:
-            raise TrainingStopped(
-                f"{self.no_signal_streak} steps in a row had no usable teacher feedback (teacher {teachers}; "
-                f"last step's failures: {kinds}); stopped at step {self.step}; {resume}"
-            )
+        kinds = ", ".join(f"{kind} x{n}" for kind, n in failure_kinds.most_common())
+        raise TrainingStopped(
+            f"{self.no_signal_streak} steps in a row had no usable teacher feedback (teacher {teachers}; "
+            f"last step's failures: {kinds}); stopped at step {self.step}; fix the cause, then resume from the "
+            f"checkpoint{where} (`opd train CONFIG --resume`)"
+        )
 
     def train(self, resume_from: str | Path | None = None) -> list[dict[str, Any]]:
         """Run until max_steps; resume_from: a checkpoint folder or "latest" (in output_dir).
