@@ -58,6 +58,7 @@ def _say(text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    cfg = None
     try:
         if args.command == "train":
             from opd_sdk.config import load_config
@@ -93,10 +94,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"opd: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = " (a checkpoint was saved)" if args.command == "train" else ""
-        print(f"opd: interrupted{hint}; `opd train CONFIG --resume` continues from the last checkpoint", file=sys.stderr)
+        print(f"opd: interrupted; {_after_interrupt(cfg)}", file=sys.stderr)
         return 130
     return 0
+
+
+def _after_interrupt(cfg) -> str:
+    """What the user can do after Ctrl-C / SIGTERM, from what the run left on disk."""
+    if cfg is None:
+        return "nothing was trained"
+    from opd_sdk.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(cfg.output_dir)
+    if last is not None:
+        return f"checkpoint {last.name} was saved; `opd train CONFIG --resume` continues from it"
+    return ("no step had finished, so there is no checkpoint; `opd train CONFIG --overwrite` starts again "
+            "(the feedback cache is kept: answers already paid for are not paid again)")
 
 
 if __name__ == "__main__":

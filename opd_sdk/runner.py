@@ -236,9 +236,11 @@ def prepare_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool)
     out = Path(output_dir)
     if resume:
         if latest_checkpoint(out) is None:
+            held = any((out / n).exists() for n in RUN_FILES)
             raise ConfigError(
                 f"--resume: nothing to resume from, {out} holds no step-N/ checkpoint; "
-                "run without --resume to start a new run"
+                + ("no step of the run there had finished: start it again with --overwrite (its feedback "
+                   "cache is kept)" if held else "run without --resume to start a new run")
             )
         return
     held = [out / n for n in RUN_FILES if (out / n).exists()] + sorted(out.glob("step-*"))

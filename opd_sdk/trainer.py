@@ -47,7 +47,7 @@ from opd_sdk.checkpoint import (
 from opd_sdk.collector import FeedbackCollector
 from opd_sdk.data import PromptItem, PromptSampler, load_prompts
 from opd_sdk.errors import ConfigError, TrainingStopped
-from opd_sdk.metrics import MetricsLogger
+from opd_sdk.metrics import MetricsLogger, read_metrics
 from opd_sdk.objectives.base import Composite, Objective, batch_loss
 from opd_sdk.pipeline import Pipeline
 from opd_sdk.progress import Progress
@@ -434,6 +434,8 @@ class Trainer:
         """
         if resume_from is not None:
             self.resume(resume_from)
+        else:
+            self._refuse_an_earlier_run()
         progress = Progress(self.max_steps, self.step, bar=self.progress)
         step_start = None  # sampler + RNG state while a step is under way
         try:
@@ -524,6 +526,20 @@ class Trainer:
         return self.step
 
     # ---- checkpoints on schedule and on a stop ----------------------------------------------
+
+    def _refuse_an_earlier_run(self) -> None:
+        """A fresh train() never writes over another run's steps (the CLI's --overwrite deletes them first)."""
+        if self.output_dir is None or self.step > 0:
+            return
+        path = self.output_dir / "metrics.jsonl"
+        trained = latest_checkpoint(self.output_dir) is not None or (
+            path.exists() and any(row.get("step", 0) > 0 for row in read_metrics(path))
+        )
+        if trained:
+            raise ConfigError(
+                f"output_dir {self.output_dir} already holds a run; continue it with "
+                "trainer.train(resume_from='latest'), or give another output_dir"
+            )
 
     def _state_at_step_start(self) -> dict[str, Any]:
         """What a checkpoint written during the next step must hold instead of that step's half-done state."""

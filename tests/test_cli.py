@@ -293,3 +293,13 @@ def test_a_stop_for_no_signal_keeps_a_checkpoint_and_a_summary(tmp_path, tiny_di
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 1 and "without usable feedback" in summary["stopped"]
     assert summary["heldout_before"] is not None and summary["heldout_after"] is None
+
+
+def test_resume_after_a_stop_before_the_first_step_points_to_overwrite(tmp_path):
+    from opd_sdk.errors import ConfigError
+    from opd_sdk.runner import prepare_output_dir
+
+    (tmp_path / "config.yaml").write_text("x: 1\n")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "eval/accuracy": 0.5}\n')
+    with pytest.raises(ConfigError, match="no step of the run there had finished.*--overwrite"):
+        prepare_output_dir(tmp_path, resume=True, overwrite=False)

@@ -174,7 +174,7 @@ def test_sigterm_saves_a_checkpoint_mid_step_and_resume_repeats_no_call(tmp_path
         out, err = proc.communicate(timeout=120)
         logs += [out, err]
         assert proc.returncode == 130, err
-        assert "interrupted (a checkpoint was saved)" in err
+        assert "interrupted; checkpoint step-1 was saved" in err
         run = tmp_path / "run"
         assert sorted(p.name for p in run.glob("step-*")) == ["step-1"]
         assert steps_in(run) == [0, 1]

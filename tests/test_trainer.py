@@ -305,3 +305,14 @@ def test_unknown_setting_says_did_you_mean():
     tok = tiny_tokenizer()
     with pytest.raises(ConfigError, match="did you mean 'group_size'"):
         Trainer(tiny_model(tok), tok, RewardWeighted(), collector(), SEVEN, group_sise=4)
+
+
+def test_a_second_run_into_the_same_output_dir_is_refused(tmp_path):
+    """train() without resume_from never mixes two runs' steps in one folder (metrics, step-N/, final/)."""
+    tok = tiny_tokenizer()
+    make = lambda: Trainer(tiny_model(tok), tok, RewardWeighted(), collector(), SEVEN, group_size=2,  # noqa: E731
+                           prompts_per_step=2, max_steps=1, max_new_tokens=2, output_dir=tmp_path)
+    make().train()
+    with pytest.raises(ConfigError, match="already holds a run.*resume_from='latest'"):
+        make().train()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]
