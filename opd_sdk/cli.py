@@ -61,12 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = None
     try:
         if args.command == "train":
-            from opd_sdk.config import load_config
-            from opd_sdk.registry import check_config
+            from opd_sdk.registry import load_and_check
 
-            cfg = load_config(args.config, args.overrides)
+            cfg = load_and_check(args.config, args.overrides)  # every problem at once, before any model loads
             if args.check:
-                check_config(cfg)
                 _say(f"opd: {args.config} is valid")
                 return 0
             from opd_sdk.runner import train

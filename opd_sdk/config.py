@@ -13,6 +13,7 @@ are declared in `teacher_types.py`, one class per `type:`.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import typing
 from pathlib import Path
@@ -278,13 +279,42 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
 
 
+class InvalidConfig(ConfigError):
+    """A config that did not validate. partial: the same config without its unknown fields,
+    when those were its only problems (None otherwise), so the checks that need a whole
+    config can still run and every problem is reported at once."""
+
+    def __init__(self, message: str, partial: "RunConfig | None" = None) -> None:
+        super().__init__(message)
+        self.partial = partial
+
+
+def _without_unknown_fields(raw: dict, exc: ValidationError) -> "RunConfig | None":
+    """`raw` validated again with every unknown field removed; None if other problems remain."""
+    errors = exc.errors(include_input=False, include_url=False)
+    if any(err["type"] != "extra_forbidden" for err in errors):
+        return None
+    stripped = copy.deepcopy(raw)
+    for err in errors:
+        *parents, name = [int(p) if p.isdigit() else p for p in _field_path(err["loc"]).split(".")]
+        node: Any = stripped
+        for part in parents:
+            node = node[part]
+        node.pop(name, None)
+    try:
+        return RunConfig.model_validate(stripped)
+    except (ValidationError, KeyError, IndexError, TypeError):
+        return None
+
+
 def validate_config(raw: Any) -> RunConfig:
+    """The RunConfig of a raw mapping; raises InvalidConfig naming each bad field."""
     if not isinstance(raw, dict):
         raise ConfigError("invalid config: the file must be a YAML mapping with student:, data:, teacher:, objective:")
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from None
+        raise InvalidConfig(format_validation_error(exc), _without_unknown_fields(raw, exc)) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

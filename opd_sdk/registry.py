@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from opd_sdk.config import ObjectiveConfig, RunConfig, did_you_mean
+from opd_sdk.config import InvalidConfig, ObjectiveConfig, RunConfig, did_you_mean, load_config
 from opd_sdk.errors import ConfigError
 from opd_sdk.teacher_types import TEACHERS, BuildContext, build_teacher
 
@@ -240,6 +240,24 @@ def _budget_problems(cfg: RunConfig) -> list[str]:
             "and collector.price_per_1k_completion_tokens (your provider's price per 1,000 tokens)"
         ]
     return []
+
+
+def load_and_check(path: str, overrides: list[str] | None = None) -> RunConfig:
+    """`load_config` then `check_config`, reporting every problem at once: unknown fields do not
+    hide the checks of the rest (they run on the config without them). Raises ConfigError."""
+    try:
+        cfg = load_config(path, overrides)
+    except InvalidConfig as exc:
+        if exc.partial is None:
+            raise
+        try:
+            check_config(exc.partial)
+        except ConfigError as more:
+            rest = str(more).removeprefix("invalid config:\n  ")
+            raise ConfigError(f"{exc}\n  {rest}") from None
+        raise
+    check_config(cfg)
+    return cfg
 
 
 def check_config(cfg: RunConfig) -> Any:

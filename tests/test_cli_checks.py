@@ -89,3 +89,22 @@ def test_valid_example_configs_pass_check(capsys, monkeypatch, no_model_load):  
 def test_eval_with_a_mistyped_model_folder_fails_at_once(tmp_path, tiny_dir, capsys):  # noqa: F811
     rc, _, err = run_cli(capsys, "eval", str(write_config(tmp_path, tiny_dir)), "--model", str(tmp_path / "fnal"))
     assert rc == 2 and "no such folder" in err
+
+
+def test_an_unknown_field_does_not_hide_the_other_problems(tmp_path, capsys):
+    """A misspelled field, a wrong objective/teacher pairing and a missing data file: all three at once."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({
+        "student": {"model": "smollm2"},
+        "data": {"path": "does_not_exist.jsonl"},
+        "teacher": {"type": "verifier"},
+        "objective": {"type": "spin"},
+        "rollout": {"grop_size": 4},
+    }))
+    from opd_sdk import cli
+
+    rc = cli.main(["train", str(path), "--check"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "rollout.grop_size: unknown field: did you mean `group_size`" in err
+    assert "SPIN reads reference feedback" in err and "does_not_exist.jsonl does not exist" in err
