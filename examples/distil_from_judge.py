@@ -24,6 +24,7 @@ from opd_sdk import FeedbackCollector
 from opd_sdk.models import resolve_model_path
 from opd_sdk.objectives import RewardWeighted
 from opd_sdk.tasks import get_task
+from opd_sdk.runner import prepare_output_dir
 from opd_sdk.trainer import Trainer
 from providers.judge import JudgeTeacher
 
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
         api_key=os.environ.get(args.api_key_env),  # never from a flag or a file
     )
     collector = FeedbackCollector(judge, rpm=args.rpm, cache=os.path.join(args.out, "judge_cache.sqlite"))
+    prepare_output_dir(args.out, resume=False, overwrite=True)  # a rerun replaces the last run; the cache stays
     trainer = Trainer(
         model, tokenizer, RewardWeighted(advantage="grpo"), collector, get_task(args.task).items("train"),
         group_size=args.group_size, prompts_per_step=args.prompts_per_step, max_steps=args.steps,

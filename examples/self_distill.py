@@ -29,6 +29,7 @@ from opd_sdk.evaluate import greedy_accuracy, last_number_matches
 from opd_sdk.models import resolve_model_path
 from opd_sdk.objectives import TokenDistill
 from opd_sdk.tasks import get_task
+from opd_sdk.runner import prepare_output_dir
 from opd_sdk.trainer import Trainer
 from providers.self_distill import SelfDistillTeacher
 
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     teacher = SelfDistillTeacher(model, tokenizer, mode=args.mode)
     cache = os.path.join(args.out, "self_teacher_cache.sqlite") if teacher.cacheable else None
     collector = FeedbackCollector(teacher, cache=cache, progress=False)
+    prepare_output_dir(args.out, resume=False, overwrite=True)  # a rerun replaces the last run; the cache stays
     trainer = Trainer(
         model, tokenizer, TokenDistill(divergence="reverse_kl_pg"), collector, train,
         group_size=args.group_size, prompts_per_step=args.prompts_per_step, max_steps=args.steps,

@@ -22,6 +22,7 @@ from opd_sdk import FeedbackCollector
 from opd_sdk.models import resolve_model_path
 from opd_sdk.objectives import SPIN
 from opd_sdk.tasks import get_task
+from opd_sdk.runner import prepare_output_dir
 from opd_sdk.trainer import Trainer
 from providers.reference import ReferenceTeacher
 
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
         collector = FeedbackCollector(teacher, cache=os.path.join(args.out, "reference_cache.sqlite"))
     objective = SPIN(tokenizer, source="answer" if args.no_teacher else "reference",
                      beta=args.beta, refresh_every=args.refresh_every)
+    prepare_output_dir(args.out, resume=False, overwrite=True)  # a rerun replaces the last run; the cache stays
     trainer = Trainer(
         model, tokenizer, objective, collector, prompts,
         group_size=args.group_size, prompts_per_step=args.prompts_per_step, max_steps=args.steps,

@@ -29,6 +29,7 @@ from opd_sdk import FeedbackCollector
 from opd_sdk.models import resolve_model_path
 from opd_sdk.objectives import TokenDistill
 from opd_sdk.tasks import get_task
+from opd_sdk.runner import prepare_output_dir
 from opd_sdk.trainer import Trainer
 from providers.logprob import LogprobTeacher
 
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"teacher self-test: {check['n_tokens']} tokens, max |diff| between two runs {check['max_abs_diff']:.2e}"
           f" ({'stable' if check['stable'] else 'UNSTABLE: expect noisy targets'})")
     collector = FeedbackCollector(teacher, cache=os.path.join(args.out, "logprob_cache.sqlite"))
+    prepare_output_dir(args.out, resume=False, overwrite=True)  # a rerun replaces the last run; the cache stays
     trainer = Trainer(
         model, tokenizer, TokenDistill(divergence=args.divergence), collector,
         get_task(args.task).items("train", args.n_prompts),
