@@ -73,8 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     try:
         while trainer.step < args.steps:
-            trainer.train_step()
-            teacher.after_step(trainer.step, model)  # optional: the EMA folds now rather than at the next call
+            trainer.train_step()  # the trainer tells the teacher about each step (an EMA teacher folds then)
         trainer.save_pretrained(os.path.join(args.out, "final"))
     finally:
         collector.close()

@@ -218,11 +218,6 @@ class SelfDistillTeacher:
             p_ema.mul_(self.ema_decay).add_(src[name].detach().to(p_ema.dtype), alpha=1.0 - self.ema_decay)
         self._folded_step = step
 
-    def after_step(self, step: int, policy: torch.nn.Module | None = None) -> None:
-        """Deprecated spelling of `on_optimizer_step(step)` (examples/self_distill.py calls it);
-        the trainer calls `on_optimizer_step`, and a step told twice folds once."""
-        self.on_optimizer_step(step)
-
     # --- views ------------------------------------------------------------------
     def _render(self, messages: list[ChatMessage], completion: str | None) -> list[int]:
         tok = self.tokenizer
