@@ -22,7 +22,6 @@ import collections
 import contextlib
 import copy
 import math
-import random
 import signal
 import sys
 import threading
@@ -48,6 +47,7 @@ from opd_sdk.collector import FeedbackCollector
 from opd_sdk.data import PromptItem, PromptSampler, load_prompts
 from opd_sdk.errors import ConfigError, TrainingStopped
 from opd_sdk.metrics import MetricsLogger, read_metrics
+from opd_sdk.optim import adamw, make_scheduler, set_seed, wrap_lora
 from opd_sdk.objectives.base import Composite, Objective, batch_loss
 from opd_sdk.pipeline import Pipeline
 from opd_sdk.progress import Progress
@@ -86,50 +86,6 @@ def build_requests(batch: RolloutBatch, tokenizer_id: str | None = None) -> list
             )
         )
     return requests
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:
-        pass
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int, total_steps: int):
-    """Linear warmup, then constant / linear decay to 0 / cosine decay to 0."""
-    if kind not in ("constant", "linear", "cosine"):
-        raise ConfigError(f"lr_schedule must be 'constant', 'linear' or 'cosine', got {kind!r}")
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _adamw(params: list[torch.nn.Parameter], **kw: Any) -> torch.optim.Optimizer:
-    """AdamW, fused where torch supports it (CPU and CUDA): ~10x faster than foreach on CPU."""
-    try:
-        return torch.optim.AdamW(params, fused=True, **kw)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(params, **kw)
-
-
-def _wrap_lora(model: torch.nn.Module, lora: Any) -> torch.nn.Module:
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise ConfigError("lora= needs peft: pip install 'opd-sdk[peft]'") from None
-    config = lora if isinstance(lora, LoraConfig) else LoraConfig(task_type="CAUSAL_LM", **dict(lora))
-    return get_peft_model(model, config)
 
 
 def _score_stats(feedback: Sequence[Feedback]) -> tuple[float | None, float | None]:
@@ -214,7 +170,7 @@ class Trainer:
         self.precision = precision
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
         if lora is not None:
-            model = _wrap_lora(model, lora)
+            model = wrap_lora(model, lora)
         if gradient_checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -255,7 +211,7 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError("the model has no trainable parameters")
-        self.optimizer = _adamw(self.params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+        self.optimizer = adamw(self.params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, opt.schedule, opt.warmup_steps, loop.steps)
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.save_every = loop.save_every or 0

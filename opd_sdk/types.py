@@ -14,7 +14,7 @@ import json
 import math
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 
 MISSING = math.nan  # a missing score or log-prob: masked by consumers, never a reward

@@ -173,7 +173,6 @@ class Gate(_Composite):
         return [i for i, s in enumerate(checked.scores) if not _missing(s) and s >= self.threshold]
 
     def combine(self, request: FeedbackRequest, checked: Score, passed: list[int], judged: Any) -> Feedback:
-        n = len(request.completions)
         scores: list[float | None] = [MISSING if _missing(s) else self.fail_score for s in checked.scores]
         usage = [checked.usage]
         judge_scores: list[float | None] = []

@@ -24,7 +24,7 @@ from opd_sdk.errors import ConfigError
 from opd_sdk.forward import Part, Plan, View
 from opd_sdk.losses.nll import nll_loss, nll_sum
 from opd_sdk.objectives.base import MeanMetrics, PlanContext, run_loss
-from opd_sdk.targets import count_failures, encode_text, reference_texts
+from opd_sdk.targets import encode_text, reference_texts
 from opd_sdk.types import Feedback
 
 __all__ = ["SFT", "nll_loss", "reference_texts"]

@@ -45,7 +45,7 @@ from opd_sdk.losses.token_divergence import (
     reverse_kl_pg_per_token,
 )
 from opd_sdk.objectives.base import MeanMetrics, PlanContext, run_loss
-from opd_sdk.targets import count_failures, teacher_support, teacher_token_logprobs
+from opd_sdk.targets import teacher_support, teacher_token_logprobs
 from opd_sdk.types import Feedback
 
 __all__ = ["TokenDistill", "bucket_divergence", "discounted_returns", "reverse_kl_pg_loss"]
