@@ -82,6 +82,38 @@ class RolloutBatch:
         P = self.num_prompts
         return [(s, self.select_prompts(s, min(s + prompts_per_micro, P))) for s in range(0, P, prompts_per_micro)]
 
+    @classmethod
+    def concat(cls, batches: list["RolloutBatch"], pad_id: int = 0) -> "RolloutBatch":
+        """One batch of the batches' prompt groups, in order (every rank's share of a step).
+
+        Rows are re-padded to the widest prompt (on the left) and the longest
+        completion (on the right), so completions start at one `prompt_len`.
+        Raises ValueError when group sizes or temperatures differ.
+        """
+        first = batches[0]
+        if len(batches) == 1:
+            return first
+        if any(b.group_size != first.group_size or b.temperature != first.temperature for b in batches):
+            raise ValueError("cannot concatenate rollout batches with different group sizes or temperatures")
+        L = max(b.prompt_len for b in batches)
+        C = max(b.input_ids_BT.shape[1] - b.prompt_len for b in batches)
+
+        def pad(x: torch.Tensor, b: "RolloutBatch", value: float) -> torch.Tensor:
+            left, right = L - b.prompt_len, C - (x.shape[1] - b.prompt_len)
+            return torch.nn.functional.pad(x, (left, right), value=value)
+
+        return cls(
+            prompts=[p for b in batches for p in b.prompts],
+            group_size=first.group_size,
+            input_ids_BT=torch.cat([pad(b.input_ids_BT, b, pad_id) for b in batches]),
+            attention_mask_BT=torch.cat([pad(b.attention_mask_BT, b, 0) for b in batches]),
+            completion_mask_BT=torch.cat([pad(b.completion_mask_BT, b, 0.0) for b in batches]),
+            sampler_logprobs_BT=torch.cat([pad(b.sampler_logprobs_BT, b, 0.0) for b in batches]),
+            prompt_len=L,
+            completions=[c for b in batches for c in b.completions],
+            temperature=first.temperature,
+        )
+
     def to(self, device: torch.device | str) -> "RolloutBatch":
         return RolloutBatch(
             prompts=self.prompts,

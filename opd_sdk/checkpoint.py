@@ -4,7 +4,8 @@ A checkpoint folder `step-N/` holds:
     model/ or adapter/    save_pretrained output (full model, or the LoRA adapter only)
     optimizer.pt          optimizer state
     scheduler.pt          LR scheduler state
-    rng.pt                python, numpy and torch (CPU + CUDA) RNG states
+    rng.pt                python, numpy and torch (CPU + CUDA) RNG states (rank 0's in a launched job)
+    rng-rank{r}.pt        rank r's RNG states, r >= 1 (multi-process jobs: each rank samples its own stream)
     objective.pt          the objective's state_dict(), when it has one (e.g. a SPIN opponent)
     trainer_state.json    step, prompt-sampler position, anything else the trainer keeps
 
@@ -93,10 +94,12 @@ def save_checkpoint(
     objective: Any = None,
     tokenizer: Any = None,
     rng: dict[str, Any] | None = None,
+    rank_rngs: list[dict[str, Any]] = (),
 ) -> Path:
     """Write a checkpoint folder at `path` (atomically); `state` must be JSON-serialisable.
 
-    rng: the RNG state to store (default: the current one).
+    rng: the RNG state to store (default: the current one). rank_rngs: ranks 1.. of a
+    multi-process job, in order.
     """
     final = Path(path)
     tmp = final.with_name(final.name + ".tmp")
@@ -109,6 +112,8 @@ def save_checkpoint(
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
+    for r, state_r in enumerate(rank_rngs, start=1):
+        torch.save(state_r, tmp / f"rng-rank{r}.pt")
     if objective is not None and hasattr(objective, "state_dict"):
         torch.save(objective.state_dict(), tmp / "objective.pt")
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
@@ -162,19 +167,31 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     objective: Any = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler, RNG and objective state; returns trainer_state.json."""
+    """Restore model, optimizer, scheduler, RNG (rank `rank`'s) and objective state; returns
+    trainer_state.json. Raises ConfigError for an incomplete folder, or one saved by a job with
+    another number of processes (each process's sampling stream resumes exactly only on the same count)."""
     folder = Path(path)
     if not (folder / STATE_FILE).exists():
         raise ConfigError(f"{folder} is not a complete checkpoint (no {STATE_FILE})")
+    state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    saved_world = int(state.get("world_size", 1))
+    if saved_world != world_size:
+        raise ConfigError(
+            f"{folder} was saved by a job of {saved_world} process(es) and this one has {world_size}; "
+            f"resume with the same number (`accelerate launch --num_processes {saved_world}` / "
+            f"`torchrun --nproc_per_node {saved_world}`)"
+        )
     _load_model_weights(model, folder)
     device = next(model.parameters()).device
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     if objective is not None and hasattr(objective, "load_state_dict") and (folder / "objective.pt").exists():
         objective.load_state_dict(torch.load(folder / "objective.pt", map_location=device, weights_only=True))
-    set_rng_state(torch.load(folder / "rng.pt", weights_only=True))
-    return json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    set_rng_state(torch.load(folder / ("rng.pt" if rank == 0 else f"rng-rank{rank}.pt"), weights_only=True))
+    return state
 
 
 def prune_checkpoints(output_dir: str | Path, *, keep: int) -> list[Path]:

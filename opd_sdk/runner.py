@@ -18,6 +18,7 @@ import yaml
 
 from opd_sdk.config import DataConfig, RunConfig, StudentConfig
 from opd_sdk.data import PromptItem, load_prompts
+from opd_sdk.distributed import Distributed
 from opd_sdk.checkpoint import latest_checkpoint
 from opd_sdk.errors import ConfigError, TrainingStopped
 from opd_sdk.metrics import plot_learning_curve, read_metrics
@@ -29,8 +30,8 @@ GENERATED_TRAIN_ITEMS = 2000
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def load_student(cfg: StudentConfig, path: str | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) from `path` or the config's model.
+def load_student(cfg: StudentConfig, path: str | None = None, device: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer) from `path` or the config's model, on `device` (default: the config's).
 
     A LoRA adapter folder (`final/` of a LoRA run) loads onto the config's
     student.model: saved adapters name their base, never a path of the
@@ -49,7 +50,7 @@ def load_student(cfg: StudentConfig, path: str | None = None) -> tuple[Any, Any]
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), path)
     else:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
-    model.to(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device or (cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = AutoTokenizer.from_pretrained(where)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -120,11 +121,13 @@ def build_collector(cfg: RunConfig, teacher: Any) -> Any:
         price_per_1k_prompt_tokens=c.price_per_1k_prompt_tokens,
         price_per_1k_completion_tokens=c.price_per_1k_completion_tokens,
         progress=cfg.logging.progress,
+        distributed=distributed,
     )
 
 
 def make_trainer(
-    cfg: RunConfig, model: Any, tokenizer: Any, objective: Any, collector: Any, prompts: list, eval_fn: Any = None
+    cfg: RunConfig, model: Any, tokenizer: Any, objective: Any, collector: Any, prompts: list, eval_fn: Any = None,
+    distributed: Distributed | None = None,
 ) -> Any:
     """The Trainer for a config: its optimizer:, rollout: and loop settings passed as validated (no renames)."""
     from opd_sdk.settings import LoopSettings
@@ -260,16 +263,29 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, log=
     Leaves in output_dir: config.yaml, metrics.jsonl (step 0: the held-out
     metric before training), step-N/ checkpoints, final/, summary.json and
     learning_curve.png (when matplotlib is installed).
+
+    Under `accelerate launch` / `torchrun` every process runs this; rank 0
+    alone prepares output_dir, asks the teacher (for every rank), evaluates,
+    logs and writes (`opd_sdk.distributed`).
     """
     check_config(cfg)
-    prepare_output_dir(cfg.output_dir, resume=resume, overwrite=overwrite)
+    dist = Distributed.from_environment()
+    summary = _train(cfg, dist, resume=resume, overwrite=overwrite, log=log if dist.is_main else lambda *a: None)
+    dist.close()  # not after a failure: leaving the group waits on peers that may be gone
+    return summary
+
+
+def _train(cfg: RunConfig, dist: Distributed, *, resume: bool, overwrite: bool, log) -> dict:
+    if dist.is_main:
+        prepare_output_dir(cfg.output_dir, resume=resume, overwrite=overwrite)
+        save_resolved_config(cfg)
+    dist.barrier()  # no rank reads output_dir before rank 0 has prepared it
     torch.manual_seed(cfg.seed)
-    save_resolved_config(cfg)
-    model, tokenizer = load_student(cfg.student)
+    model, tokenizer = load_student(cfg.student, device=dist.device if dist.enabled else None)
     train_items, held = load_data(cfg.data, seed=cfg.seed)
     objective = build_objective(cfg.objective, tokenizer)
-    collectors = []  # one per teacher, in source order
-    if objective.feedback_kinds:
+    collectors = []  # one per teacher, in source order; rank 0 asks for every rank
+    if objective.feedback_kinds and dist.is_main:
         ctx = BuildContext(model=model, tokenizer=tokenizer, timeout=cfg.collector.timeout)
         collectors = [build_collector(cfg, build_teacher(t, ctx)) for t in cfg.teacher_list()]
     grader = collectors[0] if collectors else None  # for eval.metric teacher_score
@@ -282,19 +298,23 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, log=
     out = Path(cfg.output_dir)
     trainer = None
     try:
-        trainer = make_trainer(cfg, model, tokenizer, objective, collectors or None, train_items, held_out)
+        trainer = make_trainer(cfg, model, tokenizer, objective, collectors or None, train_items, held_out, dist)
         if resume:
             trainer.resume("latest")
-        else:
+        elif dist.is_main:
             before = held_out(trainer.model)[metric]
             trainer.metrics.log(0, {f"eval/{metric}": before})
             log(f"opd: held-out {metric} before training {before:.3f} on {len(held)} prompts")
-        log(f"opd: training {cfg.student.model} for {cfg.steps} steps on {len(train_items)} prompts -> {out}")
+        processes = f" on {dist.world_size} processes" if dist.enabled else ""
+        log(f"opd: training {cfg.student.model} for {cfg.steps} steps on {len(train_items)} prompts{processes} -> {out}")
         try:
             trainer.train()
         except TrainingStopped as exc:
-            write_summary(cfg, trainer, None, stopped=str(exc))
+            if dist.is_main:
+                write_summary(cfg, trainer, None, stopped=str(exc))
             raise
+        if not dist.is_main:
+            return {}
         result = evaluate(cfg, trainer.model, tokenizer, held, grader)
     finally:
         if trainer is not None:

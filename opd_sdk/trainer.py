@@ -45,6 +45,7 @@ from opd_sdk.checkpoint import (
 )
 from opd_sdk.collector import FeedbackCollector
 from opd_sdk.data import PromptItem, PromptSampler, load_prompts
+from opd_sdk.distributed import Distributed
 from opd_sdk.errors import ConfigError, TrainingStopped
 from opd_sdk.metrics import MetricsLogger, read_metrics
 from opd_sdk.optim import adamw, make_scheduler, set_seed, wrap_lora
@@ -118,6 +119,10 @@ class Trainer:
     output_dir: metrics.jsonl, checkpoints step-N/ every `loop.save_every` steps, final/ model.
     eval_fn, eval_every: every `eval_every` steps, eval_fn(model) -> {name: number} (held-out
         accuracy, say) is logged in that step's row as eval/<name>; its time is not in time_step_s.
+    distributed: this process's place in a launched job (`opd_sdk.distributed`); default
+        from the environment, so a script runs unchanged under `accelerate launch` / `torchrun`:
+        each rank samples prompts_per_step / world_size prompts, rank 0's collector serves
+        all ranks, gradients are summed, and rank 0 alone logs, shows progress and saves.
 
     Raises ConfigError for bad settings; `train_step` raises TrainingStopped when
     `loop.max_no_signal_steps` steps in a row had no usable feedback because teacher
@@ -146,11 +151,20 @@ class Trainer:
         tensorboard: bool | str = "auto",
         wandb_project: str | None = None,
         progress: bool | None = None,
+        distributed: Distributed | None = None,
         **settings: Any,
     ) -> None:
         opt, samp, loop = settings_from_kwargs(optimizer, sampling, loop, **settings)
+        self.dist = dist = distributed or Distributed.from_environment()
+        if samp.prompts_per_step % dist.world_size:
+            raise ConfigError(
+                f"rollout.prompts_per_step ({samp.prompts_per_step}) must be a multiple of the number of "
+                f"processes ({dist.world_size}): each process samples an equal share of the prompts"
+            )
+        if dist.enabled:
+            model.to(dist.device)
         self.optimizer_settings, self.sampling, self.loop = opt, samp, loop
-        if collector is None and objective.feedback_kinds:
+        if collector is None and objective.feedback_kinds and dist.is_main:  # rank 0 asks for every rank
             raise ConfigError(f"{type(objective).__name__} reads teacher feedback; pass a FeedbackCollector")
         collectors = [] if collector is None else list(collector) if isinstance(collector, (list, tuple)) else [collector]
         sources = objective.feedback_sources if isinstance(objective, Composite) else 1
@@ -187,7 +201,7 @@ class Trainer:
         # bf16 autocast slows CPU generation down (measured: 39 s vs 15-27 s a batch), so CPU samples in fp32.
         self.rollout = rollout or build_rollout_engine(
             samp, model, tokenizer, autocast_dtype=self.autocast_dtype if self.device.type == "cuda" else None,
-            seed=loop.seed,
+            seed=loop.seed + dist.rank,
         )
         self.group_size = samp.group_size
         self.micro_batch_prompts = micro_batch_prompts or max(1, math.ceil(samp.prompts_per_step / opt.grad_accum))
@@ -203,8 +217,8 @@ class Trainer:
                 c.collect_sync([])  # starts each collector's event loop here, before worker threads share it
             self.pipeline = Pipeline(
                 samp.max_staleness,
-                sample=lambda: self.rollout.sample(self.sampler.next_batch(), self.group_size),
-                collect=self._collect,
+                sample=lambda: self._sample(self.sampler.next_batch()),
+                collect=self._collect if dist.is_main else lambda batch: None,  # rank 0 asks for every rank
                 overlap=bool(collectors) and all(isinstance(c, FeedbackCollector) for c in collectors),
             )
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -219,17 +233,21 @@ class Trainer:
             raise ConfigError("eval_every needs eval_fn (a function model -> {name: number})")
         self.eval_fn = eval_fn
         self.eval_every = eval_every
+        writes = self.output_dir is not None and dist.is_main
         self.metrics = MetricsLogger(
-            self.output_dir / "metrics.jsonl" if self.output_dir else None,
-            tb_dir=self.output_dir / "tb" if self.output_dir else None,
-            tensorboard=tensorboard,
-            wandb_project=wandb_project,
+            self.output_dir / "metrics.jsonl" if writes else None,
+            tb_dir=self.output_dir / "tb" if writes else None,
+            tensorboard=tensorboard if dist.is_main else False,
+            wandb_project=wandb_project if dist.is_main else None,
         )
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.progress = (sys.stderr.isatty() if progress is None else progress) and dist.is_main
         self.step = 0
+        self.saved_step = 0  # the step of the newest checkpoint this run wrote or resumed from
         self.no_signal_streak = 0  # consecutive steps without signal because teacher calls failed
         self.teacher_cost_before = 0.0  # cost spent by earlier runs of a resumed training
         objective.setup(model)
+        if dist.enabled:
+            set_seed(loop.seed + dist.rank)  # same initial weights everywhere, a sampling stream per rank
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -237,6 +255,27 @@ class Trainer:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _sample(self, prompts: list[PromptItem]) -> RolloutBatch:
+        """The step's rollouts: this rank samples its share of `prompts`; every rank gets the whole batch."""
+        if not self.dist.enabled:
+            return self.rollout.sample(prompts, self.group_size)
+        start, stop = self.dist.share(len(prompts))
+        local = self.rollout.sample(prompts[start:stop], self.group_size).to("cpu")
+        return RolloutBatch.concat(self.dist.all_gather(local), self.pad_id).to(self.device)
+
+    def _feedback(self, batch: RolloutBatch) -> list[Any]:
+        """The batch's feedback, asked by rank 0 for every rank."""
+        return self.dist.from_main(lambda: self._collect(batch))
+
+    def _pop(self) -> tuple[RolloutBatch, list[Any], int]:
+        """The pipeline's oldest batch; its feedback waited for on rank 0 and sent to every rank."""
+        if not self.dist.enabled:
+            return self.pipeline.pop(self.step)
+        popped: list[tuple] = []
+        feedback = self.dist.from_main(lambda: popped.append(self.pipeline.pop(self.step)) or popped[0][1])
+        batch, _, staleness = popped[0] if popped else self.pipeline.pop(self.step)
+        return batch, feedback, staleness
 
     def _collect(self, batch: RolloutBatch) -> list[Any]:
         """One Feedback per prompt; with several collectors, one tuple (a Feedback per collector) per prompt."""
@@ -286,13 +325,13 @@ class Trainer:
         t_start = time.perf_counter()
         staleness = 0
         if self.pipeline is None:
-            batch = self.rollout.sample(self.sampler.next_batch(), self.group_size)
+            batch = self._sample(self.sampler.next_batch())
             t_sampled = time.perf_counter()
-            feedback = self._collect(batch)
+            feedback = self._feedback(batch)
         else:  # sample ahead with the current weights; train on the oldest batch in flight
             self.pipeline.top_up(self.step, self.max_steps - self.step)
             t_sampled = time.perf_counter()
-            batch, feedback, staleness = self.pipeline.pop(self.step)
+            batch, feedback, staleness = self._pop()
         t_feedback = time.perf_counter()
 
         try:
@@ -301,12 +340,14 @@ class Trainer:
             result = batch_loss(
                 self.objective, self.model, batch, feedback, micro_batch_prompts=self.micro_batch_prompts,
                 flat_tolerance=self.flat_tolerance, backward=True, tis_cap=self.tis_cap, pad_id=self.pad_id,
-                autocast=self._autocast(),
+                autocast=self._autocast(), dist=self.dist,
+                prompt_range=self.dist.share(batch.num_prompts) if self.dist.enabled else None,
             )
             t_backward = time.perf_counter()
             skipped = result.signal == 0
             grad_norm, lr = None, self.scheduler.get_last_lr()[0]
             if not skipped:
+                self.dist.sum_gradients(self.params)
                 if self.max_grad_norm is not None:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
                 self.optimizer.step()
@@ -353,7 +394,7 @@ class Trainer:
             "time_sync_s": t_end - t_synced,
             "time_step_s": t_end - t_start,
         }
-        if self.eval_every and self.step % self.eval_every == 0:
+        if self.eval_every and self.step % self.eval_every == 0 and self.dist.is_main:
             row.update({f"eval/{k}": v for k, v in self.eval_fn(self.model).items()})
         logged = self.metrics.log(self.step, row)
         self._stop_if_hopeless(failure_kinds)
@@ -404,7 +445,8 @@ class Trainer:
                     if self.save_every and self.step % self.save_every == 0:
                         self._checkpoint()
         except KeyboardInterrupt:
-            self._checkpoint(at_step_start=step_start)
+            if not self.dist.enabled:  # in a launched job a peer may be gone: the last scheduled checkpoint stands
+                self._checkpoint(at_step_start=step_start)
             raise
         except TrainingStopped:
             self._checkpoint()
@@ -423,8 +465,11 @@ class Trainer:
 
         A LoRA adapter's `base_model_name_or_path` is written as the base's
         name (or folder name), never an absolute path of this machine.
+        In a launched job only rank 0 writes.
         """
         path = Path(path)
+        if not self.dist.is_main:
+            return path
         model = self.model
         if merge_lora and is_peft(model):
             model = copy.deepcopy(model).merge_and_unload()
@@ -435,13 +480,18 @@ class Trainer:
 
     def save_checkpoint(self, path: str | Path | None = None, *, at_step_start: dict[str, Any] | None = None) -> Path:
         """Write step-N/ (or `path`). at_step_start: the sampler and RNG state saved before an
-        interrupted step, so the resumed run redraws that step's batch (and hits the cache)."""
+        interrupted step, so the resumed run redraws that step's batch (and hits the cache).
+        In a launched job every rank must call it (each sends its RNG state); rank 0 writes."""
         if path is None:
             if self.output_dir is None:
                 raise ConfigError("save_checkpoint needs a path or the trainer's output_dir")
             path = checkpoint_dir(self.output_dir, self.step)
+        rngs = self.dist.all_gather((at_step_start or {}).get("rng") or rng_state())
+        if not self.dist.is_main:
+            return Path(path)
         state = {
             "step": self.step,
+            "world_size": self.dist.world_size,
             "data": (at_step_start or {}).get("data", self.sampler.state_dict()),
             "teacher_cost_usd": self.teacher_cost_usd(),
             "in_flight": (at_step_start or {}).get(
@@ -450,7 +500,7 @@ class Trainer:
         }
         saved = save_checkpoint(
             path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, state=state,
-            objective=self.objective, tokenizer=self.tokenizer, rng=(at_step_start or {}).get("rng"),
+            objective=self.objective, tokenizer=self.tokenizer, rng=rngs[0], rank_rngs=rngs[1:],
         )
         scrub_machine_paths(saved)
         return saved
@@ -470,9 +520,10 @@ class Trainer:
                 )
             path = found
         state = load_checkpoint(
-            path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, objective=self.objective
+            path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, objective=self.objective,
+            rank=self.dist.rank, world_size=self.dist.world_size,
         )
-        self.step = int(state["step"])
+        self.step = self.saved_step = int(state["step"])
         self.sampler.load_state_dict(state["data"])
         self.teacher_cost_before = float(state.get("teacher_cost_usd", 0.0))
         if self.pipeline is not None:
@@ -507,10 +558,12 @@ class Trainer:
         if self.output_dir is None or self.step == 0:
             return None
         path = checkpoint_dir(self.output_dir, self.step)
-        if latest_checkpoint(self.output_dir) == path:
+        if self.saved_step == self.step:
             return path
         self.save_checkpoint(path, at_step_start=at_step_start)
-        prune_checkpoints(self.output_dir, keep=self.loop.keep_checkpoints)
+        self.saved_step = self.step
+        if self.dist.is_main:
+            prune_checkpoints(self.output_dir, keep=self.loop.keep_checkpoints)
         return path
 
 

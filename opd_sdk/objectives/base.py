@@ -137,6 +137,8 @@ def batch_loss(
     tis_cap: float | None = None,
     pad_id: int = 0,
     autocast: Any = None,
+    prompt_range: tuple[int, int] | None = None,
+    dist: Any = None,
 ) -> BatchLoss:
     """Targets once, then per micro-batch (whole prompt groups): one forward, every term's loss.
 
@@ -145,6 +147,11 @@ def batch_loss(
     backward=True each is backpropagated at once (gradient accumulation).
     Nothing runs when no term has a learning signal. Metrics: counters are
     whole-batch counts, means are means over the batch.
+
+    prompt_range: run the forward and backward of these prompt groups only
+    (this rank's share; plans still cover the whole batch). dist: an
+    `opd_sdk.distributed.Distributed`; the loss and metrics are then summed
+    over the ranks' shares (gradients are the caller's to sum).
     """
     feedback = list(feedback) if feedback is not None else []
     terms = objective.split(feedback) if isinstance(objective, Composite) else [Term(None, objective, 1.0, feedback)]
@@ -167,14 +174,15 @@ def batch_loss(
     total: Any = 0.0
     if signal > 0:
         P = batch.num_prompts
+        lo, hi = prompt_range or (0, P)
         step = micro_batch_prompts or P
         entries = [(t.objective, p) for t, p in zip(terms, plans)]
         chunk_rows = min(t.objective.chunk_rows for t in terms)
         recompute = any(getattr(t.objective, "recompute_head", False) for t in terms)
-        for start in range(0, P, step):
+        for start in range(lo, hi, step):
             with autocast or contextlib.nullcontext():
                 views, micro_stats = forward_micro(
-                    policy, batch, start, min(P, start + step), entries,
+                    policy, batch, start, min(hi, start + step), entries,
                     pad_id=pad_id, chunk_rows=chunk_rows, recompute_head=recompute, tis_cap=tis_cap,
                 )
                 micro_loss = None
@@ -196,6 +204,8 @@ def batch_loss(
                 total += float(micro_loss.detach())
             else:
                 total = total + micro_loss
+    if dist is not None and dist.enabled:
+        sums, stats, total = _merge_ranks(dist.all_gather((sums, stats, float(total))))
     for name, (num, den, additive) in sums.items():
         metrics[name] = num if additive else (num / den if den else 0.0)
     metrics["policy_passes"] = stats["policy_passes"]
@@ -206,6 +216,20 @@ def batch_loss(
         total = torch.zeros((), requires_grad=True)  # nothing to learn: backward() runs and moves nothing
     metrics["loss"] = float(total.detach()) if torch.is_tensor(total) else float(total)
     return BatchLoss(total, signal, metrics)
+
+
+def _merge_ranks(shares: list[tuple[dict, dict, float]]) -> tuple[dict, dict, float]:
+    """Every rank's (metric sums, forward statistics, loss) -> the whole batch's."""
+    sums: dict[str, list] = {}
+    stats: dict[str, float] = {}
+    for rank_sums, rank_stats, _ in shares:
+        for name, (num, den, additive) in rank_sums.items():
+            acc = sums.setdefault(name, [0.0, 0.0, additive])
+            acc[0] += num
+            acc[1] += den
+        for k, v in rank_stats.items():
+            stats[k] = max(stats.get(k, 0.0), v) if k == "max_ratio" else stats.get(k, 0.0) + v
+    return sums, stats, sum(total for _, _, total in shares)
 
 
 def run_loss(objective: Any, policy: torch.nn.Module, batch: RolloutBatch, feedback: Sequence[Any] | None) -> LossOutput:

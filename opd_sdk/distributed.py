@@ -1,0 +1,163 @@
+"""Multi-process training under `accelerate launch` or `torchrun` (data parallel).
+
+The design, and why:
+
+    every rank:  prompts = sampler.next_batch()            # the same P prompts on every rank
+                 local   = rollout.sample(my share, G)     # rank r samples prompts [r*P/W, (r+1)*P/W)
+                 batch   = all_gather(local)               # the global batch, on every rank
+    rank 0:      feedback = collector(batch)               # ONE collector asks the teacher for all ranks
+    every rank:  feedback = broadcast(feedback)
+                 plans from the global batch                # normalisers, advantages, signal: global
+                 forward + backward on my share only        # loss = my share of the sum / global count
+                 all_reduce(gradients, SUM)                 # = the single-process gradient
+                 the same optimizer step everywhere         # weights stay identical
+
+- One collector on rank 0 serves every rank (rather than a limiter shared
+  between processes): the RPM, TPM, concurrency and budget a user sets are
+  then the job's limits with no coordination protocol, the SQLite cache has
+  one writer, each prompt group belongs to one rank so each sample's
+  feedback is asked (and paid) once, and all of a step's requests are in
+  flight together, so no rank waits longer than the step's slowest request.
+  Other ranks never call their collector (one built there opens nothing).
+- Plans are built from the global batch on every rank (the batch is token
+  ids: small next to activations), so every whole-batch quantity (a
+  REINFORCE batch baseline, the token count a loss divides by, the signal
+  that decides whether to step) is the single-process one by construction.
+- Gradients are summed with one bucketed all-reduce after the micro-batches
+  instead of wrapping the student in DDP: the forward layer runs the trunk
+  more than once per backward (shared-prompt pass) and the LM head outside
+  the model's forward, which DDP's reducer does not allow. The result is
+  DDP's gradient; what is lost is DDP's overlap of communication with
+  backward (one collective a step instead).
+
+Ranks draw their samples from different RNG streams (seed + rank). Only
+rank 0 writes metrics, progress and checkpoints; each rank's RNG state is
+saved beside them (`rng-rank{r}.pt`), so a resume on the same world size is
+exact.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+
+GRADIENT_BUCKET_NUMEL = 1 << 25  # elements per all-reduce (128 MiB of fp32)
+
+
+def launched_world_size() -> int:
+    """WORLD_SIZE set by `torchrun` / `accelerate launch` (1 when run as a plain process)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class Distributed:
+    """This process's place in the job: rank, world_size, device, and the collectives the loop uses.
+
+    Built by `Distributed.from_environment()`: a single process unless the
+    environment is a launched job (WORLD_SIZE > 1), in which case accelerate's
+    `PartialState` joins the process group (NCCL on GPUs, gloo on CPUs) and
+    picks this rank's device. With world_size 1 every method is the identity.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, device: torch.device | None = None) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device or torch.device("cpu")
+
+    @classmethod
+    def from_environment(cls) -> "Distributed":
+        if launched_world_size() <= 1:
+            return cls()
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())
+        return cls(state.process_index, state.num_processes, state.device)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, n: int) -> tuple[int, int]:
+        """This rank's range [start, stop) of n items (n divisible by world_size)."""
+        per = n // self.world_size
+        return self.rank * per, (self.rank + 1) * per
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (picklable), in rank order."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def from_main(self, fn: Callable[[], Any]) -> Any:
+        """fn() run on rank 0 only; every rank gets its result. An exception on rank 0 is raised
+        on every rank (as RuntimeError elsewhere), so no rank waits for a result that never comes."""
+        if not self.enabled:
+            return fn()
+        box: list[Any] = [None]
+        if self.is_main:
+            try:
+                box[0] = ("ok", fn())
+            except Exception as exc:  # re-raised after the others learn of it (not on Ctrl-C: peers may be gone)
+                torch.distributed.broadcast_object_list([("error", f"{type(exc).__name__}: {exc}")], src=0)
+                raise
+        torch.distributed.broadcast_object_list(box, src=0)
+        status, value = box[0]
+        if status == "error":
+            raise RuntimeError(f"rank 0 failed while collecting teacher feedback: {value}")
+        return value
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """Element-wise sum over ranks (float64)."""
+        return self._reduce(values, torch.distributed.ReduceOp.SUM) if self.enabled else list(values)
+
+    def max(self, values: Sequence[float]) -> list[float]:
+        return self._reduce(values, torch.distributed.ReduceOp.MAX) if self.enabled else list(values)
+
+    def _reduce(self, values: Sequence[float], op: Any) -> list[float]:
+        t = torch.tensor(list(values), dtype=torch.float64, device=self._comm_device())
+        torch.distributed.all_reduce(t, op=op)
+        return t.tolist()
+
+    def _comm_device(self) -> torch.device:
+        return self.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+
+    def sum_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """grad <- sum over ranks of grad, for every parameter (None counts as zeros), in buckets."""
+        if not self.enabled:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        bucket: list[torch.Tensor] = []
+        for p in params:
+            bucket.append(p.grad)
+            if sum(g.numel() for g in bucket) >= GRADIENT_BUCKET_NUMEL:
+                _all_reduce_bucket(bucket)
+                bucket = []
+        if bucket:
+            _all_reduce_bucket(bucket)
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        """Leave the process group (a process that exits without this aborts noisily)."""
+        if self.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _all_reduce_bucket(grads: list[torch.Tensor]) -> None:
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()

