@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 
+from opd_sdk.distributed import is_main_process
 from opd_sdk.errors import OPDError
 
 
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             from opd_sdk.runner import train
 
             summary = train(cfg, resume=args.resume, overwrite=args.overwrite, log=_say)
-            _say(json.dumps(summary, indent=2))
+            if is_main_process():  # one summary for a launched job
+                _say(json.dumps(summary, indent=2))
         elif args.command == "eval":
             from opd_sdk.config import load_config
             from opd_sdk.runner import run_eval
@@ -89,10 +91,12 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(out_dir=args.out, steps=args.steps, seed=args.seed, log=_say)
     except OPDError as exc:
-        print(f"opd: {exc}", file=sys.stderr)
+        if is_main_process():
+            print(f"opd: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"opd: interrupted; {_after_interrupt(cfg)}", file=sys.stderr)
+        if is_main_process():
+            print(f"opd: interrupted; {_after_interrupt(cfg)}", file=sys.stderr)
         return 130
     return 0
 

@@ -39,6 +39,7 @@ exact.
 from __future__ import annotations
 
 import os
+import pickle
 from typing import Any, Callable, Sequence
 
 import torch
@@ -49,6 +50,11 @@ GRADIENT_BUCKET_NUMEL = 1 << 25  # elements per all-reduce (128 MiB of fp32)
 def launched_world_size() -> int:
     """WORLD_SIZE set by `torchrun` / `accelerate launch` (1 when run as a plain process)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """False on ranks >= 1 of a launched job (before or after the process group exists)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 class Distributed:
@@ -97,7 +103,8 @@ class Distributed:
 
     def from_main(self, fn: Callable[[], Any]) -> Any:
         """fn() run on rank 0 only; every rank gets its result. An exception on rank 0 is raised
-        on every rank (as RuntimeError elsewhere), so no rank waits for a result that never comes."""
+        on every rank (the same exception when it pickles), so no rank waits for a result that
+        never comes."""
         if not self.enabled:
             return fn()
         box: list[Any] = [None]
@@ -105,12 +112,16 @@ class Distributed:
             try:
                 box[0] = ("ok", fn())
             except Exception as exc:  # re-raised after the others learn of it (not on Ctrl-C: peers may be gone)
-                torch.distributed.broadcast_object_list([("error", f"{type(exc).__name__}: {exc}")], src=0)
+                try:
+                    sent = pickle.loads(pickle.dumps(exc))
+                except Exception:  # noqa: BLE001 - an exception that does not pickle travels as text
+                    sent = RuntimeError(f"rank 0 failed: {type(exc).__name__}: {exc}")
+                torch.distributed.broadcast_object_list([("error", sent)], src=0)
                 raise
         torch.distributed.broadcast_object_list(box, src=0)
         status, value = box[0]
         if status == "error":
-            raise RuntimeError(f"rank 0 failed while collecting teacher feedback: {value}")
+            raise value
         return value
 
     def sum(self, values: Sequence[float]) -> list[float]:

@@ -17,14 +17,18 @@ from tqdm.auto import tqdm
 
 class Progress:
     """A tqdm bar on a terminal; otherwise one plain line per step on stderr (nohup, CI, schedulers):
-    step, reward, loss, feedback failures, teacher cost, step time, ETA."""
+    step, reward, loss, feedback failures, teacher cost, step time, ETA. shown=False: nothing
+    (ranks >= 1 of a launched job)."""
 
-    def __init__(self, total: int, initial: int, *, bar: bool) -> None:
-        self.total, self.first = total, initial
+    def __init__(self, total: int, initial: int, *, bar: bool, shown: bool = True) -> None:
+        self.total, self.first, self.shown = total, initial, shown
+        bar = bar and shown
         self.bar = tqdm(total=total, initial=initial, desc="opd train") if bar else None
         self.started = time.perf_counter()
 
     def update(self, step: int, row: dict[str, Any]) -> None:
+        if not self.shown:
+            return
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(reward=row.get("reward_mean"), loss=row.get("loss"), s=round(row["time_step_s"], 2))

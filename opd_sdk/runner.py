@@ -121,7 +121,6 @@ def build_collector(cfg: RunConfig, teacher: Any) -> Any:
         price_per_1k_prompt_tokens=c.price_per_1k_prompt_tokens,
         price_per_1k_completion_tokens=c.price_per_1k_completion_tokens,
         progress=cfg.logging.progress,
-        distributed=distributed,
     )
 
 
@@ -154,6 +153,7 @@ def make_trainer(
         tensorboard=cfg.logging.tensorboard,
         wandb_project=cfg.logging.wandb_project,
         progress=cfg.logging.progress,
+        distributed=distributed,
     )
 
 
@@ -276,10 +276,11 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, log=
 
 
 def _train(cfg: RunConfig, dist: Distributed, *, resume: bool, overwrite: bool, log) -> dict:
-    if dist.is_main:
+    def prepare() -> None:
         prepare_output_dir(cfg.output_dir, resume=resume, overwrite=overwrite)
         save_resolved_config(cfg)
-    dist.barrier()  # no rank reads output_dir before rank 0 has prepared it
+
+    dist.from_main(prepare)  # rank 0 prepares output_dir before any rank reads it; its error stops every rank
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_student(cfg.student, device=dist.device if dist.enabled else None)
     train_items, held = load_data(cfg.data, seed=cfg.seed)

@@ -240,7 +240,7 @@ class Trainer:
             tensorboard=tensorboard if dist.is_main else False,
             wandb_project=wandb_project if dist.is_main else None,
         )
-        self.progress = (sys.stderr.isatty() if progress is None else progress) and dist.is_main
+        self.progress = sys.stderr.isatty() if progress is None else progress
         self.step = 0
         self.saved_step = 0  # the step of the newest checkpoint this run wrote or resumed from
         self.no_signal_streak = 0  # consecutive steps without signal because teacher calls failed
@@ -433,7 +433,7 @@ class Trainer:
             self.resume(resume_from)
         else:
             self._refuse_an_earlier_run()
-        progress = Progress(self.max_steps, self.step, bar=self.progress)
+        progress = Progress(self.max_steps, self.step, bar=self.progress, shown=self.dist.is_main)
         step_start = None  # sampler + RNG state while a step is under way
         try:
             with _sigterm_as_interrupt():

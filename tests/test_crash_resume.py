@@ -109,8 +109,8 @@ def steps_in(run: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def finish_and_check(config: Path, srv: ScriptedServer, logs: list[str], paid: list[str]) -> dict:
-    """Resume; `paid`: the calls answered before the first process died."""
+def finish_and_check(config: Path, srv: ScriptedServer, logs: list[str], paid: list[str], start=start) -> dict:
+    """Resume (`start(config, "--resume")`); `paid`: the calls answered before the first run died."""
     first = len(srv.requests)
     proc = start(config, "--resume")
     out, err = proc.communicate(timeout=300)

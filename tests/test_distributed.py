@@ -9,19 +9,21 @@
 
 from __future__ import annotations
 
-import collections
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.scripted_server import ScriptedServer
+from tests.test_crash_resume import (  # noqa: F401 (tiny_dir is a fixture)
+    CALLS_PER_STEP, KEY, STEPS, GatedJudge, answered, assert_no_key_anywhere, finish_and_check, steps_in, tiny_dir,
+    write_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "distributed_script.py"
@@ -89,3 +91,48 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, k)
     rows = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert len(rows) == 3
     assert (tmp_path / "run" / "step-3" / "rng-rank1.pt").exists()
+
+
+def launch(config: Path, *extra: str) -> subprocess.Popen:
+    """`opd train` as users launch it on 2 processes: `accelerate launch` (which starts them with torchrun)."""
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "opd_sdk.cli", "train", str(config), *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env() | {"OPD_CRASH_KEY": KEY, "OPD_TEST_RUN": str(config)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def rank_pid(config: Path, rank: int) -> int | None:
+    """The pid of the training process with RANK=rank launched for `config`."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            environ = (d / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"OPD_TEST_RUN={config}".encode() in environ and f"RANK={rank}".encode() in environ:
+            return int(d.name)
+    return None
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="needs the accelerate launcher")
+def test_opd_train_under_accelerate_launch_survives_a_killed_rank(tmp_path, tiny_dir):
+    judge = GatedJudge(hold_at=2 * CALLS_PER_STEP + 1)  # step 3's second call: the server stalls
+    with ScriptedServer(judge, max_concurrency=1) as srv:
+        config = write_config(tmp_path, tiny_dir, srv.base_url)
+        proc = launch(config)
+        assert judge.reached.wait(240), proc.communicate(timeout=60)[1][-4000:] if proc.poll() is not None else ""
+        os.kill(rank_pid(config, 1), signal.SIGKILL)  # rank 1 dies while rank 0 waits for the judge
+        judge.release.set()
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0
+        paid = answered(srv)
+        run = tmp_path / "run"
+        assert sorted(p.name for p in run.glob("step-*")) == ["step-1", "step-2"]
+        assert steps_in(run) == [0, 1, 2]  # rank 0 alone logs: each step once
+        assert "on 2 processes" in out and out.count("opd: training") == 1
+
+        summary = finish_and_check(config, srv, [out, err], paid, start=launch)
+    assert summary["steps"] == STEPS
+    assert (run / "step-4" / "rng-rank1.pt").exists() and (run / "final").exists()
+    assert_no_key_anywhere(run, [out, err])
