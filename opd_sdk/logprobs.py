@@ -7,7 +7,8 @@ the log-probability of the token that was actually there.
 
 Works for plain Hugging Face causal LMs and for peft-wrapped ones (LoRA
 layers are injected into the trunk in place, so calling the unwrapped trunk
-still runs the adapters).
+still runs the adapters). An FSDP2-sharded model (`opd_sdk.fsdp.shard_model`) runs its root
+forward instead of the bare trunk, so the sharded weights are gathered (`_hidden_through_root`).
 """
 
 from __future__ import annotations
@@ -95,6 +96,34 @@ def _hidden_with_shared_prefix(trunk, input_ids_BT, attention_mask_BT, position_
     return torch.cat([last_prefix_B1H, post.last_hidden_state[:, :-1]], dim=1)
 
 
+def _is_fsdp_root(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def _hidden_through_root(model, trunk, kwargs) -> torch.Tensor:
+    """The trunk's last hidden states [B, T, X] from a forward of the FSDP-sharded ROOT.
+
+    Calling the trunk directly would bypass the root's pre-forward all-gather (and its lazy
+    init). The root forward computes logits at the last position only (`logits_to_keep=1`);
+    a forward hook on the trunk keeps its output. The root keeps its weights (embeddings,
+    final norm, LM head) gathered after forward (FSDP2's default for the root) until its
+    backward, so the caller's chunked head calls use the full weights and their gradients
+    are reduce-scattered with the root's at the end of backward. No shared-prefix path
+    here: it would need two root forwards per backward.
+    """
+    captured = []
+    handle = trunk.register_forward_hook(lambda module, args, output: captured.append(output.last_hidden_state))
+    try:
+        model(**kwargs, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
 @dataclass
 class Support:
     """Positions where a loss needs the policy's log-probs of several tokens (a teacher's top-k).
@@ -151,7 +180,10 @@ def sequence_logprobs(
     from_col = max(1, min(from_col, T))
     # states_BSX: the hidden states (or logits, for a model we cannot split) that predict columns from_col .. T-1
     states_BSX = None
-    if trunk is not None and share_prefix and 1 < from_col < T and not _uses_activation_checkpointing(trunk):
+    sharded = _is_fsdp_root(model)
+    if sharded and trunk is not None:
+        states_BSX = _hidden_through_root(model, trunk, kwargs)[:, from_col - 1 : -1]
+    elif trunk is not None and share_prefix and 1 < from_col < T and not _uses_activation_checkpointing(trunk):
         G = shared_prefix_group(input_ids_BT, attention_mask_BT, from_col)
         if G > 1:
             states_BSX = _hidden_with_shared_prefix(trunk, input_ids_BT, attention_mask_BT, position_ids_BT, from_col, G)
@@ -181,9 +213,13 @@ def sequence_logprobs(
             else:
                 rows.append(chunk_logprobs(*args))
         selected[temperature] = torch.cat([zeros_BF, torch.cat(rows, 0)], dim=1)
-    if support is None:
-        return SequenceLogprobs(selected)
-    support_MK, log_tail_M = _support_logprobs(states_BSX, support, from_col, head if is_hidden else None, 64 * chunk_rows)
+    support_MK = log_tail_M = None
+    if support is not None:
+        support_MK, log_tail_M = _support_logprobs(
+            states_BSX, support, from_col, head if is_hidden else None, 64 * chunk_rows
+        )
+    if sharded and not torch.is_grad_enabled():
+        model.reshard()  # no backward will free the root's gathered weights (stale after an optimizer step)
     return SequenceLogprobs(selected, support_MK, log_tail_M)
 
 
