@@ -3,6 +3,9 @@
 A checkpoint folder `step-N/` holds:
     model/ or adapter/    save_pretrained output (full model, or the LoRA adapter only)
     optimizer.pt          optimizer state
+    sharded/              instead of the two above, for an FSDP-sharded student: model and
+                          optimizer state as torch.distributed.checkpoint shards, one set
+                          per rank (`opd_sdk.fsdp.save_sharded`)
     scheduler.pt          LR scheduler state
     rng.pt                python, numpy and torch (CPU + CUDA) RNG states (rank 0's in a launched job)
     rng-rank{r}.pt        rank r's RNG states, r >= 1 (multi-process jobs: each rank samples its own stream)
@@ -95,21 +98,26 @@ def save_checkpoint(
     tokenizer: Any = None,
     rng: dict[str, Any] | None = None,
     rank_rngs: list[dict[str, Any]] = (),
+    sharded: Path | None = None,
 ) -> Path:
     """Write a checkpoint folder at `path` (atomically); `state` must be JSON-serialisable.
 
     rng: the RNG state to store (default: the current one). rank_rngs: ranks 1.. of a
-    multi-process job, in order.
+    multi-process job, in order. sharded: a folder the ranks wrote with
+    `opd_sdk.fsdp.save_sharded`, moved in as sharded/ in place of the model and optimizer files.
     """
     final = Path(path)
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / ("adapter" if is_peft(model) else "model"))
+    if sharded is not None:
+        shutil.move(str(sharded), tmp / "sharded")
+    else:
+        model.save_pretrained(tmp / ("adapter" if is_peft(model) else "model"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp / "tokenizer")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
     for r, state_r in enumerate(rank_rngs, start=1):
@@ -160,6 +168,20 @@ def _load_model_weights(model: torch.nn.Module, folder: Path) -> None:
         raise ConfigError(f"{folder}: checkpoint lacks weights {untied[:5]}")
 
 
+def _load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> bool:
+    """Load sharded/ (FSDP) into the model and optimizer; False when the folder holds unsharded state."""
+    from opd_sdk.fsdp import is_sharded, load_sharded
+
+    if (folder / "sharded").exists() != is_sharded(model):
+        saved, now = ("an FSDP", "a plain") if (folder / "sharded").exists() else ("a plain", "an FSDP")
+        raise ConfigError(f"{folder} holds {saved} student's state but this run trains {now} one; "
+                          "resume with the accelerate config (FSDP or not) the run was started with")
+    if not is_sharded(model):
+        return False
+    load_sharded(model, optimizer, folder / "sharded")
+    return True
+
+
 def load_checkpoint(
     path: str | Path,
     *,
@@ -184,9 +206,10 @@ def load_checkpoint(
             f"resume with the same number (`accelerate launch --num_processes {saved_world}` / "
             f"`torchrun --nproc_per_node {saved_world}`)"
         )
-    _load_model_weights(model, folder)
     device = next(model.parameters()).device
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
+    if not _load_sharded(model, optimizer, folder):
+        _load_model_weights(model, folder)
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     if objective is not None and hasattr(objective, "load_state_dict") and (folder / "objective.pt").exists():
         objective.load_state_dict(torch.load(folder / "objective.pt", map_location=device, weights_only=True))

@@ -30,6 +30,14 @@ The design, and why:
   DDP's gradient; what is lost is DDP's overlap of communication with
   backward (one collective a step instead).
 
+FSDP (`opd_sdk.fsdp`, FSDP2's `fully_shard`) is chosen the way accelerate
+users choose it: `accelerate launch` with an FSDP config (or
+ACCELERATE_USE_FSDP=true under torchrun). The same flow holds; FSDP sums
+the gradient shards in backward instead of the all-reduce, and since every
+forward is then a collective, a rank with nothing to run in a micro-batch
+still runs a zero-loss pass (`forward.idle_loss`) and generation keeps all
+ranks stepping (`synced_gpus`). DeepSpeed is not supported.
+
 Ranks draw their samples from different RNG streams (seed + rank). Only
 rank 0 writes metrics, progress and checkpoints; each rank's RNG state is
 saved beside them (`rng-rank{r}.pt`), so a resume on the same world size is
@@ -43,6 +51,8 @@ import pickle
 from typing import Any, Callable, Sequence
 
 import torch
+
+from opd_sdk.errors import ConfigError
 
 GRADIENT_BUCKET_NUMEL = 1 << 25  # elements per all-reduce (128 MiB of fp32)
 
@@ -61,24 +71,32 @@ class Distributed:
     """This process's place in the job: rank, world_size, device, and the collectives the loop uses.
 
     Built by `Distributed.from_environment()`: a single process unless the
-    environment is a launched job (WORLD_SIZE > 1), in which case accelerate's
-    `PartialState` joins the process group (NCCL on GPUs, gloo on CPUs) and
-    picks this rank's device. With world_size 1 every method is the identity.
+    environment is a launched job (WORLD_SIZE > 1) or asks for FSDP, in which
+    case accelerate's `PartialState` joins the process group (NCCL on GPUs,
+    gloo on CPUs) and picks this rank's device. fsdp: shard the student
+    (FSDP2), also at world size 1. With world_size 1 every collective is the identity.
     """
 
-    def __init__(self, rank: int = 0, world_size: int = 1, device: torch.device | None = None) -> None:
+    def __init__(self, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
+                 fsdp: bool = False) -> None:
         self.rank = rank
         self.world_size = world_size
         self.device = device or torch.device("cpu")
+        self.fsdp = fsdp
 
     @classmethod
     def from_environment(cls) -> "Distributed":
-        if launched_world_size() <= 1:
+        """Raises ConfigError when the launcher asks for DeepSpeed (not supported)."""
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+            raise ConfigError("DeepSpeed is not supported by opd-sdk yet; launch with an FSDP accelerate config "
+                              "(distributed_type: FSDP) or plain data parallel (multi_gpu)")
+        fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        if launched_world_size() <= 1 and not fsdp:
             return cls()
         from accelerate import PartialState
 
         state = PartialState(cpu=not torch.cuda.is_available())
-        return cls(state.process_index, state.num_processes, state.device)
+        return cls(state.process_index, state.num_processes, state.device, fsdp=fsdp)
 
     @property
     def enabled(self) -> bool:
@@ -140,8 +158,9 @@ class Distributed:
         return self.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
 
     def sum_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
-        """grad <- sum over ranks of grad, for every parameter (None counts as zeros), in buckets."""
-        if not self.enabled:
+        """grad <- sum over ranks of grad, for every parameter (None counts as zeros), in buckets.
+        Nothing to do under FSDP (it reduce-scatters in backward) or in one process."""
+        if not self.enabled or self.fsdp:
             return
         for p in params:
             if p.grad is None:
@@ -161,7 +180,7 @@ class Distributed:
 
     def close(self) -> None:
         """Leave the process group (a process that exits without this aborts noisily)."""
-        if self.enabled and torch.distributed.is_initialized():
+        if (self.enabled or self.fsdp) and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 

@@ -111,6 +111,15 @@ class View:
         return out.support_MK[self._support], out.log_tail_M[self._support]
 
 
+def idle_loss(policy: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+    """A zero loss (scalar) from one policy pass over the batch's first row and one completion
+    token: what a rank with nothing to run in a micro-batch backpropagates when its peers run
+    theirs, so that a sharded model's (FSDP) per-pass collectives line up."""
+    T = min(batch.prompt_len + 1, batch.input_ids_BT.shape[1])
+    out = sequence_logprobs(policy, batch.input_ids_BT[:1, :T], batch.attention_mask_BT[:1, :T], from_col=T - 1)
+    return out.selected[1.0].sum() * 0.0
+
+
 def _pad_cols(x: torch.Tensor, T: int, value: int | float) -> torch.Tensor:
     if x.shape[1] >= T:
         return x

@@ -115,27 +115,28 @@ def load_full_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Ten
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True))
 
 
-def save_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: str | os.PathLike) -> None:
-    """Save the optimizer's state SHARDED with torch.distributed.checkpoint (a collective).
-
-    Each rank writes its own shard file into `folder` (rank 0 also the `.metadata`); no rank
-    ever holds the full state. `folder` must be visible to every rank (one machine, or a shared
-    filesystem). Load with `load_optimizer` at the same or another world size.
+def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: str | os.PathLike) -> None:
+    """Save the model's and the optimizer's state SHARDED with torch.distributed.checkpoint (a
+    collective), as accelerate saves FSDP state: each rank writes its own shard files into
+    `folder` (rank 0 also `.metadata`); no rank ever holds the full state. `folder` must be
+    visible to every rank (one machine, or a shared filesystem).
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=os.fspath(folder))
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=os.fspath(folder))
 
 
-def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: str | os.PathLike) -> None:
-    """Load what `save_optimizer` wrote into `optimizer` (built over the sharded `model`); a collective.
+def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: str | os.PathLike) -> None:
+    """Load what `save_sharded` wrote into the sharded `model` and its `optimizer` (a collective).
 
     Raises FileNotFoundError (from DCP) when `folder` holds no checkpoint.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the layout DCP loads into
+    model_state, optim_state = get_state_dict(model, optimizer)  # the layout DCP loads into
+    state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=os.fspath(folder))
-    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

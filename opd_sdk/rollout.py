@@ -46,7 +46,7 @@ class RolloutEngine(Protocol):
 
 
 def build_rollout_engine(
-    settings, model: torch.nn.Module, tokenizer, *, autocast_dtype=None, seed: int = 0
+    settings, model: torch.nn.Module, tokenizer, *, autocast_dtype=None, seed: int = 0, synced: bool = False
 ) -> RolloutEngine:
     """The rollout engine `settings` (a RolloutSettings) asks for.
 
@@ -59,6 +59,8 @@ def build_rollout_engine(
     generates under it, colocated vLLM holds its weights in it. seed: vLLM's
     sampler seed (the loop's seed); transformers samples from torch's RNG.
     Build it after wrapping the model in LoRA: a server then gets adapters.
+    synced: the model is sharded over ranks (FSDP): transformers generation keeps every
+    rank stepping until all are done (vLLM is refused then).
     Raises ConfigError (field-named) for settings vLLM cannot honour.
     """
     engine = settings.engine
@@ -67,6 +69,10 @@ def build_rollout_engine(
         log.info("rollout.engine auto -> %s (%s)", engine, why)
     if engine == "vllm":
         from opd_sdk.vllm_rollout import VLLMRollout
+
+        if synced:
+            raise ConfigError("rollout.engine vllm cannot sample from an FSDP-sharded student yet; "
+                              "use rollout.engine: transformers with FSDP, or DDP (no FSDP) with vLLM")
 
         return VLLMRollout(
             model,
@@ -96,6 +102,7 @@ def build_rollout_engine(
         top_k=settings.top_k,
         max_new_tokens=settings.max_new_tokens,
         autocast_dtype=autocast_dtype,
+        synced=synced,
     )
 
 
@@ -174,6 +181,7 @@ class TransformersRollout:
         max_new_tokens: int = 128,
         use_chat_template: bool = True,
         autocast_dtype: torch.dtype | None = None,
+        synced: bool = False,
     ) -> None:
         if temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {temperature}")
@@ -189,6 +197,7 @@ class TransformersRollout:
         self.max_new_tokens = max_new_tokens
         self.use_chat_template = use_chat_template
         self.autocast_dtype = autocast_dtype
+        self.synced = synced  # FSDP: every rank runs the same number of decoding steps (collectives line up)
         self.eos_ids = eos_token_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.eos_ids[0]
@@ -244,6 +253,7 @@ class TransformersRollout:
                     input_ids=prompt_ids_BP,
                     attention_mask=prompt_mask_BP,
                     generation_config=self._generation_config(),
+                    synced_gpus=self.synced,
                 )
         finally:
             self.model.train(was_training)

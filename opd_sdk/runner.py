@@ -299,11 +299,12 @@ def _train(cfg: RunConfig, dist: Distributed, *, resume: bool, overwrite: bool, 
     out = Path(cfg.output_dir)
     trainer = None
     try:
+        # before the trainer wraps the student (a new LoRA adapter changes no output; FSDP shards it)
+        before = held_out(model)[metric] if dist.is_main and not resume else None
         trainer = make_trainer(cfg, model, tokenizer, objective, collectors or None, train_items, held_out, dist)
         if resume:
             trainer.resume("latest")
         elif dist.is_main:
-            before = held_out(trainer.model)[metric]
             trainer.metrics.log(0, {f"eval/{metric}": before})
             log(f"opd: held-out {metric} before training {before:.3f} on {len(held)} prompts")
         processes = f" on {dist.world_size} processes" if dist.enabled else ""
@@ -316,7 +317,9 @@ def _train(cfg: RunConfig, dist: Distributed, *, resume: bool, overwrite: bool, 
             raise
         if not dist.is_main:
             return {}
-        result = evaluate(cfg, trainer.model, tokenizer, held, grader)
+        # a sharded student is evaluated whole, as saved (final/), in this process
+        student = load_student(cfg.student, str(out / "final"))[0] if dist.fsdp else trainer.model
+        result = evaluate(cfg, student, tokenizer, held, grader)
     finally:
         if trainer is not None:
             trainer.close()

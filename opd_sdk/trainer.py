@@ -22,6 +22,7 @@ import collections
 import contextlib
 import copy
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -47,6 +48,7 @@ from opd_sdk.collector import FeedbackCollector
 from opd_sdk.data import PromptItem, PromptSampler, load_prompts
 from opd_sdk.distributed import Distributed
 from opd_sdk.errors import ConfigError, TrainingStopped
+from opd_sdk.fsdp import full_state_dict, grad_norm_clip, save_sharded, shard_model
 from opd_sdk.metrics import MetricsLogger, read_metrics
 from opd_sdk.optim import adamw, make_scheduler, set_seed, wrap_lora
 from opd_sdk.objectives.base import Composite, Objective, batch_loss
@@ -190,6 +192,10 @@ class Trainer:
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if dist.fsdp:  # before the optimizer and the rollout engine see the parameters
+            if samp.max_staleness:
+                raise ConfigError("rollout.max_staleness needs data parallel training; FSDP runs it at 0 for now")
+            model = shard_model(model)
         self.model = model
         self.tokenizer = tokenizer
         self.tokenizer_id = tokenizer_fingerprint(tokenizer)
@@ -201,7 +207,7 @@ class Trainer:
         # bf16 autocast slows CPU generation down (measured: 39 s vs 15-27 s a batch), so CPU samples in fp32.
         self.rollout = rollout or build_rollout_engine(
             samp, model, tokenizer, autocast_dtype=self.autocast_dtype if self.device.type == "cuda" else None,
-            seed=loop.seed + dist.rank,
+            seed=loop.seed + dist.rank, synced=dist.fsdp and dist.enabled,
         )
         self.group_size = samp.group_size
         self.micro_batch_prompts = micro_batch_prompts or max(1, math.ceil(samp.prompts_per_step / opt.grad_accum))
@@ -231,6 +237,9 @@ class Trainer:
         self.save_every = loop.save_every or 0
         if eval_every and eval_fn is None:
             raise ConfigError("eval_every needs eval_fn (a function model -> {name: number})")
+        if eval_every and dist.fsdp:
+            raise ConfigError("eval.every is not available under FSDP (an evaluation runs in one process on the "
+                              "whole student); the held-out metric is measured before and after training")
         self.eval_fn = eval_fn
         self.eval_every = eval_every
         writes = self.output_dir is not None and dist.is_main
@@ -246,6 +255,10 @@ class Trainer:
         self.no_signal_streak = 0  # consecutive steps without signal because teacher calls failed
         self.teacher_cost_before = 0.0  # cost spent by earlier runs of a resumed training
         objective.setup(model)
+        parts = [t[0] for t in objective.terms] if isinstance(objective, Composite) else [objective]
+        if dist.fsdp and any(o.frozen_models() for o in parts):
+            raise ConfigError(f"{type(objective).__name__} keeps a frozen copy of the student (reference or "
+                              "opponent), which FSDP does not shard yet; train it with data parallel (no FSDP)")
         if dist.enabled:
             set_seed(loop.seed + dist.rank)  # same initial weights everywhere, a sampling stream per rank
 
@@ -349,9 +362,11 @@ class Trainer:
             if not skipped:
                 self.dist.sum_gradients(self.params)
                 if self.max_grad_norm is not None:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+                    grad_norm = grad_norm_clip(self.params, self.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
+                if self.dist.fsdp:
+                    self.model.reshard()  # the root's gathered copy (kept by generate) is stale now
             self.step += 1
             self.objective.after_step(self.step, self.model)
             t_synced = time.perf_counter()
@@ -465,15 +480,19 @@ class Trainer:
 
         A LoRA adapter's `base_model_name_or_path` is written as the base's
         name (or folder name), never an absolute path of this machine.
-        In a launched job only rank 0 writes.
+        In a launched job only rank 0 writes (under FSDP every rank must call: the
+        weights are gathered to rank 0 first). Raises ConfigError for merge_lora under FSDP.
         """
         path = Path(path)
+        if merge_lora and self.dist.fsdp:
+            raise ConfigError("merge_lora is not available under FSDP; save the adapter, then merge it in one process")
+        weights = full_state_dict(self.model) if self.dist.fsdp else None
         if not self.dist.is_main:
             return path
         model = self.model
         if merge_lora and is_peft(model):
             model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(path)
+        model.save_pretrained(path, state_dict=weights)
         self.tokenizer.save_pretrained(path)
         scrub_machine_paths(path)
         return path
@@ -487,6 +506,12 @@ class Trainer:
                 raise ConfigError("save_checkpoint needs a path or the trainer's output_dir")
             path = checkpoint_dir(self.output_dir, self.step)
         rngs = self.dist.all_gather((at_step_start or {}).get("rng") or rng_state())
+        sharded = None
+        if self.dist.fsdp:  # every rank writes its shards, then rank 0 moves them in
+            sharded = Path(path).with_name(Path(path).name + ".sharded.tmp")
+            self.dist.from_main(lambda: shutil.rmtree(sharded, ignore_errors=True))
+            save_sharded(self.model, self.optimizer, sharded)
+            self.dist.barrier()
         if not self.dist.is_main:
             return Path(path)
         state = {
@@ -500,7 +525,7 @@ class Trainer:
         }
         saved = save_checkpoint(
             path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, state=state,
-            objective=self.objective, tokenizer=self.tokenizer, rng=rngs[0], rank_rngs=rngs[1:],
+            objective=self.objective, tokenizer=self.tokenizer, rng=rngs[0], rank_rngs=rngs[1:], sharded=sharded,
         )
         scrub_machine_paths(saved)
         return saved

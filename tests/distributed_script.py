@@ -1,8 +1,10 @@
 """Launched by tests/test_distributed.py: a Python-API training against a judge on the scripted server.
 
     torchrun --standalone --nproc_per_node 2 tests/distributed_script.py record OUT URL K
-        trains 3 steps on 2 processes; each rank writes the batches it sampled (OUT/batches/),
-        rank 0 the final weights (OUT/weights.pt)
+        trains 3 steps on 2 processes (FSDP when ACCELERATE_USE_FSDP=true); each rank writes the
+        batches it sampled (OUT/batches/), rank 0 the final weights (OUT/weights.pt)
+    torchrun ... resume OUT URL K
+        the same job again from its step-2 checkpoint; final weights to OUT/resumed_weights.pt
     python tests/distributed_script.py replay OUT URL K
         one process trains on the recorded global batches (both ranks' shares, concatenated):
         the single-process run with the same global batch; weights to OUT/replay_weights.pt
@@ -14,6 +16,7 @@ reward: a rank that planned from its own share alone would get another gradient.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,14 +29,18 @@ from opd_sdk.batch import RolloutBatch  # noqa: E402
 from opd_sdk.collector import FeedbackCollector  # noqa: E402
 from opd_sdk.data import PromptItem  # noqa: E402
 from opd_sdk.distributed import Distributed  # noqa: E402
+from opd_sdk.fsdp import full_state_dict  # noqa: E402
 from opd_sdk.objectives import RewardWeighted  # noqa: E402
 from opd_sdk.trainer import Trainer  # noqa: E402
 from providers.judge import JudgeTeacher  # noqa: E402
 from tests.loop_fixtures import tiny_model, tiny_tokenizer  # noqa: E402
 
 PROMPTS = [PromptItem(prompt=f"What is {a} + {a}?", answer=str(2 * a)) for a in range(12)]
-SETTINGS = dict(prompts_per_step=4, group_size=2, max_steps=3, max_new_tokens=6, lr=1e-2, seed=0,
-                precision="fp32", save_every=1)
+SETTINGS = dict(prompts_per_step=4, group_size=2, max_steps=3, max_new_tokens=6, seed=0, precision="fp32",
+                save_every=1)
+# AdamW magnifies rounding in tiny gradients; FSDP's reduce-scatter rounds differently from one process
+LR = {"ddp": 1e-2, "fsdp": 1e-3}
+WEIGHTS = {"record": "weights.pt", "replay": "replay_weights.pt", "resume": "resumed_weights.pt"}
 
 
 class Recording:
@@ -83,24 +90,26 @@ def main(mode: str, out: Path, url: str, k: int) -> None:
     judge = JudgeTeacher("judge", base_url=url, api_key="test-key", structured="none")
     replay = mode == "replay"
     dist = Distributed() if replay else Distributed.from_environment()
+    lr = LR["fsdp" if os.environ.get("ACCELERATE_USE_FSDP") == "true" else "ddp"]
     collector = FeedbackCollector(judge, progress=False, rpm=240) if dist.is_main else None
     trainer = Trainer(
         tiny_model(tok, seed=0), tok, RewardWeighted(advantage="reinforce"), collector, PROMPTS,
-        micro_batch_prompts=1, max_staleness=k, distributed=dist,
-        output_dir=None if replay else out / "run", progress=False, **SETTINGS,
+        micro_batch_prompts=1, max_staleness=k, distributed=dist, lr=lr,
+        output_dir={"record": out / "run", "resume": out / "run"}.get(mode), progress=False, **SETTINGS,
     )
     if replay:  # the trainer's settings (tis_cap...) stay those of the engine it built
         trainer.rollout = Replay(out / "batches", 2, trainer.pad_id)
-    else:
+    elif mode == "record":
         trainer.rollout = Recording(trainer.rollout, out / "batches", dist.rank)
     try:
-        trainer.train()
+        trainer.train(resume_from=out / "run" / "step-2" if mode == "resume" else None)
     finally:
         trainer.close()
         if collector is not None:
             collector.close()
+    weights = full_state_dict(trainer.model) if dist.fsdp else trainer.model.state_dict()
     if dist.is_main:
-        torch.save(trainer.model.state_dict(), out / ("replay_weights.pt" if replay else "weights.pt"))
+        torch.save(weights, out / WEIGHTS[mode])
     dist.close()
 
 

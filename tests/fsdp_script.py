@@ -22,8 +22,8 @@ from opd_sdk.fsdp import (  # noqa: E402
     full_state_dict,
     grad_norm_clip,
     load_full_state_dict,
-    load_optimizer,
-    save_optimizer,
+    load_sharded,
+    save_sharded,
     shard_model,
 )
 from opd_sdk.logprobs import Support, sequence_logprobs  # noqa: E402
@@ -168,19 +168,21 @@ def check(tok, lora: bool, folder: str) -> None:
     load_full_state_dict(restored, state)
     assert_close(named_weights(restored), after, f"{tag} weights after load_full_state_dict")
 
-    # 4. sharded optimizer state round-trips: the next step is identical
-    optim_dir = os.path.join(folder, f"optim-{tag}")
-    save_optimizer(sharded, opt, optim_dir)
+    # 4. sharded model + optimizer state round-trips into a fresh model: the next step is identical
+    optim_dir = os.path.join(folder, f"sharded-{tag}")
+    save_sharded(sharded, opt, optim_dir)
+    restored = shard_model(make_model(tok, lora, seed=3))
     opt_restored = torch.optim.AdamW([p for p in restored.parameters() if p.requires_grad], lr=1e-3)
-    load_optimizer(restored, opt_restored, optim_dir)
+    load_sharded(restored, opt_restored, optim_dir)
+    assert_close(named_weights(restored), named_weights(sharded), f"{tag} weights after load_sharded", atol=0.0)
     for model, optimizer in ((sharded, opt), (restored, opt_restored)):
         loss_of(model, mine, data, count).backward()
         optimizer.step()
         optimizer.zero_grad()
     loss_of(reference, list(range(ROWS)), data, count).backward()
     opt_ref.step()
-    assert_close(named_weights(restored), named_weights(sharded), f"{tag} step after load_optimizer", atol=0.0)
-    assert_close(named_weights(sharded), named_weights(reference), f"{tag} step after save_optimizer")
+    assert_close(named_weights(restored), named_weights(sharded), f"{tag} step after load_sharded", atol=0.0)
+    assert_close(named_weights(sharded), named_weights(reference), f"{tag} step after save_sharded")
 
     # 5. save_pretrained from rank 0 with the full state dict; reload and compare
     state = full_state_dict(sharded)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -44,8 +45,9 @@ def scores_by_content(body: dict) -> str:
     return f"Score: {sum(map(ord, text)) % 11}"
 
 
-def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+def run(cmd: list[str], timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=ROOT, env=env or globals()["env"](), capture_output=True, text=True,
+                          timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return done
 
@@ -59,15 +61,17 @@ def assert_within_rpm(arrivals: list[float], rpm: float) -> None:
             assert j - i + 1 <= 1 + rate * (arrivals[j] - arrivals[i]) + 1, (i, j, arrivals)
 
 
-@pytest.mark.parametrize("k", [0, 1])
-def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, k):
+@pytest.mark.parametrize("strategy, k", [("ddp", 0), ("ddp", 1), ("fsdp", 0)])
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, strategy, k):
+    launched = env() | ({"ACCELERATE_USE_FSDP": "true"} if strategy == "fsdp" else {})
+    torchrun = ["torchrun", "--standalone", "--nproc_per_node", "2", str(SCRIPT)]
     with ScriptedServer(scores_by_content) as srv:
-        run(["torchrun", "--standalone", "--nproc_per_node", "2", str(SCRIPT), "record", str(tmp_path), srv.base_url,
-             str(k)])
+        run(torchrun + ["record", str(tmp_path), srv.base_url, str(k)], env=launched)
         bodies = [str(b) for b in srv.bodies()]
         arrivals = srv.arrival_times()
-        srv.reset_stats()
-        run([sys.executable, str(SCRIPT), "replay", str(tmp_path), srv.base_url, str(k)])
+        run([sys.executable, str(SCRIPT), "replay", str(tmp_path), srv.base_url, str(k)], env=launched)
+        if k == 0:  # the job again from its step-2 checkpoint: the same last step, the same weights
+            run(torchrun + ["resume", str(tmp_path), srv.base_url, str(k)], env=launched)
 
     # each rank sampled its own half of every step: 2 prompts x 2 samples
     assert sorted(p.name for p in (tmp_path / "batches").iterdir()) == [
@@ -86,17 +90,23 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, k)
     assert moved > 1e-3, "the weights did not move: the comparison below would prove nothing"
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0, msg=name)
+    if k == 0:
+        resumed = torch.load(tmp_path / "resumed_weights.pt", weights_only=True)
+        for name in two:
+            torch.testing.assert_close(resumed[name], two[name], atol=1e-6, rtol=0, msg=name)
 
     # rank 0 alone wrote the log and the checkpoints, each rank's RNG beside them
     rows = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert len(rows) == 3
-    assert (tmp_path / "run" / "step-3" / "rng-rank1.pt").exists()
+    step = tmp_path / "run" / "step-3"
+    assert (step / "rng-rank1.pt").exists()
+    assert (step / "sharded").is_dir() == (strategy == "fsdp") and (step / "model").is_dir() == (strategy == "ddp")
 
 
-def launch(config: Path, *extra: str) -> subprocess.Popen:
-    """`opd train` as users launch it on 2 processes: `accelerate launch` (which starts them with torchrun)."""
-    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "opd_sdk.cli", "train", str(config), *extra]
+def launch(config: Path, *extra: str, accelerate_config: str = "ddp") -> subprocess.Popen:
+    """`opd train` as README launches it on 2 processes: `accelerate launch` with an example config."""
+    cmd = ["accelerate", "launch", "--config_file", str(ROOT / "examples" / "accelerate" / f"{accelerate_config}.yaml"),
+           "-m", "opd_sdk.cli", "train", str(config), *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env=env() | {"OPD_CRASH_KEY": KEY, "OPD_TEST_RUN": str(config)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -136,3 +146,21 @@ def test_opd_train_under_accelerate_launch_survives_a_killed_rank(tmp_path, tiny
     assert summary["steps"] == STEPS
     assert (run / "step-4" / "rng-rank1.pt").exists() and (run / "final").exists()
     assert_no_key_anywhere(run, [out, err])
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="needs the accelerate launcher")
+def test_opd_train_under_accelerate_fsdp_saves_a_whole_student(tmp_path, tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    with ScriptedServer(scores_by_content) as srv:
+        config = write_config(tmp_path, tiny_dir, srv.base_url)
+        proc = launch(config, "--set", "steps=2", accelerate_config="fsdp")
+        out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-6000:]
+    run = tmp_path / "run"
+    assert steps_in(run) == [0, 1, 2] and (run / "step-2" / "sharded").is_dir()
+    summary = json.loads(out[out.index("{"):])
+    assert summary["steps"] == 2 and summary["heldout_after"] is not None
+    saved = AutoModelForCausalLM.from_pretrained(run / "final").state_dict()
+    start = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
+    assert max(float((saved[n] - start[n]).abs().max()) for n in start) > 1e-4  # trained, and saved whole

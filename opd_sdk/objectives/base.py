@@ -31,7 +31,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import torch
 
 from opd_sdk.batch import RolloutBatch
-from opd_sdk.forward import Part, Plan, View, forward_micro
+from opd_sdk.forward import Part, Plan, View, forward_micro, idle_loss
 from opd_sdk.targets import count_failures
 from opd_sdk.types import Feedback
 
@@ -151,7 +151,9 @@ def batch_loss(
     prompt_range: run the forward and backward of these prompt groups only
     (this rank's share; plans still cover the whole batch). dist: an
     `opd_sdk.distributed.Distributed`; the loss and metrics are then summed
-    over the ranks' shares (gradients are the caller's to sum).
+    over the ranks' shares (gradients are the caller's to sum). Under FSDP a
+    micro-batch with nothing to run here still runs `idle_loss` (its peers'
+    passes are collectives).
     """
     feedback = list(feedback) if feedback is not None else []
     terms = objective.split(feedback) if isinstance(objective, Composite) else [Term(None, objective, 1.0, feedback)]
@@ -172,6 +174,7 @@ def batch_loss(
     sums: dict[str, list] = {}
     stats = {"logprob_abs_diff_sum": 0.0, "logprob_tokens": 0.0, "max_ratio": 0.0, "policy_passes": 0.0}
     total: Any = 0.0
+    lockstep = backward and dist is not None and dist.enabled and dist.fsdp
     if signal > 0:
         P = batch.num_prompts
         lo, hi = prompt_range or (0, P)
@@ -197,6 +200,8 @@ def batch_loss(
                         acc[1] += 0.0 if den is None else float(den)
             for k, v in micro_stats.items():
                 stats[k] = max(stats[k], v) if k == "max_ratio" else stats[k] + v
+            if micro_loss is None and lockstep:
+                micro_loss = idle_loss(policy, batch)
             if micro_loss is None:
                 continue
             if backward:
