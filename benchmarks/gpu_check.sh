@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The one GPU check for vLLM rollouts (issue 11): install what is missing, run the
-# vLLM rollout tests on the GPU's vLLM, then the rollout benchmark (transformers vs
-# vLLM, rollout tokens/s and whole step), and print one table. Budget: < 8 minutes.
+# The one GPU check: install what is missing, run the vLLM rollout tests on the GPU's
+# vLLM, the rollout benchmark (transformers vs vLLM, rollout tokens/s and whole step),
+# then the trainer plain and FSDP2-sharded (benchmarks/scaling.py), and print the
+# tables. Budget: < 8 minutes.
 #
 #   bash benchmarks/gpu_check.sh            # from the repo root, on a machine with a CUDA GPU
 #
@@ -69,7 +70,17 @@ timeout 240 $PY benchmarks/rollout.py --device cuda --model "$MODEL" --prompts "
 BENCH_RC=$?
 BENCH_S=$((SECONDS - BENCH_START))
 
-# 5. One table.
+# 5. Multi-process training (issue 13) on this GPU: the trainer at 1 process, plain and FSDP2
+#    (a real fully_shard wrap at world size 1, NCCL), SmolLM2; more GPUs add their rows.
+SCALE_START=$SECONDS
+NGPU=$(nvidia-smi -L | wc -l)
+SCALE_PROCS="1"; [ "$NGPU" -gt 1 ] && SCALE_PROCS="1 $NGPU"
+timeout 180 $PY benchmarks/scaling.py --processes $SCALE_PROCS --fsdp-processes $SCALE_PROCS --steps 3 \
+  > "$OUT/scaling.log" 2>&1
+SCALE_RC=$?
+SCALE_S=$((SECONDS - SCALE_START))
+
+# 6. One table.
 $PY - "$OUT" "$MODEL" "$TESTS_RC" "$TESTS_LINE" "$BENCH_RC" "$INSTALL_S" "$TESTS_S" "$BENCH_S" "$((SECONDS - START))" <<'EOF'
 import json, sys
 out, model, tests_rc, tests_line, bench_rc, install_s, tests_s, bench_s, total_s = sys.argv[1:]
@@ -92,3 +103,4 @@ for r in rows:
           f"startup {r['startup_s']:.0f} s, {step} | {bench_s} |")
 print(f"| total | | {total_s} |")
 EOF
+echo "scaling (rc=$SCALE_RC, ${SCALE_S} s):"; grep "^|" "$OUT/scaling.log" || tail -n 20 "$OUT/scaling.log"

@@ -102,19 +102,6 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_full_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None) -> None:
-    """Load a full state dict (as `full_state_dict` returns) into a sharded model.
-
-    A collective. Only rank 0's `state_dict` is read (it is broadcast, then each rank keeps its
-    shard); the other ranks may pass {} or None. Keys must match the model's (strict).
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    state_dict = state_dict if _rank() == 0 else {}
-    set_model_state_dict(model, state_dict or {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True))
-
-
 def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: str | os.PathLike) -> None:
     """Save the model's and the optimizer's state SHARDED with torch.distributed.checkpoint (a
     collective), as accelerate saves FSDP state: each rank writes its own shard files into

@@ -158,6 +158,7 @@ class Trainer:
     ) -> None:
         opt, samp, loop = settings_from_kwargs(optimizer, sampling, loop, **settings)
         self.dist = dist = distributed or Distributed.from_environment()
+        self._owns_dist = distributed is None
         if samp.prompts_per_step % dist.world_size:
             raise ConfigError(
                 f"rollout.prompts_per_step ({samp.prompts_per_step}) must be a multiple of the number of "
@@ -283,12 +284,17 @@ class Trainer:
 
     def _pop(self) -> tuple[RolloutBatch, list[Any], int]:
         """The pipeline's oldest batch; its feedback waited for on rank 0 and sent to every rank."""
-        if not self.dist.enabled:
-            return self.pipeline.pop(self.step)
-        popped: list[tuple] = []
-        feedback = self.dist.from_main(lambda: popped.append(self.pipeline.pop(self.step)) or popped[0][1])
-        batch, _, staleness = popped[0] if popped else self.pipeline.pop(self.step)
-        return batch, feedback, staleness
+        if not self.dist.is_main:  # its pipeline holds no feedback: rank 0 sends it
+            batch, _, staleness = self.pipeline.pop(self.step)
+            return batch, self.dist.from_main(lambda: None), staleness
+        popped = []
+
+        def pop() -> list[Any]:  # on rank 0, inside from_main: a failure there stops every rank
+            popped.append(self.pipeline.pop(self.step))
+            return popped[0][1]
+
+        feedback = self.dist.from_main(pop)
+        return popped[0][0], feedback, popped[0][2]
 
     def _collect(self, batch: RolloutBatch) -> list[Any]:
         """One Feedback per prompt; with several collectors, one tuple (a Feedback per collector) per prompt."""
@@ -318,10 +324,13 @@ class Trainer:
         return self.teacher_cost_before + float(self.usage_total("cost_usd") or 0.0)
 
     def close(self) -> None:
-        """Free the rollout engine (a vLLM engine, its temporary folders) and the pipeline's threads."""
+        """Free the rollout engine (a vLLM engine, its temporary folders) and the pipeline's threads;
+        leave the process group when this trainer joined it."""
         self.rollout.close()
         if self.pipeline is not None:
             self.pipeline.close()
+        if self._owns_dist:
+            self.dist.close()
 
     def _follow_student(self) -> None:
         """After an optimizer step: teachers that track the student's weights, and the rollout engine."""

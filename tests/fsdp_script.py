@@ -21,7 +21,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from opd_sdk.fsdp import (  # noqa: E402
     full_state_dict,
     grad_norm_clip,
-    load_full_state_dict,
     load_sharded,
     save_sharded,
     shard_model,
@@ -154,7 +153,7 @@ def check(tok, lora: bool, folder: str) -> None:
     assert moved > 1e-3, f"{tag}: weights did not move ({moved})"
     assert_close(named_weights(sharded), after, f"{tag} weights after AdamW")
 
-    # 3. full state dict: rank 0 only, equal to the reference's; loads into a fresh sharded model
+    # 3. full state dict: rank 0 only, equal to the reference's
     state = full_state_dict(sharded)
     if rank == 0:
         want_state = reference.state_dict()
@@ -163,10 +162,6 @@ def check(tok, lora: bool, folder: str) -> None:
         assert all(v.device.type == "cpu" for v in state.values())
     else:
         assert state == {}, f"rank {rank} got a state dict"
-    restored = shard_model(make_model(tok, lora, seed=1))
-    assert (named_weights(restored)[next(iter(after))] - after[next(iter(after))]).abs().max() > 1e-3
-    load_full_state_dict(restored, state)
-    assert_close(named_weights(restored), after, f"{tag} weights after load_full_state_dict")
 
     # 4. sharded model + optimizer state round-trips into a fresh model: the next step is identical
     optim_dir = os.path.join(folder, f"sharded-{tag}")

@@ -3,7 +3,7 @@
 The script checks, for a plain tiny Llama (tied embeddings) and a LoRA-wrapped one, that the
 sharded run equals the single-process run over the whole batch: summed gradients through
 `sequence_logprobs`, the global grad norm and clipping, AdamW steps, the full state dict
-(and `save_pretrained` with it), `load_full_state_dict`, and the sharded optimizer checkpoint.
+(and `save_pretrained` with it), and the sharded model + optimizer checkpoint.
 """
 
 from __future__ import annotations

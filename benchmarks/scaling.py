@@ -1,0 +1,124 @@
+"""Scaling out: step time and tokens/s of one training job at 1 and N processes, same global batch.
+
+Each layout trains SmolLM2-135M-Instruct (offline, fp32) with RewardWeighted (RLOO) and the
+numeric verifier on the times table, P prompts x G samples a step, under `torchrun`: every
+process samples P/N prompts, gradients are summed (DDP) or sharded (FSDP2). Each
+process gets the same compute: `--threads` CPU threads (default 1) on a CPU machine, one
+GPU on a GPU machine. The ideal is then N times the 1-process rate.
+
+    python benchmarks/scaling.py                       # 1 and 2 processes, DDP and FSDP at 2
+    python benchmarks/scaling.py --processes 1 2 4 --steps 6
+    python benchmarks/scaling.py --processes 1 --fsdp-processes 1    # one GPU: a real FSDP wrap at world size 1
+
+Step times are means over the steps after the first (warm-up). Prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One process of a launched job (run by torchrun)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks.train_step import times_table
+    from opd_sdk.collector import FeedbackCollector
+    from opd_sdk.data import PromptItem
+    from opd_sdk.distributed import Distributed
+    from opd_sdk.models import smollm2_dir
+    from opd_sdk.objectives import RewardWeighted
+    from opd_sdk.trainer import Trainer
+    from providers.verifier import VerifierTeacher
+
+    dist = Distributed.from_environment()
+    path = smollm2_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    prompts = [PromptItem(prompt=p, answer=a) for p, a in times_table()]
+    collector = FeedbackCollector(VerifierTeacher("numeric"), progress=False) if dist.is_main else None
+    trainer = Trainer(
+        model, tokenizer, RewardWeighted(advantage="rloo"), collector, prompts, distributed=dist,
+        group_size=args.group_size, prompts_per_step=args.prompts, max_steps=args.steps, lr=1e-6,
+        max_new_tokens=args.max_new_tokens, temperature=1.0, precision="fp32", seed=0, progress=False,
+        save_every=0,
+    )
+    try:
+        history = trainer.train()
+    finally:
+        trainer.close()
+        if collector is not None:
+            collector.close()
+    if dist.is_main:
+        Path(args.out).write_text(json.dumps(history))
+    dist.close()
+
+
+def launch(args: argparse.Namespace, processes: int, fsdp: bool) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "history.json"
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(args.threads))
+        if fsdp:
+            env["ACCELERATE_USE_FSDP"] = "true"
+        cmd = ["torchrun", "--standalone", "--nproc_per_node", str(processes), __file__, "--worker", "--out", str(out),
+               "--steps", str(args.steps), "--prompts", str(args.prompts), "--group-size", str(args.group_size),
+               "--max-new-tokens", str(args.max_new_tokens)]
+        done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
+        return json.loads(out.read_text())
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per process")
+    parser.add_argument("--fsdp-processes", type=int, nargs="*", default=None,
+                        help="process counts to run FSDP2 at (default: those of --processes above 1)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    fsdp = args.fsdp_processes if args.fsdp_processes is not None else [n for n in args.processes if n > 1]
+    layouts = [(n, False) for n in args.processes] + [(n, True) for n in fsdp]
+    rows = []
+    for processes, sharded in layouts:
+        history = launch(args, processes, sharded)[1:]  # the first step warms up
+        step_s = mean([r["time_step_s"] for r in history])
+        tokens = mean([r["completion_tokens"] / r["time_step_s"] for r in history])
+        split = {k: mean([r[f"time_{k}_s"] for r in history]) for k in ("sampling", "forward_backward", "optimizer")}
+        rows.append((processes, "FSDP2" if sharded else "DDP" if processes > 1 else "single", step_s, tokens, split))
+        print(f"done: {processes} process(es) {rows[-1][1]}: {step_s:.2f} s/step", file=sys.stderr, flush=True)
+
+    base = rows[0][2]
+    print(f"\nSmolLM2-135M, {args.prompts} prompts x {args.group_size} samples, {args.max_new_tokens} new tokens, "
+          f"{args.threads} CPU thread(s) per process on {os.cpu_count()} cores; mean of steps 2..{args.steps}\n")
+    print("| processes | layout | s/step | sampled tokens/s | sampling s | fwd+bwd s | optimizer s | speed-up | ideal |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for processes, layout, step_s, tokens, split in rows:
+        print(f"| {processes} | {layout} | {step_s:.2f} | {tokens:.1f} | {split['sampling']:.2f} | "
+              f"{split['forward_backward']:.2f} | {split['optimizer']:.2f} | {base / step_s:.2f}x | {processes}.00x |")
+
+
+if __name__ == "__main__":
+    main()
