@@ -1,7 +1,9 @@
 """Scaling out: step time and tokens/s of one training job at 1 and N processes, same global batch.
 
-Each layout trains SmolLM2-135M-Instruct (offline, fp32) with RewardWeighted (RLOO) and the
-numeric verifier on the times table, P prompts x G samples a step, under `torchrun`: every
+Each layout trains SmolLM2-135M-Instruct (offline, fp32) with RewardWeighted (RLOO) on the
+times table, P prompts x G samples a step, under `torchrun`. The reward is the answer's
+length (a local scorer: every group has a spread, so every step runs the same forward and
+backward work whatever was sampled; a verifier's all-wrong groups would be skipped). Every
 process samples P/N prompts, gradients are summed (DDP) or sharded (FSDP2). Each
 process gets the same compute: `--threads` CPU threads (default 1) on a CPU machine, one
 GPU on a GPU machine. The ideal is then N times the 1-process rate.
@@ -39,14 +41,20 @@ def worker(args: argparse.Namespace) -> None:
     from opd_sdk.models import smollm2_dir
     from opd_sdk.objectives import RewardWeighted
     from opd_sdk.trainer import Trainer
-    from providers.verifier import VerifierTeacher
+    from opd_sdk.types import Score
+
+    class LengthScore:  # dense and instant: the benchmark measures the trainer, not a teacher
+        id = "answer-length"
+
+        async def feedback(self, request):
+            return Score(scores=[len(c.text) / 100 for c in request.completions])
 
     dist = Distributed.from_environment()
     path = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     prompts = [PromptItem(prompt=p, answer=a) for p, a in times_table()]
-    collector = FeedbackCollector(VerifierTeacher("numeric"), progress=False) if dist.is_main else None
+    collector = FeedbackCollector(LengthScore(), progress=False) if dist.is_main else None
     trainer = Trainer(
         model, tokenizer, RewardWeighted(advantage="rloo"), collector, prompts, distributed=dist,
         group_size=args.group_size, prompts_per_step=args.prompts, max_steps=args.steps, lr=1e-6,
@@ -87,8 +95,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--prompts", type=int, default=4)
-    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per process")
     parser.add_argument("--fsdp-processes", type=int, nargs="*", default=None,
