@@ -9,7 +9,8 @@
         one process trains on the recorded global batches (both ranks' shares, concatenated):
         the single-process run with the same global batch; weights to OUT/replay_weights.pt
 
-K is rollout.max_staleness. The objective is REINFORCE, whose baseline is the whole batch's mean
+K is rollout.max_staleness; an optional last argument names the rollout engine (vllm: one colocated
+engine per rank, in the vLLM venv). The objective is REINFORCE, whose baseline is the whole batch's mean
 reward: a rank that planned from its own share alone would get another gradient.
 """
 
@@ -40,6 +41,7 @@ SETTINGS = dict(prompts_per_step=4, group_size=2, max_steps=3, max_new_tokens=6,
                 save_every=1)
 # AdamW magnifies rounding in tiny gradients; FSDP's reduce-scatter rounds differently from one process
 LR = {"ddp": 1e-2, "fsdp": 1e-3}
+HIDDEN = {"transformers": 64, "vllm": 256}  # vLLM's CPU attention needs head_dim 64
 WEIGHTS = {"record": "weights.pt", "replay": "replay_weights.pt", "resume": "resumed_weights.pt"}
 
 
@@ -85,7 +87,7 @@ class Replay:
         pass
 
 
-def main(mode: str, out: Path, url: str, k: int) -> None:
+def main(mode: str, out: Path, url: str, k: int, engine: str = "transformers") -> None:
     tok = tiny_tokenizer()
     judge = JudgeTeacher("judge", base_url=url, api_key="test-key", structured="none")
     replay = mode == "replay"
@@ -93,7 +95,8 @@ def main(mode: str, out: Path, url: str, k: int) -> None:
     lr = LR["fsdp" if os.environ.get("ACCELERATE_USE_FSDP") == "true" else "ddp"]
     collector = FeedbackCollector(judge, progress=False, rpm=240) if dist.is_main else None
     trainer = Trainer(
-        tiny_model(tok, seed=0), tok, RewardWeighted(advantage="reinforce"), collector, PROMPTS,
+        tiny_model(tok, seed=0, hidden=HIDDEN[engine]), tok, RewardWeighted(advantage="reinforce"), collector, PROMPTS,
+        engine=engine, max_model_len=128, kv_cache_gb=1,
         micro_batch_prompts=1, max_staleness=k, distributed=dist, lr=lr,
         output_dir={"record": out / "run", "resume": out / "run"}.get(mode), progress=False, **SETTINGS,
     )
@@ -114,4 +117,4 @@ def main(mode: str, out: Path, url: str, k: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+    main(sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), *sys.argv[5:])

@@ -262,3 +262,25 @@ def test_trainer_with_overlapping_rollouts_keeps_the_engine_in_step(engine, tok)
         history = trainer.train()
     assert len(history) == 3
     assert (engine.text_logprobs(ids) - trainer_logprobs(model, ids)).abs().max() < 1e-3
+
+
+@pytest.mark.vllm
+@requires_vllm
+def test_two_processes_each_with_a_colocated_engine_equal_one_process(tmp_path):
+    """Data parallel with vLLM: under torchrun every rank samples its share with its own colocated
+    engine; the weights after 3 steps equal one process trained on the same global batch."""
+    import sys
+
+    from tests.scripted_server import ScriptedServer
+    from tests.test_distributed import SCRIPT, run, scores_by_content
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT)]
+    with ScriptedServer(scores_by_content) as srv:
+        run(torchrun + ["record", str(tmp_path), srv.base_url, "0", "vllm"], timeout=420)
+        run([sys.executable, str(SCRIPT), "replay", str(tmp_path), srv.base_url, "0", "vllm"], timeout=300)
+    two = torch.load(tmp_path / "weights.pt", weights_only=True)
+    one = torch.load(tmp_path / "replay_weights.pt", weights_only=True)
+    start = student(tiny_tokenizer()).state_dict()
+    assert max(float((two[n] - start[n]).abs().max()) for n in two) > 1e-3  # the weights moved
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0, msg=name)
