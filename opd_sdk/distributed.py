@@ -18,7 +18,7 @@ The design, and why:
   one writer, each prompt group belongs to one rank so each sample's
   feedback is asked (and paid) once, and all of a step's requests are in
   flight together, so no rank waits longer than the step's slowest request.
-  Other ranks never call their collector (one built there opens nothing).
+  Other ranks never call a collector (the CLI builds none there).
 - Plans are built from the global batch on every rank (the batch is token
   ids: small next to activations), so every whole-batch quantity (a
   REINFORCE batch baseline, the token count a loss divides by, the signal

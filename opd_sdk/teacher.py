@@ -118,6 +118,16 @@ def api_calls(teacher: Any, request: FeedbackRequest) -> int:
     return int(teacher.api_calls(request)) if isinstance(teacher, CountsCalls) else 1
 
 
+def reads_student(teacher: Any, student: Any) -> list[str]:
+    """Ids of the teachers in `teacher`'s tree (itself and, recursively, a composite's `children`)
+    that hold the `student` model object (self-distillation: live, EMA or frozen views of it)."""
+    children = getattr(teacher, "children", None)
+    if children is not None:
+        return [found for child in children for found in reads_student(child, student)]
+    holds = hasattr(teacher, "__dict__") and any(value is student for value in vars(teacher).values())
+    return [teacher.id] if holds else []
+
+
 def notify_optimizer_step(teacher: Any, step: int) -> None:
     """Tell `teacher` (if it follows the student) that optimizer step `step` happened."""
     if isinstance(teacher, FollowsStudent):

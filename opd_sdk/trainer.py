@@ -56,7 +56,7 @@ from opd_sdk.pipeline import Pipeline
 from opd_sdk.progress import Progress
 from opd_sdk.rollout import RolloutEngine, build_rollout_engine
 from opd_sdk.settings import LoopSettings, OptimizerSettings, RolloutSettings, settings_from_kwargs
-from opd_sdk.teacher import notify_optimizer_step, tokenizer_fingerprint
+from opd_sdk.teacher import notify_optimizer_step, reads_student, tokenizer_fingerprint
 from opd_sdk.types import Feedback, FeedbackFailure, FeedbackRequest, Score
 
 DEFAULT_TIS_CAP = 2.0  # truncated importance sampling cap when the engine's log-probs are not the trainer's
@@ -196,6 +196,7 @@ class Trainer:
         if dist.fsdp:  # before the optimizer and the rollout engine see the parameters
             if samp.max_staleness:
                 raise ConfigError("rollout.max_staleness needs data parallel training; FSDP runs it at 0 for now")
+            dist.from_main(lambda: _refuse_teachers_of_a_sharded_student(collectors, model))  # rank 0 has them
             model = shard_model(model)
         self.model = model
         self.tokenizer = tokenizer
@@ -599,6 +600,17 @@ class Trainer:
         if self.dist.is_main:
             prune_checkpoints(self.output_dir, keep=self.loop.keep_checkpoints)
         return path
+
+
+def _refuse_teachers_of_a_sharded_student(collectors: list[Any], student: torch.nn.Module) -> None:
+    """Under FSDP only rank 0 asks the teacher, so a teacher that runs the (sharded) student would
+    wait for the other ranks' shards forever: refused before training."""
+    found = [t for c in collectors for t in reads_student(c.teacher, student)]
+    if found:
+        raise ConfigError(
+            f"teacher {', '.join(found)} runs the student itself (self-distillation), which FSDP shards over "
+            "the processes while only rank 0 asks the teacher; train it with data parallel (no FSDP)"
+        )
 
 
 @contextlib.contextmanager

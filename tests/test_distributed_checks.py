@@ -71,3 +71,23 @@ def test_a_checkpoint_resumes_only_on_its_process_count(tmp_path, one_thread):
     again.dist = Distributed(rank=0, world_size=2)
     with pytest.raises(ConfigError, match="saved by a job of 1 process.*this one has 2.*--num_processes 1"):
         again.resume("latest")
+
+
+def test_teachers_that_run_the_student_are_found_inside_composites():
+    """Under FSDP such a teacher would run a sharded model on rank 0 alone (the trainer refuses it)."""
+    from providers.compose import WeightedSum
+    from providers.self_distill import SelfDistillTeacher
+    from providers.verifier import VerifierTeacher
+
+    from opd_sdk.teacher import reads_student
+
+    tok = tiny_tokenizer()
+    student, other = tiny_model(tok), tiny_model(tok, seed=1)
+    live = SelfDistillTeacher(student, tok)
+    ema = SelfDistillTeacher(student, tok, mode="ema")  # folds the student's weights in every step
+    verifier = VerifierTeacher("numeric")
+    assert reads_student(live, student) == [live.id]
+    assert reads_student(ema, student) == [ema.id]
+    assert reads_student(verifier, student) == []
+    assert reads_student(WeightedSum([(verifier, 1.0), (live, 1.0)]), student) == [live.id]
+    assert reads_student(SelfDistillTeacher(other, tok, mode="ema"), student) == []  # another model's
