@@ -120,15 +120,25 @@ class Distributed:
         return out
 
     def from_main(self, fn: Callable[[], Any]) -> Any:
-        """fn() run on rank 0 only; every rank gets its result. An exception on rank 0 is raised
-        on every rank (the same exception when it pickles), so no rank waits for a result that
-        never comes."""
+        """fn() run on rank 0 only; every rank gets its result (picklable). An exception on rank 0
+        is raised on every rank (the same exception when it pickles), so no rank waits for a
+        result that never comes."""
+        return self._on_main(fn, share=True)
+
+    def on_main(self, fn: Callable[[], Any]) -> Any:
+        """fn() run on rank 0 only, its result kept there (None elsewhere); its exception raised
+        on every rank. For work only rank 0 does (building teacher clients, checking them)."""
+        return self._on_main(fn, share=False)
+
+    def _on_main(self, fn: Callable[[], Any], share: bool) -> Any:
         if not self.enabled:
             return fn()
         box: list[Any] = [None]
+        result = None
         if self.is_main:
             try:
-                box[0] = ("ok", fn())
+                result = fn()
+                box[0] = ("ok", result if share else None)
             except Exception as exc:  # re-raised after the others learn of it (not on Ctrl-C: peers may be gone)
                 try:
                     sent = pickle.loads(pickle.dumps(exc))
@@ -140,7 +150,7 @@ class Distributed:
         status, value = box[0]
         if status == "error":
             raise value
-        return value
+        return value if share else result
 
     def sum(self, values: Sequence[float]) -> list[float]:
         """Element-wise sum over ranks (float64)."""

@@ -280,15 +280,17 @@ def _train(cfg: RunConfig, dist: Distributed, *, resume: bool, overwrite: bool, 
         prepare_output_dir(cfg.output_dir, resume=resume, overwrite=overwrite)
         save_resolved_config(cfg)
 
-    dist.from_main(prepare)  # rank 0 prepares output_dir before any rank reads it; its error stops every rank
+    dist.on_main(prepare)  # rank 0 prepares output_dir before any rank reads it; its error stops every rank
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_student(cfg.student, device=dist.device if dist.enabled else None)
     train_items, held = load_data(cfg.data, seed=cfg.seed)
     objective = build_objective(cfg.objective, tokenizer)
-    collectors = []  # one per teacher, in source order; rank 0 asks for every rank
-    if objective.feedback_kinds and dist.is_main:
+    def teachers() -> list:  # one collector per teacher, in source order
         ctx = BuildContext(model=model, tokenizer=tokenizer, timeout=cfg.collector.timeout)
-        collectors = [build_collector(cfg, build_teacher(t, ctx)) for t in cfg.teacher_list()]
+        return [build_collector(cfg, build_teacher(t, ctx)) for t in cfg.teacher_list()]
+
+    # rank 0 asks the teachers for every rank; an error building them stops every rank
+    collectors = (dist.on_main(teachers) or []) if objective.feedback_kinds else []
     grader = collectors[0] if collectors else None  # for eval.metric teacher_score
     metric = cfg.eval.metric
 

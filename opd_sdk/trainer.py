@@ -167,15 +167,8 @@ class Trainer:
         if dist.enabled:
             model.to(dist.device)
         self.optimizer_settings, self.sampling, self.loop = opt, samp, loop
-        if collector is None and objective.feedback_kinds and dist.is_main:  # rank 0 asks for every rank
-            raise ConfigError(f"{type(objective).__name__} reads teacher feedback; pass a FeedbackCollector")
         collectors = [] if collector is None else list(collector) if isinstance(collector, (list, tuple)) else [collector]
-        sources = objective.feedback_sources if isinstance(objective, Composite) else 1
-        if collectors and len(collectors) != sources:
-            raise ConfigError(
-                f"{type(objective).__name__} reads {sources} feedback source(s) but {len(collectors)} collector(s) "
-                "were given; pass one FeedbackCollector per source, in source order"
-            )
+        dist.on_main(lambda: _check_collectors(objective, collectors, model if dist.fsdp else None))  # rank 0 asks
         if precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
         if micro_batch_prompts is not None and micro_batch_prompts < 1:
@@ -196,7 +189,6 @@ class Trainer:
         if dist.fsdp:  # before the optimizer and the rollout engine see the parameters
             if samp.max_staleness:
                 raise ConfigError("rollout.max_staleness needs data parallel training; FSDP runs it at 0 for now")
-            dist.from_main(lambda: _refuse_teachers_of_a_sharded_student(collectors, model))  # rank 0 has them
             model = shard_model(model)
         self.model = model
         self.tokenizer = tokenizer
@@ -519,7 +511,7 @@ class Trainer:
         sharded = None
         if self.dist.fsdp:  # every rank writes its shards, then rank 0 moves them in
             sharded = Path(path).with_name(Path(path).name + ".sharded.tmp")
-            self.dist.from_main(lambda: shutil.rmtree(sharded, ignore_errors=True))
+            self.dist.on_main(lambda: shutil.rmtree(sharded, ignore_errors=True))
             save_sharded(self.model, self.optimizer, sharded)
             self.dist.barrier()
         if not self.dist.is_main:
@@ -602,10 +594,19 @@ class Trainer:
         return path
 
 
-def _refuse_teachers_of_a_sharded_student(collectors: list[Any], student: torch.nn.Module) -> None:
-    """Under FSDP only rank 0 asks the teacher, so a teacher that runs the (sharded) student would
-    wait for the other ranks' shards forever: refused before training."""
-    found = [t for c in collectors for t in reads_student(c.teacher, student)]
+def _check_collectors(objective: Any, collectors: list[Any], sharded_student: torch.nn.Module | None) -> None:
+    """One collector per feedback source. Under FSDP (sharded_student given) only rank 0 asks the
+    teacher, so a teacher that runs the sharded student would wait for the other ranks' shards
+    forever: refused before training."""
+    if not collectors and objective.feedback_kinds:
+        raise ConfigError(f"{type(objective).__name__} reads teacher feedback; pass a FeedbackCollector")
+    sources = objective.feedback_sources if isinstance(objective, Composite) else 1
+    if collectors and len(collectors) != sources:
+        raise ConfigError(
+            f"{type(objective).__name__} reads {sources} feedback source(s) but {len(collectors)} collector(s) "
+            "were given; pass one FeedbackCollector per source, in source order"
+        )
+    found = [t for c in collectors for t in reads_student(c.teacher, sharded_student)] if sharded_student else []
     if found:
         raise ConfigError(
             f"teacher {', '.join(found)} runs the student itself (self-distillation), which FSDP shards over "
