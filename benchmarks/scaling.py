@@ -53,6 +53,7 @@ def worker(args: argparse.Namespace) -> None:
     path = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")  # the trainer moves it to this rank's GPU
     prompts = [PromptItem(prompt=p, answer=a) for p, a in times_table()]
     collector = FeedbackCollector(LengthScore(), progress=False) if dist.is_main else None
     trainer = Trainer(

@@ -164,7 +164,7 @@ class Trainer:
                 f"rollout.prompts_per_step ({samp.prompts_per_step}) must be a multiple of the number of "
                 f"processes ({dist.world_size}): each process samples an equal share of the prompts"
             )
-        if dist.enabled:
+        if dist.enabled or dist.fsdp:  # this rank's device (cuda:LOCAL_RANK on GPUs)
             model.to(dist.device)
         self.optimizer_settings, self.sampling, self.loop = opt, samp, loop
         collectors = [] if collector is None else list(collector) if isinstance(collector, (list, tuple)) else [collector]
