@@ -182,6 +182,19 @@ def _load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fold
     return True
 
 
+def check_world_size(folder: Path, world_size: int) -> dict[str, Any]:
+    """The checkpoint's trainer_state.json; ConfigError when a job of another process count saved it."""
+    state = json.loads((Path(folder) / STATE_FILE).read_text(encoding="utf-8"))
+    saved_world = int(state.get("world_size", 1))
+    if saved_world != world_size:
+        raise ConfigError(
+            f"{folder} was saved by a job of {saved_world} process(es) and this one has {world_size}; "
+            f"resume with the same number (`accelerate launch --num_processes {saved_world}` / "
+            f"`torchrun --nproc_per_node {saved_world}`)"
+        )
+    return state
+
+
 def load_checkpoint(
     path: str | Path,
     *,
@@ -198,14 +211,7 @@ def load_checkpoint(
     folder = Path(path)
     if not (folder / STATE_FILE).exists():
         raise ConfigError(f"{folder} is not a complete checkpoint (no {STATE_FILE})")
-    state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-    saved_world = int(state.get("world_size", 1))
-    if saved_world != world_size:
-        raise ConfigError(
-            f"{folder} was saved by a job of {saved_world} process(es) and this one has {world_size}; "
-            f"resume with the same number (`accelerate launch --num_processes {saved_world}` / "
-            f"`torchrun --nproc_per_node {saved_world}`)"
-        )
+    state = check_world_size(folder, world_size)
     device = next(model.parameters()).device
     if not _load_sharded(model, optimizer, folder):
         _load_model_weights(model, folder)

@@ -14,9 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+from pathlib import Path
 
 from opd_sdk.distributed import is_main_process
 from opd_sdk.errors import OPDError
+
+RANK_EXIT_DELAY_S = 2.0  # ranks >= 1 wait this long before exiting on an error all ranks raised
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = load_and_check(args.config, args.overrides)  # every problem at once, before any model loads
             if args.check:
-                _say(f"opd: {args.config} is valid")
+                if is_main_process():
+                    _say(f"opd: {args.config} is valid")
                 return 0
             from opd_sdk.runner import train
 
@@ -93,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     except OPDError as exc:
         if is_main_process():
             print(f"opd: {exc}", file=sys.stderr)
+        else:  # every rank raised it: let rank 0 print before the launcher stops it for this exit
+            time.sleep(RANK_EXIT_DELAY_S)
         return 2
     except KeyboardInterrupt:
         if is_main_process():
@@ -110,7 +117,9 @@ def _after_interrupt(cfg) -> str:
     last = latest_checkpoint(cfg.output_dir)
     if last is not None:
         return f"checkpoint {last.name} was saved; `opd train CONFIG --resume` continues from it"
-    return ("no step had finished, so there is no checkpoint; `opd train CONFIG --overwrite` starts again "
+    partial = sorted(p.name.removesuffix(".tmp") for p in Path(cfg.output_dir).glob("step-*.tmp"))
+    why = f"it stopped while saving {partial[-1]}" if partial else "no step had finished"
+    return (f"{why}, so there is no complete checkpoint; `opd train CONFIG --overwrite` starts again "
             "(the feedback cache is kept: answers already paid for are not paid again)")
 
 

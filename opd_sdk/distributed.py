@@ -62,6 +62,42 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def fsdp_requested() -> bool:
+    """accelerate's FSDP config (or ACCELERATE_USE_FSDP=true under torchrun) asks for a sharded student."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+
+
+def launch_problems(*, world_size: int, fsdp: bool, prompts_per_step: int, max_staleness: int = 0,
+                    eval_every: int = 0, engine: str = "transformers", objective: Any = None) -> list[str]:
+    """What this job cannot do with `world_size` processes (and FSDP), one line each with the fix.
+
+    Checked by `opd train --check`, by `opd train` before it writes anything, and by the Trainer.
+    """
+    problems = []
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        problems.append("DeepSpeed is not supported by opd-sdk yet; launch with an FSDP accelerate config "
+                        "(distributed_type: FSDP) or plain data parallel (multi_gpu)")
+    if prompts_per_step % world_size:
+        problems.append(f"rollout.prompts_per_step ({prompts_per_step}) must be a multiple of the number of "
+                        f"processes ({world_size}): each process samples an equal share of the prompts")
+    if not fsdp:
+        return problems
+    fix = "or train with data parallel (no FSDP)"
+    if max_staleness:
+        problems.append(f"rollout.max_staleness: FSDP trains without overlap for now; set it to 0, {fix}")
+    if eval_every:
+        problems.append("eval.every: not available under FSDP (an evaluation runs in one process on the whole "
+                        "student); remove it: the held-out metric is measured before and after training")
+    if engine == "vllm":
+        problems.append(f"rollout.engine: vllm cannot sample from an FSDP-sharded student yet; use transformers, {fix}")
+    if getattr(objective, "copies_student", False):
+        problems.append(f"objective: {type(objective).__name__} keeps a frozen copy of the student (a KL "
+                        f"reference or a SPIN opponent), which FSDP does not shard yet; drop the copy (beta: 0 "
+                        f"where that is the KL weight), {fix}")
+    return problems
+
+
+
 def is_main_process() -> bool:
     """False on ranks >= 1 of a launched job (before or after the process group exists)."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -87,10 +123,10 @@ class Distributed:
     @classmethod
     def from_environment(cls) -> "Distributed":
         """Raises ConfigError when the launcher asks for DeepSpeed (not supported)."""
-        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-            raise ConfigError("DeepSpeed is not supported by opd-sdk yet; launch with an FSDP accelerate config "
-                              "(distributed_type: FSDP) or plain data parallel (multi_gpu)")
-        fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        deepspeed = launch_problems(world_size=1, fsdp=False, prompts_per_step=1)
+        if deepspeed:
+            raise ConfigError(deepspeed[0])
+        fsdp = fsdp_requested()
         if launched_world_size() <= 1 and not fsdp:
             return cls()
         from accelerate import PartialState

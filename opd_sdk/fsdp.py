@@ -96,10 +96,15 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     A collective: every rank must call it. Keys are the model's own `state_dict()` keys (a
     PeftModel's include `base_model.model.`), so rank 0 can pass it to the unwrapped
     model's `save_pretrained(path, state_dict=...)` (a PeftModel's keeps only the adapter).
+    A tied parameter (LM head = embeddings) is kept under its first name only, as
+    `save_pretrained` saves it.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    first: dict[int, str] = {}
+    copies = {name for name, p in model.named_parameters(remove_duplicate=False) if first.setdefault(id(p), name) != name}
+    return {k: v for k, v in state.items() if k not in copies}
 
 
 def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: str | os.PathLike) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
+from opd_sdk.distributed import fsdp_requested, launch_problems, launched_world_size
 from opd_sdk.config import InvalidConfig, ObjectiveConfig, RunConfig, did_you_mean, load_config
 from opd_sdk.errors import ConfigError
 from opd_sdk.teacher_types import TEACHERS, BuildContext, build_teacher
@@ -285,6 +286,11 @@ def check_config(cfg: RunConfig) -> Any:
     if not teachers and cfg.eval.metric == "teacher_score":
         problems.append("eval.metric: teacher_score needs a `teacher:`; use metric: accuracy")
     problems += _student_problems(cfg) + _data_problems(cfg) + _budget_problems(cfg)
+    problems += launch_problems(  # this launch: processes (torchrun / accelerate launch) and FSDP
+        world_size=launched_world_size(), fsdp=fsdp_requested(), prompts_per_step=cfg.rollout.prompts_per_step,
+        max_staleness=cfg.rollout.max_staleness, eval_every=cfg.eval.every or 0, engine=cfg.rollout.engine,
+        objective=objective,
+    )
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     return objective

@@ -19,7 +19,7 @@ import yaml
 from opd_sdk.config import DataConfig, RunConfig, StudentConfig
 from opd_sdk.data import PromptItem, load_prompts
 from opd_sdk.distributed import Distributed
-from opd_sdk.checkpoint import latest_checkpoint
+from opd_sdk.checkpoint import check_world_size, latest_checkpoint
 from opd_sdk.errors import ConfigError, TrainingStopped
 from opd_sdk.metrics import plot_learning_curve, read_metrics
 from opd_sdk.models import resolve_model_path
@@ -233,18 +233,21 @@ def save_resolved_config(cfg: RunConfig) -> Path:
 RUN_FILES = ("metrics.jsonl", "config.yaml", "summary.json", "learning_curve.png", "final", "tb")
 
 
-def prepare_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix two runs in one folder: --resume needs a checkpoint there; a new run needs
-    an empty folder unless --overwrite (which deletes the earlier run's files, not its cache)."""
+def prepare_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool, world_size: int = 1) -> None:
+    """Refuse to mix two runs in one folder: --resume needs a checkpoint there, saved by a job of
+    `world_size` processes; a new run needs an empty folder unless --overwrite (which deletes the
+    earlier run's files, not its cache)."""
     out = Path(output_dir)
     if resume:
-        if latest_checkpoint(out) is None:
+        last = latest_checkpoint(out)
+        if last is None:
             held = any((out / n).exists() for n in RUN_FILES)
             raise ConfigError(
-                f"--resume: nothing to resume from, {out} holds no step-N/ checkpoint; "
-                + ("no step of the run there had finished: start it again with --overwrite (its feedback "
-                   "cache is kept)" if held else "run without --resume to start a new run")
+                f"--resume: nothing to resume from, {out} holds no complete step-N/ checkpoint; "
+                + ("start the run again with --overwrite (its feedback cache is kept)" if held
+                   else "run without --resume to start a new run")
             )
+        check_world_size(last, world_size)
         return
     held = [out / n for n in RUN_FILES if (out / n).exists()] + sorted(out.glob("step-*"))
     if held and not overwrite:
@@ -276,8 +279,14 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, log=
 
 
 def _train(cfg: RunConfig, dist: Distributed, *, resume: bool, overwrite: bool, log) -> dict:
+    if not dist.is_main:  # one stream of progress bars (model loading, saving) for the job
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as transformers_logging
+
+        disable_progress_bars()
+        transformers_logging.disable_progress_bar()
     def prepare() -> None:
-        prepare_output_dir(cfg.output_dir, resume=resume, overwrite=overwrite)
+        prepare_output_dir(cfg.output_dir, resume=resume, overwrite=overwrite, world_size=dist.world_size)
         save_resolved_config(cfg)
 
     dist.on_main(prepare)  # rank 0 prepares output_dir before any rank reads it; its error stops every rank

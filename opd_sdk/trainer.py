@@ -46,7 +46,7 @@ from opd_sdk.checkpoint import (
 )
 from opd_sdk.collector import FeedbackCollector
 from opd_sdk.data import PromptItem, PromptSampler, load_prompts
-from opd_sdk.distributed import Distributed
+from opd_sdk.distributed import Distributed, launch_problems
 from opd_sdk.errors import ConfigError, TrainingStopped
 from opd_sdk.fsdp import full_state_dict, grad_norm_clip, save_sharded, shard_model
 from opd_sdk.metrics import MetricsLogger, read_metrics
@@ -159,11 +159,12 @@ class Trainer:
         opt, samp, loop = settings_from_kwargs(optimizer, sampling, loop, **settings)
         self.dist = dist = distributed or Distributed.from_environment()
         self._owns_dist = distributed is None
-        if samp.prompts_per_step % dist.world_size:
-            raise ConfigError(
-                f"rollout.prompts_per_step ({samp.prompts_per_step}) must be a multiple of the number of "
-                f"processes ({dist.world_size}): each process samples an equal share of the prompts"
-            )
+        problems = launch_problems(
+            world_size=dist.world_size, fsdp=dist.fsdp, prompts_per_step=samp.prompts_per_step,
+            max_staleness=samp.max_staleness, eval_every=eval_every, engine=samp.engine, objective=objective,
+        )
+        if problems:
+            raise ConfigError("; ".join(problems))
         if dist.enabled or dist.fsdp:  # this rank's device (cuda:LOCAL_RANK on GPUs)
             model.to(dist.device)
         self.optimizer_settings, self.sampling, self.loop = opt, samp, loop
@@ -187,8 +188,6 @@ class Trainer:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if dist.fsdp:  # before the optimizer and the rollout engine see the parameters
-            if samp.max_staleness:
-                raise ConfigError("rollout.max_staleness needs data parallel training; FSDP runs it at 0 for now")
             model = shard_model(model)
         self.model = model
         self.tokenizer = tokenizer
@@ -231,9 +230,6 @@ class Trainer:
         self.save_every = loop.save_every or 0
         if eval_every and eval_fn is None:
             raise ConfigError("eval_every needs eval_fn (a function model -> {name: number})")
-        if eval_every and dist.fsdp:
-            raise ConfigError("eval.every is not available under FSDP (an evaluation runs in one process on the "
-                              "whole student); the held-out metric is measured before and after training")
         self.eval_fn = eval_fn
         self.eval_every = eval_every
         writes = self.output_dir is not None and dist.is_main
@@ -249,10 +245,6 @@ class Trainer:
         self.no_signal_streak = 0  # consecutive steps without signal because teacher calls failed
         self.teacher_cost_before = 0.0  # cost spent by earlier runs of a resumed training
         objective.setup(model)
-        parts = [t[0] for t in objective.terms] if isinstance(objective, Composite) else [objective]
-        if dist.fsdp and any(o.frozen_models() for o in parts):
-            raise ConfigError(f"{type(objective).__name__} keeps a frozen copy of the student (reference or "
-                              "opponent), which FSDP does not shard yet; train it with data parallel (no FSDP)")
         if dist.enabled:
             set_seed(loop.seed + dist.rank)  # same initial weights everywhere, a sampling stream per rank
 

@@ -301,5 +301,5 @@ def test_resume_after_a_stop_before_the_first_step_points_to_overwrite(tmp_path)
 
     (tmp_path / "config.yaml").write_text("x: 1\n")
     (tmp_path / "metrics.jsonl").write_text('{"step": 0, "eval/accuracy": 0.5}\n')
-    with pytest.raises(ConfigError, match="no step of the run there had finished.*--overwrite"):
+    with pytest.raises(ConfigError, match="no complete step-N/ checkpoint; start the run again with --overwrite"):
         prepare_output_dir(tmp_path, resume=True, overwrite=False)

@@ -3,6 +3,8 @@ together from the ranks' shares, and the clear errors for a job that cannot run 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ from opd_sdk.trainer import Trainer
 from tests.loop_fixtures import one_thread, tiny_model, tiny_tokenizer  # noqa: F401 (fixture)
 from tests.test_trainer import Constant, collector
 
+ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [PromptItem(prompt=p) for p in ("Hi", "What is 12 + 30?", "Say a long word please", "Go")]
 
 
@@ -91,3 +94,38 @@ def test_teachers_that_run_the_student_are_found_inside_composites():
     assert reads_student(verifier, student) == []
     assert reads_student(WeightedSum([(verifier, 1.0), (live, 1.0)]), student) == [live.id]
     assert reads_student(SelfDistillTeacher(other, tok, mode="ema"), student) == []  # another model's
+
+
+def test_check_lists_every_problem_of_this_launch_before_anything_loads(tmp_path, capsys, monkeypatch):
+    """`opd train --check` under a launcher (WORLD_SIZE, accelerate's FSDP flag): all problems, each with its fix."""
+    import yaml
+
+    from tests.test_cli import run_cli
+
+    raw = yaml.safe_load((ROOT / "examples" / "configs" / "verifier_times_table.yaml").read_text())
+    raw["rollout"] = {**raw.get("rollout", {}), "prompts_per_step": 3, "max_staleness": 1}
+    raw["objective"] = {"type": "reward_weighted", "params": {"beta": 0.05}}
+    raw["eval"] = {**raw.get("eval", {}), "every": 2}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    rc, out, err = run_cli(capsys, "train", str(tmp_path / "run.yaml"), "--check")
+    assert rc == 2 and "valid" not in out
+    for expected in ("prompts_per_step (3) must be a multiple of the number of processes (2)",
+                     "rollout.max_staleness: FSDP trains without overlap for now; set it to 0",
+                     "eval.every: not available under FSDP",
+                     "RewardWeighted keeps a frozen copy of the student"):
+        assert expected in err, (expected, err)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    raw["rollout"]["prompts_per_step"] = 4
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    rc, out, err = run_cli(capsys, "train", str(tmp_path / "run.yaml"), "--check")
+    assert rc == 0, err  # data parallel takes all of it
+
+
+def test_fsdp_refuses_a_frozen_copy_before_it_copies_anything():
+    tok = tiny_tokenizer()
+    sharded_alone = Distributed(rank=0, world_size=1, fsdp=True)  # refused before any process group is needed
+    with pytest.raises(ConfigError, match="RewardWeighted keeps a frozen copy of the student.*data parallel"):
+        Trainer(tiny_model(tok), tok, RewardWeighted(beta=0.1), None, PROMPTS, prompts_per_step=2,
+                distributed=sharded_alone)

@@ -64,11 +64,13 @@ MeanMetrics = dict[str, tuple[Any, Any]]
 class Objective(Protocol):
     """feedback_kinds: the Feedback kinds its plan reads (empty: no teacher needed).
     chunk_rows: rows per LM-head chunk in the forward pass.
-    min_group_size: samples per prompt below which it has no learning signal (checked before training)."""
+    min_group_size: samples per prompt below which it has no learning signal (checked before training).
+    copies_student: setup() keeps a frozen copy of the policy (a KL reference, a SPIN opponent)."""
 
     feedback_kinds: tuple[str, ...]
     chunk_rows: int
     min_group_size: int
+    copies_student: bool
 
     def setup(self, policy: torch.nn.Module) -> None:
         """Once before training: make the frozen copies this objective needs."""

@@ -88,6 +88,10 @@ class Hybrid:
         return lists
 
     @property
+    def copies_student(self) -> bool:
+        return any(getattr(o, "copies_student", False) for o, _, _ in self.terms)
+
+    @property
     def min_group_size(self) -> int:
         return max(o.min_group_size for o, _, _ in self.terms)
 

@@ -45,6 +45,7 @@ class OnlineDPO:
 
     min_group_size = 2  # pairs compare two samples of one prompt
     feedback_kinds = ("preference", "score")
+    copies_student = True  # the reference
 
     def __init__(
         self,

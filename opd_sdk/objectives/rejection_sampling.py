@@ -57,6 +57,7 @@ class RejectionSampling:
 
     min_group_size = 1
     feedback_kinds = ("score",)
+    copies_student = False
 
     def __init__(self, *, top_k: int | None = 1, threshold: float | None = None, chunk_rows: int = 4) -> None:
         if top_k is not None and top_k < 1:

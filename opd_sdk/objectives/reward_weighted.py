@@ -125,6 +125,10 @@ class RewardWeighted:
         # RLOO's and GRPO's baselines are the other samples of the prompt: one sample has no signal
         self.min_group_size = 2 if advantage in ("rloo", "grpo") else 1
 
+    @property
+    def copies_student(self) -> bool:
+        return self.beta > 0  # the KL reference
+
     def setup(self, policy: torch.nn.Module) -> None:
         if self.beta > 0 and self.reference is None:
             self.reference = frozen_copy(policy)

@@ -55,6 +55,7 @@ class SFT:
         self.all_references = all_references
         self.chunk_rows = chunk_rows
         self.feedback_kinds: tuple[str, ...] = ("reference",) if source == "reference" else ()
+        self.copies_student = False
 
     def setup(self, policy: torch.nn.Module) -> None:
         pass

@@ -81,6 +81,7 @@ class SPIN:
         self.opponent: torch.nn.Module | None = None
         self.refreshes = 0
         self.feedback_kinds: tuple[str, ...] = ("reference",) if source == "reference" else ()
+        self.copies_student = True  # the opponent
 
     def setup(self, policy: torch.nn.Module) -> None:
         self.opponent = frozen_copy(policy)

@@ -63,6 +63,7 @@ class TokenDistill:
 
     min_group_size = 1
     feedback_kinds = ("token_logprobs",)
+    copies_student = False
 
     def __init__(
         self,
