@@ -225,8 +225,10 @@ class Distributed:
             torch.distributed.barrier()
 
     def close(self) -> None:
-        """Leave the process group (a process that exits without this aborts noisily)."""
+        """Leave the process group, all ranks together (a rank whose peer has already exited, or
+        that exits without leaving, can abort with "terminate called without an active exception")."""
         if (self.enabled or self.fsdp) and torch.distributed.is_initialized():
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 
