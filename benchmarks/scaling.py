@@ -94,12 +94,12 @@ def mean(values: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads per process")
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts (default: 1 2)")
+    parser.add_argument("--steps", type=int, default=4, help="steps per layout; the first is warm-up (default: 4)")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts a step, all processes together (default: 8)")
+    parser.add_argument("--group-size", type=int, default=8, help="samples per prompt (default: 8)")
+    parser.add_argument("--max-new-tokens", type=int, default=24, help="new tokens per sample at most (default: 24)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per process (default: 1)")
     parser.add_argument("--fsdp-processes", type=int, nargs="*", default=None,
                         help="process counts to run FSDP2 at (default: those of --processes above 1)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -18,8 +18,8 @@ import yaml
 
 from opd_sdk.config import DataConfig, RunConfig, StudentConfig
 from opd_sdk.data import PromptItem, load_prompts
-from opd_sdk.distributed import Distributed
 from opd_sdk.checkpoint import check_world_size, latest_checkpoint
+from opd_sdk.distributed import Distributed
 from opd_sdk.errors import ConfigError, TrainingStopped
 from opd_sdk.metrics import plot_learning_curve, read_metrics
 from opd_sdk.models import resolve_model_path
