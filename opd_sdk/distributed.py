@@ -67,16 +67,21 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
 
 
+def deepspeed_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
+NO_DEEPSPEED = ("DeepSpeed is not supported by opd-sdk yet; launch with an FSDP accelerate config "
+                "(distributed_type: FSDP) or plain data parallel (multi_gpu)")
+
+
 def launch_problems(*, world_size: int, fsdp: bool, prompts_per_step: int, max_staleness: int = 0,
                     eval_every: int = 0, engine: str = "transformers", objective: Any = None) -> list[str]:
     """What this job cannot do with `world_size` processes (and FSDP), one line each with the fix.
 
     Checked by `opd train --check`, by `opd train` before it writes anything, and by the Trainer.
     """
-    problems = []
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        problems.append("DeepSpeed is not supported by opd-sdk yet; launch with an FSDP accelerate config "
-                        "(distributed_type: FSDP) or plain data parallel (multi_gpu)")
+    problems = [NO_DEEPSPEED] if deepspeed_requested() else []
     if prompts_per_step % world_size:
         problems.append(f"rollout.prompts_per_step ({prompts_per_step}) must be a multiple of the number of "
                         f"processes ({world_size}): each process samples an equal share of the prompts")
@@ -123,9 +128,8 @@ class Distributed:
     @classmethod
     def from_environment(cls) -> "Distributed":
         """Raises ConfigError when the launcher asks for DeepSpeed (not supported)."""
-        deepspeed = launch_problems(world_size=1, fsdp=False, prompts_per_step=1)
-        if deepspeed:
-            raise ConfigError(deepspeed[0])
+        if deepspeed_requested():
+            raise ConfigError(NO_DEEPSPEED)
         fsdp = fsdp_requested()
         if launched_world_size() <= 1 and not fsdp:
             return cls()

@@ -32,10 +32,6 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules whose class is named in `_no_split_modules` of the (peft-unwrapped) model."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.utils.checkpoint
 
+from opd_sdk.fsdp import is_sharded
+
 
 def _trunk_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
     """(decoder trunk, LM head) of a causal LM, or (None, None) when we cannot split it safely."""
@@ -94,14 +96,6 @@ def _hidden_with_shared_prefix(trunk, input_ids_BT, attention_mask_BT, position_
     )
     last_prefix_B1H = pre.last_hidden_state[:, -1:].repeat_interleave(G, 0)
     return torch.cat([last_prefix_B1H, post.last_hidden_state[:, :-1]], dim=1)
-
-
-def _is_fsdp_root(model: torch.nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(model, FSDPModule)
 
 
 def _hidden_through_root(model, trunk, kwargs) -> torch.Tensor:
@@ -180,7 +174,7 @@ def sequence_logprobs(
     from_col = max(1, min(from_col, T))
     # states_BSX: the hidden states (or logits, for a model we cannot split) that predict columns from_col .. T-1
     states_BSX = None
-    sharded = _is_fsdp_root(model)
+    sharded = is_sharded(model)
     if sharded and trunk is not None:
         states_BSX = _hidden_through_root(model, trunk, kwargs)[:, from_col - 1 : -1]
     elif trunk is not None and share_prefix and 1 < from_col < T and not _uses_activation_checkpointing(trunk):
