@@ -233,10 +233,12 @@ def save_resolved_config(cfg: RunConfig) -> Path:
 RUN_FILES = ("metrics.jsonl", "config.yaml", "summary.json", "learning_curve.png", "final", "tb")
 
 
-def prepare_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool, world_size: int = 1) -> None:
+def prepare_output_dir(
+    output_dir: str | Path, *, resume: bool, overwrite: bool, world_size: int = 1, steps: int | None = None
+) -> None:
     """Refuse to mix two runs in one folder: --resume needs a checkpoint there, saved by a job of
-    `world_size` processes; a new run needs an empty folder unless --overwrite (which deletes the
-    earlier run's files, not its cache)."""
+    `world_size` processes, and steps left to train (a run of `steps` that saved final/ is finished);
+    a new run needs an empty folder unless --overwrite (which deletes the earlier run's files, not its cache)."""
     out = Path(output_dir)
     if resume:
         last = latest_checkpoint(out)
@@ -247,7 +249,13 @@ def prepare_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool,
                 + ("start the run again with --overwrite (its feedback cache is kept)" if held
                    else "run without --resume to start a new run")
             )
-        check_world_size(last, world_size)
+        done = int(check_world_size(last, world_size)["step"])
+        if steps is not None and done >= steps and (out / "final").exists():
+            raise ConfigError(
+                f"--resume: the run in {out} is finished ({last.name} of steps: {steps}, final/ saved), nothing is "
+                f"left to train; to train further, start a new run from it (--set student.model={out / 'final'} "
+                "--set output_dir=...), or raise steps and --resume"
+            )
         return
     held = [out / n for n in RUN_FILES if (out / n).exists()] + sorted(out.glob("step-*"))
     if held and not overwrite:
@@ -286,7 +294,9 @@ def _train(cfg: RunConfig, dist: Distributed, *, resume: bool, overwrite: bool, 
         disable_progress_bars()
         transformers_logging.disable_progress_bar()
     def prepare() -> None:
-        prepare_output_dir(cfg.output_dir, resume=resume, overwrite=overwrite, world_size=dist.world_size)
+        prepare_output_dir(
+            cfg.output_dir, resume=resume, overwrite=overwrite, world_size=dist.world_size, steps=cfg.steps
+        )
         save_resolved_config(cfg)
 
     dist.on_main(prepare)  # rank 0 prepares output_dir before any rank reads it; its error stops every rank

@@ -192,6 +192,10 @@ def test_train_then_eval_then_resume(tmp_path, tiny_dir, capsys):
     assert rc == 2 and "already holds a run" in err and "--resume" in err and "--overwrite" in err
     assert [r["step"] for r in metric_rows(run)] == [0, 1, 2]  # nothing was touched
 
+    rc, _, err = run_cli(capsys, "train", str(path), "--resume")  # finished: nothing to train, nothing re-evaluated
+    assert rc == 2 and "is finished (step-2 of steps: 2, final/ saved)" in err and "raise steps" in err
+    assert [r["step"] for r in metric_rows(run)] == [0, 1, 2]
+
     rc, out, err = run_cli(capsys, "train", str(path), "--resume", "--set", "steps=5")
     assert rc == 0, err
     assert [r["step"] for r in metric_rows(run)] == [0, 1, 2, 3, 4, 5]
@@ -303,3 +307,17 @@ def test_resume_after_a_stop_before_the_first_step_points_to_overwrite(tmp_path)
     (tmp_path / "metrics.jsonl").write_text('{"step": 0, "eval/accuracy": 0.5}\n')
     with pytest.raises(ConfigError, match="no complete step-N/ checkpoint; start the run again with --overwrite"):
         prepare_output_dir(tmp_path, resume=True, overwrite=False)
+
+
+def test_resume_of_a_finished_run_says_so_and_a_raised_step_count_continues(tmp_path):
+    from opd_sdk.checkpoint import STATE_FILE
+    from opd_sdk.errors import ConfigError
+    from opd_sdk.runner import prepare_output_dir
+
+    (tmp_path / "step-3").mkdir()
+    (tmp_path / "step-3" / STATE_FILE).write_text('{"step": 3, "world_size": 1}')
+    prepare_output_dir(tmp_path, resume=True, overwrite=False, steps=3)  # final/ not saved yet: resume saves it
+    (tmp_path / "final").mkdir()
+    with pytest.raises(ConfigError, match=r"is finished \(step-3 of steps: 3, final/ saved\), nothing is left"):
+        prepare_output_dir(tmp_path, resume=True, overwrite=False, steps=3)
+    prepare_output_dir(tmp_path, resume=True, overwrite=False, steps=5)
