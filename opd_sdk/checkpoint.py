@@ -99,12 +99,15 @@ def save_checkpoint(
     rng: dict[str, Any] | None = None,
     rank_rngs: list[dict[str, Any]] = (),
     sharded: Path | None = None,
+    deepspeed: Path | None = None,
 ) -> Path:
     """Write a checkpoint folder at `path` (atomically); `state` must be JSON-serialisable.
 
     rng: the RNG state to store (default: the current one). rank_rngs: ranks 1.. of a
     multi-process job, in order. sharded: a folder the ranks wrote with
     `opd_sdk.fsdp.save_sharded`, moved in as sharded/ in place of the model and optimizer files.
+    deepspeed: a folder the ranks wrote with `opd_sdk.zero.ZeroEngine.save`, moved in as
+    deepspeed/ in place of the optimizer file (the model is saved whole as usual).
     """
     final = Path(path)
     tmp = final.with_name(final.name + ".tmp")
@@ -115,6 +118,9 @@ def save_checkpoint(
         shutil.move(str(sharded), tmp / "sharded")
     else:
         model.save_pretrained(tmp / ("adapter" if is_peft(model) else "model"))
+    if deepspeed is not None:
+        shutil.move(str(deepspeed), tmp / "deepspeed")
+    elif sharded is None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp / "tokenizer")
@@ -204,18 +210,26 @@ def load_checkpoint(
     objective: Any = None,
     rank: int = 0,
     world_size: int = 1,
+    zero: bool = False,
 ) -> dict[str, Any]:
     """Restore model, optimizer, scheduler, RNG (rank `rank`'s) and objective state; returns
-    trainer_state.json. Raises ConfigError for an incomplete folder, or one saved by a job with
-    another number of processes (each process's sampling stream resumes exactly only on the same count)."""
+    trainer_state.json. zero: the run trains under DeepSpeed ZeRO, whose optimizer state
+    (deepspeed/) the caller loads (`ZeroEngine.load`). Raises ConfigError for an incomplete
+    folder, one saved by a job with another number of processes (each process's sampling
+    stream resumes exactly only on the same count), or with(out) FSDP or ZeRO unlike this run."""
     folder = Path(path)
     if not (folder / STATE_FILE).exists():
         raise ConfigError(f"{folder} is not a complete checkpoint (no {STATE_FILE})")
     state = check_world_size(folder, world_size)
+    if (folder / "deepspeed").exists() != zero:
+        saved, now = ("a DeepSpeed ZeRO", "no ZeRO") if not zero else ("no ZeRO", "a DeepSpeed ZeRO")
+        raise ConfigError(f"{folder} holds {saved} optimizer state but this run has {now} optimizer; "
+                          "resume with the accelerate config the run was started with")
     device = next(model.parameters()).device
     if not _load_sharded(model, optimizer, folder):
         _load_model_weights(model, folder)
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
+        if not zero:
+            optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     if objective is not None and hasattr(objective, "load_state_dict") and (folder / "objective.pt").exists():
         objective.load_state_dict(torch.load(folder / "objective.pt", map_location=device, weights_only=True))

@@ -117,7 +117,7 @@ def _after_interrupt(cfg) -> str:
     last = latest_checkpoint(cfg.output_dir)
     if last is not None:
         return f"checkpoint {last.name} was saved; `opd train CONFIG --resume` continues from it"
-    partial = sorted(p.name.removesuffix(".tmp") for p in Path(cfg.output_dir).glob("step-*.tmp"))
+    partial = sorted(p.name.split(".")[0] for p in Path(cfg.output_dir).glob("step-*.tmp"))
     why = f"it stopped while saving {partial[-1]}" if partial else "no step had finished"
     return (f"{why}, so there is no complete checkpoint; `opd train CONFIG --overwrite` starts again "
             "(the feedback cache is kept: answers already paid for are not paid again)")

@@ -36,7 +36,14 @@ ACCELERATE_USE_FSDP=true under torchrun). The same flow holds; FSDP sums
 the gradient shards in backward instead of the all-reduce, and since every
 forward is then a collective, a rank with nothing to run in a micro-batch
 still runs a zero-loss pass (`forward.idle_loss`) and generation keeps all
-ranks stepping (`synced_gpus`). DeepSpeed is not supported.
+ranks stepping (`synced_gpus`).
+
+DeepSpeed ZeRO stage 1 or 2 (`opd_sdk.zero`) is chosen by an accelerate
+DeepSpeed config (ACCELERATE_USE_DEEPSPEED, ACCELERATE_DEEPSPEED_ZERO_STAGE):
+every rank keeps the whole student, as under data parallel, and DeepSpeed
+partitions the optimizer state (stage 1) and the gradients (stage 2) over the
+ranks; it reduces the gradients in backward (in lockstep, like FSDP) and steps
+the optimizer. ZeRO-3 (sharded parameters) is refused: FSDP2 does that here.
 
 Ranks draw their samples from different RNG streams (seed + rank). Only
 rank 0 writes metrics, progress and checkpoints; each rank's RNG state is
@@ -46,6 +53,7 @@ exact.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 from typing import Any, Callable, Sequence
@@ -67,12 +75,32 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
 
 
-def deepspeed_requested() -> bool:
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+def zero_stage_requested() -> int:
+    """The ZeRO stage of accelerate's DeepSpeed config (ACCELERATE_USE_DEEPSPEED=true); 0 without DeepSpeed."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return 0
+    return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") or 2)
 
 
-NO_DEEPSPEED = ("DeepSpeed is not supported by opd-sdk yet; launch with an FSDP accelerate config "
-                "(distributed_type: FSDP) or plain data parallel (multi_gpu)")
+def deepspeed_problems(zero_stage: int) -> list[str]:
+    """What opd-sdk cannot do of the DeepSpeed config accelerate launched with, one line each with the fix."""
+    if not zero_stage:
+        return []
+    problems = []
+    if zero_stage not in (1, 2):
+        problems.append(f"DeepSpeed zero_stage {zero_stage}: opd-sdk runs ZeRO stage 1 or 2; to shard the "
+                        "student's parameters use FSDP (distributed_type: FSDP), or set zero_stage: 2")
+    offload = {v: os.environ.get(v, "none").lower() for v in (
+        "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE")}
+    if any(v not in ("", "none") for v in offload.values()):
+        problems.append("DeepSpeed offload_optimizer_device / offload_param_device: offloading is not supported; "
+                        "set both to none")
+    if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none").lower() not in ("", "none"):
+        problems.append("DeepSpeed deepspeed_config_file: opd-sdk builds DeepSpeed's config from the opd config "
+                        "(optimizer, max_grad_norm); give zero_stage in the accelerate config instead of a file")
+    if importlib.util.find_spec("deepspeed") is None:
+        problems.append("DeepSpeed is not installed: pip install -e '.[deepspeed]' (or pip install deepspeed)")
+    return problems
 
 
 def launch_problems(*, world_size: int, fsdp: bool, prompts_per_step: int, max_staleness: int = 0,
@@ -81,7 +109,7 @@ def launch_problems(*, world_size: int, fsdp: bool, prompts_per_step: int, max_s
 
     Checked by `opd train --check`, by `opd train` before it writes anything, and by the Trainer.
     """
-    problems = [NO_DEEPSPEED] if deepspeed_requested() else []
+    problems = deepspeed_problems(zero_stage_requested())
     if prompts_per_step % world_size:
         problems.append(f"rollout.prompts_per_step ({prompts_per_step}) must be a multiple of the number of "
                         f"processes ({world_size}): each process samples an equal share of the prompts")
@@ -115,28 +143,39 @@ class Distributed:
     environment is a launched job (WORLD_SIZE > 1) or asks for FSDP, in which
     case accelerate's `PartialState` joins the process group (NCCL on GPUs,
     gloo on CPUs) and picks this rank's device. fsdp: shard the student
-    (FSDP2), also at world size 1. With world_size 1 every collective is the identity.
+    (FSDP2), also at world size 1. zero_stage: 1 or 2 under an accelerate
+    DeepSpeed config (`opd_sdk.zero`), else 0. With world_size 1 every
+    collective is the identity.
     """
 
     def __init__(self, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
-                 fsdp: bool = False) -> None:
+                 fsdp: bool = False, zero_stage: int = 0) -> None:
         self.rank = rank
         self.world_size = world_size
         self.device = device or torch.device("cpu")
         self.fsdp = fsdp
+        self.zero_stage = zero_stage
 
     @classmethod
     def from_environment(cls) -> "Distributed":
-        """Raises ConfigError when the launcher asks for DeepSpeed (not supported)."""
-        if deepspeed_requested():
-            raise ConfigError(NO_DEEPSPEED)
-        fsdp = fsdp_requested()
-        if launched_world_size() <= 1 and not fsdp:
+        """Raises ConfigError for a DeepSpeed config opd-sdk cannot run (`deepspeed_problems`)."""
+        fsdp, zero_stage = fsdp_requested(), zero_stage_requested()
+        problems = deepspeed_problems(zero_stage)
+        if problems:
+            raise ConfigError("; ".join(problems))
+        if launched_world_size() <= 1 and not fsdp and not zero_stage:
             return cls()
         from accelerate import PartialState
 
-        state = PartialState(cpu=not torch.cuda.is_available())
-        return cls(state.process_index, state.num_processes, state.device, fsdp=fsdp)
+        cpu = not torch.cuda.is_available()
+        # Under a DeepSpeed config accelerate ignores `cpu` and looks for GPUs: on CPUs name gloo.
+        state = PartialState(backend="gloo") if cpu and zero_stage else PartialState(cpu=cpu)
+        return cls(state.process_index, state.num_processes, state.device, fsdp=fsdp, zero_stage=zero_stage)
+
+    @property
+    def lockstep(self) -> bool:
+        """Every backward pass is a collective (FSDP, ZeRO): ranks must run the same passes."""
+        return self.fsdp or bool(self.zero_stage)
 
     @property
     def enabled(self) -> bool:
@@ -209,8 +248,8 @@ class Distributed:
 
     def sum_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
         """grad <- sum over ranks of grad, for every parameter (None counts as zeros), in buckets.
-        Nothing to do under FSDP (it reduce-scatters in backward) or in one process."""
-        if not self.enabled or self.fsdp:
+        Nothing to do under FSDP or ZeRO (they reduce in backward) or in one process."""
+        if not self.enabled or self.lockstep:
             return
         for p in params:
             if p.grad is None:
@@ -231,7 +270,7 @@ class Distributed:
     def close(self) -> None:
         """Leave the process group, all ranks together (a rank whose peer has already exited, or
         that exits without leaving, can abort with "terminate called without an active exception")."""
-        if (self.enabled or self.fsdp) and torch.distributed.is_initialized():
+        if (self.enabled or self.lockstep) and torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 

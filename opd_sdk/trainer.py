@@ -244,7 +244,13 @@ class Trainer:
         self.saved_step = 0  # the step of the newest checkpoint this run wrote or resumed from
         self.no_signal_streak = 0  # consecutive steps without signal because teacher calls failed
         self.teacher_cost_before = 0.0  # cost spent by earlier runs of a resumed training
-        objective.setup(model)
+        objective.setup(model)  # (a frozen copy is taken here, before DeepSpeed hooks into the student)
+        self.zero = None  # DeepSpeed ZeRO-1/2 partitions the optimizer state and gradients over the ranks
+        if dist.zero_stage:
+            from opd_sdk.zero import ZeroEngine
+
+            self.zero = ZeroEngine(model, self.optimizer, stage=dist.zero_stage, max_grad_norm=opt.max_grad_norm,
+                                   world_size=dist.world_size)
         if dist.enabled:
             set_seed(loop.seed + dist.rank)  # same initial weights everywhere, a sampling stream per rank
 
@@ -349,15 +355,19 @@ class Trainer:
                 flat_tolerance=self.flat_tolerance, backward=True, tis_cap=self.tis_cap, pad_id=self.pad_id,
                 autocast=self._autocast(), dist=self.dist,
                 prompt_range=self.dist.share(batch.num_prompts) if self.dist.enabled else None,
+                backward_fn=self.zero.backward if self.zero is not None else None,
             )
             t_backward = time.perf_counter()
             skipped = result.signal == 0
             grad_norm, lr = None, self.scheduler.get_last_lr()[0]
-            if not skipped:
+            if not skipped and self.zero is not None:
+                grad_norm = self.zero.step()  # clips (max_grad_norm) and steps the partitioned optimizer
+            elif not skipped:
                 self.dist.sum_gradients(self.params)
                 if self.max_grad_norm is not None:
                     grad_norm = grad_norm_clip(self.params, self.max_grad_norm)
                 self.optimizer.step()
+            if not skipped:
                 self.scheduler.step()
                 if self.dist.fsdp:
                     self.model.reshard()  # the root's gathered copy (kept by generate) is stale now
@@ -500,11 +510,16 @@ class Trainer:
                 raise ConfigError("save_checkpoint needs a path or the trainer's output_dir")
             path = checkpoint_dir(self.output_dir, self.step)
         rngs = self.dist.all_gather((at_step_start or {}).get("rng") or rng_state())
-        sharded = None
-        if self.dist.fsdp:  # every rank writes its shards, then rank 0 moves them in
-            sharded = Path(path).with_name(Path(path).name + ".sharded.tmp")
-            self.dist.on_main(lambda: shutil.rmtree(sharded, ignore_errors=True))
-            save_sharded(self.model, self.optimizer, sharded)
+        sharded = zero = None
+        if self.dist.fsdp or self.zero is not None:  # every rank writes its shards, then rank 0 moves them in
+            shards = Path(path).with_name(Path(path).name + ".shards.tmp")
+            self.dist.on_main(lambda: shutil.rmtree(shards, ignore_errors=True))
+            if self.zero is not None:
+                zero = shards
+                self.zero.save(shards)
+            else:
+                sharded = shards
+                save_sharded(self.model, self.optimizer, shards)
             self.dist.barrier()
         if not self.dist.is_main:
             return Path(path)
@@ -520,6 +535,7 @@ class Trainer:
         saved = save_checkpoint(
             path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, state=state,
             objective=self.objective, tokenizer=self.tokenizer, rng=rngs[0], rank_rngs=rngs[1:], sharded=sharded,
+            deepspeed=zero,
         )
         scrub_machine_paths(saved)
         return saved
@@ -540,8 +556,10 @@ class Trainer:
             path = found
         state = load_checkpoint(
             path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, objective=self.objective,
-            rank=self.dist.rank, world_size=self.dist.world_size,
+            rank=self.dist.rank, world_size=self.dist.world_size, zero=self.zero is not None,
         )
+        if self.zero is not None:
+            self.zero.load(Path(path) / "deepspeed")
         self.step = self.saved_step = int(state["step"])
         self.sampler.load_state_dict(state["data"])
         self.teacher_cost_before = float(state.get("teacher_cost_usd", 0.0))

@@ -1,7 +1,8 @@
 """Launched by tests/test_distributed.py: a Python-API training against a judge on the scripted server.
 
     torchrun --standalone --nproc_per_node 2 tests/distributed_script.py record OUT URL K
-        trains 3 steps on 2 processes (FSDP when ACCELERATE_USE_FSDP=true); each rank writes the
+        trains 3 steps on 2 processes (FSDP when ACCELERATE_USE_FSDP=true, DeepSpeed ZeRO when
+        ACCELERATE_USE_DEEPSPEED=true, a LoRA student when OPD_TEST_LORA=1); each rank writes the
         batches it sampled (OUT/batches/), rank 0 the final weights (OUT/weights.pt)
     torchrun ... resume OUT URL K
         the same job again from its step-2 checkpoint; final weights to OUT/resumed_weights.pt
@@ -42,6 +43,7 @@ SETTINGS = dict(prompts_per_step=4, group_size=2, max_steps=3, max_new_tokens=6,
 # AdamW magnifies rounding in tiny gradients; FSDP's reduce-scatter rounds differently from one process
 LR = {"ddp": 1e-2, "fsdp": 1e-3}
 HIDDEN = {"transformers": 64, "vllm": 256}  # vLLM's CPU attention needs head_dim 64
+LORA = {"r": 4, "target_modules": ["q_proj", "v_proj"]}  # with OPD_TEST_LORA=1
 WEIGHTS = {"record": "weights.pt", "replay": "replay_weights.pt", "resume": "resumed_weights.pt"}
 
 
@@ -97,7 +99,7 @@ def main(mode: str, out: Path, url: str, k: int, engine: str = "transformers") -
     trainer = Trainer(
         tiny_model(tok, seed=0, hidden=HIDDEN[engine]), tok, RewardWeighted(advantage="reinforce"), collector, PROMPTS,
         engine=engine, max_model_len=128, kv_cache_gb=1,
-        micro_batch_prompts=1, max_staleness=k, distributed=dist, lr=lr,
+        micro_batch_prompts=1, max_staleness=k, distributed=dist, lr=lr, lora=LORA if os.environ.get("OPD_TEST_LORA") else None,
         output_dir={"record": out / "run", "resume": out / "run"}.get(mode), progress=False, **SETTINGS,
     )
     if replay:  # the trainer's settings (tis_cap...) stay those of the engine it built

@@ -1,7 +1,8 @@
 """Multi-process training (opd_sdk.distributed) on 2 CPU processes (gloo), launched as users launch it.
 
 - The Python API under `torchrun`: weights after 3 steps equal one process trained on the same
-  global batch (atol 1e-5), with and without the pipeline (max_staleness 1); every judge request
+  global batch (atol 1e-5), with and without the pipeline (max_staleness 1), under FSDP2 and
+  DeepSpeed ZeRO-2 and ZeRO-1 with LoRA (when deepspeed is installed); every judge request
   is sent once, and never faster than the job's RPM although two processes sample.
 - `opd train` under `accelerate launch`: rank 0 alone writes; killing one rank stops the job,
   and `--resume` finishes it without asking the judge anything it already answered.
@@ -9,6 +10,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -61,9 +63,20 @@ def assert_within_rpm(arrivals: list[float], rpm: float) -> None:
             assert j - i + 1 <= 1 + rate * (arrivals[j] - arrivals[i]) + 1, (i, j, arrivals)
 
 
-@pytest.mark.parametrize("strategy, k", [("ddp", 0), ("ddp", 1), ("fsdp", 0)])
+# what `accelerate launch` exports for each example config (examples/accelerate/)
+LAUNCH_ENV = {
+    "ddp": {},
+    "fsdp": {"ACCELERATE_USE_FSDP": "true"},
+    "zero2": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
+    "zero1-lora": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1", "OPD_TEST_LORA": "1"},
+}
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
+
+
+@pytest.mark.parametrize("strategy, k", [("ddp", 0), ("ddp", 1), ("fsdp", 0), pytest.param("zero2", 0, marks=needs_deepspeed),
+                                         pytest.param("zero1-lora", 0, marks=needs_deepspeed)])
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, strategy, k):
-    launched = env() | ({"ACCELERATE_USE_FSDP": "true"} if strategy == "fsdp" else {})
+    launched = env() | LAUNCH_ENV[strategy]
     torchrun = ["torchrun", "--standalone", "--nproc_per_node", "2", str(SCRIPT)]
     with ScriptedServer(scores_by_content) as srv:
         run(torchrun + ["record", str(tmp_path), srv.base_url, str(k)], env=launched)
@@ -86,7 +99,9 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, st
     from tests.loop_fixtures import tiny_model, tiny_tokenizer
 
     start = tiny_model(tiny_tokenizer(), seed=0).state_dict()
-    moved = max(float((two[n] - start[n]).abs().max()) for n in two)
+    lora = strategy.endswith("lora")  # only the adapters move; lora_B starts at zero
+    moved = max(float(w.abs().max()) if lora and "lora_B" in n else 0.0 if lora else float((w - start[n]).abs().max())
+                for n, w in two.items())
     assert moved > 1e-3, "the weights did not move: the comparison below would prove nothing"
     for name in two:  # (an FSDP-saved student keeps a tied LM head once, under the embeddings' name)
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0, msg=name)
@@ -100,7 +115,9 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, st
     assert len(rows) == 3
     step = tmp_path / "run" / "step-3"
     assert (step / "rng-rank1.pt").exists()
-    assert (step / "sharded").is_dir() == (strategy == "fsdp") and (step / "model").is_dir() == (strategy == "ddp")
+    assert (step / "sharded").is_dir() == (strategy == "fsdp")
+    assert (step / ("adapter" if lora else "model")).is_dir() == (strategy != "fsdp")
+    assert (step / "deepspeed").is_dir() == strategy.startswith("zero")  # each rank's optimizer partition
 
 
 def launch(config: Path, *extra: str, accelerate_config: str = "ddp") -> subprocess.Popen:
@@ -149,18 +166,26 @@ def test_opd_train_under_accelerate_launch_survives_a_killed_rank(tmp_path, tiny
 
 
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="needs the accelerate launcher")
-def test_opd_train_under_accelerate_fsdp_saves_a_whole_student(tmp_path, tiny_dir):
+@pytest.mark.parametrize("accelerate_config, shards", [("fsdp", "sharded"),
+                                                       pytest.param("deepspeed", "deepspeed", marks=needs_deepspeed)])
+def test_opd_train_under_accelerate_fsdp_or_zero_saves_a_whole_student_and_resumes(
+        tmp_path, tiny_dir, accelerate_config, shards):
     from transformers import AutoModelForCausalLM
 
     with ScriptedServer(scores_by_content) as srv:
         config = write_config(tmp_path, tiny_dir, srv.base_url)
-        proc = launch(config, "--set", "steps=2", accelerate_config="fsdp")
+        proc = launch(config, "--set", "steps=2", accelerate_config=accelerate_config)
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-6000:]
+        run = tmp_path / "run"
+        assert steps_in(run) == [0, 1, 2] and (run / "step-2" / shards).is_dir()
+        summary = json.loads(out[out.index("{"):])
+        assert summary["steps"] == 2 and summary["heldout_after"] is not None
+        saved = AutoModelForCausalLM.from_pretrained(run / "final").state_dict()
+        start = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
+        assert max(float((saved[n] - start[n]).abs().max()) for n in start) > 1e-4  # trained, and saved whole
+
+        proc = launch(config, "--resume", "--set", "steps=3", accelerate_config=accelerate_config)  # one step more
         out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-6000:]
-    run = tmp_path / "run"
-    assert steps_in(run) == [0, 1, 2] and (run / "step-2" / "sharded").is_dir()
-    summary = json.loads(out[out.index("{"):])
-    assert summary["steps"] == 2 and summary["heldout_after"] is not None
-    saved = AutoModelForCausalLM.from_pretrained(run / "final").state_dict()
-    start = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
-    assert max(float((saved[n] - start[n]).abs().max()) for n in start) > 1e-4  # trained, and saved whole
+    assert steps_in(run) == [0, 1, 2, 3] and (run / "step-3" / shards).is_dir()

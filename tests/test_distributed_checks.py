@@ -60,10 +60,29 @@ def test_prompts_per_step_must_split_evenly_over_the_processes():
         Trainer(tiny_model(tok), tok, RewardWeighted(), None, PROMPTS, prompts_per_step=3, distributed=two_ranks)
 
 
-def test_deepspeed_launch_is_refused_with_what_to_use(monkeypatch):
+def test_deepspeed_configs_opd_cannot_run_are_refused_with_the_fix(monkeypatch):
+    """ZeRO-3, offloading and a DeepSpeed JSON file: refused before any process group (stage 1/2 run:
+    tests/test_distributed.py)."""
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(ConfigError, match="DeepSpeed is not supported.*FSDP"):
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "ds.json")
+    with pytest.raises(ConfigError) as err:
         Distributed.from_environment()
+    for expected in ("zero_stage 3: opd-sdk runs ZeRO stage 1 or 2; to shard the student's parameters use FSDP",
+                     "offloading is not supported; set both to none",
+                     "give zero_stage in the accelerate config instead of a file"):
+        assert expected in str(err.value), (expected, str(err.value))
+
+
+def test_a_zero_checkpoint_resumes_only_under_zero(tmp_path, one_thread):
+    tok = tiny_tokenizer()
+    settings = dict(prompts_per_step=2, group_size=2, max_new_tokens=2, output_dir=tmp_path, progress=False)
+    Trainer(tiny_model(tok), tok, RewardWeighted(), collector(Constant()), PROMPTS, max_steps=1, **settings).train()
+    (tmp_path / "step-1" / "deepspeed").mkdir()  # as a ZeRO job leaves it
+    again = Trainer(tiny_model(tok), tok, RewardWeighted(), collector(Constant()), PROMPTS, max_steps=2, **settings)
+    with pytest.raises(ConfigError, match="holds a DeepSpeed ZeRO optimizer state but this run has no ZeRO"):
+        again.resume("latest")
 
 
 def test_a_checkpoint_resumes_only_on_its_process_count(tmp_path, one_thread):
@@ -117,6 +136,11 @@ def test_check_lists_every_problem_of_this_launch_before_anything_loads(tmp_path
                      "RewardWeighted keeps a frozen copy of the student"):
         assert expected in err, (expected, err)
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    rc, _, err = run_cli(capsys, "train", str(tmp_path / "run.yaml"), "--check")
+    assert rc == 2 and "zero_stage 3" in err and "frozen copy" not in err  # ZeRO keeps the whole student
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
     raw["rollout"]["prompts_per_step"] = 4
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
     rc, out, err = run_cli(capsys, "train", str(tmp_path / "run.yaml"), "--check")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -141,6 +141,7 @@ def batch_loss(
     autocast: Any = None,
     prompt_range: tuple[int, int] | None = None,
     dist: Any = None,
+    backward_fn: Callable[[torch.Tensor, bool], None] | None = None,
 ) -> BatchLoss:
     """Targets once, then per micro-batch (whole prompt groups): one forward, every term's loss.
 
@@ -153,9 +154,10 @@ def batch_loss(
     prompt_range: run the forward and backward of these prompt groups only
     (this rank's share; plans still cover the whole batch). dist: an
     `opd_sdk.distributed.Distributed`; the loss and metrics are then summed
-    over the ranks' shares (gradients are the caller's to sum). Under FSDP a
-    micro-batch with nothing to run here still runs `idle_loss` (its peers'
-    passes are collectives).
+    over the ranks' shares (gradients are the caller's to sum). Under FSDP or
+    ZeRO a micro-batch with nothing to run here still runs `idle_loss` (its
+    peers' passes are collectives). backward_fn(loss, last): called instead of
+    `loss.backward()` (DeepSpeed's engine; last: the final micro-batch).
     """
     feedback = list(feedback) if feedback is not None else []
     terms = objective.split(feedback) if isinstance(objective, Composite) else [Term(None, objective, 1.0, feedback)]
@@ -176,7 +178,8 @@ def batch_loss(
     sums: dict[str, list] = {}
     stats = {"logprob_abs_diff_sum": 0.0, "logprob_tokens": 0.0, "max_ratio": 0.0, "policy_passes": 0.0}
     total: Any = 0.0
-    lockstep = backward and dist is not None and dist.enabled and dist.fsdp
+    # every micro-batch runs a pass: a backward_fn counts them, FSDP's and ZeRO's are collectives
+    lockstep = backward and (backward_fn is not None or (dist is not None and dist.enabled and dist.lockstep))
     if signal > 0:
         P = batch.num_prompts
         lo, hi = prompt_range or (0, P)
@@ -207,7 +210,10 @@ def batch_loss(
             if micro_loss is None:
                 continue
             if backward:
-                micro_loss.backward()
+                if backward_fn is None:
+                    micro_loss.backward()
+                else:
+                    backward_fn(micro_loss, start + step >= hi)
                 total += float(micro_loss.detach())
             else:
                 total = total + micro_loss
