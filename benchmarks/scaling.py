@@ -4,11 +4,12 @@ Each layout trains SmolLM2-135M-Instruct (offline, fp32) with RewardWeighted (RL
 times table, P prompts x G samples a step, under `torchrun`. The reward is the answer's
 length (a local scorer: every group has a spread, so every step runs the same forward and
 backward work whatever was sampled; a verifier's all-wrong groups would be skipped). Every
-process samples P/N prompts, gradients are summed (DDP) or sharded (FSDP2). Each
+process samples P/N prompts, gradients are summed (DDP), sharded with the parameters (FSDP2)
+or partitioned with the optimizer state (DeepSpeed ZeRO-2, when deepspeed is installed). Each
 process gets the same compute: `--threads` CPU threads (default 1) on a CPU machine, one
 GPU on a GPU machine. The ideal is then N times the 1-process rate.
 
-    python benchmarks/scaling.py                       # 1 and 2 processes, DDP and FSDP at 2
+    python benchmarks/scaling.py                       # 1 and 2 processes, DDP, FSDP and ZeRO-2 at 2
     python benchmarks/scaling.py --processes 1 2 4 --steps 6
     python benchmarks/scaling.py --processes 1 --fsdp-processes 1    # one GPU: a real FSDP wrap at world size 1
 
@@ -18,6 +19,7 @@ Step times are means over the steps after the first (warm-up). Prints one table.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -73,12 +75,18 @@ def worker(args: argparse.Namespace) -> None:
     dist.close()
 
 
-def launch(args: argparse.Namespace, processes: int, fsdp: bool) -> list[dict]:
+# what `accelerate launch` exports for each layout (examples/accelerate/); "" is plain data parallel
+LAYOUT_ENV = {
+    "": {},
+    "FSDP2": {"ACCELERATE_USE_FSDP": "true"},
+    "ZeRO-2": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
+}
+
+
+def launch(args: argparse.Namespace, processes: int, layout: str) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "history.json"
-        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(args.threads))
-        if fsdp:
-            env["ACCELERATE_USE_FSDP"] = "true"
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(args.threads), **LAYOUT_ENV[layout])
         cmd = ["torchrun", "--standalone", "--nproc_per_node", str(processes), __file__, "--worker", "--out", str(out),
                "--steps", str(args.steps), "--prompts", str(args.prompts), "--group-size", str(args.group_size),
                "--max-new-tokens", str(args.max_new_tokens)]
@@ -102,21 +110,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per process (default: 1)")
     parser.add_argument("--fsdp-processes", type=int, nargs="*", default=None,
                         help="process counts to run FSDP2 at (default: those of --processes above 1)")
+    parser.add_argument("--zero-processes", type=int, nargs="*", default=None,
+                        help="process counts to run DeepSpeed ZeRO-2 at (default: those of --processes above 1, "
+                             "when deepspeed is installed)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
 
-    fsdp = args.fsdp_processes if args.fsdp_processes is not None else [n for n in args.processes if n > 1]
-    layouts = [(n, False) for n in args.processes] + [(n, True) for n in fsdp]
+    several = [n for n in args.processes if n > 1]
+    fsdp = args.fsdp_processes if args.fsdp_processes is not None else several
+    zero = args.zero_processes if args.zero_processes is not None else (
+        several if importlib.util.find_spec("deepspeed") else [])
+    layouts = [(n, "") for n in args.processes] + [(n, "FSDP2") for n in fsdp] + [(n, "ZeRO-2") for n in zero]
     rows = []
-    for processes, sharded in layouts:
-        history = launch(args, processes, sharded)[1:]  # the first step warms up
+    for processes, layout in layouts:
+        history = launch(args, processes, layout)[1:]  # the first step warms up
         step_s = mean([r["time_step_s"] for r in history])
         tokens = mean([r["completion_tokens"] / r["time_step_s"] for r in history])
         split = {k: mean([r[f"time_{k}_s"] for r in history]) for k in ("sampling", "forward_backward", "optimizer")}
-        rows.append((processes, "FSDP2" if sharded else "DDP" if processes > 1 else "single", step_s, tokens, split))
+        rows.append((processes, layout or ("DDP" if processes > 1 else "single"), step_s, tokens, split))
         print(f"done: {processes} process(es) {rows[-1][1]}: {step_s:.2f} s/step", file=sys.stderr, flush=True)
 
     base = rows[0][2]
