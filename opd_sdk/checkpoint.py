@@ -178,18 +178,19 @@ def _load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fold
     """Load sharded/ (FSDP) into the model and optimizer; False when the folder holds unsharded state."""
     from opd_sdk.fsdp import is_sharded, load_sharded
 
-    if (folder / "sharded").exists() != is_sharded(model):
-        saved, now = ("an FSDP", "a plain") if (folder / "sharded").exists() else ("a plain", "an FSDP")
-        raise ConfigError(f"{folder} holds {saved} student's state but this run trains {now} one; "
-                          "resume with the accelerate config (FSDP or not) the run was started with")
     if not is_sharded(model):
         return False
     load_sharded(model, optimizer, folder / "sharded")
     return True
 
 
-def check_world_size(folder: Path, world_size: int) -> dict[str, Any]:
-    """The checkpoint's trainer_state.json; ConfigError when a job of another process count saved it."""
+def layout_name(fsdp: bool, zero: bool) -> str:
+    return "FSDP" if fsdp else "DeepSpeed ZeRO" if zero else "plain (one process or data parallel)"
+
+
+def check_launch(folder: Path, *, world_size: int, fsdp: bool, zero: bool) -> dict[str, Any]:
+    """The checkpoint's trainer_state.json; ConfigError when a job of another process count, or
+    of another layout (FSDP's sharded/, ZeRO's deepspeed/ or neither), saved it."""
     state = json.loads((Path(folder) / STATE_FILE).read_text(encoding="utf-8"))
     saved_world = int(state.get("world_size", 1))
     if saved_world != world_size:
@@ -198,6 +199,10 @@ def check_world_size(folder: Path, world_size: int) -> dict[str, Any]:
             f"resume with the same number (`accelerate launch --num_processes {saved_world}` / "
             f"`torchrun --nproc_per_node {saved_world}`)"
         )
+    saved = layout_name((Path(folder) / "sharded").exists(), (Path(folder) / "deepspeed").exists())
+    if saved != layout_name(fsdp, zero):
+        raise ConfigError(f"{folder} was saved by a {saved} job and this one is {layout_name(fsdp, zero)}; "
+                          "resume with the accelerate config the run was started with")
     return state
 
 
@@ -215,16 +220,14 @@ def load_checkpoint(
     """Restore model, optimizer, scheduler, RNG (rank `rank`'s) and objective state; returns
     trainer_state.json. zero: the run trains under DeepSpeed ZeRO, whose optimizer state
     (deepspeed/) the caller loads (`ZeroEngine.load`). Raises ConfigError for an incomplete
-    folder, one saved by a job with another number of processes (each process's sampling
-    stream resumes exactly only on the same count), or with(out) FSDP or ZeRO unlike this run."""
+    folder, or one another launch saved (`check_launch`: each process's sampling stream
+    resumes exactly only on the same process count, and each layout reads its own state)."""
+    from opd_sdk.fsdp import is_sharded
+
     folder = Path(path)
     if not (folder / STATE_FILE).exists():
         raise ConfigError(f"{folder} is not a complete checkpoint (no {STATE_FILE})")
-    state = check_world_size(folder, world_size)
-    if (folder / "deepspeed").exists() != zero:
-        saved, now = ("a DeepSpeed ZeRO", "no ZeRO") if not zero else ("no ZeRO", "a DeepSpeed ZeRO")
-        raise ConfigError(f"{folder} holds {saved} optimizer state but this run has {now} optimizer; "
-                          "resume with the accelerate config the run was started with")
+    state = check_launch(folder, world_size=world_size, fsdp=is_sharded(model), zero=zero)
     device = next(model.parameters()).device
     if not _load_sharded(model, optimizer, folder):
         _load_model_weights(model, folder)

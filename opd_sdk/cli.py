@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from opd_sdk.distributed import is_main_process
+from opd_sdk.distributed import is_main_process, launched_world_size
 from opd_sdk.errors import OPDError
 
 RANK_EXIT_DELAY_S = 2.0  # ranks >= 1 wait this long before exiting on an error all ranks raised
@@ -114,12 +114,17 @@ def _after_interrupt(cfg) -> str:
         return "nothing was trained"
     from opd_sdk.checkpoint import latest_checkpoint
 
+    # a job of several processes saves nothing on a stop (a peer may be gone): only its scheduled checkpoints
+    several = launched_world_size() > 1
+    note = f" (a job of several processes saves only every save_every={cfg.save_every} steps)" if several else ""
     last = latest_checkpoint(cfg.output_dir)
     if last is not None:
-        return f"checkpoint {last.name} was saved; `opd train CONFIG --resume` continues from it"
+        saved = "is the newest" if several else "was saved"
+        return f"checkpoint {last.name} {saved}{note}; `opd train CONFIG --resume` continues from it"
     partial = sorted(p.name.split(".")[0] for p in Path(cfg.output_dir).glob("step-*.tmp"))
-    why = f"it stopped while saving {partial[-1]}" if partial else "no step had finished"
-    return (f"{why}, so there is no complete checkpoint; `opd train CONFIG --overwrite` starts again "
+    why = (f"it stopped while saving {partial[-1]}" if partial
+           else "no checkpoint was saved yet" if several else "no step had finished")
+    return (f"{why}{note}, so there is no complete checkpoint; `opd train CONFIG --overwrite` starts again "
             "(the feedback cache is kept: answers already paid for are not paid again)")
 
 

@@ -18,7 +18,7 @@ import yaml
 
 from opd_sdk.config import DataConfig, RunConfig, StudentConfig
 from opd_sdk.data import PromptItem, load_prompts
-from opd_sdk.checkpoint import check_world_size, latest_checkpoint
+from opd_sdk.checkpoint import check_launch, latest_checkpoint
 from opd_sdk.distributed import Distributed
 from opd_sdk.errors import ConfigError, TrainingStopped
 from opd_sdk.metrics import plot_learning_curve, read_metrics
@@ -234,11 +234,13 @@ RUN_FILES = ("metrics.jsonl", "config.yaml", "summary.json", "learning_curve.png
 
 
 def prepare_output_dir(
-    output_dir: str | Path, *, resume: bool, overwrite: bool, world_size: int = 1, steps: int | None = None
+    output_dir: str | Path, *, resume: bool, overwrite: bool, dist: Distributed | None = None,
+    steps: int | None = None,
 ) -> None:
     """Refuse to mix two runs in one folder: --resume needs a checkpoint there, saved by a job of
-    `world_size` processes, and steps left to train (a run of `steps` that saved final/ is finished);
-    a new run needs an empty folder unless --overwrite (which deletes the earlier run's files, not its cache)."""
+    this launch's process count and layout (`dist`, default one process), and steps left to train
+    (a run of `steps` that saved final/ is finished); a new run needs an empty folder unless
+    --overwrite (which deletes the earlier run's files, not its cache)."""
     out = Path(output_dir)
     if resume:
         last = latest_checkpoint(out)
@@ -249,7 +251,8 @@ def prepare_output_dir(
                 + ("start the run again with --overwrite (its feedback cache is kept)" if held
                    else "run without --resume to start a new run")
             )
-        done = int(check_world_size(last, world_size)["step"])
+        dist = dist or Distributed()
+        done = int(check_launch(last, world_size=dist.world_size, fsdp=dist.fsdp, zero=bool(dist.zero_stage))["step"])
         if steps is not None and done >= steps and (out / "final").exists():
             raise ConfigError(
                 f"--resume: the run in {out} is finished ({last.name} of steps: {steps}, final/ saved), nothing is "
@@ -287,7 +290,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, log=
 
 
 def _train(cfg: RunConfig, dist: Distributed, *, resume: bool, overwrite: bool, log) -> dict:
-    if not dist.is_main:  # one stream of progress bars (model loading, saving) for the job
+    if not dist.is_main or cfg.logging.progress is False:  # one stream of bars (loading, saving), or none
         from huggingface_hub.utils import disable_progress_bars
         from transformers.utils import logging as transformers_logging
 
@@ -295,7 +298,7 @@ def _train(cfg: RunConfig, dist: Distributed, *, resume: bool, overwrite: bool, 
         transformers_logging.disable_progress_bar()
     def prepare() -> None:
         prepare_output_dir(
-            cfg.output_dir, resume=resume, overwrite=overwrite, world_size=dist.world_size, steps=cfg.steps
+            cfg.output_dir, resume=resume, overwrite=overwrite, dist=dist, steps=cfg.steps
         )
         save_resolved_config(cfg)
 
@@ -324,7 +327,7 @@ def _train(cfg: RunConfig, dist: Distributed, *, resume: bool, overwrite: bool, 
         before = held_out(model)[metric] if dist.is_main and not resume else None
         trainer = make_trainer(cfg, model, tokenizer, objective, collectors or None, train_items, held_out, dist)
         if resume:
-            trainer.resume("latest")
+            log(f"opd: resuming from step {trainer.resume('latest')} ({cfg.output_dir})")
         elif dist.is_main:
             trainer.metrics.log(0, {f"eval/{metric}": before})
             log(f"opd: held-out {metric} before training {before:.3f} on {len(held)} prompts")

@@ -198,6 +198,7 @@ def test_train_then_eval_then_resume(tmp_path, tiny_dir, capsys):
 
     rc, out, err = run_cli(capsys, "train", str(path), "--resume", "--set", "steps=5")
     assert rc == 0, err
+    assert f"opd: resuming from step 2 ({run})" in out
     assert [r["step"] for r in metric_rows(run)] == [0, 1, 2, 3, 4, 5]
     assert sorted(p.name for p in run.glob("step-*")) == ["step-3", "step-4", "step-5"]  # keep_checkpoints: 3
     assert json.loads(out[out.index("{"):])["heldout_before"] == rows[0]["eval/accuracy"]

@@ -75,14 +75,21 @@ def test_deepspeed_configs_opd_cannot_run_are_refused_with_the_fix(monkeypatch):
         assert expected in str(err.value), (expected, str(err.value))
 
 
-def test_a_zero_checkpoint_resumes_only_under_zero(tmp_path, one_thread):
+def test_a_zero_checkpoint_resumes_only_under_zero_and_the_cli_says_so_before_writing(tmp_path, one_thread):
     tok = tiny_tokenizer()
     settings = dict(prompts_per_step=2, group_size=2, max_new_tokens=2, output_dir=tmp_path, progress=False)
     Trainer(tiny_model(tok), tok, RewardWeighted(), collector(Constant()), PROMPTS, max_steps=1, **settings).train()
     (tmp_path / "step-1" / "deepspeed").mkdir()  # as a ZeRO job leaves it
     again = Trainer(tiny_model(tok), tok, RewardWeighted(), collector(Constant()), PROMPTS, max_steps=2, **settings)
-    with pytest.raises(ConfigError, match="holds a DeepSpeed ZeRO optimizer state but this run has no ZeRO"):
+    mixed = r"saved by a DeepSpeed ZeRO job and this one is plain.*the accelerate config the run was started with"
+    with pytest.raises(ConfigError, match=mixed):
         again.resume("latest")
+    from opd_sdk.runner import prepare_output_dir  # `opd train --resume` refuses it before writing anything
+
+    with pytest.raises(ConfigError, match=mixed):
+        prepare_output_dir(tmp_path, resume=True, overwrite=False)
+    with pytest.raises(ConfigError, match="saved by a job of 1 process"):
+        prepare_output_dir(tmp_path, resume=True, overwrite=False, dist=Distributed(world_size=2, zero_stage=2))
 
 
 def test_a_checkpoint_resumes_only_on_its_process_count(tmp_path, one_thread):
@@ -153,3 +160,20 @@ def test_fsdp_refuses_a_frozen_copy_before_it_copies_anything():
     with pytest.raises(ConfigError, match="RewardWeighted keeps a frozen copy of the student.*data parallel"):
         Trainer(tiny_model(tok), tok, RewardWeighted(beta=0.1), None, PROMPTS, prompts_per_step=2,
                 distributed=sharded_alone)
+
+
+def test_after_a_stop_a_launched_job_says_which_checkpoint_it_resumes_from(tmp_path, monkeypatch):
+    """A job of several processes writes no checkpoint when stopped: the message names the newest one."""
+    from types import SimpleNamespace
+
+    from opd_sdk.cli import _after_interrupt
+
+    cfg = SimpleNamespace(output_dir=str(tmp_path), save_every=5)  # the two fields it reads of a RunConfig
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _after_interrupt(cfg).startswith("no checkpoint was saved yet (a job of several processes saves only "
+                                            "every save_every=5 steps), so there is no complete checkpoint")
+    (tmp_path / "step-5").mkdir()
+    (tmp_path / "step-5" / "trainer_state.json").write_text('{"step": 5}')
+    assert _after_interrupt(cfg).startswith("checkpoint step-5 is the newest (a job of several processes")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert _after_interrupt(cfg).startswith("checkpoint step-5 was saved; `opd train CONFIG --resume`")
