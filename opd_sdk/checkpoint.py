@@ -184,13 +184,13 @@ def _load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fold
     return True
 
 
-def layout_name(fsdp: bool, zero: bool) -> str:
-    return "FSDP" if fsdp else "DeepSpeed ZeRO" if zero else "plain (one process or data parallel)"
+def layout_name(fsdp: bool, zero_stage: int) -> str:
+    return "FSDP" if fsdp else f"DeepSpeed ZeRO-{zero_stage}" if zero_stage else "plain (one process or data parallel)"
 
 
-def check_launch(folder: Path, *, world_size: int, fsdp: bool, zero: bool) -> dict[str, Any]:
+def check_launch(folder: Path, *, world_size: int, fsdp: bool, zero_stage: int) -> dict[str, Any]:
     """The checkpoint's trainer_state.json; ConfigError when a job of another process count, or
-    of another layout (FSDP's sharded/, ZeRO's deepspeed/ or neither), saved it."""
+    of another layout (FSDP's sharded/, a ZeRO stage's deepspeed/, or neither), saved it."""
     state = json.loads((Path(folder) / STATE_FILE).read_text(encoding="utf-8"))
     saved_world = int(state.get("world_size", 1))
     if saved_world != world_size:
@@ -199,9 +199,9 @@ def check_launch(folder: Path, *, world_size: int, fsdp: bool, zero: bool) -> di
             f"resume with the same number (`accelerate launch --num_processes {saved_world}` / "
             f"`torchrun --nproc_per_node {saved_world}`)"
         )
-    saved = layout_name((Path(folder) / "sharded").exists(), (Path(folder) / "deepspeed").exists())
-    if saved != layout_name(fsdp, zero):
-        raise ConfigError(f"{folder} was saved by a {saved} job and this one is {layout_name(fsdp, zero)}; "
+    saved = layout_name((Path(folder) / "sharded").exists(), int(state.get("zero_stage", 0)))
+    if saved != layout_name(fsdp, zero_stage):
+        raise ConfigError(f"{folder} was saved by a {saved} job and this one is {layout_name(fsdp, zero_stage)}; "
                           "resume with the accelerate config the run was started with")
     return state
 
@@ -215,10 +215,10 @@ def load_checkpoint(
     objective: Any = None,
     rank: int = 0,
     world_size: int = 1,
-    zero: bool = False,
+    zero_stage: int = 0,
 ) -> dict[str, Any]:
     """Restore model, optimizer, scheduler, RNG (rank `rank`'s) and objective state; returns
-    trainer_state.json. zero: the run trains under DeepSpeed ZeRO, whose optimizer state
+    trainer_state.json. zero_stage: the run trains under DeepSpeed ZeRO, whose optimizer state
     (deepspeed/) the caller loads (`ZeroEngine.load`). Raises ConfigError for an incomplete
     folder, or one another launch saved (`check_launch`: each process's sampling stream
     resumes exactly only on the same process count, and each layout reads its own state)."""
@@ -227,11 +227,11 @@ def load_checkpoint(
     folder = Path(path)
     if not (folder / STATE_FILE).exists():
         raise ConfigError(f"{folder} is not a complete checkpoint (no {STATE_FILE})")
-    state = check_launch(folder, world_size=world_size, fsdp=is_sharded(model), zero=zero)
+    state = check_launch(folder, world_size=world_size, fsdp=is_sharded(model), zero_stage=zero_stage)
     device = next(model.parameters()).device
     if not _load_sharded(model, optimizer, folder):
         _load_model_weights(model, folder)
-        if not zero:
+        if not zero_stage:
             optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     if objective is not None and hasattr(objective, "load_state_dict") and (folder / "objective.pt").exists():

@@ -252,7 +252,7 @@ def prepare_output_dir(
                    else "run without --resume to start a new run")
             )
         dist = dist or Distributed()
-        done = int(check_launch(last, world_size=dist.world_size, fsdp=dist.fsdp, zero=bool(dist.zero_stage))["step"])
+        done = int(check_launch(last, world_size=dist.world_size, fsdp=dist.fsdp, zero_stage=dist.zero_stage)["step"])
         if steps is not None and done >= steps and (out / "final").exists():
             raise ConfigError(
                 f"--resume: the run in {out} is finished ({last.name} of steps: {steps}, final/ saved), nothing is "

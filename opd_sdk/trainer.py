@@ -526,6 +526,7 @@ class Trainer:
         state = {
             "step": self.step,
             "world_size": self.dist.world_size,
+            "zero_stage": self.dist.zero_stage,
             "data": (at_step_start or {}).get("data", self.sampler.state_dict()),
             "teacher_cost_usd": self.teacher_cost_usd(),
             "in_flight": (at_step_start or {}).get(
@@ -556,7 +557,7 @@ class Trainer:
             path = found
         state = load_checkpoint(
             path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, objective=self.objective,
-            rank=self.dist.rank, world_size=self.dist.world_size, zero=self.zero is not None,
+            rank=self.dist.rank, world_size=self.dist.world_size, zero_stage=self.dist.zero_stage,
         )
         if self.zero is not None:
             self.zero.load(Path(path) / "deepspeed")

@@ -3,6 +3,8 @@ together from the ranks' shares, and the clear errors for a job that cannot run 
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
@@ -79,9 +81,10 @@ def test_a_zero_checkpoint_resumes_only_under_zero_and_the_cli_says_so_before_wr
     tok = tiny_tokenizer()
     settings = dict(prompts_per_step=2, group_size=2, max_new_tokens=2, output_dir=tmp_path, progress=False)
     Trainer(tiny_model(tok), tok, RewardWeighted(), collector(Constant()), PROMPTS, max_steps=1, **settings).train()
-    (tmp_path / "step-1" / "deepspeed").mkdir()  # as a ZeRO job leaves it
+    state = tmp_path / "step-1" / "trainer_state.json"  # as a ZeRO-2 job of one process leaves it
+    state.write_text(json.dumps(json.loads(state.read_text()) | {"zero_stage": 2}))
     again = Trainer(tiny_model(tok), tok, RewardWeighted(), collector(Constant()), PROMPTS, max_steps=2, **settings)
-    mixed = r"saved by a DeepSpeed ZeRO job and this one is plain.*the accelerate config the run was started with"
+    mixed = r"saved by a DeepSpeed ZeRO-2 job and this one is plain.*the accelerate config the run was started with"
     with pytest.raises(ConfigError, match=mixed):
         again.resume("latest")
     from opd_sdk.runner import prepare_output_dir  # `opd train --resume` refuses it before writing anything
@@ -90,6 +93,8 @@ def test_a_zero_checkpoint_resumes_only_under_zero_and_the_cli_says_so_before_wr
         prepare_output_dir(tmp_path, resume=True, overwrite=False)
     with pytest.raises(ConfigError, match="saved by a job of 1 process"):
         prepare_output_dir(tmp_path, resume=True, overwrite=False, dist=Distributed(world_size=2, zero_stage=2))
+    with pytest.raises(ConfigError, match="saved by a DeepSpeed ZeRO-2 job and this one is DeepSpeed ZeRO-1"):
+        prepare_output_dir(tmp_path, resume=True, overwrite=False, dist=Distributed(zero_stage=1))
 
 
 def test_a_checkpoint_resumes_only_on_its_process_count(tmp_path, one_thread):
