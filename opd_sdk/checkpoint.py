@@ -190,7 +190,7 @@ def layout_name(fsdp: bool, zero_stage: int) -> str:
 
 def check_launch(folder: Path, *, world_size: int, fsdp: bool, zero_stage: int) -> dict[str, Any]:
     """The checkpoint's trainer_state.json; ConfigError when a job of another process count, or
-    of another layout (FSDP's sharded/, a ZeRO stage's deepspeed/, or neither), saved it."""
+    of another layout (FSDP's sharded/, the ZeRO stage in trainer_state.json, or neither), saved it."""
     state = json.loads((Path(folder) / STATE_FILE).read_text(encoding="utf-8"))
     saved_world = int(state.get("world_size", 1))
     if saved_world != world_size:
