@@ -40,7 +40,8 @@ from opd_sdk.rollout import RolloutEngine, TransformersRollout, build_rollout_en
 from opd_sdk.vllm_rollout import VLLMRollout
 from opd_sdk.teacher import FollowsStudent, LocalTeacher, Teacher, fingerprint, tokenizer_fingerprint
 from opd_sdk.settings import LoopSettings, OptimizerSettings, RolloutSettings
-from opd_sdk.trainer import Trainer, build_requests
+from opd_sdk.feedback import build_requests
+from opd_sdk.trainer import Trainer
 from opd_sdk.trl import as_reward_func
 from opd_sdk.types import (
     CallUsage,

@@ -2,7 +2,7 @@
 
     prompts  = sampler.next_batch()                           # P prompts
     batch    = rollout.sample(prompts, G)                     # the student answers, P*G rows
-    feedback = collector.collect_sync(build_requests(batch))  # one Feedback per prompt group
+    feedback = collect(collectors, batch)                     # one Feedback per prompt group (feedback.py)
     result   = batch_loss(objective, model, batch, feedback)  # targets once; per micro-batch one
                                                               # policy forward, every term's loss, backward
     if result.signal: clip; optimizer.step(); scheduler.step(); teachers and rollout follow the weights
@@ -27,9 +27,8 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
@@ -48,6 +47,7 @@ from opd_sdk.collector import FeedbackCollector
 from opd_sdk.data import PromptItem, PromptSampler, load_prompts
 from opd_sdk.distributed import Distributed, launch_problems
 from opd_sdk.errors import ConfigError, TrainingStopped
+from opd_sdk.feedback import check_collectors, collect, score_stats, usage_total
 from opd_sdk.fsdp import full_state_dict, grad_norm_clip, save_sharded, shard_model
 from opd_sdk.metrics import MetricsLogger, read_metrics
 from opd_sdk.optim import adamw, make_scheduler, set_seed, wrap_lora
@@ -56,48 +56,10 @@ from opd_sdk.pipeline import Pipeline
 from opd_sdk.progress import Progress
 from opd_sdk.rollout import RolloutEngine, build_rollout_engine
 from opd_sdk.settings import LoopSettings, OptimizerSettings, RolloutSettings, settings_from_kwargs
-from opd_sdk.teacher import notify_optimizer_step, reads_student, tokenizer_fingerprint
-from opd_sdk.types import Feedback, FeedbackFailure, FeedbackRequest, Score
+from opd_sdk.teacher import notify_optimizer_step, tokenizer_fingerprint
+from opd_sdk.types import FeedbackFailure
 
 DEFAULT_TIS_CAP = 2.0  # truncated importance sampling cap when the engine's log-probs are not the trainer's
-
-
-def build_requests(batch: RolloutBatch, tokenizer_id: str | None = None) -> list[FeedbackRequest]:
-    """One FeedbackRequest per prompt group: the prompt (text and the token ids it was sampled
-    from), its G completions, privileged context.
-
-    metadata = the prompt's metadata plus {"answer": ...} when the prompt has
-    a reference answer (a verifier reads it there). tokenizer_id: the
-    student tokenizer's fingerprint (a teacher with the same one uses the ids as they are).
-    """
-    requests = []
-    G, L = batch.group_size, batch.prompt_len
-    for p, item in enumerate(batch.prompts):
-        metadata = dict(item.metadata)
-        if item.answer is not None:
-            metadata["answer"] = item.answer
-        row = p * G
-        prompt_ids = batch.input_ids_BT[row, :L][batch.attention_mask_BT[row, :L] > 0].tolist()
-        requests.append(
-            FeedbackRequest(
-                prompt=item.prompt,
-                completions=batch.completions_of(p),
-                privileged=item.privileged,
-                metadata=metadata,
-                prompt_token_ids=prompt_ids,
-                tokenizer=tokenizer_id,
-            )
-        )
-    return requests
-
-
-def _score_stats(feedback: Sequence[Feedback]) -> tuple[float | None, float | None]:
-    values = [s for fb in feedback if isinstance(fb, Score) for s in fb.scores if math.isfinite(s)]
-    if not values:
-        return None, None
-    mean = sum(values) / len(values)
-    std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
-    return mean, std
 
 
 class Trainer:
@@ -169,7 +131,7 @@ class Trainer:
             model.to(dist.device)
         self.optimizer_settings, self.sampling, self.loop = opt, samp, loop
         collectors = [] if collector is None else list(collector) if isinstance(collector, (list, tuple)) else [collector]
-        dist.on_main(lambda: _check_collectors(objective, collectors, model if dist.fsdp else None))  # rank 0 asks
+        dist.on_main(lambda: check_collectors(objective, collectors, model if dist.fsdp else None))  # rank 0 asks
         if precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
         if micro_batch_prompts is not None and micro_batch_prompts < 1:
@@ -217,7 +179,7 @@ class Trainer:
             self.pipeline = Pipeline(
                 samp.max_staleness,
                 sample=lambda: self._sample(self.sampler.next_batch()),
-                collect=self._collect if dist.is_main else lambda batch: None,  # rank 0 asks for every rank
+                collect=(lambda batch: collect(collectors, batch, self.tokenizer_id)) if dist.is_main else lambda batch: None,  # rank 0 asks for every rank
                 overlap=bool(collectors) and all(isinstance(c, FeedbackCollector) for c in collectors),
             )
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -271,7 +233,7 @@ class Trainer:
 
     def _feedback(self, batch: RolloutBatch) -> list[Any]:
         """The batch's feedback, asked by rank 0 for every rank."""
-        return self.dist.from_main(lambda: self._collect(batch))
+        return self.dist.from_main(lambda: collect(self.collectors, batch, self.tokenizer_id))
 
     def _pop(self) -> tuple[RolloutBatch, list[Any], int]:
         """The pipeline's oldest batch; its feedback waited for on rank 0 and sent to every rank."""
@@ -287,28 +249,9 @@ class Trainer:
         feedback = self.dist.from_main(pop)
         return popped[0][0], feedback, popped[0][2]
 
-    def _collect(self, batch: RolloutBatch) -> list[Any]:
-        """One Feedback per prompt; with several collectors, one tuple (a Feedback per collector) per prompt."""
-        if not self.collectors:
-            return []
-        requests = build_requests(batch, self.tokenizer_id)
-        if len(self.collectors) == 1:
-            return self._collect_one(self.collectors[0], requests)
-        with ThreadPoolExecutor(len(self.collectors)) as pool:  # each collector runs its own event loop
-            per_source = list(pool.map(lambda c: self._collect_one(c, requests), self.collectors))
-        return list(zip(*per_source))
-
-    @staticmethod
-    def _collect_one(collector: Any, requests: list[FeedbackRequest]) -> list[Feedback]:
-        feedback = list(collector.collect_sync(requests))
-        if len(feedback) != len(requests):
-            raise RuntimeError(f"collector returned {len(feedback)} feedback values for {len(requests)} requests")
-        return feedback
-
     def usage_total(self, field: str) -> Any:
         """A usage field (requests_sent, cache_hits, cost_usd) summed over the collectors; None without them."""
-        values = [getattr(getattr(c, "usage", None), field, None) for c in self.collectors]
-        return sum(values) if values and None not in values else None
+        return usage_total(self.collectors, field)
 
     def teacher_cost_usd(self) -> float:
         """Teacher spend of this training, earlier runs of a resumed one included."""
@@ -360,14 +303,14 @@ class Trainer:
             t_backward = time.perf_counter()
             skipped = result.signal == 0
             grad_norm, lr = None, self.scheduler.get_last_lr()[0]
-            if not skipped and self.zero is not None:
-                grad_norm = self.zero.step()  # clips (max_grad_norm) and steps the partitioned optimizer
-            elif not skipped:
-                self.dist.sum_gradients(self.params)
-                if self.max_grad_norm is not None:
-                    grad_norm = grad_norm_clip(self.params, self.max_grad_norm)
-                self.optimizer.step()
             if not skipped:
+                if self.zero is not None:
+                    grad_norm = self.zero.step()  # clips (max_grad_norm) and steps the partitioned optimizer
+                else:
+                    self.dist.sum_gradients(self.params)
+                    if self.max_grad_norm is not None:
+                        grad_norm = grad_norm_clip(self.params, self.max_grad_norm)
+                    self.optimizer.step()
                 self.scheduler.step()
                 if self.dist.fsdp:
                     self.model.reshard()  # the root's gathered copy (kept by generate) is stale now
@@ -386,7 +329,7 @@ class Trainer:
         self.no_signal_streak = self.no_signal_streak + 1 if skipped and failure_kinds else 0
         t_end = time.perf_counter()
 
-        reward_mean, reward_std = _score_stats(flat)
+        reward_mean, reward_std = score_stats(flat)
         sampled_tokens = batch.completion_tokens()
         row = {
             **result.metrics,  # the objective's view first; the trainer's own numbers below win
@@ -510,15 +453,13 @@ class Trainer:
                 raise ConfigError("save_checkpoint needs a path or the trainer's output_dir")
             path = checkpoint_dir(self.output_dir, self.step)
         rngs = self.dist.all_gather((at_step_start or {}).get("rng") or rng_state())
-        sharded = zero = None
+        shards = None
         if self.dist.fsdp or self.zero is not None:  # every rank writes its shards, then rank 0 moves them in
             shards = Path(path).with_name(Path(path).name + ".shards.tmp")
             self.dist.on_main(lambda: shutil.rmtree(shards, ignore_errors=True))
             if self.zero is not None:
-                zero = shards
                 self.zero.save(shards)
             else:
-                sharded = shards
                 save_sharded(self.model, self.optimizer, shards)
             self.dist.barrier()
         if not self.dist.is_main:
@@ -535,8 +476,8 @@ class Trainer:
         }
         saved = save_checkpoint(
             path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, state=state,
-            objective=self.objective, tokenizer=self.tokenizer, rng=rngs[0], rank_rngs=rngs[1:], sharded=sharded,
-            deepspeed=zero,
+            objective=self.objective, tokenizer=self.tokenizer, rng=rngs[0], rank_rngs=rngs[1:],
+            sharded=shards if self.dist.fsdp else None, deepspeed=shards if self.zero is not None else None,
         )
         scrub_machine_paths(saved)
         return saved
@@ -603,26 +544,6 @@ class Trainer:
         if self.dist.is_main:
             prune_checkpoints(self.output_dir, keep=self.loop.keep_checkpoints)
         return path
-
-
-def _check_collectors(objective: Any, collectors: list[Any], sharded_student: torch.nn.Module | None) -> None:
-    """One collector per feedback source. Under FSDP (sharded_student given) only rank 0 asks the
-    teacher, so a teacher that runs the sharded student would wait for the other ranks' shards
-    forever: refused before training."""
-    if not collectors and objective.feedback_kinds:
-        raise ConfigError(f"{type(objective).__name__} reads teacher feedback; pass a FeedbackCollector")
-    sources = objective.feedback_sources if isinstance(objective, Composite) else 1
-    if collectors and len(collectors) != sources:
-        raise ConfigError(
-            f"{type(objective).__name__} reads {sources} feedback source(s) but {len(collectors)} collector(s) "
-            "were given; pass one FeedbackCollector per source, in source order"
-        )
-    found = [t for c in collectors for t in reads_student(c.teacher, sharded_student)] if sharded_student else []
-    if found:
-        raise ConfigError(
-            f"teacher {', '.join(found)} runs the student itself (self-distillation), which FSDP shards over "
-            "the processes while only rank 0 asks the teacher; train it with data parallel (no FSDP)"
-        )
 
 
 @contextlib.contextmanager

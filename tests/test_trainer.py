@@ -13,7 +13,8 @@ from opd_sdk.errors import ConfigError, TeacherError
 from opd_sdk.evaluate import greedy_accuracy
 from opd_sdk.metrics import read_metrics
 from opd_sdk.objectives import RewardWeighted
-from opd_sdk.trainer import Trainer, build_requests
+from opd_sdk.feedback import build_requests
+from opd_sdk.trainer import Trainer
 from opd_sdk.types import FeedbackFailure, Score
 from providers.verifier import VerifierTeacher
 from tests.loop_fixtures import one_thread, tiny_model, tiny_tokenizer  # noqa: F401 (fixture)
