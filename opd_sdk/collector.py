@@ -44,6 +44,7 @@ from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
+from opd_sdk.answers import check_shape, merge_pointwise
 from opd_sdk.cache import FeedbackCache
 from opd_sdk.constants import (DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, INITIAL_BACKOFF_S,
                                DRAIN_TIMEOUT_S, MAX_BACKOFF_S, MAX_RETRY_AFTER_S)
@@ -52,8 +53,7 @@ from opd_sdk.ratelimit import RateLimiter, estimate_tokens
 from opd_sdk.redact import redact
 from opd_sdk.retry import retrying
 from opd_sdk.teacher import BatchTeacher, Closeable, CustomCacheKey, Teacher, api_calls, is_pointwise
-from opd_sdk.types import (MISSING, CallUsage, Feedback, FeedbackFailure, FeedbackRequest, Preference, Reference, Score,
-                           TokenLogprobs)
+from opd_sdk.types import (CallUsage, Feedback, FeedbackFailure, FeedbackRequest)
 from opd_sdk.usage import Usage
 
 log = logging.getLogger("opd_sdk.collector")
@@ -66,19 +66,6 @@ class _BudgetReached(Exception):
 def _unanswered(exc: BaseException) -> FeedbackFailure:
     kind = "cancelled" if isinstance(exc, asyncio.CancelledError) else type(exc).__name__
     return FeedbackFailure(reason=redact(f"not answered: {type(exc).__name__}: {exc}")[:500], error_type=kind)
-
-
-def check_shape(feedback: Any, request: FeedbackRequest) -> Feedback:
-    """`feedback` if it is a Feedback value that fits `request`; else BadResponse (not retried)."""
-    n = len(request.completions)
-    if not isinstance(feedback, (Score, Preference, Reference, TokenLogprobs, FeedbackFailure)):
-        raise BadResponse(f"teacher returned {type(feedback).__name__}, not a Feedback value", retriable=False)
-    if isinstance(feedback, Score) and len(feedback.scores) != n:
-        raise BadResponse(f"teacher returned {len(feedback.scores)} scores for {n} completions", retriable=False)
-    if isinstance(feedback, TokenLogprobs) and len(feedback.logprobs) != n:
-        raise BadResponse(f"teacher returned log-probs for {len(feedback.logprobs)} of {n} completions",
-                          retriable=False)
-    return feedback
 
 
 class FeedbackCollector:
@@ -182,7 +169,7 @@ class FeedbackCollector:
             results = list(await asyncio.gather(*[asyncio.shield(f) for f in futures]))
         finally:
             bar.close()
-        out = [results[a] if b - a == 1 else self._merge(results[a:b]) for a, b in spans]
+        out = [results[a] if b - a == 1 else merge_pointwise(results[a:b]) for a, b in spans]
         self.usage.failures += sum(isinstance(f, FeedbackFailure) for f in out)
         return out
 
@@ -390,42 +377,6 @@ class FeedbackCollector:
                 actual += usage.prompt_tokens + usage.completion_tokens
         if actual > 0:
             self.limiter.correct(est_tokens, actual)
-
-    # ----- pointwise merge ---------------------------------------------------
-    @staticmethod
-    def _merge(parts: list[Feedback]) -> Feedback:
-        """Merge per-completion Scores (pointwise teacher) into one Score, in order.
-
-        A completion whose call failed gets NaN (`MISSING`: a missing value, never a reward) and its
-        failure in `details["failed"]`; the others keep their scores. Only when every
-        completion failed is the whole a FeedbackFailure.
-        """
-        failed = {i: p for i, p in enumerate(parts) if isinstance(p, FeedbackFailure)}
-        if len(failed) == len(parts):
-            first = parts[0]
-            assert isinstance(first, FeedbackFailure)
-            return FeedbackFailure(
-                reason=f"all {len(parts)} completions failed; first: {first.reason}",
-                error_type=first.error_type,
-                attempts=max(p.attempts for p in failed.values()),
-                retriable=all(p.retriable for p in failed.values()),
-                status=first.status,
-            )
-        ok = [p for p in parts if not isinstance(p, FeedbackFailure)]
-        if not all(isinstance(p, Score) and len(p.scores) == 1 for p in ok):
-            kinds = sorted({p.kind for p in ok})
-            return FeedbackFailure(reason=f"pointwise teacher returned {kinds}; only one-value scores can be merged",
-                                   error_type="bad_response")
-        usage = CallUsage(calls=sum(p.usage.calls for p in ok),
-                          prompt_tokens=sum(p.usage.prompt_tokens for p in ok),
-                          completion_tokens=sum(p.usage.completion_tokens for p in ok))
-        details: dict[str, Any] = {"pointwise": [None if i in failed else p.details for i, p in enumerate(parts)]}
-        if failed:
-            details["failed"] = {i: {"reason": f.reason, "error_type": f.error_type, "retriable": f.retriable}
-                                 for i, f in failed.items()}
-        return Score(scores=[MISSING if i in failed else p.scores[0] for i, p in enumerate(parts)],  # type: ignore[union-attr]
-                     usage=usage, details=details)
-
 
 _LOCAL_IGNORES = ("max_concurrency", "rpm", "tpm", "timeout", "max_retries", "budget_usd",
                   "price_per_1k_prompt_tokens", "price_per_1k_completion_tokens", "progress",

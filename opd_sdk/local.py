@@ -51,7 +51,7 @@ class LocalRunner:
 
     def collect_sync(self, requests: Sequence[FeedbackRequest]) -> list[Feedback]:
         """One Feedback per request, aligned with `requests`; failures are values."""
-        from opd_sdk.collector import check_shape
+        from opd_sdk.answers import check_shape
 
         requests = list(requests)
         for i, r in enumerate(requests):
