@@ -372,16 +372,19 @@ class Trainer:
             self.pipeline.drain()  # answers already paid for land in the cache before the stop
         teachers = ", ".join(c.teacher.id for c in self.collectors) or "none"
         where = f" in {self.output_dir}" if self.output_dir is not None else ""
+        # at the last step a plain resume has nothing left to train
+        more = f" --set steps=N (N > {self.step}: this was the last step)" if self.step >= self.max_steps else ""
         if budget_spent:
             raise TrainingStopped(
                 f"the teacher budget is spent (teacher {teachers}, ${self.teacher_cost_usd():.4f}) at step "
                 f"{self.step}; raise collector.budget_usd, then resume from the checkpoint{where}"
+                + (f" (`opd train CONFIG --resume{more}`)" if more else "")
             )
         kinds = ", ".join(f"{kind} x{n}" for kind, n in failure_kinds.most_common())
         raise TrainingStopped(
             f"{self.no_signal_streak} steps in a row had no usable teacher feedback (teacher {teachers}; "
             f"last step's failures: {kinds}); stopped at step {self.step}; fix the cause, then resume from the "
-            f"checkpoint{where} (`opd train CONFIG --resume`)"
+            f"checkpoint{where} (`opd train CONFIG --resume{more}`)"
         )
 
     def train(self, resume_from: str | Path | None = None) -> list[dict[str, Any]]:

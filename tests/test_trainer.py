@@ -269,6 +269,10 @@ def test_a_teacher_that_always_fails_stops_the_run_with_a_clear_error():
         trainer.train()
     assert trainer.step == 3 and trainer.metrics.history[-1]["feedback_failures"] == 2
     assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+    assert "--set steps" not in str(err.value)
+    last = _tiny_trainer(AlwaysDown(), max_steps=3, max_no_signal_steps=3)  # stopped at its last step
+    with pytest.raises(TrainingStopped, match=r"--resume --set steps=N \(N > 3: this was the last step\)"):
+        last.train()
 
 
 def test_a_spent_budget_stops_the_run():
