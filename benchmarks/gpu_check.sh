@@ -57,7 +57,7 @@ echo "model: $MODEL"
 
 # 3. The vLLM tests (colocated + a server they start), on this GPU's vLLM.
 TESTS_START=$SECONDS
-timeout 240 $PY -m pytest -q -m vllm tests/test_vllm_rollout.py tests/test_vllm_server.py -p no:cacheprovider \
+timeout 240 $PY -m pytest -q -m vllm tests/rollout/test_vllm_rollout.py tests/rollout/test_vllm_server.py -p no:cacheprovider \
   > "$OUT/tests.log" 2>&1
 TESTS_RC=$?
 TESTS_S=$((SECONDS - TESTS_START))

@@ -45,11 +45,11 @@ def run(args: argparse.Namespace, latency: float | None, k: int, seed: int) -> d
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from opd_sdk.collector import FeedbackCollector
     from opd_sdk.data import PromptItem
+    from opd_sdk.feedback.collector import FeedbackCollector
     from opd_sdk.models import smollm2_dir
     from opd_sdk.objectives import RewardWeighted
-    from opd_sdk.trainer import Trainer
+    from opd_sdk.train.trainer import Trainer
     from providers.judge import JudgeTeacher
     from tests.scripted_server import ScriptedServer
 

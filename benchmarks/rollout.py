@@ -43,12 +43,12 @@ def run_one(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from opd_sdk.collector import FeedbackCollector
+    from opd_sdk.config.settings import RolloutSettings
+    from opd_sdk.feedback.collector import FeedbackCollector
     from opd_sdk.models import smollm2_dir
     from opd_sdk.objectives import RewardWeighted
-    from opd_sdk.rollout import build_rollout_engine
-    from opd_sdk.settings import RolloutSettings
-    from opd_sdk.trainer import Trainer
+    from opd_sdk.rollout.build import build_rollout_engine
+    from opd_sdk.train.trainer import Trainer
     from providers.verifier import VerifierTeacher
 
     torch.manual_seed(0)
@@ -128,7 +128,7 @@ def main() -> None:
     base = rows[0]["tokens_per_s"]
     print(f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: rollout P={args.prompts} x G={args.group_size} x {args.max_new_tokens} new tokens, "
           f"device {args.device}, model {args.model or 'SmolLM2-135M-Instruct'}")
-    head = f"| engine | torch threads | startup s | rollout tok/s | speed-up | step s | sampling s | fwd+bwd s | optim+sync s |"
+    head = "| engine | torch threads | startup s | rollout tok/s | speed-up | step s | sampling s | fwd+bwd s | optim+sync s |"
     print(head + "\n|" + "---|" * (head.count("|") - 1))
     for r in rows:
         step = (f"{r['step_s']:.1f} | {r['step_sampling_s']:.1f} | {r['step_fwd_bwd_s']:.1f} | "

@@ -37,12 +37,12 @@ def worker(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from benchmarks.train_step import times_table
-    from opd_sdk.collector import FeedbackCollector
     from opd_sdk.data import PromptItem
-    from opd_sdk.distributed import Distributed
+    from opd_sdk.feedback.collector import FeedbackCollector
     from opd_sdk.models import smollm2_dir
     from opd_sdk.objectives import RewardWeighted
-    from opd_sdk.trainer import Trainer
+    from opd_sdk.parallel.distributed import Distributed
+    from opd_sdk.train.trainer import Trainer
     from opd_sdk.types import Score
 
     class LengthScore:  # dense and instant: the benchmark measures the trainer, not a teacher

@@ -40,14 +40,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from opd_sdk.collector import FeedbackCollector  # noqa: E402
 from opd_sdk.data import PromptItem  # noqa: E402
-from opd_sdk.evaluate import greedy_accuracy  # noqa: E402
+from opd_sdk.feedback.collector import FeedbackCollector  # noqa: E402
 from opd_sdk.models import smollm2_dir  # noqa: E402
 from opd_sdk.objectives import SFT, SPIN, TokenDistill  # noqa: E402
-from opd_sdk.rollout import TransformersRollout  # noqa: E402
+from opd_sdk.rollout.engine import TransformersRollout  # noqa: E402
 from opd_sdk.tasks import check, get_task  # noqa: E402
-from opd_sdk.trainer import Trainer  # noqa: E402
+from opd_sdk.train.evaluate import greedy_accuracy  # noqa: E402
+from opd_sdk.train.trainer import Trainer  # noqa: E402
 from providers.self_distill import PrivilegedTemplate, SelfDistillTeacher  # noqa: E402
 
 METHODS = ("self_distill", "spin", "sft")

@@ -63,11 +63,11 @@ def run_ours(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from opd_sdk.collector import FeedbackCollector
     from opd_sdk.data import PromptItem
+    from opd_sdk.feedback.collector import FeedbackCollector
     from opd_sdk.models import smollm2_dir
     from opd_sdk.objectives import RewardWeighted
-    from opd_sdk.trainer import Trainer
+    from opd_sdk.train.trainer import Trainer
     from providers.verifier import VerifierTeacher
 
     path = smollm2_dir()
@@ -110,8 +110,8 @@ def hybrid_forwards(trainer, prompts, collector) -> dict:
     """Trunk calls of one batch's loss: RewardWeighted alone vs a Hybrid of it and an SFT term."""
     import torch
 
+    from opd_sdk.feedback.requests import build_requests
     from opd_sdk.objectives import SFT, Hybrid, RewardWeighted, batch_loss
-    from opd_sdk.feedback import build_requests
 
     batch = trainer.rollout.sample(prompts, trainer.group_size)
     feedback = collector.collect_sync(build_requests(batch))

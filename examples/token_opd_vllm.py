@@ -26,11 +26,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opd_sdk import FeedbackCollector
+from opd_sdk.app.runner import prepare_output_dir
 from opd_sdk.models import resolve_model_path
 from opd_sdk.objectives import TokenDistill
 from opd_sdk.tasks import get_task
-from opd_sdk.runner import prepare_output_dir
-from opd_sdk.trainer import Trainer
+from opd_sdk.train.trainer import Trainer
 from providers.logprob import LogprobTeacher
 
 

@@ -1,6 +1,6 @@
 """opd-sdk teachers as reward functions inside TRL's GRPOTrainer.
 
-`opd_sdk.trl.as_reward_func(teacher, ...)` wraps any Score-returning teacher
+`opd_sdk.app.trl.as_reward_func(teacher, ...)` wraps any Score-returning teacher
 (a judge behind an API, a verifier, a reward-model endpoint, a composition)
 in TRL's reward-function signature. TRL users get what TRL's own reward
 calls lack: our concurrency and RPM/TPM limits, retries honouring
@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import os
 
+from opd_sdk.app.trl import as_reward_func
 from opd_sdk.models import resolve_model_path
 from opd_sdk.tasks import get_task
-from opd_sdk.trl import as_reward_func
 
 
 def main(argv: list[str] | None = None) -> dict:

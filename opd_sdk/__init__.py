@@ -1,9 +1,26 @@
-"""opd-sdk: on-policy distillation from black-box API teachers, and without any teacher."""
+"""opd-sdk: on-policy distillation from black-box API teachers, and without any teacher.
 
-from opd_sdk.batch import RolloutBatch
-from opd_sdk.cache import FeedbackCache
-from opd_sdk.collector import FeedbackCollector, make_collector
-from opd_sdk.config import RunConfig, load_config
+The package is one folder per layer of the data flow; a module imports only from its own
+layer or the layers below (tests/test_layers.py checks it):
+
+    app/         opd train / eval / demo, the runner, the TRL bridge
+    train/       the loop: sample -> collect -> loss -> step; micro-batches, pipeline, checkpoints, metrics
+    config/      settings, the YAML run config, teacher and objective declarations, checks
+    objectives/  plan + compute: feedback and one forward pass -> a loss
+    tensors/     targets (Feedback -> tensors) and forward (one policy pass per micro-batch)
+    losses/      pure functions of tensors
+    providers/   (top-level package) every concrete Teacher
+    feedback/    Teacher protocol, requests, FeedbackCollector, cache, retry, limits, usage
+    rollout/     RolloutBatch, engines (transformers, vLLM colocated, vLLM server), log-probs
+    parallel/    launch, Distributed, FSDP2, ZeRO, the parallel strategies
+    errors, constants, redact, types, data, tasks, models: the vocabulary every layer shares
+
+This module re-exports the public names; code inside the package imports from the layers.
+"""
+
+from opd_sdk.app.trl import as_reward_func
+from opd_sdk.config.run import RunConfig, load_config
+from opd_sdk.config.settings import LoopSettings, OptimizerSettings, RolloutSettings
 from opd_sdk.data import PromptItem, PromptSampler, load_prompts
 from opd_sdk.errors import (
     BadResponse,
@@ -20,10 +37,18 @@ from opd_sdk.errors import (
     Truncated,
     Unsupported,
 )
-from opd_sdk.local import LocalRunner
-from opd_sdk.evaluate import EvalResult, greedy_accuracy, last_number_matches
-from opd_sdk.logprobs import selected_logprobs
-from opd_sdk.metrics import MetricsLogger, read_metrics
+from opd_sdk.feedback.cache import FeedbackCache
+from opd_sdk.feedback.collector import FeedbackCollector, make_collector
+from opd_sdk.feedback.local import LocalRunner
+from opd_sdk.feedback.requests import build_requests
+from opd_sdk.feedback.teacher import (
+    FollowsStudent,
+    LocalTeacher,
+    Teacher,
+    fingerprint,
+    tokenizer_fingerprint,
+)
+from opd_sdk.feedback.usage import Usage
 from opd_sdk.objectives import (
     OBJECTIVES,
     SFT,
@@ -36,14 +61,16 @@ from opd_sdk.objectives import (
     RewardWeighted,
     TokenDistill,
 )
-from opd_sdk.rollout import RolloutEngine, TransformersRollout, build_rollout_engine
-from opd_sdk.vllm_rollout import VLLMRollout
-from opd_sdk.teacher import FollowsStudent, LocalTeacher, Teacher, fingerprint, tokenizer_fingerprint
-from opd_sdk.settings import LoopSettings, OptimizerSettings, RolloutSettings
-from opd_sdk.feedback import build_requests
-from opd_sdk.trainer import Trainer
-from opd_sdk.trl import as_reward_func
+from opd_sdk.rollout.batch import RolloutBatch
+from opd_sdk.rollout.build import build_rollout_engine
+from opd_sdk.rollout.engine import RolloutEngine, TransformersRollout
+from opd_sdk.rollout.logprobs import selected_logprobs
+from opd_sdk.rollout.vllm_colocated import VLLMRollout
+from opd_sdk.train.evaluate import EvalResult, greedy_accuracy, last_number_matches
+from opd_sdk.train.metrics import MetricsLogger, read_metrics
+from opd_sdk.train.trainer import Trainer
 from opd_sdk.types import (
+    MISSING,
     CallUsage,
     ChatMessage,
     Completion,
@@ -54,10 +81,8 @@ from opd_sdk.types import (
     PreferencePair,
     Reference,
     Score,
-    MISSING,
     TokenLogprobs,
 )
-from opd_sdk.usage import Usage
 
 __all__ = [
     "BadResponse",

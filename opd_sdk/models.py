@@ -15,6 +15,13 @@ from pathlib import Path
 from opd_sdk.errors import ConfigError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def is_peft(model) -> bool:
+    """True for a peft-wrapped model (LoRA): its adapter is what is saved and synced."""
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
 DEFAULT_CACHE = Path(os.environ.get("OPD_CACHE_DIR", Path.home() / ".cache" / "opd-sdk"))
 
 

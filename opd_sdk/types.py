@@ -16,7 +16,6 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
-
 MISSING = math.nan  # a missing score or log-prob: masked by consumers, never a reward
 MISSING_LOGPROB = -9999.0  # servers send this (or less) for log(0); stored as NaN
 

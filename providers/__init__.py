@@ -1,7 +1,13 @@
 """Concrete teachers (adapters). Each engineer adds their own export lines."""
 
 from providers.client import Endpoint
-from providers.compose import Gate, PreferenceScores, WeightedSum, bradley_terry, win_rates
+from providers.compose import (
+    Gate,
+    PreferenceScores,
+    WeightedSum,
+    bradley_terry,
+    win_rates,
+)
 from providers.judge import JudgeTeacher
 from providers.logprob import LogprobTeacher
 from providers.preference import PreferenceTeacher

@@ -35,8 +35,22 @@ import math
 from typing import Any, Sequence
 
 from opd_sdk.errors import ConfigError, error_from_failure
-from opd_sdk.teacher import Closeable, api_calls, fingerprint, is_cacheable, is_local, notify_optimizer_step
-from opd_sdk.types import MISSING, Feedback, FeedbackFailure, FeedbackRequest, Preference, Score
+from opd_sdk.feedback.teacher import (
+    Closeable,
+    api_calls,
+    fingerprint,
+    is_cacheable,
+    is_local,
+    notify_optimizer_step,
+)
+from opd_sdk.types import (
+    MISSING,
+    Feedback,
+    FeedbackFailure,
+    FeedbackRequest,
+    Preference,
+    Score,
+)
 from providers.client import add_usage
 
 

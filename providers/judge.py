@@ -44,8 +44,14 @@ from typing import Any, Literal
 
 import openai
 
-from opd_sdk.errors import BadResponse, ClientError, ConfigError, TeacherError, Truncated
-from opd_sdk.teacher import fingerprint
+from opd_sdk.errors import (
+    BadResponse,
+    ClientError,
+    ConfigError,
+    TeacherError,
+    Truncated,
+)
+from opd_sdk.feedback.teacher import fingerprint
 from opd_sdk.types import MISSING, CallUsage, FeedbackRequest, Score
 from providers.client import Endpoint, add_usage, context_overflow, usage_of
 from providers.untrusted import UNTRUSTED_NOTE, fence

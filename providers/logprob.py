@@ -24,7 +24,7 @@ split the text into the same tokens. Two ways to send:
   student's prompt and completion ids go as the prompt; the teacher scores
   exactly the student's tokens.
 
-The prompt is rendered as the student saw it (`opd_sdk.rollout.render_prompts`:
+The prompt is rendered as the student saw it (`opd_sdk.rollout.engine.render_prompts`:
 the tokenizer's chat template with the generation prompt, or raw text).
 Prompt ids are tokenised as the rollout does, without added special tokens;
 in text mode a prompt that already starts with BOS is sent with
@@ -54,9 +54,15 @@ from typing import Any, Literal
 import openai
 
 from opd_sdk.data import PromptItem
-from opd_sdk.errors import ClientError, ConfigError, ServerError, TokenizationMismatch, Unsupported
-from opd_sdk.rollout import render_prompts
-from opd_sdk.teacher import fingerprint, tokenizer_fingerprint
+from opd_sdk.errors import (
+    ClientError,
+    ConfigError,
+    ServerError,
+    TokenizationMismatch,
+    Unsupported,
+)
+from opd_sdk.feedback.teacher import fingerprint, tokenizer_fingerprint
+from opd_sdk.rollout.engine import render_prompts
 from opd_sdk.types import Completion, FeedbackRequest, TokenLogprobs
 from providers.client import Endpoint, add_usage, usage_of
 

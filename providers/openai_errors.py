@@ -5,7 +5,7 @@ Typed (see `opd_sdk.errors`): timeouts -> TeacherTimeout, connection errors
 a 200 whose body was not the JSON we expected -> BadResponse (all retried);
 any other 4xx and any other openai error -> ClientError (not retried).
 `retry_after` comes from the response's `retry-after-ms` / `retry-after`
-headers (see `opd_sdk.retry.parse_retry_after`).
+headers (see `opd_sdk.feedback.retry.parse_retry_after`).
 
 The message never carries an API key: it is built from the error class, the
 status and the server's message, with anything that looks like a key
@@ -28,10 +28,17 @@ from typing import Any, Iterable
 import openai
 
 from opd_sdk.constants import RETRIABLE_STATUS
-from opd_sdk.errors import (BadResponse, ClientError, RateLimited, ServerError, TeacherConnectionError, TeacherError,
-                            TeacherTimeout)
+from opd_sdk.errors import (
+    BadResponse,
+    ClientError,
+    RateLimited,
+    ServerError,
+    TeacherConnectionError,
+    TeacherError,
+    TeacherTimeout,
+)
+from opd_sdk.feedback.retry import parse_retry_after
 from opd_sdk.redact import redact
-from opd_sdk.retry import parse_retry_after
 
 _MAX_MESSAGE = 300
 

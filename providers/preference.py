@@ -23,7 +23,7 @@ from typing import Any, Literal
 import openai
 
 from opd_sdk.errors import BadResponse, ClientError, ConfigError
-from opd_sdk.teacher import fingerprint
+from opd_sdk.feedback.teacher import fingerprint
 from opd_sdk.types import CallUsage, FeedbackRequest, Preference, PreferencePair
 from providers.client import Endpoint, add_usage, usage_of
 from providers.judge import check_not_truncated

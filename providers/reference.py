@@ -21,7 +21,7 @@ import json
 import openai
 
 from opd_sdk.errors import BadResponse, ConfigError
-from opd_sdk.teacher import fingerprint
+from opd_sdk.feedback.teacher import fingerprint
 from opd_sdk.types import Completion, FeedbackRequest, Reference
 from providers.client import Endpoint, add_usage, messages_payload, usage_of
 

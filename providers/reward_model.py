@@ -23,9 +23,14 @@ from typing import Any, Callable
 import httpx
 
 from opd_sdk.constants import DEFAULT_TIMEOUT_S
-from opd_sdk.errors import BadResponse, ConfigError, TeacherConnectionError, TeacherTimeout
-from opd_sdk.retry import parse_retry_after
-from opd_sdk.teacher import fingerprint
+from opd_sdk.errors import (
+    BadResponse,
+    ConfigError,
+    TeacherConnectionError,
+    TeacherTimeout,
+)
+from opd_sdk.feedback.retry import parse_retry_after
+from opd_sdk.feedback.teacher import fingerprint
 from opd_sdk.types import CallUsage, FeedbackRequest, Score
 from providers.openai_errors import error_for_status, redact
 

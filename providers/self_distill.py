@@ -14,7 +14,7 @@ without the context. Departures: we return only per-token log-probabilities
 - mode="frozen": a copy taken at construction (or at `refresh()`).
 - mode="ema": a copy updated as ema = d*ema + (1-d)*policy once per
   optimizer step: the trainer calls `on_optimizer_step(step)` (the
-  `opd_sdk.teacher.FollowsStudent` hook) after each step, and the EMA folds
+  `opd_sdk.feedback.teacher.FollowsStudent` hook) after each step, and the EMA folds
   there, once per step number. Scoring never folds.
 
 Views. The student view is the prompt rendered with the tokenizer's chat
@@ -41,7 +41,7 @@ privileged text). A request from another tokenizer, or completions without
 ids, are rendered from text and checked as described above.
 
 Local: `feedback_local(requests)` (= `score_batch`) runs in process;
-`opd_sdk.collector.make_collector` gives it no thread, loop or retries.
+`opd_sdk.feedback.collector.make_collector` gives it no thread, loop or retries.
 
 Assumes the rollout engine tokenises prompts the same way (chat template
 rendered as text, then tokenised without added special tokens).
@@ -57,8 +57,15 @@ from typing import Any, Literal, Sequence
 import torch
 
 from opd_sdk.errors import ConfigError, TokenizationMismatch
-from opd_sdk.teacher import fingerprint, tokenizer_fingerprint
-from opd_sdk.types import CallUsage, ChatMessage, Feedback, FeedbackFailure, FeedbackRequest, TokenLogprobs
+from opd_sdk.feedback.teacher import fingerprint, tokenizer_fingerprint
+from opd_sdk.types import (
+    CallUsage,
+    ChatMessage,
+    Feedback,
+    FeedbackFailure,
+    FeedbackRequest,
+    TokenLogprobs,
+)
 
 Mode = Literal["live", "frozen", "ema"]
 DEFAULT_USER_TEXT = "\n\nReference solution (for the grader only):\n{privileged}"
@@ -186,7 +193,7 @@ class SelfDistillTeacher:
             params["refreshes"] = self._refreshes
         return fingerprint("self_distill", **params)
 
-    local = True  # runs in process over the batch (opd_sdk.teacher.LocalTeacher)
+    local = True  # runs in process over the batch (opd_sdk.feedback.teacher.LocalTeacher)
 
     @property
     def cacheable(self) -> bool:

@@ -34,7 +34,7 @@ import re
 from typing import Any, Callable, Sequence
 
 from opd_sdk.errors import ClientError, ConfigError, TeacherError
-from opd_sdk.teacher import fingerprint
+from opd_sdk.feedback.teacher import fingerprint
 from opd_sdk.types import Feedback, FeedbackFailure, FeedbackRequest, Score
 
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][-+]?\d+)?|-?\.\d+")

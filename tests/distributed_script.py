@@ -1,4 +1,4 @@
-"""Launched by tests/test_distributed.py: a Python-API training against a judge on the scripted server.
+"""Launched by tests/parallel/test_distributed.py: a Python-API training against a judge on the scripted server.
 
     torchrun --standalone --nproc_per_node 2 tests/distributed_script.py record OUT URL K
         trains 3 steps on 2 processes (FSDP when ACCELERATE_USE_FSDP=true, DeepSpeed ZeRO when
@@ -27,13 +27,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from opd_sdk.batch import RolloutBatch  # noqa: E402
-from opd_sdk.collector import FeedbackCollector  # noqa: E402
 from opd_sdk.data import PromptItem  # noqa: E402
-from opd_sdk.distributed import Distributed  # noqa: E402
-from opd_sdk.fsdp import full_state_dict  # noqa: E402
+from opd_sdk.feedback.collector import FeedbackCollector  # noqa: E402
 from opd_sdk.objectives import RewardWeighted  # noqa: E402
-from opd_sdk.trainer import Trainer  # noqa: E402
+from opd_sdk.parallel.distributed import Distributed  # noqa: E402
+from opd_sdk.parallel.fsdp import full_state_dict  # noqa: E402
+from opd_sdk.rollout.batch import RolloutBatch  # noqa: E402
+from opd_sdk.train.trainer import Trainer  # noqa: E402
 from providers.judge import JudgeTeacher  # noqa: E402
 from tests.loop_fixtures import tiny_model, tiny_tokenizer  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Launched by tests/test_fsdp.py under `torchrun --nproc_per_node N` (N = 1 or 2, gloo on CPU).
+"""Launched by tests/parallel/test_fsdp.py under `torchrun --nproc_per_node N` (N = 1 or 2, gloo on CPU).
 
 Every rank also runs the single-process reference on an unsharded copy of the same model
 (tiny, so cheap) and checks the sharded run against it. Prints `FSDP_OK rank=R` at the end;
@@ -18,14 +18,14 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from opd_sdk.fsdp import (  # noqa: E402
+from opd_sdk.parallel.fsdp import (  # noqa: E402
     full_state_dict,
     grad_norm_clip,
     load_sharded,
     save_sharded,
     shard_model,
 )
-from opd_sdk.logprobs import Support, sequence_logprobs  # noqa: E402
+from opd_sdk.rollout.logprobs import Support, sequence_logprobs  # noqa: E402
 from tests.loop_fixtures import tiny_model, tiny_tokenizer  # noqa: E402
 
 ATOL = 1e-5

@@ -1,4 +1,4 @@
-"""Run by tests/test_lifecycle.py in a fresh interpreter (-W error): a teacher used
+"""Run by tests/train/test_lifecycle.py in a fresh interpreter (-W error): a teacher used
 from asyncio.run, from two collectors in turn, and after a collector closed. Exits 0 and
 prints nothing to stderr when every HTTP client was released on its own loop."""
 
@@ -13,7 +13,7 @@ sys.unraisablehook = lambda u: unraisable.append(f"{u.exc_type.__name__}: {u.exc
 
 
 def main() -> int:
-    from opd_sdk.collector import FeedbackCollector
+    from opd_sdk.feedback.collector import FeedbackCollector
     from opd_sdk.types import Completion, FeedbackRequest, Score
     from providers.judge import JudgeTeacher
     from tests.scripted_server import ScriptedServer

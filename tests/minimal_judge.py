@@ -13,7 +13,7 @@ import re
 import openai
 
 from opd_sdk.errors import TeacherError
-from opd_sdk.teacher import fingerprint
+from opd_sdk.feedback.teacher import fingerprint
 from opd_sdk.types import CallUsage, FeedbackRequest, Score
 from providers.openai_errors import translate_openai_error
 

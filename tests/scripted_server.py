@@ -89,8 +89,8 @@ import random
 import threading
 import time
 from collections import deque
-from http import HTTPStatus
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, Callable, Sequence
 
 Responder = Callable[[dict], "str | dict"]

@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 import opd_sdk
-import opd_sdk.metrics
-from opd_sdk.config import validate_config
-from opd_sdk.registry import check_config
+import opd_sdk.train.metrics
+from opd_sdk.config.registry import check_config
+from opd_sdk.config.run import validate_config
 from tests.loop_fixtures import tiny_model, tiny_tokenizer
 from tests.scripted_server import ScriptedServer
 
@@ -47,9 +47,9 @@ def test_quickstart_collects_feedback_from_an_openai_compatible_endpoint(tmp_pat
 
 def test_train_in_code_runs_and_writes_what_its_comment_promises(tmp_path, tiny_dir, monkeypatch):
     import opd_sdk.models
-    import opd_sdk.trainer
+    import opd_sdk.train.trainer
 
-    class ShortTrainer(opd_sdk.trainer.Trainer):  # the README's code, 2 steps of 4 tokens on the tiny model
+    class ShortTrainer(opd_sdk.train.trainer.Trainer):  # the README's code, 2 steps of 4 tokens on the tiny model
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **{**kwargs, "max_steps": 2, "max_new_tokens": 4})
 
@@ -62,7 +62,7 @@ def test_train_in_code_runs_and_writes_what_its_comment_promises(tmp_path, tiny_
     assert (run / "metrics.jsonl").exists() and (run / "final" / "config.json").exists()
     assert (run / "step-2" / "trainer_state.json").exists()  # "step-N/ (also written on Ctrl-C)"
     scope["trainer"].train(resume_from="latest")  # the resume line: loads step-2/, nothing left to do
-    assert scope["trainer"].step == 2 and [r["step"] for r in opd_sdk.metrics.read_metrics(run / "metrics.jsonl")] == [1, 2]
+    assert scope["trainer"].step == 2 and [r["step"] for r in opd_sdk.train.metrics.read_metrics(run / "metrics.jsonl")] == [1, 2]
 
 
 @pytest.mark.parametrize("index", range(len(YAML)))

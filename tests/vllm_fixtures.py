@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opd_sdk.logprobs import selected_logprobs
+from opd_sdk.rollout.logprobs import selected_logprobs
 from tests.loop_fixtures import tiny_model
 
 FIXED_TEXT = "What is 3 times 4? The answer is 12."

@@ -18,8 +18,8 @@ on the student's own samples.
   sequence-level objective.
 
 Every objective follows the `Objective` protocol in `base.py`: a `plan`
-(feedback -> tensors, once per batch, via `opd_sdk.targets`) and a
-`compute` (its loss from the trainer's one forward pass, `opd_sdk.forward`);
+(feedback -> tensors, once per batch, via `opd_sdk.tensors.targets`) and a
+`compute` (its loss from the trainer's one forward pass, `opd_sdk.tensors.forward`);
 the loss math is pure functions in `opd_sdk.losses`. `OBJECTIVES` maps
 config names to classes.
 """

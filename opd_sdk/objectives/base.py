@@ -30,9 +30,9 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from opd_sdk.batch import RolloutBatch
-from opd_sdk.forward import Part, Plan, View, forward_micro, idle_loss
-from opd_sdk.targets import count_failures
+from opd_sdk.rollout.batch import RolloutBatch
+from opd_sdk.tensors.forward import Part, Plan, View, forward_micro, idle_loss
+from opd_sdk.tensors.targets import count_failures
 from opd_sdk.types import Feedback
 
 
@@ -153,7 +153,7 @@ def batch_loss(
 
     prompt_range: run the forward and backward of these prompt groups only
     (this rank's share; plans still cover the whole batch). dist: an
-    `opd_sdk.distributed.Distributed`; the loss and metrics are then summed
+    `opd_sdk.parallel.distributed.Distributed`; the loss and metrics are then summed
     over the ranks' shares (gradients are the caller's to sum). Under FSDP or
     ZeRO a micro-batch with nothing to run here still runs `idle_loss` (its
     peers' passes are collectives). backward_fn(loss, last): called instead of

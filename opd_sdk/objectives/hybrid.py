@@ -7,7 +7,7 @@ divergence to a logprob teacher (`TokenDistill`) plus a sequence-level
 reward (`RewardWeighted` on a verifier or judge), or an on-policy term plus
 an `SFT` anchor. The terms share one forward pass per micro-batch: the
 trainer runs the policy once over the union of the rows and texts the terms
-read (`opd_sdk.forward`), and each term computes its loss from that.
+read (`opd_sdk.tensors.forward`), and each term computes its loss from that.
 
 Where each term's feedback comes from. Terms are (objective, weight,
 source): `source` indexes the teacher whose feedback the term reads.
@@ -27,9 +27,9 @@ from typing import Any, Sequence
 
 import torch
 
-from opd_sdk.batch import RolloutBatch
 from opd_sdk.errors import ConfigError
 from opd_sdk.objectives.base import LossOutput, Term, run_loss
+from opd_sdk.rollout.batch import RolloutBatch
 
 
 class Hybrid:

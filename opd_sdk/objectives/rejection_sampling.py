@@ -15,12 +15,12 @@ from typing import Sequence
 
 import torch
 
-from opd_sdk.batch import RolloutBatch
 from opd_sdk.errors import ConfigError
-from opd_sdk.forward import Part, Plan, View
 from opd_sdk.losses.nll import nll_sum
 from opd_sdk.objectives.base import MeanMetrics, PlanContext, run_loss
-from opd_sdk.targets import score_table
+from opd_sdk.rollout.batch import RolloutBatch
+from opd_sdk.tensors.forward import Part, Plan, View
+from opd_sdk.tensors.targets import score_table
 from opd_sdk.types import Feedback
 
 

@@ -40,9 +40,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from opd_sdk.batch import RolloutBatch
 from opd_sdk.errors import ConfigError
-from opd_sdk.forward import Part, Plan, View
 from opd_sdk.losses.advantages import ADVANTAGE_KINDS, AdvantageKind, compute_advantages
 from opd_sdk.losses.kl import kl_per_token
 from opd_sdk.losses.policy_gradient import (
@@ -54,7 +52,9 @@ from opd_sdk.losses.policy_gradient import (
     policy_gradient_per_token,
 )
 from opd_sdk.objectives.base import MeanMetrics, PlanContext, frozen_copy, run_loss
-from opd_sdk.targets import count_failures, score_table
+from opd_sdk.rollout.batch import RolloutBatch
+from opd_sdk.tensors.forward import Part, Plan, View
+from opd_sdk.tensors.targets import count_failures, score_table
 from opd_sdk.types import Feedback
 
 Normalisation = Literal["token", "sequence"]

@@ -15,7 +15,7 @@ Where the real side comes from: `source="reference"` reads a teacher's
 `Reference` feedback (a black-box API teacher writes the answer);
 `source="answer"` reads `PromptItem.answer` (teacher-free self-play on a
 dataset, the paper's setting). The text is tokenised with the student's
-tokenizer after the batch's own prompt tokens (`opd_sdk.targets`).
+tokenizer after the batch's own prompt tokens (`opd_sdk.tensors.targets`).
 
 Departures from the paper: the generated side is the on-policy sample of
 the current batch (every one of the G samples is paired with the prompt's
@@ -31,12 +31,12 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from opd_sdk.batch import RolloutBatch
 from opd_sdk.errors import ConfigError
-from opd_sdk.forward import Part, Plan, View
 from opd_sdk.losses.preference import spin_loss, spin_per_pair
 from opd_sdk.objectives.base import MeanMetrics, PlanContext, frozen_copy, run_loss
-from opd_sdk.targets import encode_text, reference_texts
+from opd_sdk.rollout.batch import RolloutBatch
+from opd_sdk.tensors.forward import Part, Plan, View
+from opd_sdk.tensors.targets import encode_text, reference_texts
 from opd_sdk.types import Feedback
 
 __all__ = ["SPIN", "spin_loss"]

@@ -34,9 +34,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from opd_sdk.batch import RolloutBatch
 from opd_sdk.errors import ConfigError
-from opd_sdk.forward import Part, Plan, View
 from opd_sdk.losses.token_divergence import (
     DIVERGENCES,
     bucket_divergence,
@@ -45,7 +43,9 @@ from opd_sdk.losses.token_divergence import (
     reverse_kl_pg_per_token,
 )
 from opd_sdk.objectives.base import MeanMetrics, PlanContext, run_loss
-from opd_sdk.targets import teacher_support, teacher_token_logprobs
+from opd_sdk.rollout.batch import RolloutBatch
+from opd_sdk.tensors.forward import Part, Plan, View
+from opd_sdk.tensors.targets import teacher_support, teacher_token_logprobs
 from opd_sdk.types import Feedback
 
 __all__ = ["TokenDistill", "bucket_divergence", "discounted_returns", "reverse_kl_pg_loss"]

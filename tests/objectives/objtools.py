@@ -6,9 +6,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from opd_sdk.batch import RolloutBatch
 from opd_sdk.data import PromptItem
-from opd_sdk.logprobs import selected_logprobs
+from opd_sdk.rollout.batch import RolloutBatch
+from opd_sdk.rollout.logprobs import selected_logprobs
 from opd_sdk.types import Completion
 
 VOCAB = 48

@@ -8,7 +8,16 @@ import torch
 from objtools import EOS, build_batch, tiny_llama, tiny_tokenizer
 from test_obj_token_distill import teacher_feedback
 
-from opd_sdk.objectives import SFT, SPIN, Hybrid, OnlineDPO, RejectionSampling, RewardWeighted, TokenDistill, batch_loss
+from opd_sdk.objectives import (
+    SFT,
+    SPIN,
+    Hybrid,
+    OnlineDPO,
+    RejectionSampling,
+    RewardWeighted,
+    TokenDistill,
+    batch_loss,
+)
 from opd_sdk.types import FeedbackFailure, Preference, PreferencePair, Score
 
 # 3 prompts x 2 samples of different lengths; prompt 1 is shorter (left padding)

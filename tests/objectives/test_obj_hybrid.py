@@ -5,7 +5,15 @@ import torch
 from objtools import tiny_tokenizer
 
 from opd_sdk.errors import ConfigError
-from opd_sdk.objectives import OBJECTIVES, SFT, SPIN, Hybrid, Objective, RewardWeighted, TokenDistill
+from opd_sdk.objectives import (
+    OBJECTIVES,
+    SFT,
+    SPIN,
+    Hybrid,
+    Objective,
+    RewardWeighted,
+    TokenDistill,
+)
 from opd_sdk.types import FeedbackFailure, Score, TokenLogprobs
 
 TOKENS = [TokenLogprobs(logprobs=[[-1.0, -2.0, -0.5], [-1.5, -0.1]]), TokenLogprobs(logprobs=[[-1.0] * 4, [-3.0]])]

@@ -12,11 +12,19 @@ import math
 import pytest
 import torch
 
-from opd_sdk.collector import FeedbackCollector
 from opd_sdk.data import PromptItem
-from opd_sdk.objectives import SFT, SPIN, Hybrid, OnlineDPO, RejectionSampling, RewardWeighted, TokenDistill
-from opd_sdk.rollout import render_prompts
-from opd_sdk.trainer import Trainer
+from opd_sdk.feedback.collector import FeedbackCollector
+from opd_sdk.objectives import (
+    SFT,
+    SPIN,
+    Hybrid,
+    OnlineDPO,
+    RejectionSampling,
+    RewardWeighted,
+    TokenDistill,
+)
+from opd_sdk.rollout.engine import render_prompts
+from opd_sdk.train.trainer import Trainer
 from opd_sdk.types import FeedbackRequest, TokenLogprobs
 from providers.verifier import VerifierTeacher
 from tests.loop_fixtures import tiny_model, tiny_tokenizer

@@ -8,7 +8,11 @@ from objtools import EOS, build_batch, seq_logprobs
 
 from opd_sdk.errors import ConfigError
 from opd_sdk.objectives import RewardWeighted
-from opd_sdk.objectives.reward_weighted import kl_per_token, masked_normalise, policy_gradient_loss
+from opd_sdk.objectives.reward_weighted import (
+    kl_per_token,
+    masked_normalise,
+    policy_gradient_loss,
+)
 from opd_sdk.types import FeedbackFailure, Preference, PreferencePair, Score
 
 LOGP = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.2, -4.0]], dtype=torch.float64)
@@ -167,7 +171,7 @@ def test_skipping_zero_advantage_rows_changes_nothing(model, batch, normalisatio
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     # the same loss over all four rows with the pure function: advantages [0, 0, -1, 1]
-    from opd_sdk.logprobs import selected_logprobs
+    from opd_sdk.rollout.logprobs import selected_logprobs
 
     full, _ = policy_gradient_loss(
         selected_logprobs(model, batch.input_ids_BT, batch.attention_mask_BT),

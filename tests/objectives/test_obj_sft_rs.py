@@ -5,11 +5,11 @@ import torch
 from objtools import EOS, build_batch, seq_logprobs, tiny_tokenizer
 
 from opd_sdk.errors import ConfigError
-from opd_sdk.logprobs import selected_logprobs
 from opd_sdk.objectives import SFT, RejectionSampling
 from opd_sdk.objectives.rejection_sampling import select_best
 from opd_sdk.objectives.sft import nll_loss
-from opd_sdk.targets import encode_text, text_rows
+from opd_sdk.rollout.logprobs import selected_logprobs
+from opd_sdk.tensors.targets import encode_text, text_rows
 from opd_sdk.types import Completion, FeedbackFailure, Reference, Score
 
 

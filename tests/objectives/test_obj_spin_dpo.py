@@ -10,7 +10,14 @@ from opd_sdk.errors import ConfigError
 from opd_sdk.objectives import SPIN, OnlineDPO
 from opd_sdk.objectives.online_dpo import dpo_loss, feedback_pairs
 from opd_sdk.objectives.spin import spin_loss
-from opd_sdk.types import Completion, FeedbackFailure, Preference, PreferencePair, Reference, Score
+from opd_sdk.types import (
+    Completion,
+    FeedbackFailure,
+    Preference,
+    PreferencePair,
+    Reference,
+    Score,
+)
 
 D = torch.float64
 # pair 0: margin = (-2 - -5) - (-3 - -4) = 3 - 1 = 2; pair 1: all equal -> margin 0

@@ -8,9 +8,13 @@ from objtools import VOCAB, tiny_llama
 
 from opd_sdk.errors import ConfigError, TokenizationMismatch
 from opd_sdk.objectives import TokenDistill
-from opd_sdk.logprobs import sequence_logprobs
-from opd_sdk.targets import teacher_support, teacher_token_logprobs
-from opd_sdk.objectives.token_distill import bucket_divergence, discounted_returns, reverse_kl_pg_loss
+from opd_sdk.objectives.token_distill import (
+    bucket_divergence,
+    discounted_returns,
+    reverse_kl_pg_loss,
+)
+from opd_sdk.rollout.logprobs import sequence_logprobs
+from opd_sdk.tensors.targets import teacher_support, teacher_token_logprobs
 from opd_sdk.types import FeedbackFailure, Score, TokenLogprobs
 
 D = torch.float64

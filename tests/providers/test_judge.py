@@ -9,7 +9,14 @@ import pytest
 
 from opd_sdk import ConfigError, FeedbackCollector, FeedbackFailure, Score, TeacherError
 from providers import JudgeTeacher
-from tests.providers.helpers import client_for, fenced_texts, first_user, last_user, request, track
+from tests.providers.helpers import (
+    client_for,
+    fenced_texts,
+    first_user,
+    last_user,
+    request,
+    track,
+)
 from tests.scripted_server import Fault, ScriptedServer
 
 FAST = dict(backoff_initial_s=0.01, backoff_max_s=0.02)

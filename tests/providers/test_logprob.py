@@ -15,7 +15,14 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from opd_sdk import Completion, ConfigError, FeedbackCollector, FeedbackFailure, FeedbackRequest, TeacherError
+from opd_sdk import (
+    Completion,
+    ConfigError,
+    FeedbackCollector,
+    FeedbackFailure,
+    FeedbackRequest,
+    TeacherError,
+)
 from opd_sdk.errors import TokenizationMismatch
 from providers import LogprobTeacher
 from tests.providers.helpers import client_for

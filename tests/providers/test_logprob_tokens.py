@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from opd_sdk import Completion, FeedbackRequest
-from opd_sdk.teacher import tokenizer_fingerprint
+from opd_sdk.feedback.teacher import tokenizer_fingerprint
 from opd_sdk.types import TokenLogprobs, feedback_from_json, feedback_to_json
 from providers import LogprobTeacher
 from tests.providers.helpers import client_for

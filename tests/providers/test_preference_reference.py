@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from opd_sdk import FeedbackCollector, FeedbackFailure, Preference, Reference, TeacherError
+from opd_sdk import (
+    FeedbackCollector,
+    FeedbackFailure,
+    Preference,
+    Reference,
+    TeacherError,
+)
 from providers import PreferenceTeacher, ReferenceTeacher
 from tests.providers.helpers import client_for, fenced_texts, request
 from tests.scripted_server import ScriptedServer as ScriptedServer

@@ -12,7 +12,15 @@ import os
 
 import pytest
 
-from opd_sdk import Completion, FeedbackCollector, FeedbackFailure, FeedbackRequest, Preference, Reference, Score
+from opd_sdk import (
+    Completion,
+    FeedbackCollector,
+    FeedbackFailure,
+    FeedbackRequest,
+    Preference,
+    Reference,
+    Score,
+)
 
 URL = os.environ.get("OPD_VLLM_URL")
 MODEL = os.environ.get("OPD_VLLM_MODEL", "smollm2")
@@ -112,7 +120,7 @@ def smollm2():
 async def test_logprobs_equal_transformers_for_the_same_weights(smollm2, send):
     import torch
 
-    from opd_sdk.logprobs import selected_logprobs
+    from opd_sdk.rollout.logprobs import selected_logprobs
     from providers import LogprobTeacher
 
     model, tok = smollm2
@@ -147,8 +155,8 @@ async def test_split_characters_and_the_requests_own_ids_align_with_transformers
     the ids go as they are."""
     import torch
 
-    from opd_sdk.logprobs import selected_logprobs
-    from opd_sdk.teacher import tokenizer_fingerprint
+    from opd_sdk.feedback.teacher import tokenizer_fingerprint
+    from opd_sdk.rollout.logprobs import selected_logprobs
     from providers import LogprobTeacher
 
     model, tok = smollm2

@@ -7,10 +7,27 @@ import math
 
 import pytest
 
-from opd_sdk import (ConfigError, FeedbackCollector, FeedbackFailure, Preference, PreferencePair, Score,
-                     TeacherError)
-from providers import (Gate, JudgeTeacher, PreferenceScores, RewardModelTeacher, VerifierTeacher, WeightedSum,
-                       bradley_terry, extract_number, last_boxed, win_rates)
+from opd_sdk import (
+    ConfigError,
+    FeedbackCollector,
+    FeedbackFailure,
+    Preference,
+    PreferencePair,
+    Score,
+    TeacherError,
+)
+from providers import (
+    Gate,
+    JudgeTeacher,
+    PreferenceScores,
+    RewardModelTeacher,
+    VerifierTeacher,
+    WeightedSum,
+    bradley_terry,
+    extract_number,
+    last_boxed,
+    win_rates,
+)
 from tests.providers.helpers import client_for, fenced_texts, request
 from tests.scripted_server import Fault, ScriptedServer
 

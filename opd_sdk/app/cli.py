@@ -1,0 +1,132 @@
+"""`opd`: the command line.
+
+    opd train CONFIG.yaml [--set key.sub=value ...] [--resume | --overwrite] [--check]
+    opd eval  CONFIG.yaml [--model DIR] [--set ...]
+    opd demo  [--out DIR] [--steps N] [--seed S]
+
+Every config error is reported as `opd: invalid config:` plus one line per
+field, before any model loads, and the exit status is 2. A teacher's API key
+is read from the environment variable the config names, never from the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from opd_sdk.errors import OPDError
+from opd_sdk.parallel.distributed import is_main_process, launched_world_size
+
+RANK_EXIT_DELAY_S = 2.0  # ranks >= 1 wait this long before exiting on an error all ranks raised
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="opd", description="On-policy distillation from black-box API teachers, and without any teacher."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", help="a YAML run config (see examples/configs/)")
+        p.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override a config field, e.g. --set optimizer.lr=3e-6 (repeatable; values read as YAML)",
+        )
+
+    train = sub.add_parser("train", help="run a distillation from a YAML config")
+    add_config(train)
+    again = train.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from output_dir's last checkpoint")
+    again.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir")
+    train.add_argument(
+        "--check", action="store_true", help="run every check that needs no model weights, print all problems, exit"
+    )
+
+    ev = sub.add_parser("eval", help="held-out accuracy (verifier) or mean teacher score of a student")
+    add_config(ev)
+    ev.add_argument("--model", default=None, help="a saved student folder (default: the config's student)")
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    demo = sub.add_parser("demo", help="offline demo: distil SmolLM2-135M-Instruct with a verifier, no API key")
+    demo.add_argument("--out", default="opd-demo", help="output folder (plot, metrics, trained student)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: the tuned demo setting)")
+    demo.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    cfg = None
+    try:
+        if args.command == "train":
+            from opd_sdk.config.registry import load_and_check
+
+            cfg = load_and_check(args.config, args.overrides)  # every problem at once, before any model loads
+            if args.check:
+                if is_main_process():
+                    _say(f"opd: {args.config} is valid")
+                return 0
+            from opd_sdk.app.runner import train
+
+            summary = train(cfg, resume=args.resume, overwrite=args.overwrite, log=_say)
+            if is_main_process():  # one summary for a launched job
+                _say(json.dumps(summary, indent=2))
+        elif args.command == "eval":
+            from opd_sdk.app.runner import run_eval
+            from opd_sdk.config.run import load_config
+
+            cfg = load_config(args.config, args.overrides)
+            result = run_eval(cfg, args.model)
+            if args.json:
+                _say(json.dumps({k: v for k, v in result.items() if k != "completions"}))
+            else:
+                _say(
+                    f"opd: held-out {result['metric']} {result['value']:.3f} "
+                    f"({result['graded']} graded, {result['failures']} teacher failures)"
+                )
+        elif args.command == "demo":
+            from opd_sdk.app.demo import run_demo
+
+            run_demo(out_dir=args.out, steps=args.steps, seed=args.seed, log=_say)
+    except OPDError as exc:
+        if is_main_process():
+            print(f"opd: {exc}", file=sys.stderr)
+        else:  # every rank raised it: let rank 0 print before the launcher stops it for this exit
+            time.sleep(RANK_EXIT_DELAY_S)
+        return 2
+    except KeyboardInterrupt:
+        if is_main_process():
+            print(f"opd: interrupted; {_after_interrupt(cfg)}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _after_interrupt(cfg) -> str:
+    """What the user can do after Ctrl-C / SIGTERM, from what the run left on disk."""
+    if cfg is None:
+        return "nothing was trained"
+    from opd_sdk.train.checkpoint import latest_checkpoint
+
+    # a job of several processes saves nothing on a stop (a peer may be gone): only its scheduled checkpoints
+    several = launched_world_size() > 1
+    note = f" (a job of several processes saves only every save_every={cfg.save_every} steps)" if several else ""
+    last = latest_checkpoint(cfg.output_dir)
+    if last is not None:
+        saved = "is the newest" if several else "was saved"
+        return f"checkpoint {last.name} {saved}{note}; `opd train CONFIG --resume` continues from it"
+    partial = sorted(p.name.split(".")[0] for p in Path(cfg.output_dir).glob("step-*.tmp"))
+    why = (f"it stopped while saving {partial[-1]}" if partial
+           else "no checkpoint was saved yet" if several else "no step had finished")
+    return (f"{why}{note}, so there is no complete checkpoint; `opd train CONFIG --overwrite` starts again "
+            "(the feedback cache is kept: answers already paid for are not paid again)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""A persistent feedback cache: a rerun or a resumed run never pays twice.
+
+sqlite in WAL mode, so several processes (and threads) may read and write
+one file at once; a busy writer makes others wait (busy timeout) instead of
+failing. A row is keyed by sha256(teacher id + "\\n" + cache key) and holds
+only that hash, the teacher id and the feedback JSON: never the request
+text, never a failure (a failure must be retried by a later run), never a
+secret (teacher ids are fingerprints without keys by contract). The file (and
+its WAL / shared-memory files) is readable by its owner only (0600).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from opd_sdk.types import (
+    Feedback,
+    FeedbackFailure,
+    feedback_from_json,
+    feedback_to_json,
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS feedback (
+    key TEXT PRIMARY KEY,
+    teacher_id TEXT NOT NULL,
+    feedback TEXT NOT NULL,
+    created REAL NOT NULL
+)
+"""
+
+
+def cache_digest(teacher_id: str, cache_key: str) -> str:
+    return hashlib.sha256(f"{teacher_id}\n{cache_key}".encode()).hexdigest()
+
+
+def _owner_only(path: Path) -> None:
+    """Create the database file readable and writable by its owner only (0600), and tighten an
+    existing one (and its WAL / shared-memory files) that we own. SQLite gives the -wal and -shm
+    files it creates the database file's permissions."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(fd)
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            if p.exists() and p.stat().st_uid == os.getuid() and p.stat().st_mode & 0o077:
+                os.chmod(p, 0o600)
+        except (OSError, AttributeError):  # another owner, or no getuid (Windows): leave it
+            pass
+
+
+class FeedbackCache:
+    """`get` / `put` feedback by (teacher id, cache key). Thread- and process-safe."""
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_s: float = 30.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _owner_only(self.path)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(str(self.path), timeout=busy_timeout_s, check_same_thread=False,
+                                     isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute(_SCHEMA)
+
+    def __repr__(self) -> str:
+        return f"FeedbackCache({str(self.path)!r})"
+
+    def get(self, teacher_id: str, cache_key: str) -> Feedback | None:
+        digest = cache_digest(teacher_id, cache_key)
+        with self._lock:
+            row = self._conn.execute("SELECT feedback FROM feedback WHERE key = ?", (digest,)).fetchone()
+        return None if row is None else feedback_from_json(row[0])
+
+    def put(self, teacher_id: str, cache_key: str, feedback: Feedback) -> bool:
+        """Store `feedback`; a FeedbackFailure is never stored (returns False)."""
+        if isinstance(feedback, FeedbackFailure):
+            return False
+        digest = cache_digest(teacher_id, cache_key)
+        with self._lock:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO feedback (key, teacher_id, feedback, created) VALUES (?, ?, ?, ?)",
+                (digest, teacher_id, feedback_to_json(feedback), time.time()),
+            )
+        return True
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
+
+    def clear(self, teacher_id: str | None = None) -> int:
+        """Delete all rows (or one teacher's); return how many were deleted."""
+        with self._lock:
+            if teacher_id is None:
+                cur = self._conn.execute("DELETE FROM feedback")
+            else:
+                cur = self._conn.execute("DELETE FROM feedback WHERE teacher_id = ?", (teacher_id,))
+        return cur.rowcount
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> "FeedbackCache":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

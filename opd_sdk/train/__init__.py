@@ -1,0 +1,8 @@
+"""Train: the student loop, sample -> collect -> loss -> step.
+
+Owns the `Trainer` (the loop, top to bottom), the micro-batch engine (one forward per
+micro-batch, the exact big-batch gradient), the overlap pipeline (`max_staleness`), the
+rank-0 collection of a batch's feedback, checkpoints that resume exactly, metrics,
+the optimizer and schedule, progress lines and greedy evaluation.
+May import: every layer below it; never `app/`.
+"""

@@ -1,0 +1,92 @@
+"""Overlap teacher latency with training: rollouts and their feedback in flight ahead of the update.
+
+With `max_staleness: k` (k >= 1) the trainer keeps up to 1 + k batches in
+flight. Before each update it tops the queue up, sampling with the current
+weights and submitting each batch's feedback requests at once (a background
+thread per batch; the collector's own event loop does the calls). It then
+trains on the oldest batch, whose feedback has been on its way for up to k
+steps. A step never trains on samples older than k updates (`staleness`,
+logged per step), and stale samples are corrected by truncated importance
+weights against the log-probs stored when they were sampled
+(`losses.policy_gradient`). Per step this approaches max(sample + update,
+teacher latency) instead of their sum.
+
+Only remote teachers (a `FeedbackCollector`) are overlapped; a local teacher
+(a verifier, the student itself) is asked when its batch is trained, on the
+weights of that moment.
+
+Batches in flight are part of a checkpoint (`state` / `load_state`, plain
+JSON): a resumed run re-asks their feedback, which the collector's cache
+answers without paying again; `drain` waits for answers in flight so that a
+stopping run keeps what it paid for.
+"""
+
+from __future__ import annotations
+
+import collections
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from opd_sdk.errors import ConfigError
+from opd_sdk.rollout.batch import RolloutBatch
+
+
+@dataclass
+class InFlight:
+    batch: RolloutBatch
+    sampled_at: int  # optimizer steps done when it was sampled
+    feedback: Future | None  # None: asked when trained (local teachers)
+
+
+class Pipeline:
+    """The queue of batches in flight.
+
+    sample(): the next RolloutBatch with the current weights. collect(batch): its feedback
+    (blocking; run in a worker thread when `overlap`). overlap: submit feedback at sampling time.
+    """
+
+    def __init__(self, max_staleness: int, sample: Callable[[], RolloutBatch],
+                 collect: Callable[[RolloutBatch], list[Any]], *, overlap: bool) -> None:
+        if max_staleness < 1:
+            raise ConfigError(f"rollout.max_staleness must be >= 1 for the pipeline, got {max_staleness}")
+        self.max_staleness = max_staleness
+        self.sample = sample
+        self.collect = collect
+        self.overlap = overlap
+        self.queue: collections.deque[InFlight] = collections.deque()
+        self.pool = ThreadPoolExecutor(max_staleness + 1, thread_name_prefix="opd-feedback")
+
+    def _submit(self, batch: RolloutBatch) -> Future | None:
+        return self.pool.submit(self.collect, batch) if self.overlap else None
+
+    def top_up(self, step: int, steps_left: int) -> None:
+        """Sample (with the current weights) until 1 + k batches are in flight, never past the last step."""
+        while len(self.queue) < min(1 + self.max_staleness, steps_left):
+            batch = self.sample()
+            self.queue.append(InFlight(batch, step, self._submit(batch)))
+
+    def pop(self, step: int) -> tuple[RolloutBatch, list[Any], int]:
+        """The oldest batch, its feedback (waiting for it) and its staleness in updates."""
+        item = self.queue.popleft()
+        feedback = item.feedback.result() if item.feedback is not None else self.collect(item.batch)
+        staleness = step - item.sampled_at
+        assert staleness <= self.max_staleness, (staleness, self.max_staleness)
+        return item.batch, feedback, staleness
+
+    def drain(self) -> None:
+        """Wait for every answer in flight (they land in the collector's cache)."""
+        wait([item.feedback for item in self.queue if item.feedback is not None])
+
+    def state(self) -> list[dict]:
+        return [{"sampled_at": item.sampled_at, "batch": item.batch.to_json()} for item in self.queue]
+
+    def load_state(self, state: list[dict], device: Any = "cpu") -> None:
+        """Restore the batches in flight and ask their feedback again (a cached answer is not paid twice)."""
+        self.queue.clear()
+        for entry in state:
+            batch = RolloutBatch.from_json(entry["batch"], device)
+            self.queue.append(InFlight(batch, int(entry["sampled_at"]), self._submit(batch)))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)

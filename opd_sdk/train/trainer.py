@@ -1,0 +1,577 @@
+"""The on-policy student loop: sample, collect, targets, forward + loss, step.
+
+    prompts  = sampler.next_batch()                           # P prompts
+    batch    = rollout.sample(prompts, G)                     # the student answers, P*G rows
+    feedback = collect(collectors, batch)                     # one Feedback per prompt group (feedback.py)
+    result   = batch_loss(objective, model, batch, feedback)  # targets once; per micro-batch one
+                                                              # policy forward, every term's loss, backward
+    if result.signal: clip; optimizer.step(); scheduler.step(); teachers and rollout follow the weights
+    else:             no weight moves (skipped_step); failures for max_no_signal_steps steps stop the run
+
+The layers: `rollout` (RolloutBatch) -> `targets` (Feedback -> tensors, once
+per batch) -> `forward` (the trainer's one policy pass per micro-batch, plus
+the frozen models an objective declares) -> `losses` (pure functions) ->
+this module's step. Micro-batches are whole prompt groups, and every loss is
+a sum divided by the whole batch's unit count, so gradient accumulation
+gives the one-big-batch gradient exactly.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import math
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from opd_sdk.config.settings import (
+    LoopSettings,
+    OptimizerSettings,
+    RolloutSettings,
+    settings_from_kwargs,
+)
+from opd_sdk.data import PromptItem, PromptSampler, load_prompts
+from opd_sdk.errors import ConfigError, TrainingStopped
+from opd_sdk.feedback.collector import FeedbackCollector
+from opd_sdk.feedback.teacher import notify_optimizer_step, tokenizer_fingerprint
+from opd_sdk.objectives.base import Composite, Objective, batch_loss
+from opd_sdk.parallel.distributed import Distributed, launch_problems
+from opd_sdk.parallel.fsdp import (
+    full_state_dict,
+    grad_norm_clip,
+    save_sharded,
+    shard_model,
+)
+from opd_sdk.rollout.batch import RolloutBatch
+from opd_sdk.rollout.build import build_rollout_engine
+from opd_sdk.rollout.engine import RolloutEngine
+from opd_sdk.train.checkpoint import (
+    checkpoint_dir,
+    is_peft,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    scrub_machine_paths,
+)
+from opd_sdk.train.collect import check_collectors, collect, score_stats, usage_total
+from opd_sdk.train.metrics import MetricsLogger, read_metrics
+from opd_sdk.train.optim import adamw, make_scheduler, set_seed, wrap_lora
+from opd_sdk.train.pipeline import Pipeline
+from opd_sdk.train.progress import Progress
+from opd_sdk.types import FeedbackFailure
+
+DEFAULT_TIS_CAP = 2.0  # truncated importance sampling cap when the engine's log-probs are not the trainer's
+
+
+class Trainer:
+    """Trains `model` on its own samples with `objective` and teacher feedback from `collector`.
+
+    prompts: list of PromptItem / str / dict, a JSONL path or a datasets split.
+    collector: what `opd_sdk.feedback.collector.make_collector` returns for a teacher (anything
+        with collect_sync(requests), usage, teacher); None only for an objective that
+        reads no feedback. A list, one per source, for a `Composite` objective with
+        several teachers (`Hybrid` with a `source` per term): asked at the same time;
+        each prompt's feedback is then a tuple with one Feedback per collector.
+    rollout: a RolloutEngine; default the one `sampling.engine` names (`build_rollout_engine`).
+    optimizer / sampling / loop: validated `OptimizerSettings` / `RolloutSettings` /
+        `LoopSettings` (opd_sdk.config.settings: every default and bound is declared there);
+        flat keywords (lr=, group_size=, max_steps=, ...) override single fields.
+    micro_batch_prompts: prompts per forward/backward; default P / optimizer.grad_accum.
+    precision: "fp32", "bf16" (autocast, on CPU or GPU) or "auto" (bf16 on GPU, fp32 on CPU).
+        On this project's 2-core CPU, bf16 autocast measured far slower than fp32 for SmolLM2
+        (fwd+bwd 352 s vs 23 s a batch, generation 39 s vs 15-27 s, under load), hence the CPU default.
+    lora: None, a peft LoraConfig, or a dict of LoraConfig arguments.
+    output_dir: metrics.jsonl, checkpoints step-N/ every `loop.save_every` steps, final/ model.
+    eval_fn, eval_every: every `eval_every` steps, eval_fn(model) -> {name: number} (held-out
+        accuracy, say) is logged in that step's row as eval/<name>; its time is not in time_step_s.
+    distributed: this process's place in a launched job (`opd_sdk.parallel.distributed`); default
+        from the environment, so a script runs unchanged under `accelerate launch` / `torchrun`:
+        each rank samples prompts_per_step / world_size prompts, rank 0's collector serves
+        all ranks, gradients are summed, and rank 0 alone logs, shows progress and saves.
+
+    Raises ConfigError for bad settings; `train_step` raises TrainingStopped when
+    `loop.max_no_signal_steps` steps in a row had no usable feedback because teacher
+    calls failed, or when the teacher budget is spent.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        objective: Objective | Composite,
+        collector: Any,
+        prompts: Any,
+        *,
+        rollout: RolloutEngine | None = None,
+        optimizer: OptimizerSettings | None = None,
+        sampling: RolloutSettings | None = None,
+        loop: LoopSettings | None = None,
+        micro_batch_prompts: int | None = None,
+        precision: str = "auto",
+        lora: Any = None,
+        gradient_checkpointing: bool = False,
+        output_dir: str | Path | None = None,
+        eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+        eval_every: int = 0,
+        tensorboard: bool | str = "auto",
+        wandb_project: str | None = None,
+        progress: bool | None = None,
+        distributed: Distributed | None = None,
+        **settings: Any,
+    ) -> None:
+        opt, samp, loop = settings_from_kwargs(optimizer, sampling, loop, **settings)
+        self.dist = dist = distributed or Distributed.from_environment()
+        self._owns_dist = distributed is None
+        problems = launch_problems(
+            world_size=dist.world_size, fsdp=dist.fsdp, prompts_per_step=samp.prompts_per_step,
+            max_staleness=samp.max_staleness, eval_every=eval_every, engine=samp.engine, objective=objective,
+        )
+        if problems:
+            raise ConfigError("; ".join(problems))
+        if dist.enabled or dist.fsdp:  # this rank's device (cuda:LOCAL_RANK on GPUs)
+            model.to(dist.device)
+        self.optimizer_settings, self.sampling, self.loop = opt, samp, loop
+        collectors = [] if collector is None else list(collector) if isinstance(collector, (list, tuple)) else [collector]
+        dist.on_main(lambda: check_collectors(objective, collectors, model if dist.fsdp else None))  # rank 0 asks
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+        if micro_batch_prompts is not None and micro_batch_prompts < 1:
+            raise ConfigError(f"micro_batch_prompts must be >= 1, got {micro_batch_prompts}")
+        set_seed(loop.seed)
+        self.device = next(model.parameters()).device
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        self.precision = precision
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        if lora is not None:
+            model = wrap_lora(model, lora)
+        if gradient_checkpointing:
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if dist.fsdp:  # before the optimizer and the rollout engine see the parameters
+            model = shard_model(model)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.tokenizer_id = tokenizer_fingerprint(tokenizer)
+        self.objective = objective
+        self.collectors = collectors
+        items = prompts if isinstance(prompts, list) and all(isinstance(p, PromptItem) for p in prompts) else None
+        self.sampler = PromptSampler(items or load_prompts(prompts), samp.prompts_per_step, seed=loop.seed,
+                                     shuffle=loop.shuffle)
+        # bf16 autocast slows CPU generation down (measured: 39 s vs 15-27 s a batch), so CPU samples in fp32.
+        self.rollout = rollout or build_rollout_engine(
+            samp, model, tokenizer, autocast_dtype=self.autocast_dtype if self.device.type == "cuda" else None,
+            seed=loop.seed + dist.rank, synced=dist.fsdp and dist.enabled,
+        )
+        self.group_size = samp.group_size
+        self.micro_batch_prompts = micro_batch_prompts or max(1, math.ceil(samp.prompts_per_step / opt.grad_accum))
+        self.max_steps = loop.steps
+        self.max_grad_norm = opt.max_grad_norm
+        self.flat_tolerance = loop.flat_group_tolerance
+        self.max_no_signal_steps = loop.max_no_signal_steps
+        exact = getattr(self.rollout, "exact_logprobs", True) and samp.max_staleness == 0
+        self.tis_cap = (None if exact else DEFAULT_TIS_CAP) if samp.tis_cap is None else (samp.tis_cap or None)
+        self.pipeline = None
+        if samp.max_staleness:
+            for c in collectors:
+                c.collect_sync([])  # starts each collector's event loop here, before worker threads share it
+            self.pipeline = Pipeline(
+                samp.max_staleness,
+                sample=lambda: self._sample(self.sampler.next_batch()),
+                collect=(lambda batch: collect(collectors, batch, self.tokenizer_id)) if dist.is_main else lambda batch: None,  # rank 0 asks for every rank
+                overlap=bool(collectors) and all(isinstance(c, FeedbackCollector) for c in collectors),
+            )
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ConfigError("the model has no trainable parameters")
+        self.optimizer = adamw(self.params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, opt.schedule, opt.warmup_steps, loop.steps)
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.save_every = loop.save_every or 0
+        if eval_every and eval_fn is None:
+            raise ConfigError("eval_every needs eval_fn (a function model -> {name: number})")
+        self.eval_fn = eval_fn
+        self.eval_every = eval_every
+        writes = self.output_dir is not None and dist.is_main
+        self.metrics = MetricsLogger(
+            self.output_dir / "metrics.jsonl" if writes else None,
+            tb_dir=self.output_dir / "tb" if writes else None,
+            tensorboard=tensorboard if dist.is_main else False,
+            wandb_project=wandb_project if dist.is_main else None,
+        )
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.step = 0
+        self.saved_step = 0  # the step of the newest checkpoint this run wrote or resumed from
+        self.no_signal_streak = 0  # consecutive steps without signal because teacher calls failed
+        self.teacher_cost_before = 0.0  # cost spent by earlier runs of a resumed training
+        objective.setup(model)  # (a frozen copy is taken here, before DeepSpeed hooks into the student)
+        self.zero = None  # DeepSpeed ZeRO-1/2 partitions the optimizer state and gradients over the ranks
+        if dist.zero_stage:
+            from opd_sdk.parallel.zero import ZeroEngine
+
+            self.zero = ZeroEngine(model, self.optimizer, stage=dist.zero_stage, max_grad_norm=opt.max_grad_norm,
+                                   world_size=dist.world_size)
+        if dist.enabled:
+            set_seed(loop.seed + dist.rank)  # same initial weights everywhere, a sampling stream per rank
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _sample(self, prompts: list[PromptItem]) -> RolloutBatch:
+        """The step's rollouts: this rank samples its share of `prompts`; every rank gets the whole batch."""
+        if not self.dist.enabled:
+            return self.rollout.sample(prompts, self.group_size)
+        start, stop = self.dist.share(len(prompts))
+        local = self.rollout.sample(prompts[start:stop], self.group_size).to("cpu")
+        return RolloutBatch.concat(self.dist.all_gather(local), self.pad_id).to(self.device)
+
+    def _feedback(self, batch: RolloutBatch) -> list[Any]:
+        """The batch's feedback, asked by rank 0 for every rank."""
+        return self.dist.from_main(lambda: collect(self.collectors, batch, self.tokenizer_id))
+
+    def _pop(self) -> tuple[RolloutBatch, list[Any], int]:
+        """The pipeline's oldest batch; its feedback waited for on rank 0 and sent to every rank."""
+        if not self.dist.is_main:  # its pipeline holds no feedback: rank 0 sends it
+            batch, _, staleness = self.pipeline.pop(self.step)
+            return batch, self.dist.from_main(lambda: None), staleness
+        popped = []
+
+        def pop() -> list[Any]:  # on rank 0, inside from_main: a failure there stops every rank
+            popped.append(self.pipeline.pop(self.step))
+            return popped[0][1]
+
+        feedback = self.dist.from_main(pop)
+        return popped[0][0], feedback, popped[0][2]
+
+    def usage_total(self, field: str) -> Any:
+        """A usage field (requests_sent, cache_hits, cost_usd) summed over the collectors; None without them."""
+        return usage_total(self.collectors, field)
+
+    def teacher_cost_usd(self) -> float:
+        """Teacher spend of this training, earlier runs of a resumed one included."""
+        return self.teacher_cost_before + float(self.usage_total("cost_usd") or 0.0)
+
+    def close(self) -> None:
+        """Free the rollout engine (a vLLM engine, its temporary folders) and the pipeline's threads;
+        leave the process group when this trainer joined it."""
+        self.rollout.close()
+        if self.pipeline is not None:
+            self.pipeline.close()
+        if self._owns_dist:
+            self.dist.close()
+
+    def _follow_student(self) -> None:
+        """After an optimizer step: teachers that track the student's weights, and the rollout engine."""
+        for c in self.collectors:
+            notify_optimizer_step(c.teacher, self.step)
+        self.rollout.sync_weights(self.model)
+
+    def train_step(self) -> dict[str, Any]:
+        """One step: sample, collect, loss; an optimizer step unless nothing carries a signal.
+
+        Returns the metrics it logged. Raises TrainingStopped (after logging the
+        step) when the budget is spent or failures left no signal for too long.
+        """
+        t_start = time.perf_counter()
+        staleness = 0
+        if self.pipeline is None:
+            batch = self._sample(self.sampler.next_batch())
+            t_sampled = time.perf_counter()
+            feedback = self._feedback(batch)
+        else:  # sample ahead with the current weights; train on the oldest batch in flight
+            self.pipeline.top_up(self.step, self.max_steps - self.step)
+            t_sampled = time.perf_counter()
+            batch, feedback, staleness = self._pop()
+        t_feedback = time.perf_counter()
+
+        try:
+            self.model.train()
+            self.optimizer.zero_grad(set_to_none=True)
+            result = batch_loss(
+                self.objective, self.model, batch, feedback, micro_batch_prompts=self.micro_batch_prompts,
+                flat_tolerance=self.flat_tolerance, backward=True, tis_cap=self.tis_cap, pad_id=self.pad_id,
+                autocast=self._autocast(), dist=self.dist,
+                prompt_range=self.dist.share(batch.num_prompts) if self.dist.enabled else None,
+                backward_fn=self.zero.backward if self.zero is not None else None,
+            )
+            t_backward = time.perf_counter()
+            skipped = result.signal == 0
+            grad_norm, lr = None, self.scheduler.get_last_lr()[0]
+            if not skipped:
+                if self.zero is not None:
+                    grad_norm = self.zero.step()  # clips (max_grad_norm) and steps the partitioned optimizer
+                else:
+                    self.dist.sum_gradients(self.params)
+                    if self.max_grad_norm is not None:
+                        grad_norm = grad_norm_clip(self.params, self.max_grad_norm)
+                    self.optimizer.step()
+                self.scheduler.step()
+                if self.dist.fsdp:
+                    self.model.reshard()  # the root's gathered copy (kept by generate) is stale now
+            self.step += 1
+            self.objective.after_step(self.step, self.model)
+            t_synced = time.perf_counter()
+            if not skipped:
+                self._follow_student()
+        except BaseException:
+            if self.pipeline is not None:
+                self.pipeline.drain()  # answers in flight land in the cache: a resume does not pay for them again
+            raise
+
+        flat = [fb for entry in feedback for fb in (entry if isinstance(entry, tuple) else (entry,))]
+        failure_kinds = collections.Counter(fb.error_type for fb in flat if isinstance(fb, FeedbackFailure))
+        self.no_signal_streak = self.no_signal_streak + 1 if skipped and failure_kinds else 0
+        t_end = time.perf_counter()
+
+        reward_mean, reward_std = score_stats(flat)
+        sampled_tokens = batch.completion_tokens()
+        row = {
+            **result.metrics,  # the objective's view first; the trainer's own numbers below win
+            "reward_mean": reward_mean,
+            "reward_std": reward_std,
+            "loss": float(result.loss),
+            "feedback_failures": sum(failure_kinds.values()),
+            **{f"failures/{kind}": n for kind, n in sorted(failure_kinds.items())},
+            "skipped_step": int(skipped),
+            "staleness": staleness,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "completion_tokens": sampled_tokens,
+            "mean_completion_len": sampled_tokens / batch.size,
+            "tokens_per_s": sampled_tokens / (t_end - t_start),
+            "sample_tokens_per_s": sampled_tokens / max(t_sampled - t_start, 1e-9),
+            "teacher_cost_usd": self.teacher_cost_usd(),
+            "teacher_requests": self.usage_total("requests_sent"),
+            "cache_hits": self.usage_total("cache_hits"),
+            "time_sampling_s": t_sampled - t_start,
+            "time_feedback_s": t_feedback - t_sampled,
+            "time_forward_backward_s": t_backward - t_feedback,
+            "time_optimizer_s": t_synced - t_backward,
+            "time_sync_s": t_end - t_synced,
+            "time_step_s": t_end - t_start,
+        }
+        if self.eval_every and self.step % self.eval_every == 0 and self.dist.is_main:
+            row.update({f"eval/{k}": v for k, v in self.eval_fn(self.model).items()})
+        logged = self.metrics.log(self.step, row)
+        self._stop_if_hopeless(failure_kinds)
+        return logged
+
+    def _stop_if_hopeless(self, failure_kinds: collections.Counter) -> None:
+        """Raise TrainingStopped on a spent budget, or after too many steps without signal from failures."""
+        budget_spent = bool(failure_kinds.get("budget"))
+        no_signal = self.no_signal_streak >= self.max_no_signal_steps
+        if not (budget_spent or no_signal):
+            return
+        if self.pipeline is not None:
+            self.pipeline.drain()  # answers already paid for land in the cache before the stop
+        teachers = ", ".join(c.teacher.id for c in self.collectors) or "none"
+        where = f" in {self.output_dir}" if self.output_dir is not None else ""
+        # at the last step a plain resume has nothing left to train
+        more = f" --set steps=N (N > {self.step}: this was the last step)" if self.step >= self.max_steps else ""
+        if budget_spent:
+            raise TrainingStopped(
+                f"the teacher budget is spent (teacher {teachers}, ${self.teacher_cost_usd():.4f}) at step "
+                f"{self.step}; raise collector.budget_usd, then resume from the checkpoint{where}"
+                + (f" (`opd train CONFIG --resume{more}`)" if more else "")
+            )
+        kinds = ", ".join(f"{kind} x{n}" for kind, n in failure_kinds.most_common())
+        raise TrainingStopped(
+            f"{self.no_signal_streak} steps in a row had no usable teacher feedback (teacher {teachers}; "
+            f"last step's failures: {kinds}); stopped at step {self.step}; fix the cause, then resume from the "
+            f"checkpoint{where} (`opd train CONFIG --resume{more}`)"
+        )
+
+    def train(self, resume_from: str | Path | None = None) -> list[dict[str, Any]]:
+        """Run until max_steps; resume_from: a checkpoint folder or "latest" (in output_dir).
+
+        With an output_dir, a checkpoint is written every `save_every` steps, at
+        the end, and before re-raising on Ctrl-C / SIGTERM (KeyboardInterrupt)
+        or TrainingStopped; only the newest `keep_checkpoints` are kept.
+        """
+        if resume_from is not None:
+            self.resume(resume_from)
+        else:
+            self._refuse_an_earlier_run()
+        progress = Progress(self.max_steps, self.step, bar=self.progress, shown=self.dist.is_main)
+        step_start = None  # sampler + RNG state while a step is under way
+        try:
+            with _sigterm_as_interrupt():
+                while self.step < self.max_steps:
+                    step_start = self._state_at_step_start()
+                    row = self.train_step()
+                    step_start = None
+                    progress.update(self.step, row)
+                    if self.save_every and self.step % self.save_every == 0:
+                        self._checkpoint()
+        except KeyboardInterrupt:
+            if not self.dist.enabled:  # in a launched job a peer may be gone: the last scheduled checkpoint stands
+                self._checkpoint(at_step_start=step_start)
+            raise
+        except TrainingStopped:
+            self._checkpoint()
+            raise
+        finally:
+            progress.close()
+        self._checkpoint()
+        if self.output_dir is not None:
+            self.save_pretrained(self.output_dir / "final")
+        return self.metrics.history
+
+    # ---- saving ---------------------------------------------------------------------------
+
+    def save_pretrained(self, path: str | Path, *, merge_lora: bool = False) -> Path:
+        """The student (or its LoRA adapter; merged into the base with merge_lora=True) and tokenizer.
+
+        A LoRA adapter's `base_model_name_or_path` is written as the base's
+        name (or folder name), never an absolute path of this machine.
+        In a launched job only rank 0 writes (under FSDP every rank must call: the
+        weights are gathered to rank 0 first). Raises ConfigError for merge_lora under FSDP.
+        """
+        path = Path(path)
+        if merge_lora and self.dist.fsdp:
+            raise ConfigError("merge_lora is not available under FSDP; save the adapter, then merge it in one process")
+        weights = full_state_dict(self.model) if self.dist.fsdp else None
+        if not self.dist.is_main:
+            return path
+        model = self.model
+        if merge_lora and is_peft(model):
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(path, state_dict=weights)
+        self.tokenizer.save_pretrained(path)
+        scrub_machine_paths(path)
+        return path
+
+    def save_checkpoint(self, path: str | Path | None = None, *, at_step_start: dict[str, Any] | None = None) -> Path:
+        """Write step-N/ (or `path`). at_step_start: the sampler and RNG state saved before an
+        interrupted step, so the resumed run redraws that step's batch (and hits the cache).
+        In a launched job every rank must call it (each sends its RNG state); rank 0 writes."""
+        if path is None:
+            if self.output_dir is None:
+                raise ConfigError("save_checkpoint needs a path or the trainer's output_dir")
+            path = checkpoint_dir(self.output_dir, self.step)
+        rngs = self.dist.all_gather((at_step_start or {}).get("rng") or rng_state())
+        shards = None
+        if self.dist.fsdp or self.zero is not None:  # every rank writes its shards, then rank 0 moves them in
+            shards = Path(path).with_name(Path(path).name + ".shards.tmp")
+            self.dist.on_main(lambda: shutil.rmtree(shards, ignore_errors=True))
+            if self.zero is not None:
+                self.zero.save(shards)
+            else:
+                save_sharded(self.model, self.optimizer, shards)
+            self.dist.barrier()
+        if not self.dist.is_main:
+            return Path(path)
+        state = {
+            "step": self.step,
+            "world_size": self.dist.world_size,
+            "zero_stage": self.dist.zero_stage,
+            "data": (at_step_start or {}).get("data", self.sampler.state_dict()),
+            "teacher_cost_usd": self.teacher_cost_usd(),
+            "in_flight": (at_step_start or {}).get(
+                "in_flight", self.pipeline.state() if self.pipeline is not None else []
+            ),
+        }
+        saved = save_checkpoint(
+            path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, state=state,
+            objective=self.objective, tokenizer=self.tokenizer, rng=rngs[0], rank_rngs=rngs[1:],
+            sharded=shards if self.dist.fsdp else None, deepspeed=shards if self.zero is not None else None,
+        )
+        scrub_machine_paths(saved)
+        return saved
+
+    def resume(self, path: str | Path) -> int:
+        """Load a checkpoint (or "latest" under output_dir); returns the step it continues from.
+
+        Raises ConfigError when there is nothing to resume from.
+        """
+        if str(path) == "latest":
+            if self.output_dir is None:
+                raise ConfigError('resume_from="latest" needs output_dir')
+            found = latest_checkpoint(self.output_dir)
+            if found is None:
+                raise ConfigError(
+                    f"nothing to resume: {self.output_dir} holds no step-N/ checkpoint; start without resuming"
+                )
+            path = found
+        state = load_checkpoint(
+            path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, objective=self.objective,
+            rank=self.dist.rank, world_size=self.dist.world_size, zero_stage=self.dist.zero_stage,
+        )
+        if self.zero is not None:
+            self.zero.load(Path(path) / "deepspeed")
+        self.step = self.saved_step = int(state["step"])
+        self.sampler.load_state_dict(state["data"])
+        self.teacher_cost_before = float(state.get("teacher_cost_usd", 0.0))
+        if self.pipeline is not None:
+            self.pipeline.load_state(state.get("in_flight", []), self.device)
+        self.metrics.truncate_after(self.step)
+        self.rollout.sync_weights(self.model)
+        return self.step
+
+    # ---- checkpoints on schedule and on a stop ----------------------------------------------
+
+    def _refuse_an_earlier_run(self) -> None:
+        """A fresh train() never writes over another run's steps (the CLI's --overwrite deletes them first)."""
+        if self.output_dir is None or self.step > 0:
+            return
+        path = self.output_dir / "metrics.jsonl"
+        trained = latest_checkpoint(self.output_dir) is not None or (
+            path.exists() and any(row.get("step", 0) > 0 for row in read_metrics(path))
+        )
+        if trained:
+            raise ConfigError(
+                f"output_dir {self.output_dir} already holds a run; continue it with "
+                "trainer.train(resume_from='latest'), or give another output_dir"
+            )
+
+    def _state_at_step_start(self) -> dict[str, Any]:
+        """What a checkpoint written during the next step must hold instead of that step's half-done state."""
+        in_flight = self.pipeline.state() if self.pipeline is not None else []
+        return {"data": self.sampler.state_dict(), "rng": rng_state(), "in_flight": in_flight}
+
+    def _checkpoint(self, at_step_start: dict[str, Any] | None = None) -> Path | None:
+        """Save step-N/ (N = completed steps) unless there is no output_dir or step-N/ is already saved; prune old ones."""
+        if self.output_dir is None or self.step == 0:
+            return None
+        path = checkpoint_dir(self.output_dir, self.step)
+        if self.saved_step == self.step:
+            return path
+        self.save_checkpoint(path, at_step_start=at_step_start)
+        self.saved_step = self.step
+        if self.dist.is_main:
+            prune_checkpoints(self.output_dir, keep=self.loop.keep_checkpoints)
+        return path
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a job scheduler's stop) raises KeyboardInterrupt in the main thread, like Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

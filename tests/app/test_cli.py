@@ -1,0 +1,327 @@
+"""`opd train` / `opd eval` end to end on a tiny random model, and config errors before any load."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from opd_sdk.app import cli, runner
+from tests.loop_fixtures import tiny_model, tiny_tokenizer
+from tests.scripted_server import ScriptedServer
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny")
+    tok = tiny_tokenizer()
+    tiny_model(tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_config(tmp_path: Path, tiny_dir: Path, **changes) -> Path:
+    raw = {
+        "student": {"model": str(tiny_dir)},
+        "data": {"task": "addition", "eval_size": 8},
+        "teacher": {"type": "verifier"},
+        "objective": {"type": "reward_weighted", "params": {"advantage": "rloo"}},
+        "rollout": {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 4},
+        "eval": {"max_new_tokens": 4, "batch_size": 8},
+        "optimizer": {"lr": 1e-3},
+        "output_dir": str(tmp_path / "run"),
+        "steps": 2,
+        "logging": {"progress": False},
+    }
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            raw.setdefault(section, {})[field] = value
+        else:
+            raw[section] = value
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if anything tries to load the student."""
+
+    def boom(*a, **k):
+        raise AssertionError("the student was loaded before the config was checked")
+
+    monkeypatch.setattr(runner, "load_student", boom)
+
+
+def metric_rows(run: Path) -> list[dict]:
+    """metrics.jsonl's rows; step 0 holds only the held-out metric before training."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_rows(run: Path) -> list[dict]:
+    return [r for r in metric_rows(run) if r["step"] > 0]
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = cli.main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_check_accepts_a_valid_config(tmp_path, tiny_dir, capsys, no_model_load):
+    rc, out, _ = run_cli(capsys, "train", str(write_config(tmp_path, tiny_dir)), "--check")
+    assert rc == 0 and "is valid" in out
+
+
+@pytest.mark.parametrize(
+    "changes, overrides, expected",
+    [
+        ({"optimizer__lr": -1}, [], "optimizer.lr: Input should be greater than 0"),
+        ({}, ["rollout.group_sise=4"], "rollout.group_sise: unknown field"),
+        ({"objective": {"type": "reward_wieghted"}}, [], "objective.type: unknown objective 'reward_wieghted'"),
+        ({"objective": {"type": "reward_weighted", "params": {"advantages": "rloo"}}}, [],
+         "objective.params.advantages: unknown parameter for RewardWeighted; did you mean `advantage`?"),
+        ({"teacher": {"type": "verifier", "params": {"tolerance": 1}}}, [],
+         "teacher.params.tolerance: unknown parameter for VerifierTeacher; valid: check, atol"),
+        ({"teacher": {"type": "reference", "model": "m", "base_url": "http://127.0.0.1:9/v1"}}, [],
+         "objective 'reward_weighted': RewardWeighted reads score feedback but teacher (type 'reference') returns reference"),
+        ({"teacher": {"type": "judge", "model": "gpt-4o-mini", "api_key_env": "OPD_TEST_UNSET_KEY"}}, [],
+         "teacher.api_key_env: the environment variable OPD_TEST_UNSET_KEY is not set"),
+        ({"data": {"task": "long_division"}}, [], "unknown task 'long_division'"),
+        ({"objective": {"type": "hybrid", "params": {"terms": [
+            {"type": "reward_weighted", "weight": 1.0}, {"type": "token_distill", "weight": 0.1}]}}}, [],
+         "objective.params.terms.1: TokenDistill reads token_logprobs feedback but teacher (type 'verifier')"),
+        ({"teacher": None}, [], "teacher: objective 'reward_weighted' reads score feedback; add a `teacher:`"),
+        ({"objective": {"type": "hybrid", "params": {"terms": [{"type": "sft"}]}}}, [],
+         "objective.params.terms.0: write {type: NAME, params: {...}, weight: W}"),
+        ({"data": {"path": "/nonexistent/prompts.jsonl"}}, [], "data.path: /nonexistent/prompts.jsonl does not exist"),
+        ({"teachers": [{"type": "verifier"}]}, [], "give `teacher:` (one) or `teachers:`"),
+        ({}, ["student.device=gpu"], "student.device: String should match pattern"),
+        ({"teacher": None, "teachers": [{"type": "verifier"}, {"type": "verifier"}]}, [],
+         "objective 'reward_weighted' reads 1 feedback source(s) but 2 teacher(s) are given"),
+        ({"teacher": None, "teachers": [{"type": "verifier"}, {"type": "judge", "modle": "m"}]}, [],
+         "teachers.1.modle: unknown field"),
+        ({"teacher": None, "teachers": [{"type": "verifier"}, {"type": "verifier"}],
+          "objective": {"type": "hybrid", "params": {"terms": [{"type": "reward_weighted", "weight": 1.0},
+                                                               {"type": "token_distill", "weight": 0.1, "source": 1}]}}},
+         [], "objective.params.terms.1: TokenDistill reads token_logprobs feedback but teachers.1 (type 'verifier')"),
+    ],
+)
+def test_bad_configs_fail_before_the_model_loads(tmp_path, tiny_dir, capsys, no_model_load, monkeypatch,
+                                                 changes, overrides, expected):
+    monkeypatch.delenv("OPD_TEST_UNSET_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    path = write_config(tmp_path, tiny_dir, **changes)
+    argv = ["train", str(path)] + [a for o in overrides for a in ("--set", o)]
+    rc, _, err = run_cli(capsys, *argv)
+    assert rc == 2
+    assert expected in err
+
+
+def test_two_teachers_feed_a_hybrid_from_yaml(tmp_path, capsys):
+    """teachers: [verifier, self_distill] with a hybrid whose token term reads source 1."""
+    from tests.providers.test_self_distill import (  # a template the teacher's view check accepts
+        make_model,
+        make_tokenizer,
+    )
+
+    student = tmp_path / "student"
+    tok = make_tokenizer()
+    make_model(tok).save_pretrained(student)
+    tok.save_pretrained(student)
+    terms = [{"type": "reward_weighted", "weight": 1.0}, {"type": "token_distill", "weight": 0.5, "source": 1}]
+    path = write_config(tmp_path, student, teacher=None, teachers=[{"type": "verifier"}, {"type": "self_distill"}],
+                        objective={"type": "hybrid", "params": {"terms": terms}})
+    rc, out, err = run_cli(capsys, "train", str(path))
+    assert rc == 0, err
+    summary = json.loads(out[out.index("{"):])
+    assert summary["steps"] == 2 and summary["teacher_requests"] >= 2 * 2 + 2  # 2 prompts x 2 steps + the teacher
+    rows = train_rows(tmp_path / "run")
+    assert all(r["rewardweighted/valid_samples"] == 4 and r["tokendistill/tokens"] > 0 for r in rows), rows
+    assert all(r["feedback_failures"] == 0 for r in rows)
+
+
+def test_literal_key_in_yaml_is_refused_and_not_printed(tmp_path, tiny_dir, capsys, no_model_load):
+    path = write_config(tmp_path, tiny_dir, teacher={"type": "judge", "model": "m", "api_key": "sk-SECRET-777"})
+    rc, out, err = run_cli(capsys, "train", str(path))
+    assert rc == 2 and "API keys are never read from a config file" in err
+    assert "SECRET-777" not in out + err
+
+
+def test_teacher_free_spin_on_data_answers_trains(tmp_path, tiny_dir, capsys):
+    path = write_config(
+        tmp_path, tiny_dir, teacher=None,
+        objective={"type": "spin", "params": {"source": "answer", "beta": 0.1}},
+    )
+    rc, out, err = run_cli(capsys, "train", str(path))
+    assert rc == 0, err
+    summary = json.loads(out[out.index("{"):])
+    assert summary["steps"] == 2 and summary["teacher_requests"] is None
+
+
+def test_train_then_eval_then_resume(tmp_path, tiny_dir, capsys):
+    torch.manual_seed(0)
+    path = write_config(tmp_path, tiny_dir, save_every=1, eval__every=2)
+    rc, out, err = run_cli(capsys, "train", str(path))
+    assert rc == 0, err
+    run = tmp_path / "run"
+    rows = metric_rows(run)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert set(rows[0]) == {"step", "eval/accuracy"}  # the held-out metric before training
+    assert all(r["feedback_failures"] == 0 and 0.0 <= r["reward_mean"] <= 1.0 for r in rows[1:])
+    assert (run / "final" / "config.json").exists() and (run / "config.yaml").exists()
+    assert (run / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads(out[out.index("{"):])
+    assert json.loads((run / "summary.json").read_text()) == summary
+    assert summary["steps"] == 2 and summary["heldout_graded"] == 8
+    assert summary["heldout_before"] == rows[0]["eval/accuracy"]
+    assert summary["heldout_after"] == summary["heldout_accuracy"] == rows[2]["eval/accuracy"]  # same model
+    assert "eval/accuracy" not in rows[1]
+    assert f"held-out accuracy before training {rows[0]['eval/accuracy']:.3f}" in out
+    assert f"before {rows[0]['eval/accuracy']:.3f} -> after {summary['heldout_after']:.3f}" in out
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-1", "step-2"]
+
+    rc, out, err = run_cli(capsys, "eval", str(path), "--model", str(run / "final"), "--json")
+    assert rc == 0, err
+    result = json.loads(out)
+    assert result["metric"] == "accuracy" and result["graded"] == 8 and 0.0 <= result["value"] <= 1.0
+
+    rc, _, err = run_cli(capsys, "train", str(path))  # a second run must not overwrite silently
+    assert rc == 2 and "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert [r["step"] for r in metric_rows(run)] == [0, 1, 2]  # nothing was touched
+
+    rc, _, err = run_cli(capsys, "train", str(path), "--resume")  # finished: nothing to train, nothing re-evaluated
+    assert rc == 2 and "is finished (step-2 of steps: 2, final/ saved)" in err and "raise steps" in err
+    assert [r["step"] for r in metric_rows(run)] == [0, 1, 2]
+
+    rc, out, err = run_cli(capsys, "train", str(path), "--resume", "--set", "steps=5")
+    assert rc == 0, err
+    assert f"opd: resuming from step 2 ({run})" in out
+    assert [r["step"] for r in metric_rows(run)] == [0, 1, 2, 3, 4, 5]
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-3", "step-4", "step-5"]  # keep_checkpoints: 3
+    assert json.loads(out[out.index("{"):])["heldout_before"] == rows[0]["eval/accuracy"]
+
+    rc, out, err = run_cli(capsys, "train", str(path), "--overwrite")
+    assert rc == 0, err
+    assert [r["step"] for r in metric_rows(run)] == [0, 1, 2]
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-1", "step-2"]
+
+
+def test_resume_with_nothing_to_resume_says_so_and_stops(tmp_path, tiny_dir, capsys, no_model_load):
+    rc, _, err = run_cli(capsys, "train", str(write_config(tmp_path, tiny_dir)), "--resume")
+    assert rc == 2 and "nothing to resume from" in err and "run without --resume" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_checkpoints_are_on_by_default():
+    from opd_sdk.config.run import validate_config
+
+    cfg = validate_config({"student": {"model": "x"}, "data": {"task": "addition"}, "objective": {"type": "sft"}})
+    assert cfg.save_every == 25 and cfg.keep_checkpoints == 3
+
+
+def test_resume_after_a_crash_repeats_no_teacher_call(tmp_path, tiny_dir, capsys, monkeypatch):
+    """A run killed after step 2's teacher calls but before its checkpoint redoes step 2 from the
+    cache: the same samples (RNG restored), so the judge server sees no new request."""
+    monkeypatch.setenv("OPD_TEST_KEY", "sk-test-not-secret")
+    with ScriptedServer(lambda body: '{"score": 7}') as srv:
+        teacher = {"type": "judge", "model": "judge", "base_url": srv.base_url, "api_key_env": "OPD_TEST_KEY"}
+        path = write_config(tmp_path, tiny_dir, teacher=teacher, save_every=1,
+                            eval={"metric": "teacher_score", "max_new_tokens": 4})
+        rc, out, err = run_cli(capsys, "train", str(path))
+        assert rc == 0, err
+        sent = srv.count
+        assert sent > 0
+        run = tmp_path / "run"
+        shutil.rmtree(run / "step-2")  # the crash: step 2 was never checkpointed
+        (run / "final").rename(run / "final-old")
+        rc, out, err = run_cli(capsys, "train", str(path), "--resume")
+        assert rc == 0, err
+        summary = json.loads(out[out.index("{"):])
+        # step 2 and the held-out eval come entirely from the cache
+        assert srv.count == sent
+        assert summary["teacher_requests"] == 0 and summary["cache_hits"] > 0
+        assert summary["heldout_teacher_score"] == pytest.approx(0.7)
+
+
+def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_dir, monkeypatch):
+    from opd_sdk.app import demo
+
+    monkeypatch.setitem(demo.DEMO, "max_new_tokens", 4)
+    monkeypatch.setitem(demo.DEMO, "eval_max_new_tokens", 4)
+    monkeypatch.setitem(demo.DEMO, "eval_every", 1)
+    lines: list[str] = []
+    summary = demo.run_demo(out_dir=tmp_path / "demo", steps=2, model_dir=tiny_dir, log=lines.append)
+    out = tmp_path / "demo"
+    assert summary["steps"] == 2 and summary["heldout_prompts"] > 0
+    assert [s for s, _ in summary["heldout_curve"]] == [0, 1, 2]
+    assert (out / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "final" / "config.json").exists()
+    assert json.loads((out / "demo_summary.json").read_text())["heldout_accuracy_after"] == summary["heldout_accuracy_after"]
+    assert any("held-out accuracy before" in line for line in lines)
+
+
+def test_lora_student_trains_and_its_adapter_folder_evaluates(tmp_path, tiny_dir, capsys):
+    pytest.importorskip("peft")
+    path = write_config(tmp_path, tiny_dir, student={"model": str(tiny_dir), "lora": {"r": 4, "alpha": 8}}, steps=1)
+    rc, out, err = run_cli(capsys, "train", str(path))
+    assert rc == 0, err
+    final = tmp_path / "run" / "final"
+    assert (final / "adapter_config.json").exists()
+    assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_dir.name
+    for f in [*final.rglob("*"), *(tmp_path / "run").glob("step-*/**/*")]:  # no machine path anywhere
+        if f.is_file() and f.suffix in (".json", ".md", ".txt", ".yaml"):
+            assert str(tiny_dir) not in f.read_text(), f
+    rc, out, err = run_cli(capsys, "eval", str(path), "--model", str(final), "--json")
+    assert rc == 0, err
+    assert json.loads(out)["graded"] == 8
+
+
+def test_a_stop_for_no_signal_keeps_a_checkpoint_and_a_summary(tmp_path, tiny_dir, capsys, monkeypatch):
+    from opd_sdk.errors import TrainingStopped
+    from opd_sdk.train.trainer import Trainer
+
+    real_step = Trainer.train_step
+
+    def step_then_stop(self):
+        if self.step == 1:
+            raise TrainingStopped("teacher: 3 steps without usable feedback; opd train CONFIG --resume")
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_stop)
+    rc, out, err = run_cli(capsys, "train", str(write_config(tmp_path, tiny_dir, steps=5)))
+    run = tmp_path / "run"
+    assert rc == 2 and "3 steps without usable feedback" in err
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-1"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 1 and "without usable feedback" in summary["stopped"]
+    assert summary["heldout_before"] is not None and summary["heldout_after"] is None
+
+
+def test_resume_after_a_stop_before_the_first_step_points_to_overwrite(tmp_path):
+    from opd_sdk.app.runner import prepare_output_dir
+    from opd_sdk.errors import ConfigError
+
+    (tmp_path / "config.yaml").write_text("x: 1\n")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "eval/accuracy": 0.5}\n')
+    with pytest.raises(ConfigError, match="no complete step-N/ checkpoint; start the run again with --overwrite"):
+        prepare_output_dir(tmp_path, resume=True, overwrite=False)
+
+
+def test_resume_of_a_finished_run_says_so_and_a_raised_step_count_continues(tmp_path):
+    from opd_sdk.app.runner import prepare_output_dir
+    from opd_sdk.errors import ConfigError
+    from opd_sdk.train.checkpoint import STATE_FILE
+
+    (tmp_path / "step-3").mkdir()
+    (tmp_path / "step-3" / STATE_FILE).write_text('{"step": 3, "world_size": 1}')
+    prepare_output_dir(tmp_path, resume=True, overwrite=False, steps=3)  # final/ not saved yet: resume saves it
+    (tmp_path / "final").mkdir()
+    with pytest.raises(ConfigError, match=r"is finished \(step-3 of steps: 3, final/ saved\), nothing is left"):
+        prepare_output_dir(tmp_path, resume=True, overwrite=False, steps=3)
+    prepare_output_dir(tmp_path, resume=True, overwrite=False, steps=5)
