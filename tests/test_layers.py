@@ -23,6 +23,8 @@ def layer_of(module: str) -> str | None:
         return "providers"
     if parts[0] != "opd_sdk" or len(parts) == 1:
         return None  # `opd_sdk` itself: the public re-exports, for users, not for the package
+    if parts[1] == "__main__":
+        return "app"  # `python -m opd_sdk` is the CLI
     return "vocabulary" if parts[1] in VOCABULARY else parts[1]
 
 

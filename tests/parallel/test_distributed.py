@@ -131,7 +131,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, st
 def launch(config: Path, *extra: str, accelerate_config: str = "ddp") -> subprocess.Popen:
     """`opd train` as README launches it on 2 processes: `accelerate launch` with an example config."""
     cmd = ["accelerate", "launch", "--config_file", str(ROOT / "examples" / "accelerate" / f"{accelerate_config}.yaml"),
-           "-m", "opd_sdk.app.cli", "train", str(config), *extra]
+           "-m", "opd_sdk", "train", str(config), *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env=env() | {"OPD_CRASH_KEY": KEY, "OPD_TEST_RUN": str(config)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -109,7 +109,7 @@ def test_every_opd_command_runs_clean(teacher, tiny_dir, server, tmp_path):
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
-    opd = ["-m", "opd_sdk.app.cli"]
+    opd = ["-m", "opd_sdk"]
     assert "is valid" in run_strict([*opd, "train", str(path), "--check"], tmp_path)
     run_strict([*opd, "--help"], tmp_path)
     assert '"steps": 2' in run_strict([*opd, "train", str(path)], tmp_path)

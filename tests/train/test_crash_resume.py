@@ -74,7 +74,7 @@ def write_config(tmp_path: Path, tiny_dir: Path, base_url: str) -> Path:
 def start(config: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", OPD_CRASH_KEY=KEY)
     return subprocess.Popen(
-        [sys.executable, "-m", "opd_sdk.app.cli", "train", str(config), *extra],
+        [sys.executable, "-m", "opd_sdk", "train", str(config), *extra],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
