@@ -12,7 +12,10 @@ PAD = 0
 
 
 def make_batch(
-    prompt_ids: list[list[int]], completion_ids: list[list[int]], group_size: int, answers: list[str | None] | None = None
+    prompt_ids: list[list[int]],
+    completion_ids: list[list[int]],
+    group_size: int,
+    answers: list[str | None] | None = None,
 ) -> RolloutBatch:
     """Rows prompt-major: [left-padded prompt | completion, right-padded]; sampler log-probs 0."""
     P = len(prompt_ids)

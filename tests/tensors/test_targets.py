@@ -72,7 +72,7 @@ def test_teacher_token_logprobs_are_aligned_with_the_sampled_columns(batch):
     assert tok.missing == 1 and tok.nonfinite == 1 and tok.mask_BT[2:].sum() == 0  # group 1 failed
     # -9999 (a server's minus infinity) is missing, not a log-prob
     assert teacher_token_logprobs(batch, [TokenLogprobs(logprobs=[[-9999.0], []]), FAILED], "t").nonfinite == 1
-    with pytest.raises(TokenizationMismatch, match="scored 4 tokens of completion 0 of group 0, but the student sampled 3"):
+    with pytest.raises(TokenizationMismatch, match="4 tokens of completion 0 of group 0, but the student sampled 3"):
         teacher_token_logprobs(batch, [TokenLogprobs(logprobs=[[-1.0] * 4, [-1.0]])] * 2, "t")
     ragged = TokenLogprobs(logprobs=[[-1.0, -1.0, -1.0], [-1.0]], top_k=[[{2: -1.0}] * 3, []])
     with pytest.raises(ConfigError, match="one entry per scored token"):
