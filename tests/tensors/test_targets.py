@@ -19,7 +19,15 @@ from opd_sdk.tensors.targets import (
     teacher_token_logprobs,
     text_rows,
 )
-from opd_sdk.types import Completion, FeedbackFailure, Preference, PreferencePair, Reference, Score, TokenLogprobs
+from opd_sdk.types import (
+    Completion,
+    FeedbackFailure,
+    Preference,
+    PreferencePair,
+    Reference,
+    Score,
+    TokenLogprobs,
+)
 from tests.loop_fixtures import tiny_tokenizer
 from tests.tensors.batches import make_batch
 
