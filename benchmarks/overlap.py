@@ -79,10 +79,10 @@ def run(args: argparse.Namespace, latency: float | None, k: int, seed: int) -> d
             server.stop()
     return {
         "wall_s": wall,
-        "step_s": [r["time_step_s"] for r in history],
-        "wait_s": [r["time_feedback_s"] for r in history],
-        "reward": [r["reward_mean"] for r in history],
-        "staleness": [r["staleness"] for r in history],
+        "step_s": [r["time/step_s"] for r in history],
+        "wait_s": [r["time/feedback_s"] for r in history],
+        "reward": [r["reward/mean"] for r in history],
+        "staleness": [r["rollout/staleness"] for r in history],
     }
 
 

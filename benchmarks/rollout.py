@@ -89,8 +89,8 @@ def run_one(args: argparse.Namespace) -> dict:
             )
             history = trainer.train()[1:]
         mean = lambda key: sum(r[key] for r in history) / len(history)  # noqa: E731
-        out.update(step_s=mean("time_step_s"), step_sampling_s=mean("time_sampling_s"),
-                   step_fwd_bwd_s=mean("time_forward_backward_s"), step_optimizer_sync_s=mean("time_optimizer_s"))
+        out.update(step_s=mean("time/step_s"), step_sampling_s=mean("time/sample_s"),
+                   step_fwd_bwd_s=mean("time/forward_backward_s"), step_optimizer_sync_s=mean("time/optimizer_s"))
     return out
 
 

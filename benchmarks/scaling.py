@@ -127,9 +127,10 @@ def main() -> None:
     rows = []
     for processes, layout in layouts:
         history = launch(args, processes, layout)[1:]  # the first step warms up
-        step_s = mean([r["time_step_s"] for r in history])
-        tokens = mean([r["completion_tokens"] / r["time_step_s"] for r in history])
-        split = {k: mean([r[f"time_{k}_s"] for r in history]) for k in ("sampling", "forward_backward", "optimizer")}
+        step_s = mean([r["time/step_s"] for r in history])
+        tokens = mean([r["rollout/completion_tokens"] / r["time/step_s"] for r in history])
+        split = {k: mean([r[f"time/{name}_s"] for r in history])
+                 for k, name in (("sampling", "sample"), ("forward_backward", "forward_backward"), ("optimizer", "optimizer"))}
         rows.append((processes, layout or ("DDP" if processes > 1 else "single"), step_s, tokens, split))
         print(f"done: {processes} process(es) {rows[-1][1]}: {step_s:.2f} s/step", file=sys.stderr, flush=True)
 

@@ -128,7 +128,8 @@ def run_one(method: str, seed: int, args, train, heldout) -> dict:
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     after = evaluate(trainer.model, tokenizer, heldout, max_new_tokens=args.eval_max_new_tokens,
                      samples=args.eval_samples, seed=seed, autocast_dtype=autocast_dtype)
-    keys = ("loss", "reverse_kl", "margin_mean", "nll", "feedback_failures", "mean_completion_len")
+    keys = ("loss/total", "objective/reverse_kl", "objective/margin_mean", "objective/nll", "teacher/failures",
+            "rollout/completion_len_mean")
     first, last = history[0], history[-1]
     trace = {k: (first.get(k), last.get(k)) for k in keys if first.get(k) is not None}
     return {"method": method, "seed": seed, **after, "train_cpu_s": cpu, "train_wall_s": wall, "trace": trace}

@@ -95,12 +95,13 @@ def run_ours(args: argparse.Namespace) -> dict:
     return {
         "hybrid": hybrid,
         "name": "opd-sdk RewardWeighted (RLOO)",
-        "step_s": [r["time_step_s"] for r in history],
-        "reward": [r["reward_mean"] for r in history],
+        "step_s": [r["time/step_s"] for r in history],
+        "reward": [r["reward/mean"] for r in history],
         "split": {
-            k: [r[f"time_{k}_s"] for r in history] for k in ("sampling", "feedback", "forward_backward", "optimizer")
+            k: [r[f"time/{k.replace('sampling', 'sample')}_s"] for r in history]
+            for k in ("sampling", "feedback", "forward_backward", "optimizer")
         },
-        "completion_len": [r["mean_completion_len"] for r in history],
+        "completion_len": [r["rollout/completion_len_mean"] for r in history],
         "prompts": seen,
         "peak_rss_mb": peak_rss_mb(),
     }
@@ -125,7 +126,7 @@ def hybrid_forwards(trainer, prompts, collector) -> dict:
             calls.clear()
             with torch.no_grad():
                 result = batch_loss(objective, trainer.model, batch, feedback)
-            out[name] = {"policy_passes": result.metrics["policy_passes"], "trunk_calls": len(calls)}
+            out[name] = {"policy_passes": result.metrics["forward/policy_passes"], "trunk_calls": len(calls)}
     finally:
         hook.remove()
     return out

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         collector.close()
     u = collector.usage
-    print(f"judge reward {history[0]['reward_mean']:.3f} -> {history[-1]['reward_mean']:.3f}; "
+    print(f"judge reward {history[0]['reward/mean']:.3f} -> {history[-1]['reward/mean']:.3f}; "
           f"{u.requests_sent} judge calls, {u.cache_hits} cache hits, {u.failures} failures; student in {args.out}/final")
     return {"history": history, "usage": u}
 

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         if collector is not None:
             collector.close()
-    print(f"SPIN loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f} over {len(history)} steps; "
+    print(f"SPIN loss {history[0]['loss/total']:.4f} -> {history[-1]['loss/total']:.4f} over {len(history)} steps; "
           f"student in {args.out}/final")
     return {"history": history, "usage": collector.usage if collector else None}
 

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         history = trainer.train()
     finally:
         collector.close()
-    print(f"token-distill loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}; "
+    print(f"token-distill loss {history[0]['loss/total']:.4f} -> {history[-1]['loss/total']:.4f}; "
           f"{collector.usage.requests_sent} teacher calls; student in {args.out}/final")
     return {"history": history, "usage": collector.usage, "self_test": check}
 

@@ -77,7 +77,7 @@ def test_distil_from_judge(tmp_path, tiny_dir):
                 "--student", str(tiny_dir), "--out", str(tmp_path / "judge")] + TINY
         result = load_example("distil_from_judge").main(argv)
         assert srv.count == result["usage"].requests_sent > 0
-        assert all(h["reward_mean"] == pytest.approx(0.8) for h in result["history"])
+        assert all(h["reward/mean"] == pytest.approx(0.8) for h in result["history"])
         # the same command again: every judge call comes from the cache
         sent = srv.count
         again = load_example("distil_from_judge").main(argv)
@@ -91,7 +91,7 @@ def test_spin_from_api_teacher_and_self_play(tmp_path, tiny_dir):
                 "--student", str(tiny_dir), "--task", "times_table", "--out", str(tmp_path / "spin")] + TINY
         result = load_example("spin_from_api_teacher").main(argv)
     assert srv.count == result["usage"].requests_sent == 4  # one reference per prompt, 2 steps x 2 prompts
-    assert all(h["feedback_failures"] == 0 for h in result["history"])
+    assert all(h["teacher/failures"] == 0 for h in result["history"])
     free = load_example("spin_from_api_teacher").main(
         ["--no-teacher", "--student", str(tiny_dir), "--task", "times_table", "--out", str(tmp_path / "sp2")] + TINY
     )
@@ -106,7 +106,7 @@ def test_token_opd_from_logprob_endpoint(tmp_path, tiny_dir):
              "--student", str(tiny_dir), "--task", "times_table", "--out", str(tmp_path / "tok")] + TINY
         )
     assert result["self_test"]["stable"] and result["self_test"]["max_abs_diff"] == 0.0
-    assert all(h["feedback_failures"] == 0 for h in result["history"])
+    assert all(h["teacher/failures"] == 0 for h in result["history"])
     assert result["usage"].requests_sent > 0
 
 
@@ -117,7 +117,7 @@ def test_self_distill(tmp_path, tiny_dir):
     # a random model's samples may not survive the chat-template view check (the teacher refuses those
     # groups as TokenizationMismatch failures, masked out); at least one group must have been scored
     assert len(result["history"]) == 2
-    assert sum(h["feedback_failures"] for h in result["history"]) < 4
+    assert sum(h["teacher/failures"] for h in result["history"]) < 4
     assert 0.0 <= result["after"] <= 1.0
     assert (tmp_path / "sd" / "final" / "config.json").exists()
 
@@ -193,9 +193,9 @@ def test_examples_against_the_real_vllm_server(tmp_path):
     judged = load_example("distil_from_judge").main(
         ["--base-url", base, "--teacher-model", "smollm2", "--out", str(tmp_path / "j")] + tiny
     )
-    assert judged["usage"].requests_sent > 0 and judged["history"][0]["reward_mean"] is not None
+    assert judged["usage"].requests_sent > 0 and judged["history"][0]["reward/mean"] is not None
     token = load_example("token_opd_vllm").main(
         ["--base-url", base, "--teacher-model", "smollm2", "--task", "times_table", "--out", str(tmp_path / "t")] + tiny
     )
     assert token["self_test"]["n_tokens"] > 0
-    assert token["history"][0]["feedback_failures"] == 0
+    assert token["history"][0]["teacher/failures"] == 0

@@ -130,8 +130,8 @@ def run_demo(
         while trainer.step < steps:
             row = trainer.train_step()
             log(
-                f"  step {trainer.step:3d}/{steps}  reward {row['reward_mean']:.3f}  "
-                f"loss {row['loss']:+.4f}  {row['time_step_s']:.1f}s"
+                f"  step {trainer.step:3d}/{steps}  reward {row['reward/mean']:.3f}  "
+                f"loss {row['loss/total']:+.4f}  {row['time/step_s']:.1f}s"
             )
             if trainer.step % DEMO["eval_every"] == 0 and trainer.step < steps:
                 evals.append((trainer.step, _evaluate(trainer.model, tokenizer, held).accuracy))

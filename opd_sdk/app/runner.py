@@ -323,7 +323,8 @@ def _fmt(value: float | None) -> str:
 
 
 def write_summary(cfg: RunConfig, trainer: Any, result: dict | None, *, stopped: str | None = None) -> dict:
-    """summary.json and learning_curve.png in output_dir, from metrics.jsonl (all runs of a resumed training)."""
+    """summary.json and learning_curve.png in output_dir, from metrics.jsonl (all runs of a resumed
+    training; rows written with the old flat metric names read the same, `read_metrics`)."""
     out = Path(cfg.output_dir)
     metric = cfg.eval.metric
     rows = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
@@ -333,7 +334,7 @@ def write_summary(cfg: RunConfig, trainer: Any, result: dict | None, *, stopped:
     train_rows = [r for r in rows if r["step"] > 0]
     summary = {
         "steps": trainer.step,
-        "final_reward_mean": train_rows[-1].get("reward_mean") if train_rows else None,
+        "final_reward_mean": train_rows[-1].get("reward/mean") if train_rows else None,
         "heldout_metric": metric,
         "heldout_before": evals.get(0),
         "heldout_after": result["value"] if result else None,

@@ -13,7 +13,7 @@ statistics). Every call here goes through one `FeedbackCollector`, so TRL
 users get our concurrency and rate limits, retries honouring Retry-After,
 the persistent cache and the budget. A teacher call that still fails comes
 back as `None`, never as a 0.0 reward, and the count is logged through
-`log_metric` as `opd/feedback_failures`.
+`log_metric` as `opd/teacher/failures`.
 
 Each (prompt, completion) pair is one request with one completion, so each
 is cached on its own. The dataset column `answer_column` (default "answer")
@@ -127,7 +127,7 @@ def as_reward_func(
                     "wrap a preference teacher in providers.PreferenceScores"
                 )
         if callable(log_metric):
-            log_metric("opd/feedback_failures", float(failures))
+            log_metric("opd/teacher/failures", float(failures))
         return rewards
 
     reward.__name__ = name or f"opd_{type(teacher).__name__}"

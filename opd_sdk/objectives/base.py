@@ -32,7 +32,6 @@ import torch
 
 from opd_sdk.rollout.batch import RolloutBatch
 from opd_sdk.tensors.forward import Part, Plan, View, forward_micro, idle_loss
-from opd_sdk.tensors.targets import count_failures
 from opd_sdk.types import Feedback
 
 
@@ -148,8 +147,13 @@ def batch_loss(
     Each term's loss is a sum divided by its whole-batch unit count, so the
     micro-batch losses add up to the one-big-batch loss exactly; with
     backward=True each is backpropagated at once (gradient accumulation).
-    Nothing runs when no term has a learning signal. Metrics: counters are
-    whole-batch counts, means are means over the batch.
+    Nothing runs when no term has a learning signal. Metrics (README "Metrics"):
+    `loss/total`, `optim/signal`, `forward/policy_passes` (and the sampler /
+    trainer log-prob gap `forward/logprob_abs_diff`, `forward/max_importance_ratio`),
+    and what each objective reports as `objective/<name>` (`objective/<term>/<name>`
+    for a Hybrid term, with its unweighted loss as `objective/<term>/loss`):
+    counters are whole-batch counts, means are means over the batch. Feedback
+    statistics (rewards, failures) are the loop's (`opd_sdk.train.trainer`).
 
     prompt_range: run the forward and backward of these prompt groups only
     (this rank's share; plans still cover the whole batch). dist: an
@@ -166,15 +170,13 @@ def batch_loss(
     plans = [t.objective.plan(batch, t.feedback, ctx) for t in terms]
     signal = sum(p.signal for p in plans)
 
-    def key(term: Term, name: str) -> str:
-        return name if term.name is None else f"{term.name}/{name}"
+    def key(term: Term, name: str) -> str:  # what an objective reports: objective/<name>, objective/<term>/<name>
+        return f"objective/{name}" if term.name is None else f"objective/{term.name}/{name}"
 
     metrics: dict[str, float] = {}
     for term, plan in zip(terms, plans):
         metrics.update({key(term, k): v for k, v in plan.metrics.items()})
-    flat = [fb for entry in feedback for fb in (entry if isinstance(entry, tuple) else (entry,))]
-    metrics["feedback_failures"] = float(count_failures(flat))
-    metrics["signal"] = float(signal)
+    metrics["optim/signal"] = float(signal)
     sums: dict[str, list] = {}
     stats = {"logprob_abs_diff_sum": 0.0, "logprob_tokens": 0.0, "max_ratio": 0.0, "policy_passes": 0.0}
     total: Any = 0.0
@@ -198,6 +200,8 @@ def batch_loss(
                     if vp is None:
                         continue
                     loss_k, means = term.objective.compute(vp[0], plan, vp[1], batch)
+                    if term.name is not None:  # a Hybrid term's own loss, before its weight
+                        means = {**means, "loss": (loss_k.detach(), None)}
                     micro_loss = term.weight * loss_k if micro_loss is None else micro_loss + term.weight * loss_k
                     for name, (num, den) in means.items():
                         acc = sums.setdefault(key(term, name), [0.0, 0.0, den is None])
@@ -221,13 +225,13 @@ def batch_loss(
         sums, stats, total = _merge_ranks(dist.all_gather((sums, stats, float(total))))
     for name, (num, den, additive) in sums.items():
         metrics[name] = num if additive else (num / den if den else 0.0)
-    metrics["policy_passes"] = stats["policy_passes"]
+    metrics["forward/policy_passes"] = stats["policy_passes"]
     if stats["logprob_tokens"]:
-        metrics["logprob_abs_diff"] = stats["logprob_abs_diff_sum"] / stats["logprob_tokens"]
-        metrics["max_importance_ratio"] = stats["max_ratio"]
+        metrics["forward/logprob_abs_diff"] = stats["logprob_abs_diff_sum"] / stats["logprob_tokens"]
+        metrics["forward/max_importance_ratio"] = stats["max_ratio"]
     if not backward and not torch.is_tensor(total):
         total = torch.zeros((), requires_grad=True)  # nothing to learn: backward() runs and moves nothing
-    metrics["loss"] = float(total.detach()) if torch.is_tensor(total) else float(total)
+    metrics["loss/total"] = float(total.detach()) if torch.is_tensor(total) else float(total)
     return BatchLoss(total, signal, metrics)
 
 

@@ -26,14 +26,14 @@ from typing import Literal, Sequence
 import torch
 
 from opd_sdk.errors import ConfigError
-from opd_sdk.losses.preference import dpo_loss, dpo_per_pair
+from opd_sdk.losses.preference import dpo_per_pair
 from opd_sdk.objectives.base import MeanMetrics, PlanContext, frozen_copy, run_loss
 from opd_sdk.rollout.batch import RolloutBatch
 from opd_sdk.tensors.forward import Part, Plan, View
 from opd_sdk.tensors.targets import feedback_pairs
 from opd_sdk.types import Feedback
 
-__all__ = ["OnlineDPO", "dpo_loss", "feedback_pairs"]
+__all__ = ["OnlineDPO"]
 
 
 class OnlineDPO:

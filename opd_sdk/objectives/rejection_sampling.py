@@ -88,8 +88,6 @@ class RejectionSampling:
         keep_B = select_best(table.rewards_PG, table.valid_PG, self.top_k, self.threshold).reshape(-1)
         mask_BT = batch.completion_mask_BT.float() * keep_B.unsqueeze(-1).float().to(batch.completion_mask_BT.device)
         metrics = {"selected": float(keep_B.sum()), "tokens": float(mask_BT.sum())}
-        if table.valid_PG.any():
-            metrics["reward_mean"] = float(table.rewards_PG[table.valid_PG].mean())
         if keep_B.any():
             metrics["selected_reward_mean"] = float(table.rewards_PG.reshape(-1)[keep_B].mean())
         return Plan(keep_B, float(mask_BT.sum()), int(keep_B.sum()), metrics, data={"mask_BT": mask_BT})

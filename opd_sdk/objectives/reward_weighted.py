@@ -46,9 +46,7 @@ from opd_sdk.losses.kl import kl_per_token
 from opd_sdk.losses.policy_gradient import (
     NORMALISATIONS,
     mask_units,
-    masked_normalise,
     masked_sum,
-    policy_gradient_loss,
     policy_gradient_per_token,
 )
 from opd_sdk.objectives.base import MeanMetrics, PlanContext, frozen_copy, run_loss
@@ -58,15 +56,7 @@ from opd_sdk.tensors.targets import count_failures, score_table
 from opd_sdk.types import Feedback
 
 Normalisation = Literal["token", "sequence"]
-__all__ = ["RewardWeighted", "kl_per_token", "masked_normalise", "policy_gradient_loss"]
-
-
-def _sample_std(values: list[float]) -> float:
-    """Sample (n-1) standard deviation; 0.0 for fewer than two values."""
-    if len(values) < 2:
-        return 0.0
-    mean = sum(values) / len(values)
-    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+__all__ = ["RewardWeighted"]
 
 
 class RewardWeighted:
@@ -162,10 +152,6 @@ class RewardWeighted:
             "tokens": float(mask_BT.sum()),
             "flat_groups": float(flat_P.sum()),
         }
-        valid_rewards = table.rewards_PG[valid_PG].tolist()
-        if valid_rewards:
-            metrics["reward_mean"] = sum(valid_rewards) / len(valid_rewards)
-            metrics["reward_std"] = _sample_std(valid_rewards)
         advantages_PG = compute_advantages(self.advantage, table.rewards_PG, valid_PG, self.grpo_eps)
         advantages_PG[flat_P] = 0.0  # exactly: float rounding leaves 1e-16 on equal rewards
         advantages_B = advantages_PG.reshape(-1).float()
@@ -176,7 +162,7 @@ class RewardWeighted:
         else:  # the KL term reads every valid row
             rows_B = valid_B
         if self.beta == 0 or self.kl_penalty == "loss":
-            metrics["advantage_abs_mean"] = float(advantages_PG[valid_PG].abs().mean()) if valid_rewards else 0.0
+            metrics["advantage_abs_mean"] = float(advantages_PG[valid_PG].abs().mean()) if valid_PG.any() else 0.0
         return Plan(
             rows_B=rows_B,
             normaliser=mask_units(mask_BT, self.normalisation),

@@ -20,14 +20,14 @@ from typing import Any, Literal, Sequence
 import torch
 
 from opd_sdk.errors import ConfigError
-from opd_sdk.losses.nll import nll_loss, nll_sum
+from opd_sdk.losses.nll import nll_sum
 from opd_sdk.objectives.base import MeanMetrics, PlanContext, run_loss
 from opd_sdk.rollout.batch import RolloutBatch
 from opd_sdk.tensors.forward import Part, Plan, View
 from opd_sdk.tensors.targets import encode_text, reference_texts
 from opd_sdk.types import Feedback
 
-__all__ = ["SFT", "nll_loss", "reference_texts"]
+__all__ = ["SFT"]
 
 
 class SFT:

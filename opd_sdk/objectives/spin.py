@@ -32,14 +32,14 @@ from typing import Any, Literal, Sequence
 import torch
 
 from opd_sdk.errors import ConfigError
-from opd_sdk.losses.preference import spin_loss, spin_per_pair
+from opd_sdk.losses.preference import spin_per_pair
 from opd_sdk.objectives.base import MeanMetrics, PlanContext, frozen_copy, run_loss
 from opd_sdk.rollout.batch import RolloutBatch
 from opd_sdk.tensors.forward import Part, Plan, View
 from opd_sdk.tensors.targets import encode_text, reference_texts
 from opd_sdk.types import Feedback
 
-__all__ = ["SPIN", "spin_loss"]
+__all__ = ["SPIN"]
 
 
 class SPIN:

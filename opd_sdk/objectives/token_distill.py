@@ -38,8 +38,6 @@ from opd_sdk.errors import ConfigError
 from opd_sdk.losses.token_divergence import (
     DIVERGENCES,
     bucket_divergence,
-    discounted_returns,
-    reverse_kl_pg_loss,
     reverse_kl_pg_per_token,
 )
 from opd_sdk.objectives.base import MeanMetrics, PlanContext, run_loss
@@ -48,7 +46,7 @@ from opd_sdk.tensors.forward import Part, Plan, View
 from opd_sdk.tensors.targets import teacher_support, teacher_token_logprobs
 from opd_sdk.types import Feedback
 
-__all__ = ["TokenDistill", "bucket_divergence", "discounted_returns", "reverse_kl_pg_loss"]
+__all__ = ["TokenDistill"]
 
 
 class TokenDistill:

@@ -23,8 +23,10 @@ from opd_sdk.types import Feedback, FeedbackRequest, Score
 
 
 def score_stats(feedback: Sequence[Feedback]) -> tuple[float | None, float | None]:
-    """Mean and standard deviation of the finite scores in `feedback` (None, None without any)."""
-    values = [s for fb in feedback if isinstance(fb, Score) for s in fb.scores if math.isfinite(s)]
+    """`reward/mean` and `reward/std`: mean and population standard deviation (divided by n, as
+    numpy's std; 0.0 for one score) of every finite score in `feedback`, each sampled completion
+    of the step counted once; (None, None) without any. The one place these are computed."""
+    values = [s for fb in feedback if isinstance(fb, Score) for s in fb.scores if s is not None and math.isfinite(s)]
     if not values:
         return None, None
     mean = sum(values) / len(values)

@@ -1,7 +1,16 @@
 """Per-step training metrics: a JSONL file always, TensorBoard or W&B when installed.
 
-One JSON object a line: {"step": N, "reward_mean": ..., ...}. Values are
+One JSON object a line: {"step": N, "reward/mean": ..., ...}. Values are
 plain floats (or None when a metric does not apply, e.g. no Score feedback).
+Names are `namespace/name`, the namespace saying which stage of the loop
+measured it (README "Metrics" lists them all): `rollout/`, `teacher/`,
+`reward/`, `forward/`, `loss/`, `objective/` (what the objective reports;
+`objective/<term>/` for a Hybrid term), `optim/`, `time/`, `eval/`. Each
+metric is computed in one place; `merge_rows` refuses a name reported twice.
+
+Runs written before the names were namespaced (`reward_mean`, `loss`,
+`time_step_s`, ...) stay readable: `read_metrics` and `plot_learning_curve`
+read a row through `current_names`, which maps the old names to the new.
 """
 
 from __future__ import annotations
@@ -69,7 +78,8 @@ class MetricsLogger:
         return row
 
     def truncate_after(self, step: int) -> None:
-        """Drop rows logged after `step` (a resumed run repeats them)."""
+        """Drop rows logged after `step` (a resumed run repeats them); the rows kept are rewritten
+        with current names (`read_metrics`), so a resumed old run's file has one set of names."""
         self.history = [r for r in self.history if r["step"] <= step]
         if self.path is None or not self.path.exists():
             return
@@ -85,32 +95,105 @@ class MetricsLogger:
             self._wandb.finish()
 
 
+NAMESPACES = ("rollout", "teacher", "reward", "forward", "loss", "objective", "optim", "time", "eval")
+
+# the flat names of runs written before the namespaces, and their names now
+OLD_NAMES = {
+    "reward_mean": "reward/mean",
+    "reward_std": "reward/std",
+    "feedback_failures": "teacher/failures",
+    "teacher_requests": "teacher/requests",
+    "cache_hits": "teacher/cache_hits",
+    "teacher_cost_usd": "teacher/cost_usd",
+    "staleness": "rollout/staleness",
+    "completion_tokens": "rollout/completion_tokens",
+    "mean_completion_len": "rollout/completion_len_mean",
+    "policy_passes": "forward/policy_passes",
+    "logprob_abs_diff": "forward/logprob_abs_diff",
+    "max_importance_ratio": "forward/max_importance_ratio",
+    "loss": "loss/total",
+    "signal": "optim/signal",
+    "skipped_step": "optim/skipped",
+    "grad_norm": "optim/grad_norm",
+    "lr": "optim/lr",
+    "tokens_per_s": "time/tokens_per_s",
+    "sample_tokens_per_s": "time/sample_tokens_per_s",
+    "time_sampling_s": "time/sample_s",
+    "time_feedback_s": "time/feedback_s",
+    "time_forward_backward_s": "time/forward_backward_s",
+    "time_optimizer_s": "time/optimizer_s",
+    "time_sync_s": "time/sync_s",
+    "time_step_s": "time/step_s",
+}
+
+
+def current_name(name: str) -> str:
+    """A metric's name now: an old flat name mapped (`reward_mean` -> `reward/mean`,
+    `failures/timeout` -> `teacher/failures/timeout`, an objective's `tokens` -> `objective/tokens`,
+    a Hybrid term's `rewardweighted/tokens` -> `objective/rewardweighted/tokens`); a current one as is."""
+    if name in OLD_NAMES:
+        return OLD_NAMES[name]
+    if name == "step" or name.split("/", 1)[0] in NAMESPACES:
+        return name
+    if name.startswith("failures/"):
+        return "teacher/" + name
+    return "objective/" + name
+
+
+def current_names(row: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row with every name as `current_name` gives it (a row of an old run, or a new one unchanged)."""
+    return {current_name(k): v for k, v in row.items()}
+
+
+def merge_rows(*parts: dict[str, Any]) -> dict[str, Any]:
+    """One step's row from the metrics of the stages that computed them (the loss, the loop).
+
+    Each metric is computed in one place: raises RuntimeError when two parts
+    report the same name (two definitions of one metric, the later silently winning).
+    """
+    row: dict[str, Any] = {}
+    for part in parts:
+        twice = sorted(row.keys() & part.keys())
+        if twice:
+            raise RuntimeError(f"metrics {twice} are computed in two places; compute each in one and log it once")
+        row.update(part)
+    return row
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a metrics JSONL file (a last line cut short by a killed process is dropped)."""
+    """The rows of a metrics JSONL file, with current names (`current_names`: a run written
+    with the old flat names reads like a new one). A last line cut short by a killed
+    process is dropped; a broken line before it raises json.JSONDecodeError."""
     lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     rows = []
     for i, line in enumerate(lines):
         try:
-            rows.append(json.loads(line))
+            rows.append(current_names(json.loads(line)))
         except json.JSONDecodeError:
             if i < len(lines) - 1:
                 raise
     return rows
 
 
+def reward_curve(history: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
+    """(steps, rewards): `reward/mean` (an old run's `reward_mean`) of the rows that have one."""
+    rows = [r for r in map(current_names, history) if r.get("reward/mean") is not None]
+    return [r["step"] for r in rows], [r["reward/mean"] for r in rows]
+
+
 def plot_learning_curve(
     history: list[dict[str, Any]], evals: list[tuple[int, float]], path: str | Path, *, title: str, metric: str
 ) -> Path:
-    """One PNG: training reward per step (with a 3-step mean) and the held-out metric at the steps
-    in `evals` (step 0 = before training). Needs matplotlib (`pip install 'opd-sdk[demo]'`)."""
+    """One PNG: training reward (`reward/mean`, or an old run's `reward_mean`) per step, with a
+    3-step mean, and the held-out metric at the steps in `evals` (step 0 = before training).
+    Needs matplotlib (`pip install 'opd-sdk[demo]'`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    steps = [r["step"] for r in history if r.get("reward_mean") is not None]
-    rewards = [r["reward_mean"] for r in history if r.get("reward_mean") is not None]
+    steps, rewards = reward_curve(history)
     if rewards:
         ax.plot(steps, rewards, color="tab:blue", alpha=0.35, label="train reward (sampled)")
     if len(rewards) >= 3:

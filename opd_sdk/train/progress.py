@@ -31,7 +31,8 @@ class Progress:
             return
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(reward=row.get("reward_mean"), loss=row.get("loss"), s=round(row["time_step_s"], 2))
+            self.bar.set_postfix(reward=row.get("reward/mean"), loss=row.get("loss/total"),
+                                 s=round(row["time/step_s"], 2))
             return
         per_step = (time.perf_counter() - self.started) / max(1, step - self.first)
         print(format_progress(step, self.total, row, eta_s=per_step * (self.total - step)), file=sys.stderr, flush=True)
@@ -42,14 +43,16 @@ class Progress:
 
 
 def format_progress(step: int, total: int, row: dict[str, Any], *, eta_s: float) -> str:
-    """`opd: step 3/10 reward 0.500 loss 0.1234 failures 0 cost $0.0000 step 1.2s ETA 8s`"""
+    """`opd: step 3/10 reward 0.500 loss 0.1234 failures 0 cost $0.0000 step 1.2s ETA 8s` from a metrics
+    row (reward/mean, loss/total, teacher/failures, teacher/cost_usd, time/step_s)."""
 
     def num(value: Any, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
     eta = f"{eta_s:.0f}s" if eta_s < 120 else f"{eta_s / 60:.0f}m" if eta_s < 7200 else f"{eta_s / 3600:.1f}h"
     return (
-        f"opd: step {step}/{total} reward {num(row.get('reward_mean'), '.3f')} loss {num(row.get('loss'), '.4f')} "
-        f"failures {row.get('feedback_failures', 0)} cost ${row.get('teacher_cost_usd') or 0.0:.4f} "
-        f"step {row.get('time_step_s', 0.0):.1f}s ETA {eta}"
+        f"opd: step {step}/{total} reward {num(row.get('reward/mean'), '.3f')} "
+        f"loss {num(row.get('loss/total'), '.4f')} "
+        f"failures {row.get('teacher/failures', 0)} cost ${row.get('teacher/cost_usd') or 0.0:.4f} "
+        f"step {row.get('time/step_s', 0.0):.1f}s ETA {eta}"
     )

@@ -6,7 +6,7 @@
     result   = batch_loss(objective, model, batch, feedback)  # targets once; per micro-batch one
                                                               # policy forward, every term's loss, backward
     if result.signal: clip; optimizer.step(); scheduler.step(); teachers and rollout follow the weights
-    else:             no weight moves (skipped_step); failures for max_no_signal_steps steps stop the run
+    else:             no weight moves (optim/skipped); failures for max_no_signal_steps steps stop the run
 
 The layers: `rollout` (RolloutBatch) -> `targets` (Feedback -> tensors, once
 per batch) -> `forward` (the trainer's one policy pass per micro-batch, plus
@@ -64,7 +64,7 @@ from opd_sdk.train.checkpoint import (
     scrub_machine_paths,
 )
 from opd_sdk.train.collect import check_collectors, collect, score_stats, usage_total
-from opd_sdk.train.metrics import MetricsLogger, read_metrics
+from opd_sdk.train.metrics import MetricsLogger, merge_rows, read_metrics
 from opd_sdk.train.optim import adamw, make_scheduler, set_seed, wrap_lora
 from opd_sdk.train.pipeline import Pipeline
 from opd_sdk.train.progress import Progress
@@ -93,7 +93,7 @@ class Trainer:
     lora: None, a peft LoraConfig, or a dict of LoraConfig arguments.
     output_dir: metrics.jsonl, checkpoints step-N/ every `loop.save_every` steps, final/ model.
     eval_fn, eval_every: every `eval_every` steps, eval_fn(model) -> {name: number} (held-out
-        accuracy, say) is logged in that step's row as eval/<name>; its time is not in time_step_s.
+        accuracy, say) is logged in that step's row as eval/<name>; its time is not in time/step_s.
     distributed: this process's place in a launched job (`opd_sdk.parallel.distributed`); default
         from the environment, so a script runs unchanged under `accelerate launch` / `torchrun`:
         each rank samples prompts_per_step / world_size prompts, rank 0's collector serves
@@ -342,31 +342,29 @@ class Trainer:
 
         reward_mean, reward_std = score_stats(flat)
         sampled_tokens = batch.completion_tokens()
-        row = {
-            **result.metrics,  # the objective's view first; the trainer's own numbers below win
-            "reward_mean": reward_mean,
-            "reward_std": reward_std,
-            "loss": float(result.loss),
-            "feedback_failures": sum(failure_kinds.values()),
-            **{f"failures/{kind}": n for kind, n in sorted(failure_kinds.items())},
-            "skipped_step": int(skipped),
-            "staleness": staleness,
-            "grad_norm": grad_norm,
-            "lr": lr,
-            "completion_tokens": sampled_tokens,
-            "mean_completion_len": sampled_tokens / batch.size,
-            "tokens_per_s": sampled_tokens / (t_end - t_start),
-            "sample_tokens_per_s": sampled_tokens / max(t_sampled - t_start, 1e-9),
-            "teacher_cost_usd": self.teacher_cost_usd(),
-            "teacher_requests": self.usage_total("requests_sent"),
-            "cache_hits": self.usage_total("cache_hits"),
-            "time_sampling_s": t_sampled - t_start,
-            "time_feedback_s": t_feedback - t_sampled,
-            "time_forward_backward_s": t_backward - t_feedback,
-            "time_optimizer_s": t_synced - t_backward,
-            "time_sync_s": t_end - t_synced,
-            "time_step_s": t_end - t_start,
-        }
+        row = merge_rows(result.metrics, {  # the loss's metrics (loss/, objective/, forward/, optim/signal), the loop's
+            "reward/mean": reward_mean,
+            "reward/std": reward_std,
+            "teacher/failures": sum(failure_kinds.values()),
+            **{f"teacher/failures/{kind}": n for kind, n in sorted(failure_kinds.items())},
+            "teacher/requests": self.usage_total("requests_sent"),
+            "teacher/cache_hits": self.usage_total("cache_hits"),
+            "teacher/cost_usd": self.teacher_cost_usd(),
+            "rollout/staleness": staleness,
+            "rollout/completion_tokens": sampled_tokens,
+            "rollout/completion_len_mean": sampled_tokens / batch.size,
+            "optim/skipped": int(skipped),
+            "optim/grad_norm": grad_norm,
+            "optim/lr": lr,
+            "time/tokens_per_s": sampled_tokens / (t_end - t_start),
+            "time/sample_tokens_per_s": sampled_tokens / max(t_sampled - t_start, 1e-9),
+            "time/sample_s": t_sampled - t_start,
+            "time/feedback_s": t_feedback - t_sampled,
+            "time/forward_backward_s": t_backward - t_feedback,
+            "time/optimizer_s": t_synced - t_backward,
+            "time/sync_s": t_end - t_synced,
+            "time/step_s": t_end - t_start,
+        })
         if self.eval_every and self.step % self.eval_every == 0 and self.dist.is_main:
             row.update({f"eval/{k}": v for k, v in self.eval_fn(self.model).items()})
         logged = self.metrics.log(self.step, row)

@@ -142,8 +142,9 @@ def test_two_teachers_feed_a_hybrid_from_yaml(tmp_path, capsys):
     summary = json.loads(out[out.index("{"):])
     assert summary["steps"] == 2 and summary["teacher_requests"] >= 2 * 2 + 2  # 2 prompts x 2 steps + the teacher
     rows = train_rows(tmp_path / "run")
-    assert all(r["rewardweighted/valid_samples"] == 4 and r["tokendistill/tokens"] > 0 for r in rows), rows
-    assert all(r["feedback_failures"] == 0 for r in rows)
+    assert all(r["objective/rewardweighted/valid_samples"] == 4 for r in rows), rows
+    assert all(r["objective/tokendistill/tokens"] > 0 for r in rows), rows
+    assert all(r["teacher/failures"] == 0 for r in rows)
 
 
 def test_literal_key_in_yaml_is_refused_and_not_printed(tmp_path, tiny_dir, capsys, no_model_load):
@@ -173,7 +174,7 @@ def test_train_then_eval_then_resume(tmp_path, tiny_dir, capsys):
     rows = metric_rows(run)
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert set(rows[0]) == {"step", "eval/accuracy"}  # the held-out metric before training
-    assert all(r["feedback_failures"] == 0 and 0.0 <= r["reward_mean"] <= 1.0 for r in rows[1:])
+    assert all(r["teacher/failures"] == 0 and 0.0 <= r["reward/mean"] <= 1.0 for r in rows[1:])
     assert (run / "final" / "config.json").exists() and (run / "config.yaml").exists()
     assert (run / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads(out[out.index("{"):])
@@ -199,12 +200,23 @@ def test_train_then_eval_then_resume(tmp_path, tiny_dir, capsys):
     assert rc == 2 and "is finished (step-2 of steps: 2, final/ saved)" in err and "raise steps" in err
     assert [r["step"] for r in metric_rows(run)] == [0, 1, 2]
 
+    # the first 2 steps as a version before the namespaced metric names wrote them (reward_mean, loss, ...)
+    first = metric_rows(run)
+    old_name = {"reward/mean": "reward_mean", "loss/total": "loss", "teacher/failures": "feedback_failures",
+                "time/step_s": "time_step_s", "optim/lr": "lr", "objective/valid_samples": "valid_samples"}
+    old = [{old_name.get(k, k): v for k, v in r.items()} for r in first]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
     rc, out, err = run_cli(capsys, "train", str(path), "--resume", "--set", "steps=5")
     assert rc == 0, err
     assert f"opd: resuming from step 2 ({run})" in out
-    assert [r["step"] for r in metric_rows(run)] == [0, 1, 2, 3, 4, 5]
+    resumed = metric_rows(run)
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4, 5]
+    assert resumed[:3] == first  # the old rows are rewritten with the new names
+    summary = json.loads(out[out.index("{"):])
+    assert summary["final_reward_mean"] == resumed[5]["reward/mean"] is not None
+    assert (run / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in run.glob("step-*")) == ["step-3", "step-4", "step-5"]  # keep_checkpoints: 3
-    assert json.loads(out[out.index("{"):])["heldout_before"] == rows[0]["eval/accuracy"]
+    assert summary["heldout_before"] == rows[0]["eval/accuracy"]
 
     rc, out, err = run_cli(capsys, "train", str(path), "--overwrite")
     assert rc == 0, err

@@ -48,7 +48,7 @@ def test_verifier_reward_in_trl_signature():
         log_extra=lambda *a: None,
     )
     assert out == [1.0, 0.0, 1.0]
-    assert logged == [("opd/feedback_failures", 0.0)]
+    assert logged == [("opd/teacher/failures", 0.0)]
     reward.collector.close()
 
 

@@ -68,18 +68,19 @@ def test_micro_batches_give_the_one_batch_gradient_and_metrics(name):
     for n in whole:
         assert torch.allclose(whole[n], split[n], atol=1e-6, rtol=0), n
     assert whole_out.loss == pytest.approx(split_out.loss, abs=1e-6)
-    assert whole_out.metrics["policy_passes"] == 1
-    assert split_out.metrics["policy_passes"] == (2 if name == "online_dpo" else 3)  # DPO's group 1 failed: not run
+    assert whole_out.metrics["forward/policy_passes"] == 1
+    passes = split_out.metrics["forward/policy_passes"]
+    assert passes == (2 if name == "online_dpo" else 3)  # DPO's group 1 failed: not run
     for key, value in whole_out.metrics.items():  # counters are summed, means are means
-        if key not in ("policy_passes", "max_importance_ratio"):
+        if key not in ("forward/policy_passes", "forward/max_importance_ratio"):
             assert split_out.metrics[key] == pytest.approx(value, abs=1e-5), key
 
 
 def test_counters_by_hand():
     _, out = grads_and_metrics(RewardWeighted(), SCORES, 1)
-    assert out.metrics["tokens"] == 3 + 2 + 4 + 1 + 6 + 3 and out.metrics["valid_samples"] == 6
+    assert out.metrics["objective/tokens"] == 3 + 2 + 4 + 1 + 6 + 3 and out.metrics["objective/valid_samples"] == 6
     _, out = grads_and_metrics(OnlineDPO(), PREFS, 1)
-    assert out.metrics["pairs"] == 2 and out.metrics["feedback_failures"] == 1
+    assert out.metrics["objective/pairs"] == 2  # group 1 failed: its pair is not counted
 
 
 def test_hybrid_costs_one_policy_forward():
@@ -108,6 +109,6 @@ def test_flat_groups_have_exactly_zero_advantage_and_no_signal():
     flat = [Score(scores=[0.7, 0.7 + 1e-9])] * 3
     obj = RewardWeighted(advantage="grpo")
     out = batch_loss(obj, model, batch, flat, flat_tolerance=1e-6)
-    assert out.signal == 0 and out.metrics["flat_groups"] == 3 and out.metrics["policy_passes"] == 0
+    assert out.signal == 0 and out.metrics["objective/flat_groups"] == 3 and out.metrics["forward/policy_passes"] == 0
     plan = obj.plan(batch, flat, __import__("opd_sdk.objectives.base", fromlist=["PlanContext"]).PlanContext(1e-6))
     assert torch.count_nonzero(plan.data["advantages_B"]) == 0 and not plan.rows_B.any()

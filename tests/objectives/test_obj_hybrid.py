@@ -30,8 +30,12 @@ def test_weighted_sum_of_a_token_and_a_sequence_term(model, batch):
     b = seq.loss(model, batch, SCORES).loss.item()
     # 0.7 * token loss + 0.3 * sequence loss
     assert out.loss.item() == pytest.approx(0.7 * a + 0.3 * b, rel=1e-5)
-    assert out.metrics["tokendistill/tokens"] == 10.0 and out.metrics["rewardweighted/reward_mean"] == 0.5
-    assert out.metrics["feedback_failures"] == 1.0
+    assert out.metrics["objective/tokendistill/tokens"] == 10.0
+    assert out.metrics["objective/rewardweighted/valid_samples"] == 2.0
+    # each term's own loss, before its weight, and the total
+    assert out.metrics["objective/tokendistill/loss"] == pytest.approx(a, rel=1e-5)
+    assert out.metrics["objective/rewardweighted/loss"] == pytest.approx(b, rel=1e-5)
+    assert out.metrics["loss/total"] == pytest.approx(0.7 * a + 0.3 * b, rel=1e-5)
     out.loss.backward()
     with pytest.raises(ConfigError, match="zip"):
         hybrid.loss(model, batch, TOKENS)

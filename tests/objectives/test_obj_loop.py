@@ -71,14 +71,14 @@ def cases():
     verifier = VerifierTeacher("callable", check=lambda text, want: len(text) / 4)  # every group has a spread
     logprob = LocalLogprobTeacher(tiny_model(tok, seed=1), tok)
     return {
-        "reward_weighted": (lambda: RewardWeighted(advantage="grpo", beta=0.1, clip_eps=0.2), verifier, "reward_mean"),
-        "rejection_sampling": (lambda: RejectionSampling(top_k=1), verifier, "selected"),
-        "online_dpo": (lambda: OnlineDPO(), verifier, "pairs"),
-        "sft": (lambda: SFT(tok), None, "nll"),
-        "spin": (lambda: SPIN(tok, source="answer", refresh_every=1), None, "margin_mean"),
-        "token_distill_pg": (lambda: TokenDistill(), logprob, "reverse_kl"),
-        "token_distill_jsd": (lambda: TokenDistill(divergence="jsd"), logprob, "jsd"),
-        "hybrid": (lambda: Hybrid([(TokenDistill(), 1.0), (SFT(tok), 0.1)]), logprob, "sft/nll"),
+        "reward_weighted": (lambda: RewardWeighted(advantage="grpo", beta=0.1, clip_eps=0.2), verifier, "reward/mean"),
+        "rejection_sampling": (lambda: RejectionSampling(top_k=1), verifier, "objective/selected"),
+        "online_dpo": (lambda: OnlineDPO(), verifier, "objective/pairs"),
+        "sft": (lambda: SFT(tok), None, "objective/nll"),
+        "spin": (lambda: SPIN(tok, source="answer", refresh_every=1), None, "objective/margin_mean"),
+        "token_distill_pg": (lambda: TokenDistill(), logprob, "objective/reverse_kl"),
+        "token_distill_jsd": (lambda: TokenDistill(divergence="jsd"), logprob, "objective/jsd"),
+        "hybrid": (lambda: Hybrid([(TokenDistill(), 1.0), (SFT(tok), 0.1)]), logprob, "objective/sft/nll"),
     }
 
 
@@ -86,15 +86,15 @@ def cases():
 def test_objective_runs_in_the_trainer(name):
     make, teacher, key = cases()[name]
     history, moved = run(make(), teacher)
-    assert len(history) == 2 and all(math.isfinite(row["loss"]) for row in history)
+    assert len(history) == 2 and all(math.isfinite(row["loss/total"]) for row in history)
     assert key in history[-1] and math.isfinite(history[-1][key])
-    assert history[-1]["feedback_failures"] == 0
-    assert any(row["loss"] != 0.0 and row["skipped_step"] == 0 for row in history)
+    assert history[-1]["teacher/failures"] == 0
+    assert any(row["loss/total"] != 0.0 and row["optim/skipped"] == 0 for row in history)
     assert moved  # an objective that returned 0, or a loop that skipped its update, fails here
 
 
 def test_sft_lowers_the_nll_of_the_answer():
     tok = tiny_tokenizer()
     history, _ = run(SFT(tok), None, steps=6)
-    nll = [row["nll"] for row in history]
+    nll = [row["objective/nll"] for row in history]
     assert nll[-1] < nll[0] - 0.5, nll

@@ -235,7 +235,7 @@ def test_trainer_steps_on_vllm_and_resume_restores_the_engine_weights(engine, to
         engine.sync_weights(model)
         start = engine.text_logprobs(ids)
         history = trainer(model, collector).train()
-        assert [row["completion_tokens"] > 0 for row in history] == [True, True]
+        assert [row["rollout/completion_tokens"] > 0 for row in history] == [True, True]
         trained = engine.text_logprobs(ids)
         assert (trained - trainer_logprobs(model, ids)).abs().max() < 1e-3  # synced after the last step
         assert (trained - start).abs().max() > 1e-3

@@ -101,8 +101,8 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # the crashed step logged nothing; nothing repeated
     full_rows = read_metrics(tmp_path / "full" / "metrics.jsonl")
-    assert [r["reward_mean"] for r in rows] == [r["reward_mean"] for r in full_rows]
-    assert [r["lr"] for r in rows] == [r["lr"] for r in full_rows]
+    assert [r["reward/mean"] for r in rows] == [r["reward/mean"] for r in full_rows]
+    assert [r["optim/lr"] for r in rows] == [r["optim/lr"] for r in full_rows]
 
 
 def test_resume_errors_are_clear(tmp_path):

@@ -65,7 +65,7 @@ def test_requests_arrive_at_the_server_while_the_trainer_is_in_backward(monkeypa
         with coll:
             history = trainer.train()
         served = [(r.arrived, r.finished) for r in srv.requests]
-    assert [r["staleness"] for r in history] == [0, 1, 1, 1]
+    assert [r["rollout/staleness"] for r in history] == [0, 1, 1, 1]
     assert len(served) == 4 * 2 * 2  # pointwise judge: 4 steps x 2 prompts x 2 completions, each asked once
     # at the server, the next batch's requests are open during the updates of steps 2 and 3 (step 1 waited
     # for batches 1 and 2 sent together; step 4 has no next batch)
@@ -78,17 +78,17 @@ def test_requests_arrive_at_the_server_while_the_trainer_is_in_backward(monkeypa
 def test_pipelined_training_learns_like_sync_and_never_exceeds_k(k):
     sync, coll = trainer_for(SlowSeven(0.02), 0)
     with coll:
-        sync_rewards = [r["reward_mean"] for r in sync.train()]
+        sync_rewards = [r["reward/mean"] for r in sync.train()]
     piped, coll = trainer_for(SlowSeven(0.02), k)
     with coll:
         history = piped.train()
-    assert max(r["staleness"] for r in history) == k and history[0]["staleness"] == 0
-    assert all(r["staleness"] <= k for r in history)
-    rewards = [r["reward_mean"] for r in history]
+    assert max(r["rollout/staleness"] for r in history) == k and history[0]["rollout/staleness"] == 0
+    assert all(r["rollout/staleness"] <= k for r in history)
+    rewards = [r["reward/mean"] for r in history]
     early, late = sum(rewards[:3]) / 3, sum(rewards[-5:]) / 5
     assert late - early > 0.25, rewards
     assert abs(late - sum(sync_rewards[-5:]) / 5) < 0.3, (rewards, sync_rewards)
-    assert history[-1]["max_importance_ratio"] > 0  # the truncated importance weights were computed
+    assert history[-1]["forward/max_importance_ratio"] > 0  # the truncated importance weights were computed
 
 
 def test_resume_with_feedback_in_flight_pays_nothing_twice(tmp_path):
@@ -126,8 +126,8 @@ def test_resume_with_feedback_in_flight_pays_nothing_twice(tmp_path):
     # answered by the cache: the batch in flight at the checkpoint (step 4's) and the one sampled before the
     # crash (step 5's: the restored RNG samples it again, token for token)
     assert coll.usage.cache_hits == 2 * 4
-    assert [r["step"] for r in rows] == [4, 5, 6] and any(r["skipped_step"] == 0 for r in rows)
-    for key in ("reward_mean", "loss"):  # the resumed run is the uninterrupted one
+    assert [r["step"] for r in rows] == [4, 5, 6] and any(r["optim/skipped"] == 0 for r in rows)
+    for key in ("reward/mean", "loss/total"):  # the resumed run is the uninterrupted one
         assert [r[key] for r in rows] == pytest.approx([r[key] for r in full_rows[3:]], abs=1e-6)
 
 
@@ -224,5 +224,5 @@ def test_ctrl_c_mid_step_with_a_batch_in_flight_resumes_that_step(tmp_path):
     full, coll = _piped(Flaky(), tmp_path / "full")
     with coll:
         full_rows = full.train()
-    for key in ("reward_mean", "loss"):  # the same batches were trained, in the same order
+    for key in ("reward/mean", "loss/total"):  # the same batches were trained, in the same order
         assert [r[key] for r in rows] == pytest.approx([r[key] for r in full_rows[2:]], abs=1e-6)

@@ -43,7 +43,7 @@ def test_frozen_self_teacher_pulls_the_student_towards_the_privileged_view():
         precision="fp32", progress=False, tensorboard=False, max_grad_norm=None,
     )
     history = trainer.train()
-    assert all(row["feedback_failures"] == 0 for row in history)
+    assert all(row["teacher/failures"] == 0 for row in history)
     assert kl_before > 0.05
     assert first_token_kl(model, teacher) < 0.6 * kl_before  # measured: 0.116 -> 0.043
 
@@ -60,8 +60,8 @@ def test_live_and_ema_teachers_in_the_loop(mode):
         precision="fp32", progress=False, tensorboard=False,
     )
     history = trainer.train()
-    assert [row["feedback_failures"] for row in history] == [0, 0]
-    assert all(row["tokens"] > 0 for row in history)
+    assert [row["teacher/failures"] for row in history] == [0, 0]
+    assert all(row["objective/tokens"] > 0 for row in history)
     head = teacher.teacher_model.lm_head.weight
     if mode == "ema":  # folded once, before the second step's teacher pass: (before + policy after step 1) / 2
         assert not torch.equal(head, head_before) and not torch.equal(head, model.lm_head.weight)

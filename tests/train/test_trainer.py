@@ -45,7 +45,7 @@ def test_reward_rises_on_toy_task(tmp_path):
             seed=0, output_dir=tmp_path, precision="fp32",
         )
         history = trainer.train()
-    rewards = [row["reward_mean"] for row in history]
+    rewards = [row["reward/mean"] for row in history]
     early, late = sum(rewards[:3]) / 3, sum(rewards[-5:]) / 5
     assert early < 0.2, rewards
     assert late - early > 0.25, rewards
@@ -54,10 +54,10 @@ def test_reward_rises_on_toy_task(tmp_path):
     assert before.accuracy <= 0.1 and after.accuracy >= 0.5, (before, after)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 21))
-    for key in ("reward_std", "loss", "feedback_failures", "tokens_per_s", "teacher_cost_usd",
-                "time_sampling_s", "time_feedback_s", "time_forward_backward_s", "time_optimizer_s"):
+    for key in ("reward/std", "loss/total", "teacher/failures", "time/tokens_per_s", "teacher/cost_usd",
+                "time/sample_s", "time/feedback_s", "time/forward_backward_s", "time/optimizer_s"):
         assert key in rows[0]
-    assert rows[0]["teacher_requests"] == 8 and rows[0]["feedback_failures"] == 0
+    assert rows[0]["teacher/requests"] == 8 and rows[0]["teacher/failures"] == 0
     assert (tmp_path / "final" / "config.json").exists() and (tmp_path / "final" / "tokenizer_config.json").exists()
 
 
@@ -94,9 +94,9 @@ def test_failed_feedback_is_masked_not_a_reward():
     trainer = Trainer(model, tok, RewardWeighted(), collector(HalfBroken(), max_retries=0), items,
                       group_size=2, prompts_per_step=4, max_new_tokens=3, shuffle=False, max_steps=1)
     row = trainer.train_step()
-    assert row["feedback_failures"] == 2
-    assert row["reward_mean"] >= 0.5  # only the answered groups count; failures are not zeros
-    assert torch.isfinite(torch.tensor(row["loss"]))
+    assert row["teacher/failures"] == 2
+    assert row["reward/mean"] >= 0.5  # only the answered groups count; failures are not zeros
+    assert torch.isfinite(torch.tensor(row["loss/total"]))
 
 
 def _grads_of_one_step(micro_batch_prompts):
@@ -137,7 +137,7 @@ def test_lora_bf16_checkpointing_and_save(tmp_path):
                       lora={"r": 4, "target_modules": ["q_proj", "v_proj"]}, gradient_checkpointing=True,
                       output_dir=tmp_path)
     history = trainer.train()
-    assert len(history) == 2 and all(r["loss"] == r["loss"] for r in history)
+    assert len(history) == 2 and all(r["loss/total"] == r["loss/total"] for r in history)
     base = trainer.model.get_base_model()
     for name, value in base.state_dict().items():
         if "lora_" not in name and "base_layer" not in name:
@@ -183,21 +183,6 @@ def test_eval_every_logs_the_eval_fn_in_its_step_row():
     assert seen == [trainer.model, trainer.model]
 
 
-def test_metrics_logger_truncates_repeated_steps(tmp_path):
-    from opd_sdk.train.metrics import MetricsLogger
-
-    log = MetricsLogger(tmp_path / "m.jsonl", tensorboard=False)
-    for step in (1, 2, 3):
-        log.log(step, {"loss": torch.tensor(float(step)), "reward_mean": None})
-    log.truncate_after(1)
-    log.log(2, {"loss": 20.0})
-    log.close()
-    assert read_metrics(tmp_path / "m.jsonl") == [
-        {"step": 1, "loss": 1.0, "reward_mean": None},
-        {"step": 2, "loss": 20.0},
-    ]
-
-
 def test_hybrid_reads_one_collector_per_source():
     """Two teachers at once: a verifier's Score feeds RewardWeighted, a self-distill teacher's
     TokenLogprobs feed TokenDistill; each prompt's feedback reaches its term by source."""
@@ -222,10 +207,10 @@ def test_hybrid_reads_one_collector_per_source():
         sent = [scores.usage.requests_sent, logprobs.usage.requests_sent]
     assert len(history) == 2 and sent[0] == 2 * 3  # 3 prompts a step, 2 steps
     for row in history:
-        assert row["pg/valid_samples"] == 6 and row["distill/tokens"] > 0
-        assert row["distill/teacher_tokens_missing"] == 0 and row["feedback_failures"] == 0
-        assert row["teacher_requests"] is not None
-    assert history[-1]["teacher_requests"] == sum(sent) > sent[0]  # both teachers counted
+        assert row["objective/pg/valid_samples"] == 6 and row["objective/distill/tokens"] > 0
+        assert row["objective/distill/teacher_tokens_missing"] == 0 and row["teacher/failures"] == 0
+        assert row["teacher/requests"] is not None
+    assert history[-1]["teacher/requests"] == sum(sent) > sent[0]  # both teachers counted
 
 
 class Constant:
@@ -257,8 +242,9 @@ def test_flat_groups_move_no_weight():
     trainer = _tiny_trainer(Constant())
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     history = trainer.train()
-    assert [r["skipped_step"] for r in history] == [1, 1, 1]
-    assert all(r["flat_groups"] == 2 and r["signal"] == 0 and r["grad_norm"] is None for r in history)
+    assert [r["optim/skipped"] for r in history] == [1, 1, 1]
+    assert all(r["objective/flat_groups"] == 2 and r["optim/signal"] == 0 for r in history)
+    assert all(r["optim/grad_norm"] is None for r in history)
     assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
     assert trainer.scheduler.last_epoch == 0  # the schedule did not advance either
 
@@ -270,7 +256,7 @@ def test_a_teacher_that_always_fails_stops_the_run_with_a_clear_error():
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     with pytest.raises(TrainingStopped, match=r"3 steps in a row.*always-down.*x2.*--resume") as err:
         trainer.train()
-    assert trainer.step == 3 and trainer.metrics.history[-1]["feedback_failures"] == 2
+    assert trainer.step == 3 and trainer.metrics.history[-1]["teacher/failures"] == 2
     assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
     assert "--set steps" not in str(err.value)
     last = _tiny_trainer(AlwaysDown(), max_steps=3, max_no_signal_steps=3)  # stopped at its last step
