@@ -113,7 +113,7 @@ def test_server_down_is_a_config_error_before_training(tok):
 
 @pytest.mark.skipif(vllm_imports(), reason="checks the fallback where vllm does not import")
 def test_auto_falls_back_to_transformers_and_says_so(tok, caplog):
-    with caplog.at_level(logging.INFO, logger="opd_sdk.rollout.engine"):
+    with caplog.at_level(logging.INFO, logger="opd_sdk.rollout.build"):
         engine = build_rollout_engine(RolloutSettings(engine="auto"), student(tok), tok)
     assert isinstance(engine, TransformersRollout)
     assert "rollout.engine auto -> transformers (vllm does not import here)" in caplog.text
@@ -122,7 +122,7 @@ def test_auto_falls_back_to_transformers_and_says_so(tok, caplog):
 @pytest.mark.vllm
 @requires_vllm
 def test_auto_picks_vllm_where_it_imports_and_says_so(tok):
-    from opd_sdk.rollout.engine import _auto_engine
+    from opd_sdk.rollout.build import _auto_engine
 
     assert _auto_engine(RolloutSettings(engine="auto"), student(tok)) == ("vllm", "vllm imports and is built for cpu")
     # A filter at T != 1 has no matching vLLM log-prob kind: auto stays on transformers.
