@@ -296,7 +296,7 @@ def check_config(cfg: RunConfig) -> Any:
             problems.append(f"student.device: {cfg.student.device} asked for, but torch sees no GPU; use auto or cpu")
     teachers = cfg.teacher_list()
     where = ["teacher"] if cfg.teachers is None else [f"teachers.{i}" for i in range(len(teachers))]
-    for teacher, at in zip(teachers, where, strict=True):
+    for teacher, at in zip(teachers, where):
         problems += _teacher_problems(teacher, at)
         problems += [
             f"rollout.max_staleness: {path} (self_distill in live or ema mode) follows the student's weights, so it "
