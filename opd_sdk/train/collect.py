@@ -80,7 +80,7 @@ def check_collectors(objective: Any, collectors: list[Collector], sharded_studen
       With max_staleness 0 it is asked between the sampling and the step of its batch.
     """
     if not collectors and objective.feedback_kinds:
-        raise ConfigError(f"{type(objective).__name__} reads teacher feedback; pass a collector (opd_sdk.make_collector(teacher))")
+        raise ConfigError(f"{type(objective).__name__} reads teacher feedback; pass a collector: opd_sdk.make_collector(teacher) (a FeedbackCollector for a remote teacher)")
     sources = objective.feedback_sources if isinstance(objective, Composite) else 1
     if collectors and len(collectors) != sources:
         raise ConfigError(
