@@ -121,7 +121,8 @@ class FeedbackCache:
         self.close()
 
 
-def collector_cache(teacher: Any, cache: FeedbackCache | str | os.PathLike[str] | None) -> tuple[FeedbackCache | None, bool]:
+def collector_cache(teacher: Any, cache: FeedbackCache | str | os.PathLike[str] | None,
+                    ) -> tuple[FeedbackCache | None, bool]:
     """(the cache a collector of `teacher` uses, whether the collector opened it and so closes it).
 
     cache: a FeedbackCache (shared: its owner closes it), a path (opened here), or None.

@@ -143,8 +143,8 @@ def reads_student(teacher: Any, student: Any) -> list[str]:
 
 def follows_student(teacher: Any) -> list[str]:
     """Ids of the teachers in `teacher`'s tree whose answers change as the student trains (not
-    cacheable: self-distillation in live or EMA mode). Such a teacher is asked on the training
-    thread when its batch is trained, never ahead of it (`opd_sdk.train.collect.check_collectors`)."""
+    cacheable: self-distillation in live or EMA mode). The trainer never asks such a teacher while
+    a step changes those weights (`opd_sdk.train.collect.check_collectors`)."""
     return [leaf.id for leaf in leaves(teacher) if not is_cacheable(leaf)]
 
 

@@ -76,11 +76,13 @@ def check_collectors(objective: Any, collectors: list[Collector], sharded_studen
       asks the teacher, so it would wait for the other ranks' shards forever;
     - with max_staleness >= 1, a teacher that follows the student's weights
       (`opd_sdk.feedback.teacher.follows_student`: self-distillation in live or EMA mode): the
-      pipeline would ask it ahead of the step that changes those weights, on another thread.
-      With max_staleness 0 it is asked between the sampling and the step of its batch.
+      pipeline overlaps teacher calls with the step, so it could be asked, on another thread,
+      while the step changes those weights. With max_staleness 0 it is asked between the
+      sampling and the step of its batch (by `make_collector`'s LocalRunner, on this thread).
     """
     if not collectors and objective.feedback_kinds:
-        raise ConfigError(f"{type(objective).__name__} reads teacher feedback; pass a collector: opd_sdk.make_collector(teacher) (a FeedbackCollector for a remote teacher)")
+        raise ConfigError(f"{type(objective).__name__} reads teacher feedback; pass a collector: "
+                          "opd_sdk.make_collector(teacher) (a FeedbackCollector for a remote teacher)")
     sources = objective.feedback_sources if isinstance(objective, Composite) else 1
     if collectors and len(collectors) != sources:
         raise ConfigError(
@@ -96,7 +98,8 @@ def check_collectors(objective: Any, collectors: list[Collector], sharded_studen
     ahead = [t for c in collectors for t in follows_student(c.teacher)] if max_staleness >= 1 else []
     if ahead:
         raise ConfigError(
-            f"teacher {', '.join(ahead)} follows the student's weights (self-distillation in live or ema mode), "
-            f"and max_staleness={max_staleness} would ask it ahead of the step that changes them, on another "
-            "thread; set max_staleness: 0 (rollout.max_staleness in a config), or give it mode 'frozen'"
+            f"teacher {', '.join(ahead)} follows the student's weights (self-distillation in live or ema mode) "
+            f"and must not be asked while a step changes them, which max_staleness={max_staleness} (teacher calls "
+            "overlapped with the step) allows; set max_staleness: 0 (rollout.max_staleness in a config), or give "
+            "it mode 'frozen'"
         )
