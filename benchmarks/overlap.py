@@ -46,7 +46,7 @@ def run(args: argparse.Namespace, latency: float | None, k: int, seed: int) -> d
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from opd_sdk.data import PromptItem
-    from opd_sdk.feedback.collector import FeedbackCollector
+    from opd_sdk.feedback.factory import make_collector
     from opd_sdk.models import smollm2_dir
     from opd_sdk.objectives import RewardWeighted
     from opd_sdk.train.trainer import Trainer
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace, latency: float | None, k: int, seed: int) -> d
         server = ScriptedServer(grading_judge, latency=latency).start()
         judge = JudgeTeacher("judge", base_url=server.base_url, api_key="unused", structured="none")
     try:
-        with FeedbackCollector(judge, max_concurrency=64, progress=False) as collector:
+        with make_collector(judge, max_concurrency=64, progress=False) as collector:
             trainer = Trainer(
                 model, tokenizer, RewardWeighted(), collector, prompts, group_size=args.group_size,
                 prompts_per_step=args.prompts, max_steps=args.steps, lr=args.lr, max_new_tokens=args.max_new_tokens,

@@ -44,7 +44,7 @@ def run_one(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from opd_sdk.config.settings import RolloutSettings
-    from opd_sdk.feedback.collector import FeedbackCollector
+    from opd_sdk.feedback.factory import make_collector
     from opd_sdk.models import smollm2_dir
     from opd_sdk.objectives import RewardWeighted
     from opd_sdk.rollout.build import build_rollout_engine
@@ -80,7 +80,7 @@ def run_one(args: argparse.Namespace) -> dict:
     out = {"engine": args.only, "startup_s": startup_s, "tokens": tokens, "rollout_s": seconds,
            "tokens_per_s": tokens / seconds, "torch_threads": torch.get_num_threads()}
     if args.steps:
-        with FeedbackCollector(VerifierTeacher("numeric"), progress=False) as collector:
+        with make_collector(VerifierTeacher("numeric"), progress=False) as collector:
             trainer = Trainer(
                 model, tokenizer, RewardWeighted(advantage="rloo"), collector, items, rollout=engine,
                 group_size=args.group_size, prompts_per_step=args.prompts, max_steps=args.steps + 1, lr=1e-6,

@@ -38,7 +38,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from benchmarks.train_step import times_table
     from opd_sdk.data import PromptItem
-    from opd_sdk.feedback.collector import FeedbackCollector
+    from opd_sdk.feedback.factory import make_collector
     from opd_sdk.models import smollm2_dir
     from opd_sdk.objectives import RewardWeighted
     from opd_sdk.parallel.distributed import Distributed
@@ -57,7 +57,7 @@ def worker(args: argparse.Namespace) -> None:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.to("cuda" if torch.cuda.is_available() else "cpu")  # the trainer moves it to this rank's GPU
     prompts = [PromptItem(prompt=p, answer=a) for p, a in times_table()]
-    collector = FeedbackCollector(LengthScore(), progress=False) if dist.is_main else None
+    collector = make_collector(LengthScore(), progress=False) if dist.is_main else None
     trainer = Trainer(
         model, tokenizer, RewardWeighted(advantage="rloo"), collector, prompts, distributed=dist,
         group_size=args.group_size, prompts_per_step=args.prompts, max_steps=args.steps, lr=1e-6,

@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from opd_sdk.data import PromptItem  # noqa: E402
-from opd_sdk.feedback.collector import FeedbackCollector  # noqa: E402
+from opd_sdk.feedback.factory import make_collector  # noqa: E402
 from opd_sdk.models import smollm2_dir  # noqa: E402
 from opd_sdk.objectives import SFT, SPIN, TokenDistill  # noqa: E402
 from opd_sdk.rollout.engine import TransformersRollout  # noqa: E402
@@ -61,12 +61,10 @@ def self_distill_trainer(model, tokenizer, items, *, template: PrivilegedTemplat
                          mode: str = "live", autocast_dtype=None, **trainer_kwargs) -> Trainer:
     """On-policy self-distillation: the student, shown `PromptItem.privileged`, is its own teacher.
 
-    Live weights change every step, so the collector gets no cache. The
-    teacher pass is local compute, not a network call: the per-call timeout
-    is generous so a slow CPU never turns it into a retry.
+    The teacher pass is local compute: `make_collector` runs it in process, on the training thread.
     """
     teacher = SelfDistillTeacher(model, tokenizer, mode=mode, template=template, autocast_dtype=autocast_dtype)
-    collector = FeedbackCollector(teacher, cache=None, timeout=600.0, max_retries=0, progress=False)
+    collector = make_collector(teacher, progress=False)
     return Trainer(model, tokenizer, TokenDistill(divergence="reverse_kl_pg"), collector, items, **trainer_kwargs)
 
 

@@ -64,7 +64,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from opd_sdk.data import PromptItem
-    from opd_sdk.feedback.collector import FeedbackCollector
+    from opd_sdk.feedback.factory import make_collector
     from opd_sdk.models import smollm2_dir
     from opd_sdk.objectives import RewardWeighted
     from opd_sdk.train.trainer import Trainer
@@ -75,7 +75,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     prompts = [PromptItem(prompt=p, answer=a) for p, a in prompt_order(args)]
     seen = []
-    with FeedbackCollector(VerifierTeacher("numeric"), progress=False) as collector:
+    with make_collector(VerifierTeacher("numeric"), progress=False) as collector:
         trainer = Trainer(
             model, tokenizer, RewardWeighted(advantage="rloo", beta=args.beta), collector, prompts,
             group_size=args.group_size, prompts_per_step=args.prompts, max_steps=args.steps, lr=args.lr,

@@ -26,7 +26,7 @@ import os
 import time
 from pathlib import Path
 
-from opd_sdk import FeedbackCollector, FeedbackRequest
+from opd_sdk import FeedbackRequest, make_collector
 from opd_sdk.types import Completion, FeedbackFailure, feedback_to_json
 
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     done = finished(args.output, args.retry_failures)
     todo = [i for i in range(len(requests)) if i not in done]
     cache = args.cache or str(args.output) + ".cache.sqlite"
-    collector = FeedbackCollector(
+    collector = make_collector(
         make_teacher(args), max_concurrency=args.concurrency, rpm=args.rpm, tpm=args.tpm,
         budget_usd=args.budget_usd, cache=cache,
     )

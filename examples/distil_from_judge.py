@@ -20,7 +20,7 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opd_sdk import FeedbackCollector
+from opd_sdk import make_collector
 from opd_sdk.app.runner import prepare_output_dir
 from opd_sdk.models import resolve_model_path
 from opd_sdk.objectives import RewardWeighted
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
         base_url=args.base_url,
         api_key=os.environ.get(args.api_key_env),  # never from a flag or a file
     )
-    collector = FeedbackCollector(judge, rpm=args.rpm, cache=os.path.join(args.out, "judge_cache.sqlite"))
+    collector = make_collector(judge, rpm=args.rpm, cache=os.path.join(args.out, "judge_cache.sqlite"))
     prepare_output_dir(args.out, resume=False, overwrite=True)  # a rerun replaces the last run; the cache stays
     trainer = Trainer(
         model, tokenizer, RewardWeighted(advantage="grpo"), collector, get_task(args.task).items("train"),

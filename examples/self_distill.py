@@ -24,7 +24,7 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opd_sdk import ConfigError, FeedbackCollector
+from opd_sdk import ConfigError, make_collector
 from opd_sdk.app.runner import prepare_output_dir
 from opd_sdk.models import resolve_model_path
 from opd_sdk.objectives import TokenDistill
@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     before = accuracy()
     teacher = SelfDistillTeacher(model, tokenizer, mode=args.mode)
-    cache = os.path.join(args.out, "self_teacher_cache.sqlite") if teacher.cacheable else None
-    collector = FeedbackCollector(teacher, cache=cache, progress=False)
+    cache = os.path.join(args.out, "self_teacher_cache.sqlite")  # used by a frozen teacher only
+    collector = make_collector(teacher, cache=cache, progress=False)
     prepare_output_dir(args.out, resume=False, overwrite=True)  # a rerun replaces the last run; the cache stays
     trainer = Trainer(
         model, tokenizer, TokenDistill(divergence="reverse_kl_pg"), collector, train,

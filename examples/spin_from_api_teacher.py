@@ -18,7 +18,7 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opd_sdk import FeedbackCollector
+from opd_sdk import make_collector
 from opd_sdk.app.runner import prepare_output_dir
 from opd_sdk.models import resolve_model_path
 from opd_sdk.objectives import SPIN
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
             args.teacher_model, n=1, temperature=0.0, max_tokens=args.teacher_max_tokens,
             base_url=args.base_url, api_key=os.environ.get(args.api_key_env),
         )
-        collector = FeedbackCollector(teacher, cache=os.path.join(args.out, "reference_cache.sqlite"))
+        collector = make_collector(teacher, cache=os.path.join(args.out, "reference_cache.sqlite"))
     objective = SPIN(tokenizer, source="answer" if args.no_teacher else "reference",
                      beta=args.beta, refresh_every=args.refresh_every)
     prepare_output_dir(args.out, resume=False, overwrite=True)  # a rerun replaces the last run; the cache stays

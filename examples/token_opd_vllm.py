@@ -25,7 +25,7 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opd_sdk import FeedbackCollector
+from opd_sdk import make_collector
 from opd_sdk.app.runner import prepare_output_dir
 from opd_sdk.models import resolve_model_path
 from opd_sdk.objectives import TokenDistill
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     teacher = make_teacher()
     print(f"teacher self-test: {check['n_tokens']} tokens, max |diff| between two runs {check['max_abs_diff']:.2e}"
           f" ({'stable' if check['stable'] else 'UNSTABLE: expect noisy targets'})")
-    collector = FeedbackCollector(teacher, cache=os.path.join(args.out, "logprob_cache.sqlite"))
+    collector = make_collector(teacher, cache=os.path.join(args.out, "logprob_cache.sqlite"))
     prepare_output_dir(args.out, resume=False, overwrite=True)  # a rerun replaces the last run; the cache stays
     trainer = Trainer(
         model, tokenizer, TokenDistill(divergence=args.divergence), collector,

@@ -38,7 +38,8 @@ from opd_sdk.errors import (
     Unsupported,
 )
 from opd_sdk.feedback.cache import FeedbackCache
-from opd_sdk.feedback.collector import FeedbackCollector, make_collector
+from opd_sdk.feedback.collector import FeedbackCollector
+from opd_sdk.feedback.factory import Collector, make_collector
 from opd_sdk.feedback.local import LocalRunner
 from opd_sdk.feedback.requests import build_requests
 from opd_sdk.feedback.teacher import (
@@ -87,6 +88,7 @@ from opd_sdk.types import (
 __all__ = [
     "BadResponse",
     "ClientError",
+    "Collector",
     "FollowsStudent",
     "LocalRunner",
     "LocalTeacher",

@@ -27,11 +27,12 @@ the template and tokenised; each must extend its prompt's tokens, and the
 tokens after the prompt must be identical in the two views. Otherwise
 `TokenizationMismatch` is raised and nothing is scored.
 
-Caching: the answers of a live or EMA teacher change every optimizer step,
-and a cache keyed by `id` would serve answers computed with older weights:
-give the collector no cache for them (`cacheable` is False, for a collector
-or trainer that checks). A frozen teacher is cacheable; its id changes at
-`refresh()`.
+Caching and overlap: the answers of a live or EMA teacher change every
+optimizer step, and a cache keyed by `id` would serve answers computed with
+older weights: `cacheable` is False, so the collector keeps no cache for it
+and the trainer refuses `max_staleness >= 1` with it (it would be asked
+ahead of the step that changes its weights). A frozen teacher is cacheable;
+its id changes at `refresh()`.
 
 Token ids: when a request's `tokenizer` fingerprint equals this teacher's
 tokenizer's (computed once, at construction), each completion's `token_ids`
@@ -41,7 +42,7 @@ privileged text). A request from another tokenizer, or completions without
 ids, are rendered from text and checked as described above.
 
 Local: `feedback_local(requests)` (= `score_batch`) runs in process;
-`opd_sdk.feedback.collector.make_collector` gives it no thread, loop or retries.
+`opd_sdk.make_collector` runs it in the calling thread, with no loop or retries.
 
 Assumes the rollout engine tokenises prompts the same way (chat template
 rendered as text, then tokenised without added special tokens).

@@ -8,7 +8,7 @@ around the answer or gets the product wrong. The teacher is a rule-based
 0), the objective `RewardWeighted` with RLOO advantages (Kool et al. 2019;
 Ahmadian et al. 2024): REINFORCE with a leave-one-out baseline over the G
 samples of each prompt. Everything runs through the project's `Trainer`
-and `FeedbackCollector`, as `opd train` would.
+and `make_collector`, as `opd train` would.
 
 Held-out accuracy is measured greedily on the task's held-out split (facts
 never trained on: the split is by unordered pair, so 3x7 and 7x3 fall on the
@@ -78,7 +78,7 @@ def run_demo(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from opd_sdk.errors import ConfigError
-    from opd_sdk.feedback.collector import FeedbackCollector
+    from opd_sdk.feedback.factory import make_collector
     from opd_sdk.models import smollm2_dir
     from opd_sdk.objectives import RewardWeighted
     from opd_sdk.tasks import get_task
@@ -107,7 +107,7 @@ def run_demo(
     log(f"opd demo: held-out accuracy before: {before:.3f}")
     evals = [(0, before)]
 
-    collector = FeedbackCollector(VerifierTeacher("numeric"), progress=False)
+    collector = make_collector(VerifierTeacher("numeric"), progress=False)
     trainer = Trainer(
         model,
         tokenizer,

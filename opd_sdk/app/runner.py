@@ -26,6 +26,7 @@ from opd_sdk.config.registry import (
 from opd_sdk.config.run import RunConfig, StudentConfig
 from opd_sdk.data import PromptItem
 from opd_sdk.errors import ConfigError, TrainingStopped
+from opd_sdk.feedback.factory import Collector, make_collector
 from opd_sdk.models import resolve_model_path
 from opd_sdk.parallel.distributed import Distributed
 from opd_sdk.train.checkpoint import check_launch, latest_checkpoint
@@ -62,22 +63,18 @@ def load_student(cfg: StudentConfig, path: str | None = None, device: Any = None
     return model, tokenizer
 
 
-def build_collector(cfg: RunConfig, teacher: Any) -> Any:
-    """The FeedbackCollector with the config's limits; no cache for a teacher that changes every step."""
-    from opd_sdk.feedback.collector import FeedbackCollector
-
+def build_collector(cfg: RunConfig, teacher: Any) -> Collector:
+    """`make_collector` with the config's limits and cache (in process for a local teacher; the
+    collector keeps no cache for a teacher whose answers change as the student trains)."""
     c = cfg.collector
-    cache = cfg.cache_path() if getattr(teacher, "cacheable", True) else None
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-    return FeedbackCollector(
+    return make_collector(
         teacher,
         max_concurrency=c.max_concurrency,
         rpm=c.rpm,
         tpm=c.tpm,
         timeout=c.timeout,
         max_retries=c.max_retries,
-        cache=str(cache) if cache is not None else None,
+        cache=cfg.cache_path(),
         budget_usd=c.budget_usd,
         price_per_1k_prompt_tokens=c.price_per_1k_prompt_tokens,
         price_per_1k_completion_tokens=c.price_per_1k_completion_tokens,
@@ -143,7 +140,6 @@ def evaluate(cfg: RunConfig, model: Any, tokenizer: Any, items: list[PromptItem]
     metric teacher_score. A failed teacher call is counted apart and never
     scored as 0.
     """
-    from opd_sdk.feedback.collector import FeedbackCollector
     from opd_sdk.train.evaluate import greedy_accuracy
     from opd_sdk.types import Completion
 
@@ -157,7 +153,7 @@ def evaluate(cfg: RunConfig, model: Any, tokenizer: Any, items: list[PromptItem]
 
         verifier = next((v for t in cfg.teacher_list() if (v := find_verifier(t)) is not None), None)
         grader = build_teacher(verifier or VerifierTeacherConfig(type="verifier"))
-        collector = FeedbackCollector(grader, progress=False)
+        collector = make_collector(grader, progress=False)
     elif collector is None:
         raise ConfigError("eval.metric teacher_score needs the run's collector")
     requests = []

@@ -9,9 +9,11 @@ TRL (1.16) calls a custom reward function as
 the dataset's other columns (one value per completion) plus `trainer_state`,
 `log_extra` and `log_metric`; it wants one float per completion, and reads
 `None` as "no reward for this sample" (NaN, left out of the group
-statistics). Every call here goes through one `FeedbackCollector`, so TRL
-users get our concurrency and rate limits, retries honouring Retry-After,
-the persistent cache and the budget. A teacher call that still fails comes
+statistics). Every call here goes through one collector
+(`opd_sdk.feedback.factory.make_collector`: a `FeedbackCollector` for a
+remote teacher, in process for a local one), so TRL users get our
+concurrency and rate limits, retries honouring Retry-After, the persistent
+cache and the budget. A teacher call that still fails comes
 back as `None`, never as a 0.0 reward, and the count is logged through
 `log_metric` as `opd/teacher/failures`.
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from opd_sdk.errors import ConfigError
+from opd_sdk.feedback.factory import Collector, make_collector
 from opd_sdk.types import (
     ChatMessage,
     Completion,
@@ -85,25 +88,23 @@ def to_requests(
 def as_reward_func(
     teacher: Any,
     *,
-    collector: Any = None,
+    collector: Collector | None = None,
     answer_column: str | None = "answer",
     privileged_column: str | None = "privileged",
     name: str | None = None,
     **collector_kwargs: Any,
 ) -> Callable[..., list[float | None]]:
-    """A TRL reward function backed by `teacher` through a FeedbackCollector.
+    """A TRL reward function backed by `teacher` through a collector.
 
-    collector: an existing FeedbackCollector to share; else one is built from
-        `collector_kwargs` (max_concurrency, rpm, tpm, timeout, max_retries,
+    collector: an existing collector (`opd_sdk.feedback.factory.Collector`) to share; else
+        `make_collector(teacher, **collector_kwargs)` (max_concurrency, rpm, tpm, timeout, max_retries,
         cache, budget_usd, prices...). The teacher must return `Score`
         feedback (wrap a preference teacher in providers.PreferenceScores).
     The returned function has `.collector` (its usage: `.collector.usage`).
     """
     if collector is None:
-        from opd_sdk.feedback.collector import FeedbackCollector
-
         collector_kwargs.setdefault("progress", False)
-        collector = FeedbackCollector(teacher, **collector_kwargs)
+        collector = make_collector(teacher, **collector_kwargs)
     elif collector_kwargs:
         raise ConfigError("pass either collector= or collector keyword arguments, not both")
 

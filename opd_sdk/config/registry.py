@@ -30,7 +30,7 @@ from opd_sdk.config.run import (
     did_you_mean,
     load_config,
 )
-from opd_sdk.config.teachers import TEACHERS, BuildContext, build_teacher
+from opd_sdk.config.teachers import TEACHERS, BuildContext, SelfDistillTeacherConfig, build_teacher
 from opd_sdk.errors import ConfigError
 from opd_sdk.parallel.distributed import (
     fsdp_requested,
@@ -150,6 +150,14 @@ def _teacher_problems(cfg: Any, where: str) -> list[str]:
     for suffix, child in cfg.children():
         problems += _teacher_problems(child, f"{where}.{suffix}")
     return problems
+
+
+def _follows_student(cfg: Any, where: str) -> list[str]:
+    """YAML paths of the teachers in a teacher tree that follow the student's weights (self_distill, live or
+    ema): the Trainer refuses them with max_staleness >= 1 (`opd_sdk.train.collect.check_collectors`)."""
+    if isinstance(cfg, SelfDistillTeacherConfig) and cfg.mode != "frozen":
+        return [where]
+    return [found for suffix, child in cfg.children() for found in _follows_student(child, f"{where}.{suffix}")]
 
 
 def _objective_problems(cfg: RunConfig, objective: Any) -> list[str]:
@@ -290,6 +298,11 @@ def check_config(cfg: RunConfig) -> Any:
     where = ["teacher"] if cfg.teachers is None else [f"teachers.{i}" for i in range(len(teachers))]
     for teacher, at in zip(teachers, where):
         problems += _teacher_problems(teacher, at)
+        problems += [
+            f"rollout.max_staleness: {path} (self_distill in live or ema mode) follows the student's weights, so it "
+            "cannot be asked ahead of the step that changes them; set rollout.max_staleness: 0, or mode: frozen"
+            for path in (_follows_student(teacher, at) if cfg.rollout.max_staleness >= 1 else [])
+        ]
     if objective is not None:
         problems += _objective_problems(cfg, objective)
     if not teachers and cfg.eval.metric == "teacher_score":

@@ -7,17 +7,24 @@ only that hash, the teacher id and the feedback JSON: never the request
 text, never a failure (a failure must be retried by a later run), never a
 secret (teacher ids are fingerprints without keys by contract). The file (and
 its WAL / shared-memory files) is readable by its owner only (0600).
+
+`collector_cache(teacher, cache)` is the one place the "not cacheable" rule
+lives: both collectors (`FeedbackCollector`, `LocalRunner`) open their cache
+through it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+from opd_sdk.feedback.teacher import is_cacheable
 from opd_sdk.types import (
     Feedback,
     FeedbackFailure,
@@ -33,6 +40,8 @@ CREATE TABLE IF NOT EXISTS feedback (
     created REAL NOT NULL
 )
 """
+
+log = logging.getLogger("opd_sdk.feedback.cache")
 
 
 def cache_digest(teacher_id: str, cache_key: str) -> str:
@@ -110,3 +119,22 @@ class FeedbackCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def collector_cache(teacher: Any, cache: FeedbackCache | str | os.PathLike[str] | None,
+                    ) -> tuple[FeedbackCache | None, bool]:
+    """(the cache a collector of `teacher` uses, whether the collector opened it and so closes it).
+
+    cache: a FeedbackCache (shared: its owner closes it), a path (opened here), or None.
+    A teacher that is not cacheable (`opd_sdk.feedback.teacher.is_cacheable`: its answers change
+    as the student trains) gets no cache: the one given is ignored, not refused, so a caller may
+    pass the run's cache whatever the teacher, and no file is created for it.
+    """
+    if cache is None:
+        return None, False
+    if not is_cacheable(teacher):
+        log.info("no feedback cache for %s: its answers change as the student trains", teacher.id)
+        return None, False
+    if isinstance(cache, FeedbackCache):
+        return cache, False
+    return FeedbackCache(cache), True

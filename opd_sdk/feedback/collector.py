@@ -28,8 +28,10 @@ running loop (a notebook, or a thread of an async app) alike. Use either
 shuts the loop down cleanly: the teacher's HTTP clients made on it are closed
 on it (see `providers.client.Endpoint`).
 
-For a local teacher (`opd_sdk.feedback.teacher.is_local`) use `make_collector`, which
-returns an in-process `opd_sdk.feedback.local.LocalRunner` with the same interface.
+The project's own code builds its collectors with `opd_sdk.feedback.factory.make_collector`,
+which gives a local teacher (`opd_sdk.feedback.teacher.is_local`) an in-process
+`opd_sdk.feedback.local.LocalRunner` instead: given here, a local teacher runs synchronously
+on the collector's loop thread, where the per-call timeout cannot interrupt it.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ from opd_sdk.errors import (
     TeacherTimeout,
 )
 from opd_sdk.feedback.answers import check_shape, merge_pointwise
-from opd_sdk.feedback.cache import FeedbackCache
+from opd_sdk.feedback.cache import FeedbackCache, collector_cache
 from opd_sdk.feedback.ratelimit import RateLimiter, estimate_tokens
 from opd_sdk.feedback.retry import retrying
 from opd_sdk.feedback.teacher import (
@@ -97,7 +99,9 @@ class FeedbackCollector:
         feedback() makes several HTTP calls says so with `api_calls(request)`.
     timeout: seconds per teacher call (each attempt); a timeout is retriable.
     max_retries: attempts after the first for retriable errors.
-    cache: a FeedbackCache or a path to one (None: no cache).
+    cache: a FeedbackCache or a path to one (None: no cache). Ignored for a teacher that is
+        not cacheable (its answers change as the student trains): then `self.cache` is None
+        (`opd_sdk.feedback.cache.collector_cache`).
     budget_usd: stop sending once this much was spent (needs prices). Calls
         already in flight finish, so the overshoot is at most the cost of
         `max_concurrency` calls.
@@ -144,8 +148,7 @@ class FeedbackCollector:
         self.limiter = RateLimiter(rpm, tpm)
         self.timeout = float(timeout)
         self.max_retries = max_retries
-        self._owns_cache = isinstance(cache, (str, Path))
-        self.cache = FeedbackCache(cache) if isinstance(cache, (str, Path)) else cache
+        self.cache, self._owns_cache = collector_cache(teacher, cache)
         self.budget_usd = budget_usd
         self.price_prompt = float(price_per_1k_prompt_tokens)
         self.price_completion = float(price_per_1k_completion_tokens)
@@ -263,7 +266,7 @@ class FeedbackCollector:
         by_key: dict[str, asyncio.Future] = {}
         misses: list[tuple[str, FeedbackRequest]] = []
         futures = []
-        for unit, key in zip(units, keys):
+        for unit, key in zip(units, keys, strict=True):
             fut = by_key.get(key) or self._inflight.get(key)
             if fut is not None and fut.get_loop() is loop:
                 self.usage.deduplicated += 1
@@ -314,7 +317,7 @@ class FeedbackCollector:
         try:
             results = await self._call_with_retries(
                 lambda: self.teacher.feedback_batch(units), units, sum(self._api_calls(u) for u in units))
-            for (key, _), fut, result in zip(misses, futs, results):
+            for (key, _), fut, result in zip(misses, futs, results, strict=True):
                 self._store(key, result)
                 fut.set_result(result)
         except Exception as exc:  # a teacher bug: every waiter re-raises it
@@ -353,7 +356,7 @@ class FeedbackCollector:
                         self.usage.retries += int(attempts > 1)
                         results = await self._attempt(call, len(units), cap)
                         self._account(results, est_tokens)  # before the slot is released
-                    results = [check_shape(r, u) for r, u in zip(results, units)]
+                    results = [check_shape(r, u) for r, u in zip(results, units, strict=True)]
         except _BudgetReached:
             self.usage.budget_skipped += len(units)
             reason = (f"not sent: budget of ${self.budget_usd:.4f} reached "
@@ -397,33 +400,3 @@ class FeedbackCollector:
                 actual += usage.prompt_tokens + usage.completion_tokens
         if actual > 0:
             self.limiter.correct(est_tokens, actual)
-
-_LOCAL_IGNORES = ("max_concurrency", "rpm", "tpm", "timeout", "max_retries", "budget_usd",
-                  "price_per_1k_prompt_tokens", "price_per_1k_completion_tokens", "progress",
-                  "backoff_initial_s", "backoff_max_s", "retry_after_cap_s")
-
-
-def make_collector(teacher: Any, **collector_kwargs: Any) -> Any:
-    """The object the trainer collects feedback through, for `teacher`.
-
-    A local teacher (`opd_sdk.feedback.teacher.is_local`: verifier, self-distillation, a composite
-    of local teachers) gets an in-process `opd_sdk.feedback.local.LocalRunner` (only `cache` is
-    used; the network settings in `collector_kwargs` do not apply to it and are
-    ignored). Any other teacher gets a `FeedbackCollector(teacher, **collector_kwargs)`.
-    A teacher that is not cacheable (its answers change every step) gets no cache either
-    way. Both have `collect_sync(requests)`, `usage`, `close()` and `teacher`.
-
-    Raises TypeError for a keyword FeedbackCollector does not take.
-    """
-    from opd_sdk.feedback.local import LocalRunner
-    from opd_sdk.feedback.teacher import is_cacheable, is_local
-
-    unknown = sorted(set(collector_kwargs) - set(_LOCAL_IGNORES) - {"cache"})
-    if unknown:
-        raise TypeError(f"make_collector got unknown keyword(s) {unknown}; FeedbackCollector takes "
-                        f"{sorted(_LOCAL_IGNORES + ('cache',))}")
-    if not is_cacheable(teacher):
-        collector_kwargs["cache"] = None
-    if is_local(teacher):
-        return LocalRunner(teacher, cache=collector_kwargs.get("cache"))
-    return FeedbackCollector(teacher, **collector_kwargs)

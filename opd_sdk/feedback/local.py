@@ -2,18 +2,20 @@
 
 A teacher for which `opd_sdk.feedback.teacher.is_local` is True answers a whole batch
 synchronously with `feedback_local(requests)`. It buys nothing from a
-thread, an event loop, a semaphore, retries or SQLite, so `LocalRunner` calls
-it directly, with the interface the trainer uses from a FeedbackCollector:
-`collect_sync(requests) -> list[Feedback]` (aligned with `requests`),
-`usage` (opd_sdk.feedback.usage.Usage), `close()` and `teacher`.
+thread, an event loop, a semaphore or retries, so `LocalRunner` calls it
+directly, in the calling thread (the training thread: a teacher that runs the
+student itself never runs beside the step), with the interface of
+`opd_sdk.feedback.factory.Collector`. `usage.requests_sent` counts the
+requests the teacher answered (not those from the cache).
 
 Per request, a `TeacherError` the teacher returns as a `FeedbackFailure` stays
 that failure (never retried: a local check gives the same answer again). A
 `TeacherError` raised for the whole batch fails every request of it; any
 other exception is a bug and propagates. A cache (a FeedbackCache or a path)
-is used only when one is passed and the teacher is cacheable.
+is used only when one is passed and the teacher is cacheable (otherwise it is
+ignored: `opd_sdk.feedback.cache.collector_cache`).
 
-Build one with `opd_sdk.feedback.collector.make_collector(teacher, ...)`.
+Build one with `opd_sdk.feedback.factory.make_collector(teacher, ...)`.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from opd_sdk.errors import ConfigError, TeacherError
-from opd_sdk.feedback.cache import FeedbackCache
-from opd_sdk.feedback.teacher import is_cacheable, is_local
+from opd_sdk.feedback.answers import check_shape
+from opd_sdk.feedback.cache import FeedbackCache, collector_cache
+from opd_sdk.feedback.teacher import is_local
 from opd_sdk.feedback.usage import Usage
 from opd_sdk.types import Feedback, FeedbackFailure, FeedbackRequest
 
@@ -32,18 +35,16 @@ class LocalRunner:
     """Runs a local teacher over each batch in the calling thread; see the module docstring.
 
     teacher: a teacher with `is_local(teacher)` True.
-    cache: a FeedbackCache or a path (None: no cache, no SQLite).
+    cache: a FeedbackCache or a path (None: no cache, no SQLite); ignored for a teacher
+        that is not cacheable.
     """
 
     def __init__(self, teacher: Any, *, cache: FeedbackCache | str | Path | None = None) -> None:
         if not is_local(teacher):
             raise ConfigError(f"{teacher!r} is not a local teacher (local=True with feedback_local(requests)); "
-                              "use FeedbackCollector, or opd_sdk.feedback.collector.make_collector")
+                              "use FeedbackCollector, or opd_sdk.make_collector")
         self.teacher = teacher
-        self._owns_cache = isinstance(cache, (str, Path)) and is_cacheable(teacher)
-        if cache is not None and not is_cacheable(teacher):
-            cache = None  # its answers change every step: a cache would serve stale ones
-        self.cache = FeedbackCache(cache) if isinstance(cache, (str, Path)) else cache
+        self.cache, self._owns_cache = collector_cache(teacher, cache)
         self.usage = Usage()
 
     def __repr__(self) -> str:
@@ -51,8 +52,6 @@ class LocalRunner:
 
     def collect_sync(self, requests: Sequence[FeedbackRequest]) -> list[Feedback]:
         """One Feedback per request, aligned with `requests`; failures are values."""
-        from opd_sdk.feedback.answers import check_shape
-
         requests = list(requests)
         for i, r in enumerate(requests):
             if not isinstance(r, FeedbackRequest):
@@ -66,14 +65,14 @@ class LocalRunner:
         todo = [i for i, f in enumerate(out) if f is None]
         if todo:
             batch = [requests[i] for i in todo]
-            self.usage.requests_sent += 1
+            self.usage.requests_sent += len(batch)
             try:
                 answers = list(self.teacher.feedback_local(batch))
                 if len(answers) != len(batch):
                     raise ConfigError(f"{self.teacher!r}.feedback_local returned {len(answers)} answers for "
                                       f"{len(batch)} requests")
                 checked = []
-                for a, r in zip(answers, batch):
+                for a, r in zip(answers, batch, strict=True):
                     try:
                         checked.append(check_shape(a, r))
                     except TeacherError as exc:
@@ -81,7 +80,7 @@ class LocalRunner:
                 answers = checked
             except TeacherError as exc:  # the whole batch failed; anything else is a bug and propagates
                 answers = [FeedbackFailure.from_error(exc, attempts=1)] * len(batch)
-            for i, answer in zip(todo, answers):
+            for i, answer in zip(todo, answers, strict=True):
                 out[i] = answer
                 if self.cache is not None and not isinstance(answer, FeedbackFailure):
                     self.cache.put(self.teacher.id, keys[i], answer)

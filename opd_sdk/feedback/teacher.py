@@ -22,15 +22,19 @@ collector and the trainer test `isinstance(teacher, X)`, never `getattr`):
   collector hands it the batch's cache misses in one call.
 - `LocalTeacher`: `local` is True and `feedback_local(requests) ->
   list[Feedback]` answers a batch in process, synchronously (no network);
-  `opd_sdk.feedback.collector.make_collector` then runs it without a thread, loop,
-  semaphore, retries or cache. Use `is_local(teacher)`.
-- `Cacheable`: `cacheable` is False for a teacher whose answers change from
-  step to step (a self-distillation teacher that follows the student): give
-  it no persistent cache. Use `is_cacheable(teacher)` (default True).
+  `opd_sdk.feedback.factory.make_collector` then runs it in the calling thread,
+  without a loop, semaphore or retries. Use `is_local(teacher)`.
+- `Cacheable`: `cacheable` is False for a teacher whose answers change as the
+  student trains (self-distillation in live or EMA mode: it follows the
+  student's weights). The collector keeps no cache for it, and the trainer
+  never asks it ahead of the step that changes it (`rollout.max_staleness`
+  >= 1 is refused). Use `is_cacheable(teacher)` (default True) and
+  `follows_student(teacher)`.
 - `Closeable`: `async aclose()` releases HTTP clients; the collector calls it
   on close.
 - `FollowsStudent`: `on_optimizer_step(step)` is called by the trainer after
   each optimizer step (step = optimizer steps done: 1, 2, ...).
+- `Combinator`: `children`, the teachers a composite asks (`providers.compose`).
 - `SelfTesting`: `async self_test() -> dict` checks, once before training,
   that the server can do what the teacher needs.
 """
@@ -99,6 +103,11 @@ class SelfTesting(Protocol):
     async def self_test(self) -> dict: ...
 
 
+@runtime_checkable
+class Combinator(Protocol):
+    children: list[Any]
+
+
 def is_pointwise(teacher: Any) -> bool:
     return isinstance(teacher, Pointwise) and bool(teacher.pointwise)
 
@@ -118,14 +127,25 @@ def api_calls(teacher: Any, request: FeedbackRequest) -> int:
     return int(teacher.api_calls(request)) if isinstance(teacher, CountsCalls) else 1
 
 
+def leaves(teacher: Any) -> list[Any]:
+    """The teachers that answer in `teacher`'s tree: itself, or recursively a `Combinator`'s children."""
+    if isinstance(teacher, Combinator):
+        return [leaf for child in teacher.children for leaf in leaves(child)]
+    return [teacher]
+
+
 def reads_student(teacher: Any, student: Any) -> list[str]:
-    """Ids of the teachers in `teacher`'s tree (itself and, recursively, a composite's `children`)
-    that hold the `student` model object (self-distillation: live, EMA or frozen views of it)."""
-    children = getattr(teacher, "children", None)
-    if children is not None:
-        return [found for child in children for found in reads_student(child, student)]
-    holds = hasattr(teacher, "__dict__") and any(value is student for value in vars(teacher).values())
-    return [teacher.id] if holds else []
+    """Ids of the teachers in `teacher`'s tree that hold the `student` model object
+    (self-distillation: live, EMA or frozen views of it)."""
+    return [leaf.id for leaf in leaves(teacher)
+            if hasattr(leaf, "__dict__") and any(value is student for value in vars(leaf).values())]
+
+
+def follows_student(teacher: Any) -> list[str]:
+    """Ids of the teachers in `teacher`'s tree whose answers change as the student trains (not
+    cacheable: self-distillation in live or EMA mode). The trainer never asks such a teacher while
+    a step changes those weights (`opd_sdk.train.collect.check_collectors`)."""
+    return [leaf.id for leaf in leaves(teacher) if not is_cacheable(leaf)]
 
 
 def notify_optimizer_step(teacher: Any, step: int) -> None:

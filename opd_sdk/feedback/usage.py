@@ -11,7 +11,8 @@ from opd_sdk.types import CallUsage
 class Usage:
     """Counters of one collector (cumulative across `collect` calls).
 
-    requests_sent: teacher calls made (every attempt, retries included).
+    requests_sent: teacher calls made (every attempt, retries included); a LocalRunner
+        counts each request its teacher answered.
     retries: attempts after the first one of a request.
     cache_hits: requests answered from the persistent cache.
     deduplicated: requests answered by an identical request in flight.

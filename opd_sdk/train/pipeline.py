@@ -12,8 +12,10 @@ weights against the log-probs stored when they were sampled
 teacher latency) instead of their sum.
 
 Only remote teachers (a `FeedbackCollector`) are overlapped; a local teacher
-(a verifier, the student itself) is asked when its batch is trained, on the
-weights of that moment.
+(a verifier, a frozen copy of the student) is asked on the training thread
+when its batch is trained. A teacher that follows the student's weights
+(self-distillation in live or EMA mode) is refused with max_staleness >= 1
+(`opd_sdk.train.collect.check_collectors`): it is never asked ahead of the step.
 
 Batches in flight are part of a checkpoint (`state` / `load_state`, plain
 JSON): a resumed run re-asks their feedback, which the collector's cache

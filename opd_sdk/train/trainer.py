@@ -77,8 +77,8 @@ class Trainer:
     """Trains `model` on its own samples with `objective` and teacher feedback from `collector`.
 
     prompts: list of PromptItem / str / dict, a JSONL path or a datasets split.
-    collector: what `opd_sdk.feedback.collector.make_collector` returns for a teacher (anything
-        with collect_sync(requests), usage, teacher); None only for an objective that
+    collector: what `opd_sdk.make_collector` returns for a teacher (an
+        `opd_sdk.feedback.factory.Collector`); None only for an objective that
         reads no feedback. A list, one per source, for a `Composite` objective with
         several teachers (`Hybrid` with a `source` per term): asked at the same time;
         each prompt's feedback is then a tuple with one Feedback per collector.
@@ -142,7 +142,7 @@ class Trainer:
             model.to(dist.device)
         self.optimizer_settings, self.sampling, self.loop = opt, samp, loop
         collectors = [] if collector is None else list(collector) if isinstance(collector, (list, tuple)) else [collector]
-        dist.on_main(lambda: check_collectors(objective, collectors, model if dist.fsdp else None))  # rank 0 asks
+        dist.on_main(lambda: check_collectors(objective, collectors, model if dist.fsdp else None, max_staleness=samp.max_staleness))  # rank 0 asks
         if precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
         if micro_batch_prompts is not None and micro_batch_prompts < 1:

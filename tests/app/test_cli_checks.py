@@ -108,3 +108,23 @@ def test_an_unknown_field_does_not_hide_the_other_problems(tmp_path, capsys):
     assert rc == 2
     assert "rollout.grop_size: unknown field: did you mean `group_size`" in err
     assert "SPIN reads reference feedback" in err and "does_not_exist.jsonl does not exist" in err
+
+
+@pytest.mark.parametrize("command", [["--check"], []])
+def test_a_teacher_that_follows_the_student_is_refused_with_max_staleness(tmp_path, tiny_dir, capsys,  # noqa: F811
+                                                                          no_model_load, command):
+    """self_distill in live or ema mode, alone or inside a composite, cannot be asked ahead of its step."""
+    live = {"type": "self_distill", "mode": "live"}
+    composite = {"type": "weighted_sum", "teachers": [{"weight": 1.0, "teacher": {"type": "verifier"}},
+                                                      {"weight": 1.0, "teacher": {"type": "self_distill", "mode": "ema"}}]}
+    token = {"type": "token_distill"}
+    fix = "follows the student's weights, so it cannot be asked ahead of the step that changes them; set rollout.max_staleness: 0"
+    for teacher, objective, path in [(live, token, "teacher"), (composite, None, "teacher.teachers.1.teacher")]:
+        changes = dict(teacher=teacher, rollout__max_staleness=1) | ({"objective": objective} if objective else {})
+        rc, _, err = run_cli(capsys, "train", str(write_config(tmp_path, tiny_dir, **changes)), *command)
+        assert rc == 2 and f"rollout.max_staleness: {path} (self_distill in live or ema mode) {fix}" in err, err
+    frozen = write_config(tmp_path, tiny_dir, teacher=dict(live, mode="frozen"), objective=token, rollout__max_staleness=1)
+    rc, out, err = run_cli(capsys, "train", str(frozen), "--check")
+    assert rc == 0 and "is valid" in out, err
+    rc, out, err = run_cli(capsys, "train", str(write_config(tmp_path, tiny_dir, teacher=live, objective=token)), "--check")
+    assert rc == 0 and "is valid" in out, err

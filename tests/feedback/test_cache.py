@@ -1,15 +1,21 @@
-"""FeedbackCache: exact round trip, no failures, no request text, several processes."""
+"""FeedbackCache: exact round trip, no failures, no request text, several processes; no cache for a
+teacher whose answers change as the student trains."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import sqlite3
 
+import pytest
+
 from opd_sdk import (
     CallUsage,
     Completion,
     FeedbackCache,
+    FeedbackCollector,
     FeedbackFailure,
+    FeedbackRequest,
+    LocalRunner,
     Preference,
     PreferencePair,
     Reference,
@@ -102,3 +108,41 @@ def test_cache_files_are_readable_by_their_owner_only(tmp_path):
         assert stat.S_IMODE(loose.stat().st_mode) == 0o600
     finally:
         os.umask(old)
+
+
+class Drifting:
+    """A teacher whose answers change as the student trains (`cacheable` False): call n answers n."""
+
+    cacheable = False
+
+    def __init__(self, local: bool) -> None:
+        self.id, self.local, self.calls = "drifting:1", local, 0
+
+    def _next(self, request: FeedbackRequest) -> Score:
+        self.calls += 1
+        return Score(scores=[float(self.calls)] * len(request.completions))
+
+    async def feedback(self, request: FeedbackRequest) -> Score:
+        return self._next(request)
+
+    def feedback_local(self, requests: list[FeedbackRequest]) -> list[Score]:
+        return [self._next(r) for r in requests]
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_a_teacher_that_is_not_cacheable_gets_no_cache_from_the_constructor(tmp_path, local):
+    """The collector ignores the cache it is given: the second ask is a fresh answer, no file is made."""
+    teacher = Drifting(local)
+    request = FeedbackRequest(prompt="p", completions=[Completion(text="a")])
+    make = LocalRunner if local else lambda t, cache: FeedbackCollector(t, cache=cache, progress=False)
+    with make(teacher, cache=tmp_path / "c.sqlite") as collector:
+        assert collector.cache is None
+        first, again = collector.collect_sync([request]), collector.collect_sync([request])
+    assert [first[0].scores, again[0].scores] == [[1.0], [2.0]]  # a cache would have answered 1.0 twice
+    assert collector.usage.cache_hits == 0 and list(tmp_path.iterdir()) == []
+    shared = FeedbackCache(tmp_path / "shared.sqlite")
+    with make(teacher, cache=shared) as collector:
+        assert collector.cache is None
+        collector.collect_sync([request])
+    assert len(shared) == 0  # left open and empty: its owner closes it
+    shared.close()

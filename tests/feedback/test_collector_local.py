@@ -7,7 +7,8 @@ import threading
 import pytest
 
 from opd_sdk.errors import ClientError
-from opd_sdk.feedback.collector import FeedbackCollector, make_collector
+from opd_sdk.feedback.collector import FeedbackCollector
+from opd_sdk.feedback.factory import Collector, make_collector
 from opd_sdk.feedback.local import LocalRunner
 from opd_sdk.feedback.teacher import FollowsStudent, is_local, notify_optimizer_step
 from opd_sdk.types import Completion, FeedbackFailure, FeedbackRequest, Score
@@ -53,10 +54,12 @@ class Counting:
 
 def test_make_collector_picks_the_local_runner_for_local_teachers():
     verifier = VerifierTeacher("numeric")
-    assert isinstance(make_collector(verifier, max_concurrency=4, timeout=5.0), LocalRunner)
+    local = make_collector(verifier, max_concurrency=4, timeout=5.0)
+    assert isinstance(local, LocalRunner) and isinstance(local, Collector)
     assert isinstance(make_collector(WeightedSum([(verifier, 1.0), (Counting(), 0.5)])), LocalRunner)
     remote = make_collector(Remote(), max_concurrency=4)
-    assert isinstance(remote, FeedbackCollector) and remote.max_concurrency == 4
+    assert isinstance(remote, FeedbackCollector) and isinstance(remote, Collector) and remote.max_concurrency == 4
+    remote.close()
     assert isinstance(make_collector(Gate(verifier, Remote())), FeedbackCollector)  # one remote child
     assert not is_local(Gate(verifier, Remote())) and is_local(Gate(verifier, verifier))
     with pytest.raises(TypeError, match="max_concurency"):
@@ -71,7 +74,7 @@ def test_local_runner_runs_in_the_calling_thread_in_one_batch_without_sqlite(tmp
     assert [f.scores for f in out] == [[2.0, 3.0], [1.0]]
     assert teacher.batches == [2] and teacher.threads == [threading.current_thread().name]
     assert runner.cache is None and list(tmp_path.iterdir()) == []
-    assert runner.usage.requests_sent == 1 and runner.usage.failures == 0
+    assert runner.usage.requests_sent == 2 and runner.usage.failures == 0  # requests answered, in one call
     assert runner.teacher is teacher
     runner.close()
 
@@ -82,7 +85,7 @@ def test_local_runner_uses_a_cache_only_when_asked(tmp_path):
         first = runner.collect_sync([req("7", "ab")])
         again = runner.collect_sync([req("7", "ab"), req("7", "abcd")])
     assert again[0] == first[0] and again[1].scores == [4.0]
-    assert teacher.batches == [1, 1] and runner.usage.cache_hits == 1
+    assert teacher.batches == [1, 1] and runner.usage.cache_hits == 1 and runner.usage.requests_sent == 2
 
 
 def test_verifier_failures_are_per_request_values_never_retried():

@@ -1,12 +1,16 @@
-"""SelfDistillTeacher inside the real loop: Trainer -> FeedbackCollector -> teacher -> TokenDistill."""
+"""SelfDistillTeacher inside the real loop: Trainer -> collector -> teacher -> TokenDistill."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
 
 from opd_sdk.data import PromptItem
+from opd_sdk.errors import ConfigError
 from opd_sdk.feedback.collector import FeedbackCollector
+from opd_sdk.feedback.factory import make_collector
 from opd_sdk.objectives import TokenDistill
 from opd_sdk.train.trainer import Trainer
 from providers.self_distill import SelfDistillTeacher
@@ -55,7 +59,7 @@ def test_live_and_ema_teachers_in_the_loop(mode):
     teacher = SelfDistillTeacher(model, tok, mode=mode, ema_decay=0.5)
     head_before = teacher.teacher_model.lm_head.weight.detach().clone()
     trainer = Trainer(
-        model, tok, TokenDistill(), FeedbackCollector(teacher, progress=False), PROMPTS,
+        model, tok, TokenDistill(), make_collector(teacher), PROMPTS,
         group_size=2, prompts_per_step=2, max_steps=2, lr=1e-3, max_new_tokens=3, seed=0,
         precision="fp32", progress=False, tensorboard=False,
     )
@@ -65,3 +69,24 @@ def test_live_and_ema_teachers_in_the_loop(mode):
     head = teacher.teacher_model.lm_head.weight
     if mode == "ema":  # folded once, before the second step's teacher pass: (before + policy after step 1) / 2
         assert not torch.equal(head, head_before) and not torch.equal(head, model.lm_head.weight)
+
+
+@pytest.mark.parametrize("mode", ["live", "ema"])
+def test_a_teacher_that_follows_the_student_is_never_asked_ahead_of_the_step(mode):
+    """max_staleness >= 1 would ask it on a worker thread while the step changes the weights it reads:
+    refused, whichever collector asks it. A frozen teacher is asked on the training thread."""
+    tok = make_tokenizer()
+    model = make_model(tok, seed=3)
+    settings = dict(group_size=2, prompts_per_step=2, max_steps=2, lr=1e-3, max_new_tokens=3, seed=0,
+                    precision="fp32", progress=False, tensorboard=False, max_staleness=1)
+    teacher = SelfDistillTeacher(model, tok, mode=mode)
+    for collector in (make_collector(teacher), FeedbackCollector(teacher, progress=False)):
+        with collector, pytest.raises(ConfigError, match="follows the student's weights.*set max_staleness: 0"):
+            Trainer(model, tok, TokenDistill(), collector, PROMPTS, **settings)
+    frozen = SelfDistillTeacher(model, tok, mode="frozen")
+    threads, score = [], frozen.score_batch
+    frozen.feedback_local = lambda requests: threads.append(threading.current_thread().name) or score(requests)
+    with make_collector(frozen) as collector:
+        history = Trainer(model, tok, TokenDistill(), collector, PROMPTS, **settings).train()
+    assert [row["staleness"] for row in history] == [0, 1] and [row["feedback_failures"] for row in history] == [0, 0]
+    assert threads == [threading.current_thread().name] * 2
