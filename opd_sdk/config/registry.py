@@ -103,6 +103,9 @@ def params_problems(model: type[BaseModel], params: dict[str, Any], where: str, 
                 close = did_you_mean(loc[0], names)
                 hint = f"did you mean `{close}`? " if close else ""
                 problems.append(f"{at}: unknown parameter for {owner}; {hint}valid: {', '.join(names)}")
+            elif err["type"] in ("extra_forbidden", "missing"):  # inside a parameter (a hybrid's term)
+                problems.append(f"{at}: " + ("unknown field: remove it" if err["type"] == "extra_forbidden"
+                                             else "required field is missing: add it"))
             else:
                 problems.append(f"{at}: {err['msg'].removeprefix('Value error, ')}")
         return problems
