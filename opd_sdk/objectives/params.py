@@ -12,7 +12,7 @@ other copy of a default or a bound.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ClassVar, Mapping, Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -51,3 +51,13 @@ class ObjectiveContext:
 
     tokenizer: Any = None
     build: Callable[[str, Mapping[str, Any], str], Any] | None = None
+
+
+class Declared(Protocol):
+    """What the config layer reads off an objective class (a value of `OBJECTIVES`)."""
+
+    params_model: ClassVar[type[ObjectiveParams]]
+
+    @classmethod
+    def from_params(cls, params: Any, ctx: ObjectiveContext) -> Any:
+        """The objective from its validated parameters."""
