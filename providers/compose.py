@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from opd_sdk.errors import ConfigError, error_from_failure
 from opd_sdk.feedback.teacher import (
@@ -114,6 +116,12 @@ class _Composite:
         raise NotImplementedError
 
 
+class WeightedSumParams(BaseModel):
+    """WeightedSum takes no parameters besides its (teacher, weight) parts (the config's `teachers`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class WeightedSum(_Composite):
     """sum_k w_k * score_k for teachers that return Scores.
 
@@ -161,6 +169,19 @@ class WeightedSum(_Composite):
         return [self.combine(r, [answers[k] for answers in per_part]) for k, r in enumerate(requests)]
 
 
+class GateParams(BaseModel):
+    """Gate's parameters as a config gives them (the `gate` teacher section), with their
+    defaults: the constructor's defaults are these."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float = 1.0
+    fail_score: float = 0.0
+
+
+_GATE_DEFAULTS = GateParams()
+
+
 class Gate(_Composite):
     """The judge's score where the verifier passes, else fail_score.
 
@@ -168,7 +189,10 @@ class Gate(_Composite):
     (NaN), never `fail_score`; so is one the judge could not score.
     """
 
-    def __init__(self, verifier: Any, judge: Any, *, threshold: float = 1.0, fail_score: float = 0.0) -> None:
+    def __init__(
+        self, verifier: Any, judge: Any, *, threshold: float = _GATE_DEFAULTS.threshold,
+        fail_score: float = _GATE_DEFAULTS.fail_score,
+    ) -> None:
         if not (math.isfinite(threshold) and math.isfinite(fail_score)):
             raise ConfigError("Gate: threshold and fail_score must be finite numbers")
         self.verifier, self.judge, self.threshold, self.fail_score = verifier, judge, threshold, fail_score
@@ -275,6 +299,19 @@ def _solve(a: list[list[float]], b: list[float]) -> list[float]:
     return x
 
 
+class PreferenceScoresParams(BaseModel):
+    """PreferenceScores' parameters as a config gives them (the `preference_to_score` teacher
+    section), with their defaults: the constructor's defaults are these."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["bradley_terry", "win_rate"] = "bradley_terry"
+    l2: float = Field(1e-3, gt=0.0)
+
+
+_SCORES_DEFAULTS = PreferenceScoresParams()
+
+
 class PreferenceScores(_Composite):
     """Scores from a preference teacher: "win_rate" or "bradley_terry".
 
@@ -282,7 +319,9 @@ class PreferenceScores(_Composite):
     missing comparison is not a tie); a score that comes out non-finite is NaN.
     """
 
-    def __init__(self, teacher: Any, *, method: str = "bradley_terry", l2: float = 1e-3) -> None:
+    def __init__(
+        self, teacher: Any, *, method: str = _SCORES_DEFAULTS.method, l2: float = _SCORES_DEFAULTS.l2
+    ) -> None:
         if method not in ("win_rate", "bradley_terry"):
             raise ConfigError(f"method: 'win_rate' or 'bradley_terry', got {method!r}")
         if l2 <= 0:

@@ -43,7 +43,9 @@ import random
 from typing import Any, Literal
 
 import openai
+from pydantic import BaseModel, ConfigDict, Field
 
+from opd_sdk.constants import DEFAULT_TIMEOUT_S
 from opd_sdk.errors import (
     BadResponse,
     ClientError,
@@ -64,6 +66,26 @@ DEFAULT_RUBRIC = (
 SYSTEM_PROMPT = "You are a strict, fair grader. " + UNTRUSTED_NOTE + " Reply with only a JSON object."
 
 
+class JudgeParams(BaseModel):
+    """JudgeTeacher's parameters as a config gives them (the `judge` teacher section), with their
+    defaults: the constructor's defaults are these."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rubric: str | None = None
+    scale: tuple[int, int] = (0, 10)
+    mode: Literal["pointwise", "listwise"] = "pointwise"
+    structured: Literal["auto", "json_schema", "none"] = "auto"
+    g_eval: bool = False  # expected score over the score tokens' top log-probs
+    top_logprobs: int = Field(10, gt=0)
+    max_reasks: int = Field(2, ge=0)
+    temperature: float = Field(0.0, ge=0.0)
+    max_tokens: int = Field(200, gt=0)
+
+
+_DEFAULTS = JudgeParams()
+
+
 class JudgeTeacher:
     """Scores completions with an LLM judge; see the module docstring.
 
@@ -82,19 +104,19 @@ class JudgeTeacher:
         self,
         model: str,
         *,
-        rubric: str | None = None,
-        scale: tuple[int, int] = (0, 10),
-        mode: Literal["pointwise", "listwise"] = "pointwise",
-        structured: Literal["auto", "json_schema", "none"] = "auto",
-        g_eval: bool = False,
-        top_logprobs: int = 10,
-        max_reasks: int = 2,
-        temperature: float = 0.0,
-        max_tokens: int = 200,
+        rubric: str | None = _DEFAULTS.rubric,
+        scale: tuple[int, int] = _DEFAULTS.scale,
+        mode: Literal["pointwise", "listwise"] = _DEFAULTS.mode,
+        structured: Literal["auto", "json_schema", "none"] = _DEFAULTS.structured,
+        g_eval: bool = _DEFAULTS.g_eval,
+        top_logprobs: int = _DEFAULTS.top_logprobs,
+        max_reasks: int = _DEFAULTS.max_reasks,
+        temperature: float = _DEFAULTS.temperature,
+        max_tokens: int = _DEFAULTS.max_tokens,
         base_url: str | None = None,
         api_key: str | None = None,
         client: openai.AsyncOpenAI | None = None,
-        timeout: float = 60.0,
+        timeout: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         lo, hi = scale
         if not (isinstance(lo, int) and isinstance(hi, int) and lo < hi):

@@ -52,7 +52,9 @@ import weakref
 from typing import Any, Literal
 
 import openai
+from pydantic import BaseModel, ConfigDict, Field
 
+from opd_sdk.constants import DEFAULT_TIMEOUT_S
 from opd_sdk.data import PromptItem
 from opd_sdk.errors import (
     ClientError,
@@ -75,6 +77,21 @@ def _field(obj: Any, name: str) -> Any:
     return value
 
 
+class LogprobParams(BaseModel):
+    """LogprobTeacher's parameters as a config gives them (the `logprob` teacher section), with
+    their defaults: the constructor's defaults are these. (The tokenizer is the student's.)"""
+
+    model_config = ConfigDict(extra="forbid")
+
+    use_chat_template: bool = True
+    top_k: int = Field(0, ge=0)
+    send: Literal["text", "token_ids"] = "text"
+    on_mismatch: Literal["error", "offsets"] = "error"
+
+
+_DEFAULTS = LogprobParams()
+
+
 class LogprobTeacher:
     """Teacher log-probs of student tokens from a completions endpoint.
 
@@ -94,14 +111,14 @@ class LogprobTeacher:
         model: str,
         *,
         tokenizer: Any = None,
-        use_chat_template: bool = True,
-        top_k: int = 0,
-        send: Literal["text", "token_ids"] = "text",
-        on_mismatch: Literal["error", "offsets"] = "error",
+        use_chat_template: bool = _DEFAULTS.use_chat_template,
+        top_k: int = _DEFAULTS.top_k,
+        send: Literal["text", "token_ids"] = _DEFAULTS.send,
+        on_mismatch: Literal["error", "offsets"] = _DEFAULTS.on_mismatch,
         base_url: str | None = None,
         api_key: str | None = None,
         client: openai.AsyncOpenAI | None = None,
-        timeout: float = 60.0,
+        timeout: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         if send not in ("text", "token_ids"):
             raise ConfigError(f"send: 'text' or 'token_ids', got {send!r}")

@@ -21,7 +21,9 @@ import itertools
 from typing import Any, Literal
 
 import openai
+from pydantic import BaseModel, ConfigDict, Field
 
+from opd_sdk.constants import DEFAULT_TIMEOUT_S
 from opd_sdk.errors import BadResponse, ClientError, ConfigError
 from opd_sdk.feedback.teacher import fingerprint
 from opd_sdk.types import CallUsage, FeedbackRequest, Preference, PreferencePair
@@ -33,6 +35,23 @@ from providers.verdict import VerdictError, parse_choice
 DEFAULT_CRITERIA = "Which response answers the task better? Correctness first, then completeness and clarity."
 SYSTEM_PROMPT = "You are a strict, fair judge comparing two responses. " + UNTRUSTED_NOTE + " Reply with only a JSON object."
 _VOTE = {"A": 1.0, "B": 0.0, "tie": 0.5}
+
+
+class PreferenceParams(BaseModel):
+    """PreferenceTeacher's parameters as a config gives them (the `preference` teacher section),
+    with their defaults: the constructor's defaults are these."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    criteria: str | None = None
+    allow_ties: bool = True
+    structured: Literal["auto", "json_schema", "none"] = "auto"
+    max_reasks: int = Field(2, ge=0)
+    temperature: float = Field(0.0, ge=0.0)
+    max_tokens: int = Field(100, gt=0)
+
+
+_DEFAULTS = PreferenceParams()
 
 
 class PreferenceTeacher:
@@ -48,16 +67,16 @@ class PreferenceTeacher:
         self,
         model: str,
         *,
-        criteria: str | None = None,
-        allow_ties: bool = True,
-        structured: Literal["auto", "json_schema", "none"] = "auto",
-        max_reasks: int = 2,
-        temperature: float = 0.0,
-        max_tokens: int = 100,
+        criteria: str | None = _DEFAULTS.criteria,
+        allow_ties: bool = _DEFAULTS.allow_ties,
+        structured: Literal["auto", "json_schema", "none"] = _DEFAULTS.structured,
+        max_reasks: int = _DEFAULTS.max_reasks,
+        temperature: float = _DEFAULTS.temperature,
+        max_tokens: int = _DEFAULTS.max_tokens,
         base_url: str | None = None,
         api_key: str | None = None,
         client: openai.AsyncOpenAI | None = None,
-        timeout: float = 60.0,
+        timeout: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         if structured not in ("auto", "json_schema", "none"):
             raise ConfigError(f"structured: 'auto', 'json_schema' or 'none', got {structured!r}")

@@ -19,11 +19,31 @@ import asyncio
 import json
 
 import openai
+from pydantic import BaseModel, ConfigDict, Field
 
+from opd_sdk.constants import DEFAULT_TIMEOUT_S
 from opd_sdk.errors import BadResponse, ConfigError
 from opd_sdk.feedback.teacher import fingerprint
 from opd_sdk.types import Completion, FeedbackRequest, Reference
 from providers.client import Endpoint, add_usage, messages_payload, usage_of
+
+
+class ReferenceParams(BaseModel):
+    """ReferenceTeacher's parameters as a config gives them (the `reference` teacher section),
+    with their defaults: the constructor's defaults are these."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n: int = Field(1, gt=0)
+    temperature: float = Field(1.0, ge=0.0)
+    max_tokens: int = Field(256, gt=0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n_per_call: bool = True
+    use_privileged: bool = False
+    system_prompt: str | None = None
+
+
+_DEFAULTS = ReferenceParams()
 
 
 class ReferenceTeacher:
@@ -40,17 +60,17 @@ class ReferenceTeacher:
         self,
         model: str,
         *,
-        n: int = 1,
-        temperature: float = 1.0,
-        max_tokens: int = 256,
-        top_p: float = 1.0,
-        n_per_call: bool = True,
-        use_privileged: bool = False,
-        system_prompt: str | None = None,
+        n: int = _DEFAULTS.n,
+        temperature: float = _DEFAULTS.temperature,
+        max_tokens: int = _DEFAULTS.max_tokens,
+        top_p: float = _DEFAULTS.top_p,
+        n_per_call: bool = _DEFAULTS.n_per_call,
+        use_privileged: bool = _DEFAULTS.use_privileged,
+        system_prompt: str | None = _DEFAULTS.system_prompt,
         base_url: str | None = None,
         api_key: str | None = None,
         client: openai.AsyncOpenAI | None = None,
-        timeout: float = 60.0,
+        timeout: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         if n < 1:
             raise ConfigError(f"n: need at least 1 reference per prompt, got {n}")

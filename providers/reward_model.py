@@ -21,6 +21,7 @@ import os
 from typing import Any, Callable
 
 import httpx
+from pydantic import BaseModel, ConfigDict
 
 from opd_sdk.constants import DEFAULT_TIMEOUT_S
 from opd_sdk.errors import (
@@ -47,6 +48,23 @@ def openrlhf_payload(request: FeedbackRequest, keys: dict[str, str]) -> dict[str
     }
 
 
+class RewardModelParams(BaseModel):
+    """RewardModelTeacher's parameters as a config gives them (the `reward_model` teacher
+    section), with their defaults: the constructor's defaults are these."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query_key: str = "query"
+    prompts_key: str = "prompts"
+    labels_key: str = "labels"
+    rewards_key: str = "rewards"
+    normalize: tuple[float, float] | None = None
+    headers: dict[str, str] | None = None
+
+
+_DEFAULTS = RewardModelParams()
+
+
 class RewardModelTeacher:
     """Scores from an HTTP reward model; see the module docstring.
 
@@ -66,14 +84,14 @@ class RewardModelTeacher:
         url: str,
         *,
         api_key: str | None = None,
-        query_key: str = "query",
-        prompts_key: str = "prompts",
-        labels_key: str = "labels",
-        rewards_key: str = "rewards",
+        query_key: str = _DEFAULTS.query_key,
+        prompts_key: str = _DEFAULTS.prompts_key,
+        labels_key: str = _DEFAULTS.labels_key,
+        rewards_key: str = _DEFAULTS.rewards_key,
         build_payload: Callable[[FeedbackRequest], dict] | None = None,
         parse_rewards: Callable[[Any, int], list[float]] | None = None,
-        normalize: tuple[float, float] | None = None,
-        headers: dict[str, str] | None = None,
+        normalize: tuple[float, float] | None = _DEFAULTS.normalize,
+        headers: dict[str, str] | None = _DEFAULTS.headers,
         timeout: float = DEFAULT_TIMEOUT_S,
         client: httpx.AsyncClient | None = None,
     ) -> None:

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from opd_sdk.errors import ClientError, ConfigError, TeacherError
 from opd_sdk.feedback.teacher import fingerprint
@@ -70,6 +72,29 @@ def _norm(text: str) -> str:
     return " ".join(text.strip().casefold().split())
 
 
+class VerifierParams(BaseModel):
+    """VerifierTeacher's parameters as a config gives them (the `verifier` teacher section), with
+    their defaults: the constructor's defaults are these. (A `check=` callable is Python only.)"""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["exact", "numeric", "regex"] = "numeric"
+    atol: float = Field(1e-6, ge=0.0)
+    rtol: float = Field(0.0, ge=0.0)
+    pattern: str | None = None
+    normalize: bool = True
+    use_boxed: bool = True
+
+    @model_validator(mode="after")
+    def _pattern(self) -> "VerifierParams":
+        if self.mode == "regex" and not self.pattern:
+            raise ValueError("mode `regex` needs `pattern: <regular expression>`")
+        return self
+
+
+_DEFAULTS = VerifierParams()
+
+
 class VerifierTeacher:
     """Rule-based scores in {0, 1} (or a callable's float); see the module docstring.
 
@@ -80,14 +105,14 @@ class VerifierTeacher:
 
     def __init__(
         self,
-        mode: str = "numeric",
+        mode: str = _DEFAULTS.mode,
         *,
         check: Callable[[str, str], bool | float] | None = None,
-        atol: float = 1e-6,
-        rtol: float = 0.0,
-        pattern: str | None = None,
-        normalize: bool = True,
-        use_boxed: bool = True,
+        atol: float = _DEFAULTS.atol,
+        rtol: float = _DEFAULTS.rtol,
+        pattern: str | None = _DEFAULTS.pattern,
+        normalize: bool = _DEFAULTS.normalize,
+        use_boxed: bool = _DEFAULTS.use_boxed,
     ) -> None:
         if check is not None:
             mode = "callable"

@@ -68,14 +68,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from opd_sdk.config.registry import load_and_check
 
-            cfg = load_and_check(args.config, args.overrides)  # every problem at once, before any model loads
+            cfg, checked = load_and_check(args.config, args.overrides)  # every problem at once, before any model loads
             if args.check:
                 if is_main_process():
                     _say(f"opd: {args.config} is valid")
                 return 0
             from opd_sdk.app.runner import train
 
-            summary = train(cfg, resume=args.resume, overwrite=args.overwrite, log=_say)
+            summary = train(cfg, resume=args.resume, overwrite=args.overwrite, log=_say, checked=checked)
             if is_main_process():  # one summary for a launched job
                 _say(json.dumps(summary, indent=2))
         elif args.command == "eval":

@@ -3,6 +3,8 @@
 The CLI (`opd train`, `opd eval`) is a thin shell over these functions; a
 script can call them too. Order matters: `check_config` (no model) runs
 first, so a bad config fails in a second; only then does the student load.
+It runs once per run, and the prompts it read are the ones trained on
+(`Checked`): nothing is checked or read twice.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import yaml
 from opd_sdk.config.data import load_data
 from opd_sdk.config.registry import (
     BuildContext,
+    Checked,
     build_objective,
     build_teacher,
     check_config,
@@ -228,7 +231,9 @@ def prepare_output_dir(
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, log=print) -> dict:
+def train(
+    cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, log=print, checked: Checked | None = None
+) -> dict:
     """The whole run: check, load, wire, (resume,) evaluate held-out, train, evaluate, report.
 
     Leaves in output_dir: config.yaml, metrics.jsonl (step 0: the held-out
@@ -238,15 +243,18 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, log=
     Under `accelerate launch` / `torchrun` every process runs this; rank 0
     alone prepares output_dir, asks the teacher (for every rank), evaluates,
     logs and writes (`opd_sdk.parallel.distributed`).
+
+    checked: what `check_config(cfg)` returned, when the caller already ran it
+    (the CLI); None: it runs here.
     """
-    check_config(cfg)
+    checked = check_config(cfg) if checked is None else checked
     dist = Distributed.from_environment()
-    summary = _train(cfg, dist, resume=resume, overwrite=overwrite, log=log if dist.is_main else lambda *a: None)
+    summary = _train(cfg, dist, checked, resume=resume, overwrite=overwrite, log=log if dist.is_main else lambda *a: None)
     dist.close()  # not after a failure: leaving the group waits on peers that may be gone
     return summary
 
 
-def _train(cfg: RunConfig, dist: Distributed, *, resume: bool, overwrite: bool, log) -> dict:
+def _train(cfg: RunConfig, dist: Distributed, checked: Checked, *, resume: bool, overwrite: bool, log) -> dict:
     if not dist.is_main or cfg.logging.progress is False:  # one stream of bars (loading, saving), or none
         from huggingface_hub.utils import disable_progress_bars
         from transformers.utils import logging as transformers_logging
@@ -262,7 +270,7 @@ def _train(cfg: RunConfig, dist: Distributed, *, resume: bool, overwrite: bool, 
     dist.on_main(prepare)  # rank 0 prepares output_dir before any rank reads it; its error stops every rank
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_student(cfg.student, device=dist.device if dist.enabled else None)
-    train_items, held = load_data(cfg.data, seed=cfg.seed)
+    train_items, held = checked.data or load_data(cfg.data, seed=cfg.seed)
     objective = build_objective(cfg.objective, tokenizer)
     def teachers() -> list:  # one collector per teacher, in source order
         ctx = BuildContext(model=model, tokenizer=tokenizer, timeout=cfg.collector.timeout)
@@ -351,9 +359,9 @@ def write_summary(cfg: RunConfig, trainer: Any, result: dict | None, *, stopped:
 
 def run_eval(cfg: RunConfig, model_dir: str | None = None) -> dict:
     """`opd eval`: the held-out metric of a saved student (or the config's untrained student)."""
-    check_config(cfg)
+    checked = check_config(cfg)
     model, tokenizer = load_student(cfg.student, model_dir)
-    _, held = load_data(cfg.data, seed=cfg.seed)
+    _, held = checked.data or load_data(cfg.data, seed=cfg.seed)
     if cfg.eval.metric != "teacher_score":
         return evaluate(cfg, model, tokenizer, held)
     teacher = build_teacher(cfg.teacher_list()[0], BuildContext(model=model, tokenizer=tokenizer, timeout=cfg.collector.timeout))

@@ -1,26 +1,27 @@
 """Config `type` -> what builds it, for teachers and objectives, and the checks that need no model.
 
-- Teachers: `opd_sdk.config.teachers` declares each type once (config model,
-  provider, feedback kind, local or remote, factory); `TEACHERS` maps the
-  YAML `type:` to that declaration and `build_teacher` builds one.
+- Teachers: `opd_sdk.config.teachers` collects each type's declaration (the
+  provider's parameter model, feedback kind, local or remote, factory);
+  `TEACHERS` maps the YAML `type:` to it and `build_teacher` builds one.
 - Objectives: `opd_sdk.objectives.OBJECTIVES` maps a name to its class; the
-  class declares the feedback kinds it reads (`feedback_kinds`), and its
-  constructor's keyword arguments are the config's `params`.
+  class declares the feedback kinds it reads (`feedback_kinds`) and its
+  parameters (`params_model`, the config's `params`, checked by
+  `params_problems`), and `from_params` builds it.
 
 `check_config(cfg)` runs every check that needs no model weights and reports
 all problems at once, each as `yaml.path: what is wrong; how to fix it`. The
-CLI runs it for `--check` and before `opd train` loads anything.
+CLI runs it for `--check` and before `opd train` loads anything; what it read
+(the prompts) comes back in a `Checked`, so a run reads nothing twice.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
-import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from opd_sdk.config.data import load_data
 from opd_sdk.config.run import (
@@ -31,14 +32,20 @@ from opd_sdk.config.run import (
     load_config,
 )
 from opd_sdk.config.teachers import TEACHERS, BuildContext, SelfDistillTeacherConfig, build_teacher
+from opd_sdk.data import PromptItem
 from opd_sdk.errors import ConfigError
+from opd_sdk.objectives import OBJECTIVES
+from opd_sdk.objectives.params import ObjectiveContext
 from opd_sdk.parallel.distributed import (
     fsdp_requested,
     launch_problems,
     launched_world_size,
 )
 
-__all__ = ["TEACHERS", "BuildContext", "build_objective", "build_teacher", "check_config", "feedback_kind"]
+__all__ = [
+    "TEACHERS", "BuildContext", "Checked", "build_objective", "build_teacher", "check_config", "feedback_kind",
+    "params_problems",
+]
 
 
 def feedback_kind(teacher_type: str) -> str:
@@ -51,97 +58,63 @@ def _teacher_for(kind: str) -> str:
     return next(name for name, model in TEACHERS.items() if model.feedback == kind)
 
 
-def _objective_classes() -> dict[str, type]:
-    from opd_sdk.objectives import OBJECTIVES
+def build_objective(cfg: ObjectiveConfig, tokenizer: Any = None, where: str = "objective") -> Any:
+    """The objective `cfg.type`, its `cfg.params` checked against the objective's declared
+    `params_model` (cheap: no model copies yet); raises ConfigError naming each bad parameter
+    by YAML path.
 
-    return OBJECTIVES
-
-
-def _check_params(cls: type, params: dict[str, Any], where: str, positional: int = 0) -> None:
-    """Raise a ConfigError listing every parameter the constructor does not take or whose value has the wrong type."""
-    problems = _param_problems(cls, params, where, positional)
+    `tokenizer`: the student's, for the objectives that encode text (SFT, SPIN);
+    `check_config` builds them with None, which their constructors only store.
+    A `hybrid`'s terms are objective configs of their own, built here through
+    `ObjectiveContext.build` (a term's `source` indexes the run's `teachers:` list).
+    """
+    if cfg.type not in OBJECTIVES:
+        close = did_you_mean(cfg.type, sorted(OBJECTIVES))
+        hint = f"did you mean {close!r}? " if close else ""
+        raise ConfigError(f"{where}.type: unknown objective {cfg.type!r}; {hint}use one of {', '.join(sorted(OBJECTIVES))}")
+    cls = OBJECTIVES[cfg.type]
+    problems = params_problems(cls.params_model, cfg.params, f"{where}.params", cls.__name__)
     if problems:
         raise ConfigError("\n  ".join(problems))
 
+    def build_term(kind: str, params: Any, at: str) -> Any:
+        return build_objective(ObjectiveConfig(type=kind, params=dict(params)), tokenizer, f"{where}.params.{at}")
 
-def build_objective(cfg: ObjectiveConfig, tokenizer: Any = None, where: str = "objective") -> Any:
-    """The objective `cfg.type` with `cfg.params` as keyword arguments (cheap: no model copies yet).
-
-    Objectives that take the student's tokenizer (SFT, SPIN) get `tokenizer`;
-    `check_config` builds them with None, which their constructors only store.
-    `hybrid` takes params {terms: [{type, params, weight, source}, ...]}; a
-    term's `source` (default 0) indexes the run's `teachers:` list.
-    """
-    classes = _objective_classes()
-    if cfg.type not in classes:
-        close = did_you_mean(cfg.type, sorted(classes))
-        hint = f"did you mean {close!r}? " if close else ""
-        raise ConfigError(f"{where}.type: unknown objective {cfg.type!r}; {hint}use one of {', '.join(sorted(classes))}")
-    cls = classes[cfg.type]
-    params = dict(cfg.params)
-    if cfg.type == "hybrid":
-        terms = params.pop("terms", None)
-        if not isinstance(terms, list) or not terms:
-            raise ConfigError(f"{where}.params.terms: give a list of {{type, params, weight}} objectives to add up")
-        built = []
-        for i, term in enumerate(terms):
-            if not isinstance(term, dict) or "weight" not in term or not isinstance(term.get("source", 0), int):
-                raise ConfigError(
-                    f"{where}.params.terms.{i}: write {{type: NAME, params: {{...}}, weight: W}} "
-                    "(and source: N, an index into teachers:, when there are several teachers)"
-                )
-            sub = ObjectiveConfig.model_validate({k: v for k, v in term.items() if k not in ("weight", "source")})
-            sub_objective = build_objective(sub, tokenizer, f"{where}.params.terms.{i}")
-            built.append((sub_objective, float(term["weight"]), int(term.get("source", 0))))
-        _check_params(cls, params, f"{where}.params", positional=1)
-        return cls(built, **params)
-    _check_params(cls, params, f"{where}.params")
-    if "tokenizer" in inspect.signature(cls.__init__).parameters:
-        params["tokenizer"] = tokenizer
     try:
-        return cls(**params)
-    except (TypeError, ValueError) as exc:  # ConfigError is a ValueError: the objective's own check
+        return cls.from_params(cls.params_model.model_validate(cfg.params), ObjectiveContext(tokenizer, build_term))
+    except ConfigError as exc:  # a term's error already names its path; the objective's own check does not
+        if str(exc).startswith(f"{where}."):
+            raise
         raise ConfigError(f"{where}.params: {exc}") from None
 
 
-def _param_problems(cls: type, params: dict[str, Any], where: str, positional: int = 0) -> list[str]:
-    """Keyword arguments `cls` does not take (with a "did you mean") and values of the wrong type,
-    one line each, named by YAML path (`teachers.1.params.on_mismatch`). `positional`: leading
-    constructor arguments the config supplies itself (a teacher's model)."""
-    sig = inspect.signature(cls.__init__)
-    names = [
-        n for n, p in sig.parameters.items() if n not in ("self", "tokenizer") and p.kind is not p.VAR_POSITIONAL
-    ][positional:]
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-    problems = []
-    for name in params:
-        if name not in names and not takes_any:
-            close = did_you_mean(name, names)
-            hint = f"did you mean `{close}`? " if close else ""
-            problems.append(f"{where}.{name}: unknown parameter for {cls.__name__}; {hint}valid: {', '.join(names)}")
-    annotations = getattr(cls.__init__, "__annotations__", {})
-    namespace = dict(vars(inspect.getmodule(cls)))
-    for name, value in params.items():
-        hint = annotations.get(name)
-        if hint is None:
-            continue
-        try:
-            if isinstance(hint, str):
-                hint = eval(hint, dict(vars(typing)), namespace)  # noqa: S307 - the provider's own annotation
-            TypeAdapter(hint).validate_python(value)
-        except ValidationError as exc:
-            err = exc.errors(include_input=False, include_url=False)[0]
-            problems.append(f"{where}.{name}: {err['msg']}")
-        except Exception:  # an annotation pydantic cannot check here (a client object, a callable): skip
-            continue
-    return problems
+def params_problems(model: type[BaseModel], params: dict[str, Any], where: str, owner: str) -> list[str]:
+    """`params` checked against a declared parameter model: one line per unknown name (with a
+    "did you mean") or bad value, each named by YAML path (`teachers.1.params.on_mismatch`)."""
+    try:
+        model.model_validate(params)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_input=False, include_url=False):
+            loc = [str(part) for part in err["loc"]]
+            at = ".".join([where, *loc])
+            if err["type"] == "extra_forbidden" and len(loc) == 1:
+                names = list(model.model_fields)
+                close = did_you_mean(loc[0], names)
+                hint = f"did you mean `{close}`? " if close else ""
+                problems.append(f"{at}: unknown parameter for {owner}; {hint}valid: {', '.join(names)}")
+            elif err["type"] in ("extra_forbidden", "missing"):  # inside a parameter (a hybrid's term)
+                problems.append(f"{at}: " + ("unknown field: remove it" if err["type"] == "extra_forbidden"
+                                             else "required field is missing: add it"))
+            else:
+                problems.append(f"{at}: {err['msg'].removeprefix('Value error, ')}")
+        return problems
+    return []
 
 
 def _teacher_problems(cfg: Any, where: str) -> list[str]:
     """Parameters and API keys of a teacher and, for a composition, of its children."""
-    problems: list[str] = []
-    if "params" in type(cfg).model_fields:
-        problems += _param_problems(cfg.provider_class(), cfg.params, f"{where}.params", positional=1)
+    problems = params_problems(cfg.provider_params, cfg.params, f"{where}.params", cfg.provider.__name__)
     if hasattr(cfg, "api_key"):
         try:
             cfg.api_key(where)
@@ -224,22 +197,26 @@ def _student_problems(cfg: RunConfig) -> list[str]:
     return []
 
 
-def _data_problems(cfg: RunConfig) -> list[str]:
-    """Read and validate the prompts (task or JSONL), size the held-out split, check answers for accuracy."""
+Prompts = tuple[list[PromptItem], list[PromptItem]]
+
+
+def _data_problems(cfg: RunConfig) -> tuple[list[str], Prompts | None]:
+    """Read and validate the prompts (task or JSONL), size the held-out split, check answers for
+    accuracy. Returns (problems, (train, held-out) as read; None when not read)."""
     if cfg.data.hf_dataset is not None:
-        return []  # read at train time (a download); `datasets` reports its own errors
+        return [], None  # read at train time (a download); `datasets` reports its own errors
     for field in ("path", "eval_path"):
         value = getattr(cfg.data, field)
         if value is not None and not Path(value).is_file():
             return [
                 f"data.{field}: {value} does not exist; give a JSONL file with one {{\"{cfg.data.prompt_field}\": ...}} "
                 "a line (relative paths are read relative to the config file)"
-            ]
+            ], None
     try:
         train, held = load_data(cfg.data, seed=cfg.seed)
     except ConfigError as exc:
         msg = str(exc)
-        return [msg if msg.startswith("data") else f"data: {msg}"]
+        return [msg if msg.startswith("data") else f"data: {msg}"], None
     problems = []
     if cfg.eval.metric == "accuracy" and any(it.answer is None for it in held):
         missing = sum(it.answer is None for it in held)
@@ -247,7 +224,7 @@ def _data_problems(cfg: RunConfig) -> list[str]:
             f"eval.metric: accuracy needs an answer for every held-out prompt, and {missing} of {len(held)} have "
             f"none (field `{cfg.data.answer_field}`); add answers or set eval.metric: teacher_score"
         )
-    return problems
+    return problems, (train, held)
 
 
 def _budget_problems(cfg: RunConfig) -> list[str]:
@@ -260,7 +237,7 @@ def _budget_problems(cfg: RunConfig) -> list[str]:
     return []
 
 
-def load_and_check(path: str, overrides: list[str] | None = None) -> RunConfig:
+def load_and_check(path: str, overrides: list[str] | None = None) -> tuple[RunConfig, Checked]:
     """`load_config` then `check_config`, reporting every problem at once: unknown fields do not
     hide the checks of the rest (they run on the config without them). Raises ConfigError."""
     try:
@@ -274,12 +251,24 @@ def load_and_check(path: str, overrides: list[str] | None = None) -> RunConfig:
             rest = str(more).removeprefix("invalid config:\n  ")
             raise ConfigError(f"{exc}\n  {rest}") from None
         raise
-    check_config(cfg)
-    return cfg
+    return cfg, check_config(cfg)
 
 
-def check_config(cfg: RunConfig) -> Any:
-    """Every check that needs no model weights; returns the built objective.
+@dataclass
+class Checked:
+    """What `check_config` built and read, for the run to reuse instead of reading it again.
+
+    objective: built without a tokenizer (the run builds its own with the student's).
+    data: (train, held-out) prompts as `load_data` returned them; None when the
+        check did not read them (an `hf_dataset`: a download, read at train time).
+    """
+
+    objective: Any
+    data: Prompts | None
+
+
+def check_config(cfg: RunConfig) -> Checked:
+    """Every check that needs no model weights; returns what it built and read (`Checked`).
 
     Raises one ConfigError listing every problem found, one line each.
     """
@@ -307,7 +296,8 @@ def check_config(cfg: RunConfig) -> Any:
         problems += _objective_problems(cfg, objective)
     if not teachers and cfg.eval.metric == "teacher_score":
         problems.append("eval.metric: teacher_score needs a `teacher:`; use metric: accuracy")
-    problems += _student_problems(cfg) + _data_problems(cfg) + _budget_problems(cfg)
+    data_problems, data = _data_problems(cfg)
+    problems += _student_problems(cfg) + data_problems + _budget_problems(cfg)
     problems += launch_problems(  # this launch: processes (torchrun / accelerate launch) and FSDP
         world_size=launched_world_size(), fsdp=fsdp_requested(), prompts_per_step=cfg.rollout.prompts_per_step,
         max_staleness=cfg.rollout.max_staleness, eval_every=cfg.eval.every or 0, engine=cfg.rollout.engine,
@@ -315,4 +305,4 @@ def check_config(cfg: RunConfig) -> Any:
     )
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
-    return objective
+    return Checked(objective, data)

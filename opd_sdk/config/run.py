@@ -8,7 +8,8 @@ field does not reach a terminal or a log.
 
 API keys come from the environment only: a teacher names the variable in
 `api_key_env`; a literal `api_key` in the YAML is refused. Teacher sections
-are declared in `teacher_types.py`, one class per `type:`.
+are collected in `opd_sdk.config.teachers`, one class per `type:`, from the
+parameters each provider declares.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ class DataConfig(_Strict):
 
 
 class ObjectiveConfig(_Strict):
-    """type: a name in opd_sdk.config.registry.OBJECTIVES; params: that objective's keyword arguments."""
+    """type: a name in opd_sdk.objectives.OBJECTIVES; params: checked against that objective's declared
+    `params_model` (by `opd_sdk.config.registry.build_objective`)."""
 
     type: str = Field(min_length=1)
     params: dict[str, Any] = Field(default_factory=dict)

@@ -1,16 +1,22 @@
-"""Teacher types: one declaration each, from which the config schema, the registry and the checks are built.
+"""Teacher types: the registry of the providers' declarations, from which the config schema and the checks are built.
 
-A teacher type is one pydantic model. Its fields are the YAML section
-(`teacher:` or an entry of `teachers:`); its class attributes declare the rest:
+Each provider declares its parameters once, beside its class, as a pydantic
+model (`providers.judge.JudgeParams`, ...): their names, defaults and bounds,
+which are also the provider constructor's defaults. A teacher type here is
+one YAML section (`teacher:` or an entry of `teachers:`) made of that model's
+fields plus what the config adds (`type`, the endpoint and its key variable,
+child teachers), and class attributes that declare the rest:
 
-    provider   "module:Class" that `build` constructs (its signature checks `params`)
-    feedback   the feedback kind it returns ("score", "preference", "reference", "token_logprobs")
-    remote     True when it calls a network API (needs a key, goes through the collector's limits)
-    build()    the factory: (config, BuildContext, YAML path) -> Teacher
+    provider         the class `build` constructs
+    provider_params  its declared parameters (also accepted under `params:`)
+    feedback         the feedback kind it returns ("score", "preference", "reference", "token_logprobs")
+    remote           True when it calls a network API (needs a key, goes through the collector's limits)
+    build()          the factory: (config, BuildContext, YAML path) -> Teacher
 
 `TEACHER_TYPES` lists them; `TeacherConfig` (the schema's union), the
 registry's lookups and `check_config` are all derived from that list, so a new
-teacher type is one class here plus one line in `TEACHER_TYPES`.
+teacher type is its provider's parameter model plus one class here and one
+line in `TEACHER_TYPES`.
 
 API keys come from the environment only: a teacher names the variable in
 `api_key_env`; a literal `api_key` in the YAML is refused.
@@ -18,17 +24,24 @@ API keys come from the environment only: a teacher names the variable in
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from opd_sdk.config.settings import _Settings as _Strict
 from opd_sdk.constants import DEFAULT_TIMEOUT_S
 from opd_sdk.errors import ConfigError
+from providers.compose import Gate, GateParams, PreferenceScores, PreferenceScoresParams, WeightedSum, WeightedSumParams
+from providers.judge import JudgeParams, JudgeTeacher
+from providers.logprob import LogprobParams, LogprobTeacher
+from providers.preference import PreferenceParams, PreferenceTeacher
+from providers.reference import ReferenceParams, ReferenceTeacher
+from providers.reward_model import RewardModelParams, RewardModelTeacher
+from providers.self_distill import PrivilegedTemplate, SelfDistillParams, SelfDistillTeacher
+from providers.verifier import VerifierParams, VerifierTeacher
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _KEY_FIELDS = {"api_key", "apikey", "key", "token", "api_token", "secret", "authorization"}
@@ -49,32 +62,12 @@ class BuildContext:
 
 
 class _TeacherType(_Strict):
-    provider: ClassVar[str] = ""
+    provider: ClassVar[type] = object
+    provider_params: ClassVar[type[BaseModel]] = BaseModel
     feedback: ClassVar[str] = "score"
     remote: ClassVar[bool] = False
 
-    @classmethod
-    def provider_class(cls) -> type:
-        module, name = cls.provider.split(":")
-        return getattr(importlib.import_module(module), name)
-
-    def children(self) -> list[tuple[str, Any]]:
-        """(YAML path suffix, child config) of a composition; [] for a leaf."""
-        return []
-
-    def build(self, ctx: BuildContext, where: str) -> Any:
-        raise NotImplementedError
-
-    def _kwargs(self, *fields: str) -> dict[str, Any]:
-        out = {f: getattr(self, f) for f in fields if getattr(self, f) is not None}
-        out.update(getattr(self, "params", {}))
-        return out
-
-
-class _KeyFromEnv(_TeacherType):
-    """A teacher that may need a key: it names the environment variable, never the key."""
-
-    api_key_env: str | None = "OPENAI_API_KEY"
+    params: dict[str, Any] = Field(default_factory=dict)  # the provider's parameters, also accepted here
 
     @model_validator(mode="before")
     @classmethod
@@ -88,6 +81,26 @@ class _KeyFromEnv(_TeacherType):
                 if str(name).lower() in _KEY_FIELDS:
                     raise ValueError(_KEY_MESSAGE.format(field=f"params.{name}"))
         return data
+
+    def children(self) -> list[tuple[str, Any]]:
+        """(YAML path suffix, child config) of a composition; [] for a leaf."""
+        return []
+
+    def build(self, ctx: BuildContext, where: str) -> Any:
+        raise NotImplementedError
+
+    def provider_kwargs(self) -> dict[str, Any]:
+        """The provider's declared parameters from this section, those given under `params` on top
+        (checked against `provider_params` by `check_config`; a bad one raises ValidationError here)."""
+        declared = self.provider_params.model_fields
+        given = self.provider_params.model_validate(self.params).model_dump(exclude_unset=True)
+        return {name: value for name, value in self if name in declared} | given
+
+
+class _KeyFromEnv(_TeacherType):
+    """A teacher that may need a key: it names the environment variable, never the key."""
+
+    api_key_env: str | None = "OPENAI_API_KEY"
 
     @field_validator("api_key_env")
     @classmethod
@@ -123,133 +136,112 @@ class _KeyFromEnv(_TeacherType):
 
 
 class _ApiTeacher(_KeyFromEnv):
-    """Fields every OpenAI-compatible teacher shares; `params` go to the provider as keyword arguments."""
+    """Fields every OpenAI-compatible teacher shares."""
 
     remote: ClassVar[bool] = True
 
     model: str = Field(min_length=1)
     base_url: str | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
 
     def _client_kwargs(self, ctx: BuildContext, where: str) -> dict[str, Any]:
         return dict(base_url=self.base_url, api_key=self.api_key(where), timeout=ctx.timeout)
 
 
-class JudgeTeacherConfig(_ApiTeacher):
-    """providers.JudgeTeacher: a rubric score in [0, 1]. More keyword arguments go in `params`."""
+class JudgeTeacherConfig(_ApiTeacher, JudgeParams):
+    """providers.JudgeTeacher: a rubric score in [0, 1]."""
 
-    provider: ClassVar[str] = "providers.judge:JudgeTeacher"
+    provider: ClassVar[type] = JudgeTeacher
+    provider_params: ClassVar[type[BaseModel]] = JudgeParams
     feedback: ClassVar[str] = "score"
 
     type: Literal["judge"]
-    rubric: str | None = None
-    scale: tuple[int, int] = (0, 10)
-    mode: Literal["pointwise", "listwise"] = "pointwise"
-    g_eval: bool = False  # expected score over the score tokens' top log-probs
-    temperature: float = Field(0.0, ge=0.0)
 
     def build(self, ctx: BuildContext, where: str) -> Any:
-        kw = self._kwargs("rubric", "scale", "mode", "g_eval", "temperature")
-        return self.provider_class()(self.model, **self._client_kwargs(ctx, where), **kw)
+        return JudgeTeacher(self.model, **self._client_kwargs(ctx, where), **self.provider_kwargs())
 
 
-class PreferenceTeacherConfig(_ApiTeacher):
+class PreferenceTeacherConfig(_ApiTeacher, PreferenceParams):
     """providers.PreferenceTeacher: pairwise verdicts, both orders asked."""
 
-    provider: ClassVar[str] = "providers.preference:PreferenceTeacher"
+    provider: ClassVar[type] = PreferenceTeacher
+    provider_params: ClassVar[type[BaseModel]] = PreferenceParams
     feedback: ClassVar[str] = "preference"
 
     type: Literal["preference"]
-    criteria: str | None = None
-    allow_ties: bool = True
 
     def build(self, ctx: BuildContext, where: str) -> Any:
-        kw = self._kwargs("criteria", "allow_ties")
-        return self.provider_class()(self.model, **self._client_kwargs(ctx, where), **kw)
+        return PreferenceTeacher(self.model, **self._client_kwargs(ctx, where), **self.provider_kwargs())
 
 
-class ReferenceTeacherConfig(_ApiTeacher):
+class ReferenceTeacherConfig(_ApiTeacher, ReferenceParams):
     """providers.ReferenceTeacher: the teacher's own sampled answers (SPIN, SFT on teacher text)."""
 
-    provider: ClassVar[str] = "providers.reference:ReferenceTeacher"
+    provider: ClassVar[type] = ReferenceTeacher
+    provider_params: ClassVar[type[BaseModel]] = ReferenceParams
     feedback: ClassVar[str] = "reference"
 
     type: Literal["reference"]
-    n: int = Field(1, gt=0)
-    temperature: float = Field(1.0, ge=0.0)
-    max_tokens: int = Field(256, gt=0)
 
     def build(self, ctx: BuildContext, where: str) -> Any:
-        kw = self._kwargs("n", "temperature", "max_tokens")
-        return self.provider_class()(self.model, **self._client_kwargs(ctx, where), **kw)
+        return ReferenceTeacher(self.model, **self._client_kwargs(ctx, where), **self.provider_kwargs())
 
 
-class LogprobTeacherConfig(_ApiTeacher):
+class LogprobTeacherConfig(_ApiTeacher, LogprobParams):
     """providers.LogprobTeacher: teacher log-probs of the student's tokens (vLLM, llama.cpp)."""
 
-    provider: ClassVar[str] = "providers.logprob:LogprobTeacher"
+    provider: ClassVar[type] = LogprobTeacher
+    provider_params: ClassVar[type[BaseModel]] = LogprobParams
     feedback: ClassVar[str] = "token_logprobs"
 
     type: Literal["logprob"]
-    top_k: int = Field(0, ge=0)
 
     def build(self, ctx: BuildContext, where: str) -> Any:
-        kw = self._kwargs("top_k")
-        return self.provider_class()(self.model, tokenizer=ctx.tokenizer, **self._client_kwargs(ctx, where), **kw)
+        kw = self.provider_kwargs()
+        return LogprobTeacher(self.model, tokenizer=ctx.tokenizer, **self._client_kwargs(ctx, where), **kw)
 
 
-class RewardModelTeacherConfig(_KeyFromEnv):
+class RewardModelTeacherConfig(_KeyFromEnv, RewardModelParams):
     """providers.RewardModelTeacher: an HTTP reward endpoint (OpenRLHF contract by default)."""
 
-    provider: ClassVar[str] = "providers.reward_model:RewardModelTeacher"
+    provider: ClassVar[type] = RewardModelTeacher
+    provider_params: ClassVar[type[BaseModel]] = RewardModelParams
     feedback: ClassVar[str] = "score"
     remote: ClassVar[bool] = True
 
     type: Literal["reward_model"]
     url: str = Field(min_length=1)
     api_key_env: str | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
 
     def build(self, ctx: BuildContext, where: str) -> Any:
-        return self.provider_class()(self.url, api_key=self.api_key(where), timeout=ctx.timeout, **self.params)
+        return RewardModelTeacher(self.url, api_key=self.api_key(where), timeout=ctx.timeout, **self.provider_kwargs())
 
 
-class VerifierTeacherConfig(_TeacherType):
+class VerifierTeacherConfig(_TeacherType, VerifierParams):
     """providers.VerifierTeacher: a rule-based check against PromptItem.answer."""
 
-    provider: ClassVar[str] = "providers.verifier:VerifierTeacher"
+    provider: ClassVar[type] = VerifierTeacher
+    provider_params: ClassVar[type[BaseModel]] = VerifierParams
     feedback: ClassVar[str] = "score"
 
     type: Literal["verifier"]
-    mode: Literal["exact", "numeric", "regex"] = "numeric"
-    atol: float = Field(1e-6, ge=0.0)
-    rtol: float = Field(0.0, ge=0.0)
-    pattern: str | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _pattern(self) -> "VerifierTeacherConfig":
-        if self.mode == "regex" and not self.pattern:
-            raise ValueError("mode `regex` needs `pattern: <regular expression>`")
-        return self
 
     def build(self, ctx: BuildContext, where: str) -> Any:
-        return self.provider_class()(**self._kwargs("mode", "atol", "rtol", "pattern"))
+        return VerifierTeacher(**self.provider_kwargs())
 
 
-class SelfDistillTeacherConfig(_TeacherType):
-    """providers.SelfDistillTeacher: the student itself, shown PromptItem.privileged (no network)."""
+class SelfDistillTeacherConfig(_TeacherType, SelfDistillParams):
+    """providers.SelfDistillTeacher: the student itself, shown PromptItem.privileged (no network).
 
-    provider: ClassVar[str] = "providers.self_distill:SelfDistillTeacher"
+    placement, template: the `PrivilegedTemplate` (its placement and text, which must contain
+    {privileged}; None: the placement's default text)."""
+
+    provider: ClassVar[type] = SelfDistillTeacher
+    provider_params: ClassVar[type[BaseModel]] = SelfDistillParams
     feedback: ClassVar[str] = "token_logprobs"
 
     type: Literal["self_distill"]
-    mode: Literal["live", "frozen", "ema"] = "frozen"
-    ema_decay: float = Field(0.99, gt=0.0, lt=1.0)
-    placement: Literal["user_suffix", "system"] = "user_suffix"
-    template: str | None = None  # must contain {privileged}
-    top_k: int = Field(0, ge=0)
-    params: dict[str, Any] = Field(default_factory=dict)
+    placement: Literal["user_suffix", "system"] = PrivilegedTemplate.placement
+    template: str | None = PrivilegedTemplate.text
 
     @field_validator("template")
     @classmethod
@@ -261,11 +253,8 @@ class SelfDistillTeacherConfig(_TeacherType):
     def build(self, ctx: BuildContext, where: str) -> Any:
         if ctx.model is None or ctx.tokenizer is None:
             raise ConfigError(f"{where}: a self_distill teacher needs the student model and tokenizer")
-        from providers.self_distill import PrivilegedTemplate
-
         template = PrivilegedTemplate(placement=self.placement, text=self.template)
-        kw = dict(mode=self.mode, ema_decay=self.ema_decay, top_k=self.top_k, template=template, **self.params)
-        return self.provider_class()(ctx.model, ctx.tokenizer, **kw)
+        return SelfDistillTeacher(ctx.model, ctx.tokenizer, template=template, **self.provider_kwargs())
 
 
 class WeightedTeacher(_Strict):
@@ -276,7 +265,8 @@ class WeightedTeacher(_Strict):
 class WeightedSumTeacherConfig(_TeacherType):
     """providers.WeightedSum: sum of weight * score over the child teachers."""
 
-    provider: ClassVar[str] = "providers.compose:WeightedSum"
+    provider: ClassVar[type] = WeightedSum
+    provider_params: ClassVar[type[BaseModel]] = WeightedSumParams
     feedback: ClassVar[str] = "score"
 
     type: Literal["weighted_sum"]
@@ -287,20 +277,19 @@ class WeightedSumTeacherConfig(_TeacherType):
 
     def build(self, ctx: BuildContext, where: str) -> Any:
         parts = [(build_teacher(w.teacher, ctx, f"{where}.teachers.{i}.teacher"), w.weight) for i, w in enumerate(self.teachers)]
-        return self.provider_class()(parts)
+        return WeightedSum(parts)
 
 
-class GateTeacherConfig(_TeacherType):
+class GateTeacherConfig(_TeacherType, GateParams):
     """providers.Gate: `judge`'s score counts only where `verifier` scores >= threshold, else fail_score."""
 
-    provider: ClassVar[str] = "providers.compose:Gate"
+    provider: ClassVar[type] = Gate
+    provider_params: ClassVar[type[BaseModel]] = GateParams
     feedback: ClassVar[str] = "score"
 
     type: Literal["gate"]
     verifier: "TeacherConfig"
     judge: "TeacherConfig"
-    threshold: float = 1.0
-    fail_score: float = 0.0
 
     def children(self) -> list[tuple[str, Any]]:
         return [("verifier", self.verifier), ("judge", self.judge)]
@@ -308,24 +297,24 @@ class GateTeacherConfig(_TeacherType):
     def build(self, ctx: BuildContext, where: str) -> Any:
         verifier = build_teacher(self.verifier, ctx, f"{where}.verifier")
         judge = build_teacher(self.judge, ctx, f"{where}.judge")
-        return self.provider_class()(verifier, judge, threshold=self.threshold, fail_score=self.fail_score)
+        return Gate(verifier, judge, **self.provider_kwargs())
 
 
-class PreferenceToScoreConfig(_TeacherType):
+class PreferenceToScoreConfig(_TeacherType, PreferenceScoresParams):
     """providers.PreferenceScores: a preference teacher's verdicts as per-completion scores."""
 
-    provider: ClassVar[str] = "providers.compose:PreferenceScores"
+    provider: ClassVar[type] = PreferenceScores
+    provider_params: ClassVar[type[BaseModel]] = PreferenceScoresParams
     feedback: ClassVar[str] = "score"
 
     type: Literal["preference_to_score"]
     teacher: "TeacherConfig"
-    method: Literal["bradley_terry", "win_rate"] = "bradley_terry"
 
     def children(self) -> list[tuple[str, Any]]:
         return [("teacher", self.teacher)]
 
     def build(self, ctx: BuildContext, where: str) -> Any:
-        return self.provider_class()(build_teacher(self.teacher, ctx, f"{where}.teacher"), method=self.method)
+        return PreferenceScores(build_teacher(self.teacher, ctx, f"{where}.teacher"), **self.provider_kwargs())
 
 
 # The one list: everything else is derived from it.

@@ -20,20 +20,23 @@ on the student's own samples.
 Every objective follows the `Objective` protocol in `base.py`: a `plan`
 (feedback -> tensors, once per batch, via `opd_sdk.tensors.targets`) and a
 `compute` (its loss from the trainer's one forward pass, `opd_sdk.tensors.forward`);
-the loss math is pure functions in `opd_sdk.losses`. `OBJECTIVES` maps
-config names to classes.
+the loss math is pure functions in `opd_sdk.losses`. Each objective
+declares its parameters beside its class (`<Name>Params`, see `params.py`):
+its constructor and the YAML `params:` are checked by that one model.
+`OBJECTIVES` maps config names to classes.
 """
 
 from opd_sdk.objectives.base import Composite, LossOutput, Objective, batch_loss
 from opd_sdk.objectives.hybrid import Hybrid
 from opd_sdk.objectives.online_dpo import OnlineDPO
+from opd_sdk.objectives.params import Declared, ObjectiveContext, ObjectiveParams
 from opd_sdk.objectives.rejection_sampling import RejectionSampling
 from opd_sdk.objectives.reward_weighted import RewardWeighted
 from opd_sdk.objectives.sft import SFT
 from opd_sdk.objectives.spin import SPIN
 from opd_sdk.objectives.token_distill import TokenDistill
 
-OBJECTIVES: dict[str, type] = {
+OBJECTIVES: dict[str, type[Declared]] = {
     "reward_weighted": RewardWeighted,
     "rejection_sampling": RejectionSampling,
     "sft": SFT,
@@ -50,6 +53,8 @@ __all__ = [
     "Hybrid",
     "LossOutput",
     "Objective",
+    "ObjectiveContext",
+    "ObjectiveParams",
     "OnlineDPO",
     "RejectionSampling",
     "RewardWeighted",

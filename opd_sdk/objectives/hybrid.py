@@ -19,6 +19,9 @@ source): `source` indexes the teacher whose feedback the term reads.
   `feedback = list(zip(feedback_teacher0, feedback_teacher1))`. This keeps
   slicing by prompt (micro-batches) unchanged. `feedback_sources` says how
   many teachers the trainer must run.
+
+In YAML the terms are declared by `HybridParams`: `params: {terms: [{type,
+params, weight, source}, ...]}`, each term an objective config of its own.
 """
 
 from __future__ import annotations
@@ -26,10 +29,30 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from opd_sdk.errors import ConfigError
 from opd_sdk.objectives.base import LossOutput, Term, run_loss
+from opd_sdk.objectives.params import ObjectiveContext, ObjectiveParams
 from opd_sdk.rollout.batch import RolloutBatch
+
+
+class HybridTerm(BaseModel):
+    """One term in YAML: an objective (`type`, `params`), its `weight`, and `source`, an index into `teachers:`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+    weight: float
+    source: int = Field(0, ge=0)
+
+
+class HybridParams(ObjectiveParams):
+    """Hybrid's parameters (YAML `objective.params`): the terms to add up, and their metric names."""
+
+    terms: list[HybridTerm] = Field(min_length=1)
+    names: list[str] | None = None
 
 
 class Hybrid:
@@ -38,6 +61,8 @@ class Hybrid:
     terms: (objective, weight) or (objective, weight, source) tuples.
     names: metric prefixes, one per term (default: the class names, lowercased).
     """
+
+    params_model = HybridParams
 
     def __init__(self, terms: Sequence[tuple], names: Sequence[str] | None = None) -> None:
         if not terms:
@@ -63,6 +88,14 @@ class Hybrid:
         for o, _, _ in parsed:
             kinds += [k for k in getattr(o, "feedback_kinds", ()) if k not in kinds]
         self.feedback_kinds = tuple(kinds)
+
+    @classmethod
+    def from_params(cls, params: HybridParams, ctx: ObjectiveContext) -> "Hybrid":
+        """Each term built by `ctx.build` from its own type and params."""
+        if ctx.build is None:
+            raise ConfigError("Hybrid.from_params needs ctx.build, the builder of its terms")
+        terms = [(ctx.build(t.type, t.params, f"terms.{i}"), t.weight, t.source) for i, t in enumerate(params.terms)]
+        return cls(terms, names=params.names)
 
     def setup(self, policy: torch.nn.Module) -> None:
         for objective, _, _ in self.terms:

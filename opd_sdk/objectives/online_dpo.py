@@ -21,48 +21,56 @@ Departure: IPO here uses summed, not length-averaged, log-probs.
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
+from pydantic import Field
 
+from opd_sdk.constants import DEFAULT_CHUNK_ROWS
 from opd_sdk.errors import ConfigError
 from opd_sdk.losses.preference import dpo_per_pair
 from opd_sdk.objectives.base import MeanMetrics, PlanContext, frozen_copy, run_loss
+from opd_sdk.objectives.params import ObjectiveContext, ObjectiveParams
 from opd_sdk.rollout.batch import RolloutBatch
 from opd_sdk.tensors.forward import Part, Plan, View
 from opd_sdk.tensors.targets import feedback_pairs
 from opd_sdk.types import Feedback
 
-__all__ = ["OnlineDPO"]
+__all__ = ["OnlineDPO", "OnlineDPOParams"]
+
+
+class OnlineDPOParams(ObjectiveParams):
+    """OnlineDPO's parameters (YAML `objective.params`); see the class docstring."""
+
+    beta: float = Field(0.1, gt=0.0)
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    chunk_rows: int = Field(DEFAULT_CHUNK_ROWS, gt=0)
 
 
 class OnlineDPO:
     """DPO / IPO on teacher-labelled pairs of student samples; see the module docstring.
 
-    beta: DPO temperature. loss_type: "sigmoid" | "ipo".
+    Keyword arguments are the fields of `OnlineDPOParams` (defaults and
+    bounds there; a bad value raises ConfigError), plus `reference`:
+    beta: DPO temperature. loss_type: "sigmoid" | "ipo". chunk_rows: rows per LM-head chunk.
     reference: frozen reference model (default: a frozen copy made in setup()).
     """
 
     min_group_size = 2  # pairs compare two samples of one prompt
     feedback_kinds = ("preference", "score")
     copies_student = True  # the reference
+    params_model = OnlineDPOParams
 
-    def __init__(
-        self,
-        *,
-        beta: float = 0.1,
-        loss_type: Literal["sigmoid", "ipo"] = "sigmoid",
-        reference: torch.nn.Module | None = None,
-        chunk_rows: int = 4,
-    ) -> None:
-        if beta <= 0:
-            raise ConfigError(f"OnlineDPO beta must be > 0 (e.g. 0.1), got {beta}")
-        if loss_type not in ("sigmoid", "ipo"):
-            raise ConfigError(f"OnlineDPO loss_type must be 'sigmoid' or 'ipo', got {loss_type!r}")
-        self.beta = beta
-        self.loss_type = loss_type
+    def __init__(self, *, reference: torch.nn.Module | None = None, **params: Any) -> None:
+        p = OnlineDPOParams.parse(params, "OnlineDPO")
+        self.beta = p.beta
+        self.loss_type = p.loss_type
         self.reference = reference
-        self.chunk_rows = chunk_rows
+        self.chunk_rows = p.chunk_rows
+
+    @classmethod
+    def from_params(cls, params: OnlineDPOParams, ctx: ObjectiveContext) -> "OnlineDPO":
+        return cls(**dict(params))
 
     def setup(self, policy: torch.nn.Module) -> None:
         if self.reference is None:

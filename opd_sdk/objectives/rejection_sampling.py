@@ -11,13 +11,16 @@ averaged over kept tokens.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
+from pydantic import Field, model_validator
 
+from opd_sdk.constants import DEFAULT_CHUNK_ROWS
 from opd_sdk.errors import ConfigError
 from opd_sdk.losses.nll import nll_sum
 from opd_sdk.objectives.base import MeanMetrics, PlanContext, run_loss
+from opd_sdk.objectives.params import ObjectiveContext, ObjectiveParams
 from opd_sdk.rollout.batch import RolloutBatch
 from opd_sdk.tensors.forward import Part, Plan, View
 from opd_sdk.tensors.targets import score_table
@@ -48,25 +51,44 @@ def select_best(
     return keep_PG
 
 
+class RejectionSamplingParams(ObjectiveParams):
+    """RejectionSampling's parameters (YAML `objective.params`); see the class docstring."""
+
+    top_k: int | None = Field(1, ge=1)
+    threshold: float | None = None
+    chunk_rows: int = Field(DEFAULT_CHUNK_ROWS, gt=0)
+
+    @model_validator(mode="after")
+    def _keeps_something(self) -> "RejectionSamplingParams":
+        if self.top_k is None and self.threshold is None:
+            raise ValueError("RejectionSampling needs top_k or threshold (or both)")
+        return self
+
+
 class RejectionSampling:
     """NLL on the best completions per prompt (Score feedback).
 
+    Keyword arguments are the fields of `RejectionSamplingParams` (defaults
+    and bounds there; a bad value raises ConfigError):
     top_k: keep at most this many per group (default 1).
     threshold: keep only samples with reward >= threshold.
+    chunk_rows: rows per LM-head chunk.
     """
 
     min_group_size = 1
     feedback_kinds = ("score",)
     copies_student = False
+    params_model = RejectionSamplingParams
 
-    def __init__(self, *, top_k: int | None = 1, threshold: float | None = None, chunk_rows: int = 4) -> None:
-        if top_k is not None and top_k < 1:
-            raise ConfigError(f"top_k must be >= 1 or None, got {top_k}")
-        if top_k is None and threshold is None:
-            raise ConfigError("RejectionSampling needs top_k or threshold (or both)")
-        self.top_k = top_k
-        self.threshold = threshold
-        self.chunk_rows = chunk_rows
+    def __init__(self, **params: Any) -> None:
+        p = RejectionSamplingParams.parse(params, "RejectionSampling")
+        self.top_k = p.top_k
+        self.threshold = p.threshold
+        self.chunk_rows = p.chunk_rows
+
+    @classmethod
+    def from_params(cls, params: RejectionSamplingParams, ctx: ObjectiveContext) -> "RejectionSampling":
+        return cls(**dict(params))
 
     def setup(self, policy: torch.nn.Module) -> None:
         pass

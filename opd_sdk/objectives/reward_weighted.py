@@ -36,31 +36,59 @@ The math lives in `opd_sdk.losses` (advantages, policy_gradient, kl).
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
+from pydantic import Field
 
 from opd_sdk.errors import ConfigError
-from opd_sdk.losses.advantages import ADVANTAGE_KINDS, AdvantageKind, compute_advantages
+from opd_sdk.constants import DEFAULT_CHUNK_ROWS
+from opd_sdk.losses.advantages import AdvantageKind, compute_advantages
 from opd_sdk.losses.kl import kl_per_token
 from opd_sdk.losses.policy_gradient import (
-    NORMALISATIONS,
     mask_units,
     masked_sum,
     policy_gradient_per_token,
 )
 from opd_sdk.objectives.base import MeanMetrics, PlanContext, frozen_copy, run_loss
+from opd_sdk.objectives.params import ObjectiveContext, ObjectiveParams
 from opd_sdk.rollout.batch import RolloutBatch
 from opd_sdk.tensors.forward import Part, Plan, View
 from opd_sdk.tensors.targets import count_failures, score_table
 from opd_sdk.types import Feedback
 
 Normalisation = Literal["token", "sequence"]
-__all__ = ["RewardWeighted"]
+__all__ = ["RewardWeighted", "RewardWeightedParams"]
+
+
+def _sample_std(values: list[float]) -> float:
+    """Sample (n-1) standard deviation; 0.0 for fewer than two values."""
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+class RewardWeightedParams(ObjectiveParams):
+    """RewardWeighted's parameters (YAML `objective.params`); see the class docstring."""
+
+    advantage: AdvantageKind = "rloo"
+    normalisation: Normalisation = "token"
+    clip_eps: float | None = Field(None, gt=0.0, lt=1.0)
+    clip_eps_high: float | None = None
+    beta: float = Field(0.0, ge=0.0)
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    kl_penalty: Literal["loss", "reward"] = "loss"
+    grpo_eps: float = 1e-4
+    chunk_rows: int = Field(DEFAULT_CHUNK_ROWS, gt=0)
+    recompute_head: bool = False
 
 
 class RewardWeighted:
     """Policy gradient on `Score` feedback; see the module docstring.
+
+    Keyword arguments are the fields of `RewardWeightedParams` (defaults and
+    bounds there; a bad value raises ConfigError), plus `reference`:
 
     advantage: "rloo" | "grpo" | "reinforce".
     normalisation: "token" | "sequence".
@@ -75,45 +103,27 @@ class RewardWeighted:
     """
 
     feedback_kinds = ("score",)
+    params_model = RewardWeightedParams
 
-    def __init__(
-        self,
-        *,
-        advantage: AdvantageKind = "rloo",
-        normalisation: Normalisation = "token",
-        clip_eps: float | None = None,
-        clip_eps_high: float | None = None,
-        beta: float = 0.0,
-        kl_estimator: Literal["k1", "k3"] = "k3",
-        kl_penalty: Literal["loss", "reward"] = "loss",
-        reference: torch.nn.Module | None = None,
-        grpo_eps: float = 1e-4,
-        chunk_rows: int = 4,
-        recompute_head: bool = False,
-    ) -> None:
-        if advantage not in ADVANTAGE_KINDS:
-            raise ConfigError(f"advantage must be one of {ADVANTAGE_KINDS}, got {advantage!r}")
-        if normalisation not in NORMALISATIONS:
-            raise ConfigError(f"normalisation must be 'token' or 'sequence', got {normalisation!r}")
-        if clip_eps is not None and not 0.0 < clip_eps < 1.0:
-            raise ConfigError(f"clip_eps must be in (0, 1) (e.g. 0.2) or None, got {clip_eps}")
-        if beta < 0:
-            raise ConfigError(f"beta (KL weight) must be >= 0, got {beta}")
-        if kl_estimator not in ("k1", "k3") or kl_penalty not in ("loss", "reward"):
-            raise ConfigError("kl_estimator must be 'k1' or 'k3' and kl_penalty 'loss' or 'reward'")
-        self.advantage = advantage
-        self.normalisation = normalisation
-        self.clip_eps = clip_eps
-        self.clip_eps_high = clip_eps_high
-        self.beta = beta
-        self.kl_estimator = kl_estimator
-        self.kl_penalty = kl_penalty
+    def __init__(self, *, reference: torch.nn.Module | None = None, **params: Any) -> None:
+        p = RewardWeightedParams.parse(params, "RewardWeighted")
+        self.advantage = p.advantage
+        self.normalisation = p.normalisation
+        self.clip_eps = p.clip_eps
+        self.clip_eps_high = p.clip_eps_high
+        self.beta = p.beta
+        self.kl_estimator = p.kl_estimator
+        self.kl_penalty = p.kl_penalty
         self.reference = reference
-        self.grpo_eps = grpo_eps
-        self.chunk_rows = chunk_rows
-        self.recompute_head = recompute_head
+        self.grpo_eps = p.grpo_eps
+        self.chunk_rows = p.chunk_rows
+        self.recompute_head = p.recompute_head
         # RLOO's and GRPO's baselines are the other samples of the prompt: one sample has no signal
-        self.min_group_size = 2 if advantage in ("rloo", "grpo") else 1
+        self.min_group_size = 2 if p.advantage in ("rloo", "grpo") else 1
+
+    @classmethod
+    def from_params(cls, params: RewardWeightedParams, ctx: ObjectiveContext) -> "RewardWeighted":
+        return cls(**dict(params))
 
     @property
     def copies_student(self) -> bool:

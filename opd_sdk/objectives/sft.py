@@ -18,44 +18,55 @@ from __future__ import annotations
 from typing import Any, Literal, Sequence
 
 import torch
+from pydantic import Field
 
+from opd_sdk.constants import DEFAULT_CHUNK_ROWS
 from opd_sdk.errors import ConfigError
 from opd_sdk.losses.nll import nll_sum
 from opd_sdk.objectives.base import MeanMetrics, PlanContext, run_loss
+from opd_sdk.objectives.params import ObjectiveContext, ObjectiveParams
 from opd_sdk.rollout.batch import RolloutBatch
 from opd_sdk.tensors.forward import Part, Plan, View
 from opd_sdk.tensors.targets import encode_text, reference_texts
 from opd_sdk.types import Feedback
 
-__all__ = ["SFT"]
+__all__ = ["SFT", "SFTParams"]
+
+
+class SFTParams(ObjectiveParams):
+    """SFT's parameters (YAML `objective.params`); see the class docstring."""
+
+    source: Literal["answer", "reference"] = "answer"
+    all_references: bool = False
+    chunk_rows: int = Field(DEFAULT_CHUNK_ROWS, gt=0)
 
 
 class SFT:
     """NLL of reference text; see the module docstring.
 
     tokenizer: the student's tokenizer (encodes the reference text).
+    Keyword arguments are the fields of `SFTParams` (defaults and bounds
+    there; a bad value raises ConfigError):
     source: "answer" (PromptItem.answer) or "reference" (Reference feedback).
     all_references: learn every Reference completion, not only the first.
+    chunk_rows: rows per LM-head chunk.
     """
 
     min_group_size = 1
+    params_model = SFTParams
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        *,
-        source: Literal["answer", "reference"] = "answer",
-        all_references: bool = False,
-        chunk_rows: int = 4,
-    ) -> None:
-        if source not in ("answer", "reference"):
-            raise ConfigError(f"SFT: source must be 'answer' or 'reference', got {source!r}")
+    def __init__(self, tokenizer: Any, **params: Any) -> None:
+        p = SFTParams.parse(params, "SFT")
         self.tokenizer = tokenizer
-        self.source = source
-        self.all_references = all_references
-        self.chunk_rows = chunk_rows
-        self.feedback_kinds: tuple[str, ...] = ("reference",) if source == "reference" else ()
+        self.source = p.source
+        self.all_references = p.all_references
+        self.chunk_rows = p.chunk_rows
+        self.feedback_kinds: tuple[str, ...] = ("reference",) if p.source == "reference" else ()
         self.copies_student = False
+
+    @classmethod
+    def from_params(cls, params: SFTParams, ctx: ObjectiveContext) -> "SFT":
+        return cls(ctx.tokenizer, **dict(params))
 
     def setup(self, policy: torch.nn.Module) -> None:
         pass

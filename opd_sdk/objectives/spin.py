@@ -30,58 +30,63 @@ from __future__ import annotations
 from typing import Any, Literal, Sequence
 
 import torch
+from pydantic import Field
 
+from opd_sdk.constants import DEFAULT_CHUNK_ROWS
 from opd_sdk.errors import ConfigError
 from opd_sdk.losses.preference import spin_per_pair
 from opd_sdk.objectives.base import MeanMetrics, PlanContext, frozen_copy, run_loss
+from opd_sdk.objectives.params import ObjectiveContext, ObjectiveParams
 from opd_sdk.rollout.batch import RolloutBatch
 from opd_sdk.tensors.forward import Part, Plan, View
 from opd_sdk.tensors.targets import encode_text, reference_texts
 from opd_sdk.types import Feedback
 
-__all__ = ["SPIN"]
+__all__ = ["SPIN", "SPINParams"]
+
+
+class SPINParams(ObjectiveParams):
+    """SPIN's parameters (YAML `objective.params`); see the class docstring."""
+
+    source: Literal["reference", "answer"] = "reference"
+    beta: float = Field(0.1, gt=0.0)  # the paper's lambda
+    loss_type: Literal["sigmoid", "hinge"] = "sigmoid"
+    refresh_every: int | None = Field(None, ge=1)
+    chunk_rows: int = Field(DEFAULT_CHUNK_ROWS, gt=0)
 
 
 class SPIN:
     """Self-play: real text beats the student's own samples; see the module docstring.
 
     tokenizer: the student's tokenizer (encodes the real text).
+    Keyword arguments are the fields of `SPINParams` (defaults and bounds
+    there; a bad value raises ConfigError):
     source: "reference" (teacher Reference feedback) or "answer" (PromptItem.answer).
     beta: the paper's lambda. loss_type: "sigmoid" | "hinge".
     refresh_every: reload the opponent from the student every k optimizer
         steps (None: only when refresh_opponent() is called).
+    chunk_rows: rows per LM-head chunk.
     """
 
     min_group_size = 1
+    params_model = SPINParams
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        *,
-        source: Literal["reference", "answer"] = "reference",
-        beta: float = 0.1,
-        loss_type: Literal["sigmoid", "hinge"] = "sigmoid",
-        refresh_every: int | None = None,
-        chunk_rows: int = 4,
-    ) -> None:
-        if source not in ("reference", "answer"):
-            raise ConfigError(f"SPIN: source must be 'reference' or 'answer', got {source!r}")
-        if loss_type not in ("sigmoid", "hinge"):
-            raise ConfigError(f"SPIN loss_type must be 'sigmoid' or 'hinge', got {loss_type!r}")
-        if beta <= 0:
-            raise ConfigError(f"SPIN beta must be > 0 (the paper uses 0.1), got {beta}")
-        if refresh_every is not None and refresh_every < 1:
-            raise ConfigError(f"refresh_every must be >= 1 or None, got {refresh_every}")
+    def __init__(self, tokenizer: Any, **params: Any) -> None:
+        p = SPINParams.parse(params, "SPIN")
         self.tokenizer = tokenizer
-        self.source = source
-        self.beta = beta
-        self.loss_type = loss_type
-        self.refresh_every = refresh_every
-        self.chunk_rows = chunk_rows
+        self.source = p.source
+        self.beta = p.beta
+        self.loss_type = p.loss_type
+        self.refresh_every = p.refresh_every
+        self.chunk_rows = p.chunk_rows
         self.opponent: torch.nn.Module | None = None
         self.refreshes = 0
-        self.feedback_kinds: tuple[str, ...] = ("reference",) if source == "reference" else ()
+        self.feedback_kinds: tuple[str, ...] = ("reference",) if p.source == "reference" else ()
         self.copies_student = True  # the opponent
+
+    @classmethod
+    def from_params(cls, params: SPINParams, ctx: ObjectiveContext) -> "SPIN":
+        return cls(ctx.tokenizer, **dict(params))
 
     def setup(self, policy: torch.nn.Module) -> None:
         self.opponent = frozen_copy(policy)

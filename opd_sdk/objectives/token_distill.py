@@ -30,59 +30,72 @@ the batch; the math lives in `opd_sdk.losses.token_divergence`.
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
+from pydantic import Field, model_validator
 
-from opd_sdk.errors import ConfigError
+from opd_sdk.constants import DEFAULT_CHUNK_ROWS
 from opd_sdk.losses.token_divergence import (
-    DIVERGENCES,
     bucket_divergence,
     reverse_kl_pg_per_token,
 )
 from opd_sdk.objectives.base import MeanMetrics, PlanContext, run_loss
+from opd_sdk.objectives.params import ObjectiveContext, ObjectiveParams
 from opd_sdk.rollout.batch import RolloutBatch
 from opd_sdk.tensors.forward import Part, Plan, View
 from opd_sdk.tensors.targets import teacher_support, teacher_token_logprobs
 from opd_sdk.types import Feedback
 
-__all__ = ["TokenDistill"]
+__all__ = ["TokenDistill", "TokenDistillParams"]
+
+
+class TokenDistillParams(ObjectiveParams):
+    """TokenDistill's parameters (YAML `objective.params`); see the class docstring."""
+
+    divergence: Literal["reverse_kl_pg", "forward_kl", "reverse_kl", "jsd", "tv"] = "reverse_kl_pg"
+    gamma: float = Field(0.0, ge=0.0, le=1.0)
+    beta: float = 0.5
+    teacher_tail_floor: float = 1e-6
+    chunk_rows: int = Field(DEFAULT_CHUNK_ROWS, gt=0)
+
+    @model_validator(mode="after")
+    def _jsd_beta(self) -> "TokenDistillParams":
+        if self.divergence == "jsd" and not 0.0 < self.beta < 1.0:
+            raise ValueError(f"jsd beta must be in (0, 1) (0.5 is the symmetric JSD), got {self.beta}")
+        return self
 
 
 class TokenDistill:
     """Token-level distillation on TokenLogprobs feedback; see the module docstring.
 
+    Keyword arguments are the fields of `TokenDistillParams` (defaults and
+    bounds there; a bad value raises ConfigError):
     divergence: "reverse_kl_pg" (sampled-token log-probs suffice) or
         "forward_kl" | "reverse_kl" | "jsd" | "tv" (need TokenLogprobs.top_k
         from a teacher sharing the student's tokenizer).
     gamma: discount of the reverse-KL returns (reverse_kl_pg only).
     beta: the JSD mixture weight (jsd only).
+    teacher_tail_floor: floor of the teacher's mass outside its top-k.
+    chunk_rows: rows per LM-head chunk.
     """
 
     min_group_size = 1
     feedback_kinds = ("token_logprobs",)
     copies_student = False
+    params_model = TokenDistillParams
 
-    def __init__(
-        self,
-        *,
-        divergence: Literal["reverse_kl_pg", "forward_kl", "reverse_kl", "jsd", "tv"] = "reverse_kl_pg",
-        gamma: float = 0.0,
-        beta: float = 0.5,
-        teacher_tail_floor: float = 1e-6,
-        chunk_rows: int = 4,
-    ) -> None:
-        if divergence not in DIVERGENCES:
-            raise ConfigError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-        if not 0.0 <= gamma <= 1.0:
-            raise ConfigError(f"gamma must be in [0, 1], got {gamma}")
-        if divergence == "jsd" and not 0.0 < beta < 1.0:
-            raise ConfigError(f"jsd beta must be in (0, 1) (0.5 is the symmetric JSD), got {beta}")
-        self.divergence = divergence
-        self.gamma = gamma
-        self.beta = beta
-        self.teacher_tail_floor = teacher_tail_floor
-        self.chunk_rows = chunk_rows
+    def __init__(self, **params: Any) -> None:
+        p = TokenDistillParams.parse(params, "TokenDistill")
+        self.divergence = p.divergence
+        self.gamma = p.gamma
+        self.beta = p.beta
+        self.teacher_tail_floor = p.teacher_tail_floor
+        self.chunk_rows = p.chunk_rows
+
+    @classmethod
+    def from_params(cls, params: TokenDistillParams, ctx: ObjectiveContext) -> "TokenDistill":
+        return cls(**dict(params))
 
     def setup(self, policy: torch.nn.Module) -> None:
         pass

@@ -70,7 +70,7 @@ from opd_sdk.train.pipeline import Pipeline
 from opd_sdk.train.progress import Progress
 from opd_sdk.types import FeedbackFailure
 
-DEFAULT_TIS_CAP = 2.0  # truncated importance sampling cap when the engine's log-probs are not the trainer's
+from opd_sdk.constants import DEFAULT_TIS_CAP
 
 
 class Trainer:

@@ -87,7 +87,7 @@ def test_check_accepts_a_valid_config(tmp_path, tiny_dir, capsys, no_model_load)
         ({"objective": {"type": "reward_weighted", "params": {"advantages": "rloo"}}}, [],
          "objective.params.advantages: unknown parameter for RewardWeighted; did you mean `advantage`?"),
         ({"teacher": {"type": "verifier", "params": {"tolerance": 1}}}, [],
-         "teacher.params.tolerance: unknown parameter for VerifierTeacher; valid: check, atol"),
+         "teacher.params.tolerance: unknown parameter for VerifierTeacher; valid: mode, atol"),
         ({"teacher": {"type": "reference", "model": "m", "base_url": "http://127.0.0.1:9/v1"}}, [],
          "objective 'reward_weighted': RewardWeighted reads score feedback but teacher (type 'reference') returns reference"),
         ({"teacher": {"type": "judge", "model": "gpt-4o-mini", "api_key_env": "OPD_TEST_UNSET_KEY"}}, [],
@@ -98,7 +98,7 @@ def test_check_accepts_a_valid_config(tmp_path, tiny_dir, capsys, no_model_load)
          "objective.params.terms.1: TokenDistill reads token_logprobs feedback but teacher (type 'verifier')"),
         ({"teacher": None}, [], "teacher: objective 'reward_weighted' reads score feedback; add a `teacher:`"),
         ({"objective": {"type": "hybrid", "params": {"terms": [{"type": "sft"}]}}}, [],
-         "objective.params.terms.0: write {type: NAME, params: {...}, weight: W}"),
+         "objective.params.terms.0.weight: required field is missing: add it"),
         ({"data": {"path": "/nonexistent/prompts.jsonl"}}, [], "data.path: /nonexistent/prompts.jsonl does not exist"),
         ({"teachers": [{"type": "verifier"}]}, [], "give `teacher:` (one) or `teachers:`"),
         ({}, ["student.device=gpu"], "student.device: String should match pattern"),
@@ -222,6 +222,32 @@ def test_train_then_eval_then_resume(tmp_path, tiny_dir, capsys):
     assert rc == 0, err
     assert [r["step"] for r in metric_rows(run)] == [0, 1, 2]
     assert sorted(p.name for p in run.glob("step-*")) == ["step-1", "step-2"]
+
+
+def test_train_checks_the_config_once_and_reads_the_prompts_once(tmp_path, tiny_dir, capsys, monkeypatch):
+    """`opd train` used to check the config twice and read the data three times; `opd eval` twice."""
+    from opd_sdk.config import data, registry
+
+    calls = {"check_config": 0, "load_data": 0}
+
+    def counted(name: str, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    check, load = counted("check_config", registry.check_config), counted("load_data", data.load_data)
+    for module in (registry, runner):  # every name they are called by on the way
+        monkeypatch.setattr(module, "check_config", check)
+        monkeypatch.setattr(module, "load_data", load)
+    path = write_config(tmp_path, tiny_dir, steps=1)
+    rc, _, err = run_cli(capsys, "train", str(path))
+    assert rc == 0, err
+    assert calls == {"check_config": 1, "load_data": 1}
+    calls.update(check_config=0, load_data=0)
+    rc, _, err = run_cli(capsys, "eval", str(path), "--model", str(tmp_path / "run" / "final"))
+    assert rc == 0, err
+    assert calls == {"check_config": 1, "load_data": 1}
 
 
 def test_resume_with_nothing_to_resume_says_so_and_stops(tmp_path, tiny_dir, capsys, no_model_load):

@@ -114,7 +114,7 @@ def test_every_declared_type_builds_and_returns_its_declared_feedback_kind(kind,
     reward = {"/reward": lambda body: {"rewards": [0.25] * len(body["query"])}}
     with ScriptedServer(responder, handlers=reward) as srv:
         teacher = teacher_of(_case(kind, srv.base_url), ctx)
-        assert isinstance(teacher, TEACHERS[kind].provider_class())
+        assert isinstance(teacher, TEACHERS[kind].provider)
         prompt = [{"role": "user", "content": "What is 3 plus 4?"}]
         ids = [tok(t, add_special_tokens=False)["input_ids"] for t in ("7", "8")]
         request = FeedbackRequest(prompt=prompt, completions=[Completion(text="7", token_ids=ids[0]),

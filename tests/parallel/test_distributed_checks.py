@@ -117,7 +117,7 @@ def test_teachers_that_run_the_student_are_found_inside_composites():
 
     tok = tiny_tokenizer()
     student, other = tiny_model(tok), tiny_model(tok, seed=1)
-    live = SelfDistillTeacher(student, tok)
+    live = SelfDistillTeacher(student, tok, mode="live")
     ema = SelfDistillTeacher(student, tok, mode="ema")  # folds the student's weights in every step
     verifier = VerifierTeacher("numeric")
     assert reads_student(live, student) == [live.id]
