@@ -24,7 +24,7 @@ the loss math is pure functions in `opd_sdk.losses`. `OBJECTIVES` maps
 config names to classes.
 """
 
-from opd_sdk.objectives.base import Composite, LossOutput, Objective, batch_loss
+from opd_sdk.objectives.base import Composite, LossOutput, Objective
 from opd_sdk.objectives.hybrid import Hybrid
 from opd_sdk.objectives.online_dpo import OnlineDPO
 from opd_sdk.objectives.rejection_sampling import RejectionSampling
@@ -46,7 +46,6 @@ OBJECTIVES: dict[str, type] = {
 __all__ = [
     "OBJECTIVES",
     "Composite",
-    "batch_loss",
     "Hybrid",
     "LossOutput",
     "Objective",
