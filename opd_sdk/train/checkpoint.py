@@ -32,6 +32,7 @@ to a model never hold an absolute path of this machine (`scrub_machine_paths`).
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import shutil
@@ -43,6 +44,7 @@ import torch
 from opd_sdk.errors import ConfigError
 from opd_sdk.models import is_peft
 from opd_sdk.parallel.strategy import ParallelStrategy
+from opd_sdk.train.metrics import read_metrics
 
 STATE_FILE = "trainer_state.json"
 
@@ -226,6 +228,55 @@ def load_checkpoint(
         objective.load_state_dict(torch.load(folder / "objective.pt", map_location=device, weights_only=True))
     set_rng_state(torch.load(folder / ("rng.pt" if dist.rank == 0 else f"rng-rank{dist.rank}.pt"), weights_only=True))
     return state
+
+
+def resolve_checkpoint(path: str | Path, output_dir: Path | None) -> Path:
+    """`path`, or for "latest" the newest complete checkpoint under output_dir. Raises ConfigError
+    when there is none, or no output_dir to look in."""
+    if str(path) != "latest":
+        return Path(path)
+    if output_dir is None:
+        raise ConfigError('resume_from="latest" needs output_dir')
+    found = latest_checkpoint(output_dir)
+    if found is None:
+        raise ConfigError(f"nothing to resume: {output_dir} holds no step-N/ checkpoint; start without resuming")
+    return found
+
+
+def refuse_an_earlier_run(output_dir: Path | None) -> None:
+    """A fresh run never writes over another run's steps (the CLI's --overwrite deletes them first):
+    ConfigError when output_dir holds a checkpoint or a metrics row past step 0."""
+    if output_dir is None:
+        return
+    path = output_dir / "metrics.jsonl"
+    trained = latest_checkpoint(output_dir) is not None or (
+        path.exists() and any(row.get("step", 0) > 0 for row in read_metrics(path))
+    )
+    if trained:
+        raise ConfigError(
+            f"output_dir {output_dir} already holds a run; continue it with "
+            "trainer.train(resume_from='latest'), or give another output_dir"
+        )
+
+
+def save_student(path: str | Path, *, parallel: ParallelStrategy, model: torch.nn.Module, tokenizer: Any,
+                 merge_lora: bool = False) -> Path:
+    """The student (or its LoRA adapter; merged into the base with merge_lora=True) and tokenizer,
+    with no absolute path of this machine (`scrub_machine_paths`). In a launched job only rank 0
+    writes; where the ranks hold shards (FSDP) every rank must call: the weights are gathered to
+    rank 0 first. Raises ConfigError for merge_lora under FSDP."""
+    path = Path(path)
+    if merge_lora and parallel.shards_student:
+        raise ConfigError("merge_lora is not available under FSDP; save the adapter, then merge it in one process")
+    weights = parallel.full_state_dict()
+    if not parallel.dist.is_main:
+        return path
+    if merge_lora and is_peft(model):
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(path, state_dict=weights)
+    tokenizer.save_pretrained(path)
+    scrub_machine_paths(path)
+    return path
 
 
 def prune_checkpoints(output_dir: str | Path, *, keep: int) -> list[Path]:

@@ -1,30 +1,27 @@
-"""The on-policy student loop: sample, collect, targets, forward + loss, step.
+"""The on-policy student loop: sample, collect, loss, step.
 
     prompts  = sampler.next_batch()                           # P prompts
-    batch    = rollout.sample(prompts, G)                     # the student answers, P*G rows
-    feedback = collect(collectors, batch)                     # one Feedback per prompt group (feedback.py)
+    batch    = rollout.sample(prompts, G)                     # the student answers, P*G rows (each rank its share)
+    feedback = collect(collectors, batch)                     # one Feedback per prompt group (rank 0 for all)
     result   = batch_loss(objective, model, batch, feedback)  # targets once; per micro-batch one
                                                               # policy forward, every term's loss, backward
-    if result.signal: clip; optimizer.step(); scheduler.step(); teachers and rollout follow the weights
+    if result.signal: parallel.step() (sync, clip, optimizer); scheduler.step(); teachers and rollout follow
     else:             no weight moves (skipped_step); failures for max_no_signal_steps steps stop the run
 
 The layers: `rollout` (RolloutBatch) -> `targets` (Feedback -> tensors, once
-per batch) -> `forward` (the trainer's one policy pass per micro-batch, plus
-the frozen models an objective declares) -> `losses` (pure functions) ->
-this module's step. Micro-batches are whole prompt groups, and every loss is
-a sum divided by the whole batch's unit count, so gradient accumulation
-gives the one-big-batch gradient exactly.
+per batch) -> `forward` (one policy pass per micro-batch, plus the frozen
+models an objective declares) -> `losses` (pure functions) -> the step. How the
+step runs over the launch's processes (one, data parallel, FSDP, ZeRO) is the
+`opd_sdk.parallel.strategy` the trainer calls; the micro-batch engine is
+`opd_sdk.train.microbatch`.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import copy
 import math
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -49,20 +46,26 @@ from opd_sdk.rollout.build import build_rollout_engine
 from opd_sdk.rollout.engine import RolloutEngine
 from opd_sdk.train.checkpoint import (
     checkpoint_dir,
-    is_peft,
-    latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    refuse_an_earlier_run,
+    resolve_checkpoint,
     rng_state,
     save_checkpoint,
-    scrub_machine_paths,
+    save_student,
 )
 from opd_sdk.train.collect import check_collectors, collect, score_stats, usage_total
-from opd_sdk.train.metrics import MetricsLogger, read_metrics
+from opd_sdk.train.metrics import MetricsLogger
 from opd_sdk.train.microbatch import batch_loss
-from opd_sdk.train.optim import adamw, make_scheduler, set_seed, wrap_lora
+from opd_sdk.train.optim import (
+    autocast_dtype,
+    make_optimizer,
+    prepare_student,
+    set_seed,
+)
 from opd_sdk.train.pipeline import Pipeline
 from opd_sdk.train.progress import Progress
+from opd_sdk.train.stop import must_stop, sigterm_as_interrupt, training_stopped
 from opd_sdk.types import FeedbackFailure
 
 DEFAULT_TIS_CAP = 2.0  # truncated importance sampling cap when the engine's log-probs are not the trainer's
@@ -132,7 +135,9 @@ class Trainer:
         self.collectors = [] if collector is None else list(collector) if isinstance(collector, (list, tuple)) else [collector]
         self._check(model, precision, micro_batch_prompts, eval_fn, eval_every)
         set_seed(self.loop.seed)
-        self.model = self._prepare_model(model, lora, gradient_checkpointing, precision)
+        self.model = prepare_student(model, self.parallel, lora=lora, gradient_checkpointing=gradient_checkpointing)
+        self.device = next(self.model.parameters()).device
+        self.precision, self.autocast_dtype = autocast_dtype(precision, self.device)
         self.tokenizer, self.tokenizer_id = tokenizer, tokenizer_fingerprint(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         items = prompts if isinstance(prompts, list) and all(isinstance(p, PromptItem) for p in prompts) else None
@@ -145,7 +150,7 @@ class Trainer:
         )
         self._take_settings(micro_batch_prompts)
         self.pipeline = self._make_pipeline() if self.sampling.max_staleness else None
-        self._make_optimizer()
+        self.params, self.optimizer, self.scheduler = make_optimizer(self.model, self.optimizer_settings, self.loop.steps)
         self._make_outputs(output_dir, eval_fn, eval_every, tensorboard, wandb_project, progress)
         objective.setup(self.model)  # (a frozen copy is taken here, before DeepSpeed hooks into the student)
         self.parallel.prepare_optimizer(self.model, self.optimizer)
@@ -173,23 +178,6 @@ class Trainer:
         if eval_every and eval_fn is None:
             raise ConfigError("eval_every needs eval_fn (a function model -> {name: number})")
 
-    def _prepare_model(self, model: torch.nn.Module, lora: Any, gradient_checkpointing: bool,
-                       precision: str) -> torch.nn.Module:
-        """LoRA, activation checkpointing, then the strategy's device and sharding (before the optimizer
-        and the rollout engine see the parameters); sets device, precision and autocast_dtype."""
-        if lora is not None:
-            model = wrap_lora(model, lora)
-        if gradient_checkpointing:
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = self.parallel.prepare_model(model)
-        self.device = next(model.parameters()).device
-        self.precision = ("bf16" if self.device.type == "cuda" else "fp32") if precision == "auto" else precision
-        self.autocast_dtype = torch.bfloat16 if self.precision == "bf16" else None
-        return model
-
     def _take_settings(self, micro_batch_prompts: int | None) -> None:
         """The loop's numbers, from the settings (and the rollout engine, for the TIS cap)."""
         opt, samp, loop = self.optimizer_settings, self.sampling, self.loop
@@ -211,15 +199,6 @@ class Trainer:
             collect=self.dist.main_only(lambda batch: collect(self.collectors, batch, self.tokenizer_id)),
             overlap=bool(self.collectors) and all(isinstance(c, FeedbackCollector) for c in self.collectors),
         )
-
-    def _make_optimizer(self) -> None:
-        """AdamW over the trainable parameters and its LR schedule."""
-        opt = self.optimizer_settings
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        if not self.params:
-            raise ConfigError("the model has no trainable parameters")
-        self.optimizer = adamw(self.params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
-        self.scheduler = make_scheduler(self.optimizer, opt.schedule, opt.warmup_steps, self.loop.steps)
 
     def _make_outputs(self, output_dir: str | Path | None, eval_fn: Callable | None, eval_every: int,
                       tensorboard: bool | str, wandb_project: str | None, progress: bool | None) -> None:
@@ -367,27 +346,15 @@ class Trainer:
 
     def _stop_if_hopeless(self, failure_kinds: collections.Counter) -> None:
         """Raise TrainingStopped on a spent budget, or after too many steps without signal from failures."""
-        budget_spent = bool(failure_kinds.get("budget"))
-        no_signal = self.no_signal_streak >= self.max_no_signal_steps
-        if not (budget_spent or no_signal):
+        if not must_stop(failure_kinds, no_signal_streak=self.no_signal_streak,
+                         max_no_signal_steps=self.max_no_signal_steps):
             return
         if self.pipeline is not None:
             self.pipeline.drain()  # answers already paid for land in the cache before the stop
-        teachers = ", ".join(c.teacher.id for c in self.collectors) or "none"
-        where = f" in {self.output_dir}" if self.output_dir is not None else ""
-        # at the last step a plain resume has nothing left to train
-        more = f" --set steps=N (N > {self.step}: this was the last step)" if self.step >= self.max_steps else ""
-        if budget_spent:
-            raise TrainingStopped(
-                f"the teacher budget is spent (teacher {teachers}, ${self.teacher_cost_usd():.4f}) at step "
-                f"{self.step}; raise collector.budget_usd, then resume from the checkpoint{where}"
-                + (f" (`opd train CONFIG --resume{more}`)" if more else "")
-            )
-        kinds = ", ".join(f"{kind} x{n}" for kind, n in failure_kinds.most_common())
-        raise TrainingStopped(
-            f"{self.no_signal_streak} steps in a row had no usable teacher feedback (teacher {teachers}; "
-            f"last step's failures: {kinds}); stopped at step {self.step}; fix the cause, then resume from the "
-            f"checkpoint{where} (`opd train CONFIG --resume{more}`)"
+        raise training_stopped(
+            failure_kinds, no_signal_streak=self.no_signal_streak, step=self.step, max_steps=self.max_steps,
+            teachers=", ".join(c.teacher.id for c in self.collectors) or "none", cost_usd=self.teacher_cost_usd(),
+            output_dir=self.output_dir,
         )
 
     def train(self, resume_from: str | Path | None = None) -> list[dict[str, Any]]:
@@ -399,12 +366,12 @@ class Trainer:
         """
         if resume_from is not None:
             self.resume(resume_from)
-        else:
-            self._refuse_an_earlier_run()
+        elif self.step == 0:
+            refuse_an_earlier_run(self.output_dir)
         progress = Progress(self.max_steps, self.step, bar=self.progress, shown=self.dist.is_main)
         step_start = None  # sampler + RNG state while a step is under way
         try:
-            with _sigterm_as_interrupt():
+            with sigterm_as_interrupt():
                 while self.step < self.max_steps:
                     step_start = self._state_at_step_start()
                     row = self.train_step()
@@ -436,19 +403,8 @@ class Trainer:
         In a launched job only rank 0 writes (under FSDP every rank must call: the
         weights are gathered to rank 0 first). Raises ConfigError for merge_lora under FSDP.
         """
-        path = Path(path)
-        if merge_lora and self.parallel.shards_student:
-            raise ConfigError("merge_lora is not available under FSDP; save the adapter, then merge it in one process")
-        weights = self.parallel.full_state_dict()  # gathered to rank 0 where the ranks hold shards
-        if not self.dist.is_main:
-            return path
-        model = self.model
-        if merge_lora and is_peft(model):
-            model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(path, state_dict=weights)
-        self.tokenizer.save_pretrained(path)
-        scrub_machine_paths(path)
-        return path
+        return save_student(path, parallel=self.parallel, model=self.model, tokenizer=self.tokenizer,
+                            merge_lora=merge_lora)
 
     def save_checkpoint(self, path: str | Path | None = None, *, at_step_start: dict[str, Any] | None = None) -> Path:
         """Write step-N/ (or `path`). at_step_start: the sampler and RNG state saved before an
@@ -476,17 +432,8 @@ class Trainer:
 
         Raises ConfigError when there is nothing to resume from.
         """
-        if str(path) == "latest":
-            if self.output_dir is None:
-                raise ConfigError('resume_from="latest" needs output_dir')
-            found = latest_checkpoint(self.output_dir)
-            if found is None:
-                raise ConfigError(
-                    f"nothing to resume: {self.output_dir} holds no step-N/ checkpoint; start without resuming"
-                )
-            path = found
-        state = load_checkpoint(path, parallel=self.parallel, model=self.model, scheduler=self.scheduler,
-                                objective=self.objective)
+        state = load_checkpoint(resolve_checkpoint(path, self.output_dir), parallel=self.parallel, model=self.model,
+                                scheduler=self.scheduler, objective=self.objective)
         self.step = self.saved_step = int(state["step"])
         self.sampler.load_state_dict(state["data"])
         self.teacher_cost_before = float(state.get("teacher_cost_usd", 0.0))
@@ -497,20 +444,6 @@ class Trainer:
         return self.step
 
     # ---- checkpoints on schedule and on a stop ----------------------------------------------
-
-    def _refuse_an_earlier_run(self) -> None:
-        """A fresh train() never writes over another run's steps (the CLI's --overwrite deletes them first)."""
-        if self.output_dir is None or self.step > 0:
-            return
-        path = self.output_dir / "metrics.jsonl"
-        trained = latest_checkpoint(self.output_dir) is not None or (
-            path.exists() and any(row.get("step", 0) > 0 for row in read_metrics(path))
-        )
-        if trained:
-            raise ConfigError(
-                f"output_dir {self.output_dir} already holds a run; continue it with "
-                "trainer.train(resume_from='latest'), or give another output_dir"
-            )
 
     def _state_at_step_start(self) -> dict[str, Any]:
         """What a checkpoint written during the next step must hold instead of that step's half-done state."""
@@ -529,19 +462,3 @@ class Trainer:
         self.dist.on_main(lambda: prune_checkpoints(self.output_dir, keep=self.loop.keep_checkpoints))
         return path
 
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (a job scheduler's stop) raises KeyboardInterrupt in the main thread, like Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
