@@ -112,7 +112,8 @@ def hybrid_forwards(trainer, prompts, collector) -> dict:
     import torch
 
     from opd_sdk.feedback.requests import build_requests
-    from opd_sdk.objectives import SFT, Hybrid, RewardWeighted, batch_loss
+    from opd_sdk.objectives import SFT, Hybrid, RewardWeighted
+    from opd_sdk.train.microbatch import batch_loss
 
     batch = trainer.rollout.sample(prompts, trainer.group_size)
     feedback = collector.collect_sync(build_requests(batch))

@@ -26,7 +26,7 @@ its constructor and the YAML `params:` are checked by that one model.
 `OBJECTIVES` maps config names to classes.
 """
 
-from opd_sdk.objectives.base import Composite, LossOutput, Objective, batch_loss
+from opd_sdk.objectives.base import Composite, LossOutput, Objective
 from opd_sdk.objectives.hybrid import Hybrid
 from opd_sdk.objectives.online_dpo import OnlineDPO
 from opd_sdk.objectives.params import Declared, ObjectiveContext, ObjectiveParams
@@ -49,7 +49,6 @@ OBJECTIVES: dict[str, type[Declared]] = {
 __all__ = [
     "OBJECTIVES",
     "Composite",
-    "batch_loss",
     "Hybrid",
     "LossOutput",
     "Objective",

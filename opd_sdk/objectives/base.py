@@ -1,37 +1,35 @@
-"""The `Objective` protocol, and `batch_loss`: targets -> forward -> loss for one batch.
+"""The `Objective` protocol, and the pieces of one batch's loss: targets -> forward -> loss.
 
 An objective is the glue between the targets layer and a loss: once per
 batch it turns the teacher's feedback into a `Plan` (which rows its loss
 reads, the tensors it needs, the batch's unit count it divides by, how many
 samples carry a learning signal); per micro-batch it computes its share of
-the loss from a `View` of the one forward pass the trainer ran. The trainer
-calls, in order:
+the loss from a `View` of the one forward pass the trainer ran:
 
-    objective.setup(policy)                                  # once: frozen copies
-    result = batch_loss(objective, policy, batch, feedback,  # every step
-                        micro_batch_prompts=m, backward=True)
-    optimizer.step()                                         # unless result.signal == 0
-    objective.after_step(step, policy)                       # refresh opponents, etc.
+    objective.setup(policy)                                   # once: frozen copies
+    planned = plan_batch(objective, policy, batch, feedback)  # every step: targets once
+    loss = micro_loss(planned, policy, batch, start, stop, sums)  # per micro-batch: one forward
+    objective.after_step(step, policy)                        # refresh opponents, etc.
 
-`feedback` is aligned with `batch.prompts`: one Feedback per prompt group
-(a tuple, one per source, for a `Composite` objective with several
-teachers). A `FeedbackFailure` masks its group out and is counted; it is
-never read as a reward. `objective.loss(policy, batch, feedback)` runs the
+The trainer's micro-batch engine (`opd_sdk.train.microbatch.batch_loss`: gradient
+accumulation, ranks) runs these. `feedback` is aligned with `batch.prompts`: one
+Feedback per prompt group (a tuple, one per source, for a `Composite` objective
+with several teachers). A `FeedbackFailure` masks its group out and is counted;
+it is never read as a reward. `objective.loss(policy, batch, feedback)` runs the
 same pipeline on one batch and returns the loss tensor, for use outside the
-trainer and in tests.
+trainer and in tests (`run_loss`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 
 from opd_sdk.rollout.batch import RolloutBatch
-from opd_sdk.tensors.forward import Part, Plan, View, forward_micro, idle_loss
+from opd_sdk.tensors.forward import Part, Plan, View, forward_micro
 from opd_sdk.types import Feedback
 
 
@@ -107,16 +105,6 @@ class Composite(Protocol):
     def split(self, feedback: Sequence[Any]) -> list[Term]: ...
 
 
-@dataclass
-class BatchLoss:
-    """loss: the batch's loss (a tensor when not backward, else its float). signal: samples,
-    pairs or tokens with a learning signal (0: nothing to learn, no step). metrics: the log."""
-
-    loss: Any
-    signal: int
-    metrics: dict[str, float]
-
-
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A deep copy in eval mode with no gradients (reference model, SPIN opponent)."""
     twin = copy.deepcopy(model)
@@ -126,130 +114,112 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return twin
 
 
-def batch_loss(
-    objective: Any,
-    policy: torch.nn.Module,
-    batch: RolloutBatch,
-    feedback: Sequence[Any] | None,
-    *,
-    micro_batch_prompts: int | None = None,
-    flat_tolerance: float = 0.0,
-    backward: bool = False,
-    tis_cap: float | None = None,
-    pad_id: int = 0,
-    autocast: Any = None,
-    prompt_range: tuple[int, int] | None = None,
-    dist: Any = None,
-    backward_fn: Callable[[torch.Tensor, bool], None] | None = None,
-) -> BatchLoss:
-    """Targets once, then per micro-batch (whole prompt groups): one forward, every term's loss.
+@dataclass
+class BatchPlan:
+    """The whole batch's targets, built once per step: one `Plan` per term. signal: samples, pairs
+    or tokens with a learning signal (0: nothing to learn). metrics: the plans' own
+    (`objective/<name>`, `objective/<term>/<name>` for a Hybrid term) and `optim/signal`."""
 
-    Each term's loss is a sum divided by its whole-batch unit count, so the
-    micro-batch losses add up to the one-big-batch loss exactly; with
-    backward=True each is backpropagated at once (gradient accumulation).
-    Nothing runs when no term has a learning signal. Metrics (README "Metrics"):
-    `loss/total`, `optim/signal`, `forward/policy_passes` (and the sampler /
-    trainer log-prob gap `forward/logprob_abs_diff`, `forward/max_importance_ratio`),
-    and what each objective reports as `objective/<name>` (`objective/<term>/<name>`
-    for a Hybrid term, with its unweighted loss as `objective/<term>/loss`):
-    counters are whole-batch counts, means are means over the batch. Feedback
-    statistics (rewards, failures) are the loop's (`opd_sdk.train.trainer`).
+    terms: list[Term]
+    plans: list[Plan]
+    signal: int
+    metrics: dict[str, float]
 
-    prompt_range: run the forward and backward of these prompt groups only
-    (this rank's share; plans still cover the whole batch). dist: an
-    `opd_sdk.parallel.distributed.Distributed`; the loss and metrics are then summed
-    over the ranks' shares (gradients are the caller's to sum). Under FSDP or
-    ZeRO a micro-batch with nothing to run here still runs `idle_loss` (its
-    peers' passes are collectives). backward_fn(loss, last): called instead of
-    `loss.backward()` (DeepSpeed's engine; last: the final micro-batch).
-    """
+
+@dataclass
+class LossSums:
+    """What a batch's micro-batches (and ranks) add up. means: metric name -> [sum, count, additive]
+    (additive: the values are shares of a sum, not terms of a mean); stats: the forward pass's
+    statistics (`forward_micro`: sums, and max_ratio a maximum)."""
+
+    means: dict[str, list] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("logprob_abs_diff_sum", "logprob_tokens", "max_ratio", "policy_passes"), 0.0))
+
+    def add_stats(self, stats: dict[str, float]) -> None:
+        for k, v in stats.items():
+            self.stats[k] = max(self.stats[k], v) if k == "max_ratio" else self.stats[k] + v
+
+    def add(self, other: LossSums) -> None:
+        """Add another share of the batch (another rank's)."""
+        for name, (num, den, additive) in other.means.items():
+            acc = self.means.setdefault(name, [0.0, 0.0, additive])
+            acc[0] += num
+            acc[1] += den
+        self.add_stats(other.stats)
+
+
+def _key(term: Term, name: str) -> str:
+    """What an objective reports is logged as objective/<name>, or objective/<term>/<name> in a Hybrid."""
+    return f"objective/{name}" if term.name is None else f"objective/{term.name}/{name}"
+
+
+def plan_batch(objective: Any, policy: torch.nn.Module, batch: RolloutBatch, feedback: Sequence[Any] | None,
+               flat_tolerance: float = 0.0) -> BatchPlan:
+    """Targets once: every term's `plan` over the whole batch (a `Composite` splits the feedback
+    over its terms). flat_tolerance: a group whose rewards span at most this has no signal."""
     feedback = list(feedback) if feedback is not None else []
     terms = objective.split(feedback) if isinstance(objective, Composite) else [Term(None, objective, 1.0, feedback)]
     vocab = getattr(getattr(policy, "config", None), "vocab_size", None) or PlanContext.vocab_size
     ctx = PlanContext(flat_tolerance=flat_tolerance, vocab_size=vocab)
     plans = [t.objective.plan(batch, t.feedback, ctx) for t in terms]
     signal = sum(p.signal for p in plans)
-
-    def key(term: Term, name: str) -> str:  # what an objective reports: objective/<name>, objective/<term>/<name>
-        return f"objective/{name}" if term.name is None else f"objective/{term.name}/{name}"
-
     metrics: dict[str, float] = {}
-    for term, plan in zip(terms, plans):
-        metrics.update({key(term, k): v for k, v in plan.metrics.items()})
+    for term, plan in zip(terms, plans, strict=True):
+        metrics.update({_key(term, k): v for k, v in plan.metrics.items()})
     metrics["optim/signal"] = float(signal)
-    sums: dict[str, list] = {}
-    stats = {"logprob_abs_diff_sum": 0.0, "logprob_tokens": 0.0, "max_ratio": 0.0, "policy_passes": 0.0}
-    total: Any = 0.0
-    # every micro-batch runs a pass: a backward_fn counts them, FSDP's and ZeRO's are collectives
-    lockstep = backward and (backward_fn is not None or (dist is not None and dist.enabled and dist.lockstep))
-    if signal > 0:
-        P = batch.num_prompts
-        lo, hi = prompt_range or (0, P)
-        step = micro_batch_prompts or P
-        entries = [(t.objective, p) for t, p in zip(terms, plans)]
-        chunk_rows = min(t.objective.chunk_rows for t in terms)
-        recompute = any(getattr(t.objective, "recompute_head", False) for t in terms)
-        for start in range(lo, hi, step):
-            with autocast or contextlib.nullcontext():
-                views, micro_stats = forward_micro(
-                    policy, batch, start, min(hi, start + step), entries,
-                    pad_id=pad_id, chunk_rows=chunk_rows, recompute_head=recompute, tis_cap=tis_cap,
-                )
-                micro_loss = None
-                for term, plan, vp in zip(terms, plans, views):
-                    if vp is None:
-                        continue
-                    loss_k, means = term.objective.compute(vp[0], plan, vp[1], batch)
-                    if term.name is not None:  # a Hybrid term's own loss, before its weight
-                        means = {**means, "loss": (loss_k.detach(), None)}
-                    micro_loss = term.weight * loss_k if micro_loss is None else micro_loss + term.weight * loss_k
-                    for name, (num, den) in means.items():
-                        acc = sums.setdefault(key(term, name), [0.0, 0.0, den is None])
-                        acc[0] += float(num)
-                        acc[1] += 0.0 if den is None else float(den)
-            for k, v in micro_stats.items():
-                stats[k] = max(stats[k], v) if k == "max_ratio" else stats[k] + v
-            if micro_loss is None and lockstep:
-                micro_loss = idle_loss(policy, batch)
-            if micro_loss is None:
-                continue
-            if backward:
-                if backward_fn is None:
-                    micro_loss.backward()
-                else:
-                    backward_fn(micro_loss, start + step >= hi)
-                total += float(micro_loss.detach())
-            else:
-                total = total + micro_loss
-    if dist is not None and dist.enabled:
-        sums, stats, total = _merge_ranks(dist.all_gather((sums, stats, float(total))))
-    for name, (num, den, additive) in sums.items():
+    return BatchPlan(terms, plans, signal, metrics)
+
+
+def micro_loss(planned: BatchPlan, policy: torch.nn.Module, batch: RolloutBatch, start: int, stop: int,
+               sums: LossSums, *, pad_id: int = 0, tis_cap: float | None = None) -> torch.Tensor | None:
+    """Prompt groups [start, stop): one policy forward (`forward_micro`), then every term's weighted
+    share of the loss (a scalar, each term already divided by its whole-batch unit count); None
+    when no term has rows there. Adds the terms' mean metrics and the forward statistics to `sums`."""
+    terms, plans = planned.terms, planned.plans
+    entries = [(t.objective, p) for t, p in zip(terms, plans, strict=True)]
+    views, stats = forward_micro(
+        policy, batch, start, stop, entries, pad_id=pad_id, chunk_rows=min(t.objective.chunk_rows for t in terms),
+        recompute_head=any(getattr(t.objective, "recompute_head", False) for t in terms), tis_cap=tis_cap,
+    )
+    loss = None
+    for term, plan, vp in zip(terms, plans, views, strict=True):
+        if vp is None:
+            continue
+        loss_k, means = term.objective.compute(vp[0], plan, vp[1], batch)
+        if term.name is not None:  # a Hybrid term's own loss, before its weight
+            means = {**means, "loss": (loss_k.detach(), None)}
+        loss = term.weight * loss_k if loss is None else loss + term.weight * loss_k
+        for name, (num, den) in means.items():
+            acc = sums.means.setdefault(_key(term, name), [0.0, 0.0, den is None])
+            acc[0] += float(num)
+            acc[1] += 0.0 if den is None else float(den)
+    sums.add_stats(stats)
+    return loss
+
+
+def loss_metrics(planned: BatchPlan, sums: LossSums, loss: float) -> dict[str, float]:
+    """The batch's log (README "Metrics"): the plans' metrics, every mean metric over the batch (a sum
+    where additive), `forward/policy_passes`, `forward/logprob_abs_diff` and
+    `forward/max_importance_ratio` (when sampler log-probs were compared), `loss/total`. Feedback
+    statistics (rewards, failures) are the loop's (`opd_sdk.train.trainer`)."""
+    metrics = dict(planned.metrics)
+    for name, (num, den, additive) in sums.means.items():
         metrics[name] = num if additive else (num / den if den else 0.0)
-    metrics["forward/policy_passes"] = stats["policy_passes"]
-    if stats["logprob_tokens"]:
-        metrics["forward/logprob_abs_diff"] = stats["logprob_abs_diff_sum"] / stats["logprob_tokens"]
-        metrics["forward/max_importance_ratio"] = stats["max_ratio"]
-    if not backward and not torch.is_tensor(total):
-        total = torch.zeros((), requires_grad=True)  # nothing to learn: backward() runs and moves nothing
-    metrics["loss/total"] = float(total.detach()) if torch.is_tensor(total) else float(total)
-    return BatchLoss(total, signal, metrics)
-
-
-def _merge_ranks(shares: list[tuple[dict, dict, float]]) -> tuple[dict, dict, float]:
-    """Every rank's (metric sums, forward statistics, loss) -> the whole batch's."""
-    sums: dict[str, list] = {}
-    stats: dict[str, float] = {}
-    for rank_sums, rank_stats, _ in shares:
-        for name, (num, den, additive) in rank_sums.items():
-            acc = sums.setdefault(name, [0.0, 0.0, additive])
-            acc[0] += num
-            acc[1] += den
-        for k, v in rank_stats.items():
-            stats[k] = max(stats.get(k, 0.0), v) if k == "max_ratio" else stats.get(k, 0.0) + v
-    return sums, stats, sum(total for _, _, total in shares)
+    metrics["forward/policy_passes"] = sums.stats["policy_passes"]
+    if sums.stats["logprob_tokens"]:
+        metrics["forward/logprob_abs_diff"] = sums.stats["logprob_abs_diff_sum"] / sums.stats["logprob_tokens"]
+        metrics["forward/max_importance_ratio"] = sums.stats["max_ratio"]
+    metrics["loss/total"] = loss
+    return metrics
 
 
 def run_loss(objective: Any, policy: torch.nn.Module, batch: RolloutBatch, feedback: Sequence[Any] | None) -> LossOutput:
-    """`objective.loss(...)`: the whole pipeline on one batch, one micro-batch."""
-    out = batch_loss(objective, policy, batch, feedback)
-    return LossOutput(out.loss, out.metrics)
+    """`objective.loss(...)`: the whole pipeline on one batch, one micro-batch, no backward (the
+    trainer's micro-batches and ranks: `opd_sdk.train.microbatch.batch_loss`)."""
+    planned = plan_batch(objective, policy, batch, feedback)
+    sums = LossSums()
+    loss = micro_loss(planned, policy, batch, 0, batch.num_prompts, sums) if planned.signal > 0 else None
+    if loss is None:
+        loss = torch.zeros((), requires_grad=True)  # nothing to learn: backward() runs and moves nothing
+    return LossOutput(loss, loss_metrics(planned, sums, float(loss.detach())))

@@ -198,6 +198,27 @@ class Distributed:
         torch.distributed.all_gather_object(out, obj)
         return out
 
+    def sample_share(self, prompts: list[Any], sample: Callable[[list[Any]], Any],
+                     join: Callable[[list[Any]], Any]) -> Any:
+        """The step's whole batch on every rank: this rank samples its share of `prompts`
+        (`sample(share)`, a batch with `.to(device)`), the shares travel on the CPU to every rank
+        and are joined in rank order (`join(shares)`) on this rank's device. One process: sample(prompts)."""
+        if not self.enabled:
+            return sample(prompts)
+        start, stop = self.share(len(prompts))
+        return join(self.all_gather(sample(prompts[start:stop]).to("cpu"))).to(self.device)
+
+    def main_first(self, fn: Callable[[], Any]) -> Any:
+        """fn() on every rank, rank 0 first: an exception there is raised on every rank (so none goes
+        on to a collective rank 0 never reaches). Each rank gets its own result."""
+        mine = self.on_main(fn)
+        return mine if self.is_main else fn()
+
+    def main_only(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """fn on rank 0; on the other ranks a function that does nothing and returns None. For work
+        rank 0 does for every rank where no collective may run (a worker thread)."""
+        return fn if self.is_main else lambda *args: None
+
     def from_main(self, fn: Callable[[], Any]) -> Any:
         """fn() run on rank 0 only; every rank gets its result (picklable). An exception on rank 0
         is raised on every rank (the same exception when it pickles), so no rank waits for a

@@ -1,4 +1,5 @@
-"""FSDP2 (`torch.distributed.fsdp.fully_shard`) for the student: sharding, saving, clipping.
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`) for the student: sharding, saving, clipping, and the
+loop's `FSDPStrategy` (`opd_sdk.parallel.strategy`).
 
 Use under an initialised process group (torchrun + `accelerate.PartialState`, or
 `torch.distributed.init_process_group`); gloo on CPU works, NCCL on GPUs.
@@ -19,12 +20,16 @@ wrap are found the way accelerate's auto-wrap policy finds them
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from opd_sdk.errors import OPDError
+from opd_sdk.parallel.distributed import Distributed
+
+SHARDED_DIR = "sharded"  # a checkpoint's folder of model and optimizer shards
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -131,3 +136,50 @@ def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folde
     state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=os.fspath(folder))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+class FSDPStrategy:
+    """The student sharded over the ranks with FSDP2 (`shard_model`): each rank holds a shard of every
+    parameter, gradient and optimizer state. FSDP sums the gradient shards in backward; clipping
+    reduces the norm over the ranks (`grad_norm_clip`). Checkpoints hold model and optimizer as
+    DCP shards in sharded/ (`save_sharded`), one set per rank, no rank ever holding the whole.
+
+    Over several processes every forward and backward is a collective (lockstep), and so is
+    generation (synced). At world size 1 it shards over the one process (a test of the layout).
+    """
+
+    shards_student = True
+
+    def __init__(self, dist: Distributed, *, max_grad_norm: float | None = None) -> None:
+        self.dist = dist
+        self.max_grad_norm = max_grad_norm
+        self.lockstep = self.synced_generation = dist.enabled
+        self.model: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.params: list[torch.nn.Parameter] = []
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Raises OPDError without a process group or a decoder layer to shard (`shard_model`)."""
+        return shard_model(model.to(self.dist.device))
+
+    def prepare_optimizer(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        loss.backward()
+
+    def step(self) -> float | None:
+        norm = grad_norm_clip(self.params, self.max_grad_norm) if self.max_grad_norm is not None else None
+        self.optimizer.step()
+        self.model.reshard()  # the root's gathered copy (kept by generate) is stale now
+        return norm
+
+    def save(self, folder: Path) -> None:
+        save_sharded(self.model, self.optimizer, Path(folder) / SHARDED_DIR)
+
+    def load(self, folder: Path) -> None:
+        load_sharded(self.model, self.optimizer, Path(folder) / SHARDED_DIR)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return full_state_dict(self.model)

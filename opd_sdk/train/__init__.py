@@ -2,7 +2,7 @@
 
 Owns the `Trainer` (the loop, top to bottom), the micro-batch engine (one forward per
 micro-batch, the exact big-batch gradient), the overlap pipeline (`max_staleness`), the
-rank-0 collection of a batch's feedback, checkpoints that resume exactly, metrics,
-the optimizer and schedule, progress lines and greedy evaluation.
+rank-0 collection of a batch's feedback, checkpoints that resume exactly, when a run stops early,
+metrics, the student's optimizer and schedule, progress lines and greedy evaluation.
 May import: every layer below it; never `app/`.
 """

@@ -2,15 +2,21 @@
 
 A checkpoint folder `step-N/` holds:
     model/ or adapter/    save_pretrained output (full model, or the LoRA adapter only)
-    optimizer.pt          optimizer state
+    optimizer.pt          optimizer state (one process, data parallel)
     sharded/              instead of the two above, for an FSDP-sharded student: model and
                           optimizer state as torch.distributed.checkpoint shards, one set
-                          per rank (`opd_sdk.parallel.fsdp.save_sharded`)
+                          per rank (`opd_sdk.parallel.fsdp.FSDPStrategy`)
+    deepspeed/            instead of optimizer.pt under DeepSpeed ZeRO: each rank's optimizer
+                          partitions (`opd_sdk.parallel.zero.ZeroStrategy`)
     scheduler.pt          LR scheduler state
     rng.pt                python, numpy and torch (CPU + CUDA) RNG states (rank 0's in a launched job)
     rng-rank{r}.pt        rank r's RNG states, r >= 1 (multi-process jobs: each rank samples its own stream)
     objective.pt          the objective's state_dict(), when it has one (e.g. a SPIN opponent)
-    trainer_state.json    step, prompt-sampler position, anything else the trainer keeps
+    trainer_state.json    step, the launch's world_size and zero_stage, prompt-sampler position,
+                          anything else the trainer keeps
+
+The optimizer state (and a sharded student) is the parallel strategy's to save and
+load (`opd_sdk.parallel.strategy`); the rest is written here by rank 0.
 
 A folder is written under a temporary name and renamed when complete, so a
 crash mid-save never leaves a checkpoint that looks whole. Loading restores
@@ -26,6 +32,7 @@ to a model never hold an absolute path of this machine (`scrub_machine_paths`).
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import shutil
@@ -36,6 +43,8 @@ import torch
 
 from opd_sdk.errors import ConfigError
 from opd_sdk.models import is_peft
+from opd_sdk.parallel.strategy import ParallelStrategy
+from opd_sdk.train.metrics import read_metrics
 
 STATE_FILE = "trainer_state.json"
 
@@ -87,51 +96,51 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 def save_checkpoint(
     path: str | Path,
     *,
+    parallel: ParallelStrategy,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
     scheduler: Any,
     state: dict[str, Any],
+    rngs: list[dict[str, Any]],
     objective: Any = None,
     tokenizer: Any = None,
-    rng: dict[str, Any] | None = None,
-    rank_rngs: list[dict[str, Any]] = (),
-    sharded: Path | None = None,
-    deepspeed: Path | None = None,
 ) -> Path:
-    """Write a checkpoint folder at `path` (atomically); `state` must be JSON-serialisable.
+    """Write a checkpoint folder at `path` (atomically; machine paths scrubbed). Every rank calls it:
+    each writes its share of the strategy's state (`parallel.save`), then rank 0 writes the rest.
 
-    rng: the RNG state to store (default: the current one). rank_rngs: ranks 1.. of a
-    multi-process job, in order. sharded: a folder the ranks wrote with
-    `opd_sdk.parallel.fsdp.save_sharded`, moved in as sharded/ in place of the model and optimizer files.
-    deepspeed: a folder the ranks wrote with `opd_sdk.parallel.zero.ZeroEngine.save`, moved in as
-    deepspeed/ in place of the optimizer file (the model is saved whole as usual).
+    state: JSON-serialisable (the launch's world_size and zero_stage are added, for `check_launch`).
+    rngs: every rank's RNG state, in rank order.
     """
+    dist = parallel.dist
     final = Path(path)
     tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    if sharded is not None:
-        shutil.move(str(sharded), tmp / "sharded")
-    else:
+    dist.on_main(lambda: _empty_folder(tmp))
+    parallel.save(tmp)
+    dist.barrier()
+    if not dist.is_main:
+        return final
+    if not parallel.shards_student:
         model.save_pretrained(tmp / ("adapter" if is_peft(model) else "model"))
-    if deepspeed is not None:
-        shutil.move(str(deepspeed), tmp / "deepspeed")
-    elif sharded is None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp / "tokenizer")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
-    for r, state_r in enumerate(rank_rngs, start=1):
+    torch.save(rngs[0], tmp / "rng.pt")
+    for r, state_r in enumerate(rngs[1:], start=1):
         torch.save(state_r, tmp / f"rng-rank{r}.pt")
     if objective is not None and hasattr(objective, "state_dict"):
         torch.save(objective.state_dict(), tmp / "objective.pt")
+    state = {**state, "world_size": dist.world_size, "zero_stage": dist.zero_stage}
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
+    scrub_machine_paths(final)
     return final
+
+
+def _empty_folder(folder: Path) -> None:
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
 
 
 def _load_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
@@ -171,16 +180,6 @@ def _load_model_weights(model: torch.nn.Module, folder: Path) -> None:
         raise ConfigError(f"{folder}: checkpoint lacks weights {untied[:5]}")
 
 
-def _load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> bool:
-    """Load sharded/ (FSDP) into the model and optimizer; False when the folder holds unsharded state."""
-    from opd_sdk.parallel.fsdp import is_sharded, load_sharded
-
-    if not is_sharded(model):
-        return False
-    load_sharded(model, optimizer, folder / "sharded")
-    return True
-
-
 def layout_name(fsdp: bool, zero_stage: int) -> str:
     return "FSDP" if fsdp else f"DeepSpeed ZeRO-{zero_stage}" if zero_stage else "plain (one process or data parallel)"
 
@@ -206,35 +205,78 @@ def check_launch(folder: Path, *, world_size: int, fsdp: bool, zero_stage: int) 
 def load_checkpoint(
     path: str | Path,
     *,
+    parallel: ParallelStrategy,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
     scheduler: Any,
     objective: Any = None,
-    rank: int = 0,
-    world_size: int = 1,
-    zero_stage: int = 0,
 ) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler, RNG (rank `rank`'s) and objective state; returns
-    trainer_state.json. zero_stage: the run trains under DeepSpeed ZeRO, whose optimizer state
-    (deepspeed/) the caller loads (`ZeroEngine.load`). Raises ConfigError for an incomplete
-    folder, or one another launch saved (`check_launch`: each process's sampling stream
-    resumes exactly only on the same process count, and each layout reads its own state)."""
-    from opd_sdk.parallel.fsdp import is_sharded
-
+    """Restore model and optimizer (the strategy's state), scheduler, RNG (this rank's) and objective
+    state; returns trainer_state.json. Every rank calls it. Raises ConfigError for an incomplete
+    folder, or one another launch saved (`check_launch`: each process's sampling stream resumes
+    exactly only on the same process count, and each layout reads its own state)."""
     folder = Path(path)
     if not (folder / STATE_FILE).exists():
         raise ConfigError(f"{folder} is not a complete checkpoint (no {STATE_FILE})")
-    state = check_launch(folder, world_size=world_size, fsdp=is_sharded(model), zero_stage=zero_stage)
-    device = next(model.parameters()).device
-    if not _load_sharded(model, optimizer, folder):
+    dist = parallel.dist
+    state = check_launch(folder, world_size=dist.world_size, fsdp=parallel.shards_student, zero_stage=dist.zero_stage)
+    if not parallel.shards_student:
         _load_model_weights(model, folder)
-        if not zero_stage:
-            optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
+    parallel.load(folder)
+    device = next(model.parameters()).device
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     if objective is not None and hasattr(objective, "load_state_dict") and (folder / "objective.pt").exists():
         objective.load_state_dict(torch.load(folder / "objective.pt", map_location=device, weights_only=True))
-    set_rng_state(torch.load(folder / ("rng.pt" if rank == 0 else f"rng-rank{rank}.pt"), weights_only=True))
+    set_rng_state(torch.load(folder / ("rng.pt" if dist.rank == 0 else f"rng-rank{dist.rank}.pt"), weights_only=True))
     return state
+
+
+def resolve_checkpoint(path: str | Path, output_dir: Path | None) -> Path:
+    """`path`, or for "latest" the newest complete checkpoint under output_dir. Raises ConfigError
+    when there is none, or no output_dir to look in."""
+    if str(path) != "latest":
+        return Path(path)
+    if output_dir is None:
+        raise ConfigError('resume_from="latest" needs output_dir')
+    found = latest_checkpoint(output_dir)
+    if found is None:
+        raise ConfigError(f"nothing to resume: {output_dir} holds no step-N/ checkpoint; start without resuming")
+    return found
+
+
+def refuse_an_earlier_run(output_dir: Path | None) -> None:
+    """A fresh run never writes over another run's steps (the CLI's --overwrite deletes them first):
+    ConfigError when output_dir holds a checkpoint or a metrics row past step 0."""
+    if output_dir is None:
+        return
+    path = output_dir / "metrics.jsonl"
+    trained = latest_checkpoint(output_dir) is not None or (
+        path.exists() and any(row.get("step", 0) > 0 for row in read_metrics(path))
+    )
+    if trained:
+        raise ConfigError(
+            f"output_dir {output_dir} already holds a run; continue it with "
+            "trainer.train(resume_from='latest'), or give another output_dir"
+        )
+
+
+def save_student(path: str | Path, *, parallel: ParallelStrategy, model: torch.nn.Module, tokenizer: Any,
+                 merge_lora: bool = False) -> Path:
+    """The student (or its LoRA adapter; merged into the base with merge_lora=True) and tokenizer,
+    with no absolute path of this machine (`scrub_machine_paths`). In a launched job only rank 0
+    writes; where the ranks hold shards (FSDP) every rank must call: the weights are gathered to
+    rank 0 first. Raises ConfigError for merge_lora under FSDP."""
+    path = Path(path)
+    if merge_lora and parallel.shards_student:
+        raise ConfigError("merge_lora is not available under FSDP; save the adapter, then merge it in one process")
+    weights = parallel.full_state_dict()
+    if not parallel.dist.is_main:
+        return path
+    if merge_lora and is_peft(model):
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(path, state_dict=weights)
+    tokenizer.save_pretrained(path)
+    scrub_machine_paths(path)
+    return path
 
 
 def prune_checkpoints(output_dir: str | Path, *, keep: int) -> list[Path]:

@@ -1,4 +1,4 @@
-"""What the student is trained with: seeding, AdamW, the LR schedule, LoRA wrapping."""
+"""What the student is trained with: seeding, LoRA, activation checkpointing, precision, AdamW, the LR schedule."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from typing import Any
 
 import torch
 
+from opd_sdk.config.settings import OptimizerSettings
 from opd_sdk.errors import ConfigError
+from opd_sdk.parallel.strategy import ParallelStrategy
 
 
 def set_seed(seed: int) -> None:
@@ -53,3 +55,34 @@ def wrap_lora(model: torch.nn.Module, lora: Any) -> torch.nn.Module:
         raise ConfigError("lora= needs peft: pip install 'opd-sdk[peft]'") from None
     config = lora if isinstance(lora, LoraConfig) else LoraConfig(task_type="CAUSAL_LM", **dict(lora))
     return get_peft_model(model, config)
+
+
+def prepare_student(model: torch.nn.Module, parallel: ParallelStrategy, *, lora: Any = None,
+                    gradient_checkpointing: bool = False) -> torch.nn.Module:
+    """LoRA adapters (`wrap_lora`), activation checkpointing, then the strategy's device and sharding:
+    before the optimizer and the rollout engine see the parameters."""
+    if lora is not None:
+        model = wrap_lora(model, lora)
+    if gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return parallel.prepare_model(model)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> tuple[str, torch.dtype | None]:
+    """("fp32" | "bf16", the autocast dtype or None) for "fp32", "bf16" or "auto" (bf16 on GPU, fp32 on CPU)."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return precision, torch.bfloat16 if precision == "bf16" else None
+
+
+def make_optimizer(model: torch.nn.Module, opt: OptimizerSettings, total_steps: int):
+    """(trainable parameters, AdamW over them, its LR schedule). Raises ConfigError for a model
+    with no trainable parameter."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameters")
+    optimizer = adamw(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+    return params, optimizer, make_scheduler(optimizer, opt.schedule, opt.warmup_steps, total_steps)

@@ -11,9 +11,10 @@ weights against the log-probs stored when they were sampled
 (`losses.policy_gradient`). Per step this approaches max(sample + update,
 teacher latency) instead of their sum.
 
-Only remote teachers (a `FeedbackCollector`) are overlapped; a local teacher
-(a verifier, a frozen copy of the student) is asked on the training thread
-when its batch is trained. A teacher that follows the student's weights
+Feedback is overlapped when at least one teacher is remote (a `FeedbackCollector`);
+the batch's local teachers (a verifier, a frozen copy of the student) are then asked
+on the same worker thread. With local teachers only, nothing waits on the network:
+each batch is graded on the training thread when it is trained. A teacher that follows the student's weights
 (self-distillation in live or EMA mode) is refused with max_staleness >= 1
 (`opd_sdk.train.collect.check_collectors`): it is never asked ahead of the step.
 

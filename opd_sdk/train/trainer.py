@@ -1,31 +1,27 @@
-"""The on-policy student loop: sample, collect, targets, forward + loss, step.
+"""The on-policy student loop: sample, collect, loss, step.
 
     prompts  = sampler.next_batch()                           # P prompts
-    batch    = rollout.sample(prompts, G)                     # the student answers, P*G rows
-    feedback = collect(collectors, batch)                     # one Feedback per prompt group (feedback.py)
+    batch    = rollout.sample(prompts, G)                     # the student answers, P*G rows (each rank its share)
+    feedback = collect(collectors, batch)                     # one Feedback per prompt group (rank 0 for all)
     result   = batch_loss(objective, model, batch, feedback)  # targets once; per micro-batch one
                                                               # policy forward, every term's loss, backward
-    if result.signal: clip; optimizer.step(); scheduler.step(); teachers and rollout follow the weights
+    if result.signal: parallel.step() (sync, clip, optimizer); scheduler.step(); teachers and rollout follow
     else:             no weight moves (optim/skipped); failures for max_no_signal_steps steps stop the run
 
 The layers: `rollout` (RolloutBatch) -> `targets` (Feedback -> tensors, once
-per batch) -> `forward` (the trainer's one policy pass per micro-batch, plus
-the frozen models an objective declares) -> `losses` (pure functions) ->
-this module's step. Micro-batches are whole prompt groups, and every loss is
-a sum divided by the whole batch's unit count, so gradient accumulation
-gives the one-big-batch gradient exactly.
+per batch) -> `forward` (one policy pass per micro-batch, plus the frozen
+models an objective declares) -> `losses` (pure functions) -> the step. How the
+step runs over the launch's processes (one, data parallel, FSDP, ZeRO) is the
+`opd_sdk.parallel.strategy` the trainer calls; the micro-batch engine is
+`opd_sdk.train.microbatch`.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import copy
 import math
-import shutil
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -40,34 +36,36 @@ from opd_sdk.config.settings import (
 )
 from opd_sdk.data import PromptItem, PromptSampler, load_prompts
 from opd_sdk.errors import ConfigError, TrainingStopped
-from opd_sdk.feedback.collector import FeedbackCollector
+from opd_sdk.feedback.local import LocalRunner
 from opd_sdk.feedback.teacher import notify_optimizer_step, tokenizer_fingerprint
-from opd_sdk.objectives.base import Composite, Objective, batch_loss
+from opd_sdk.objectives.base import Composite, Objective
 from opd_sdk.parallel.distributed import Distributed, launch_problems
-from opd_sdk.parallel.fsdp import (
-    full_state_dict,
-    grad_norm_clip,
-    save_sharded,
-    shard_model,
-)
+from opd_sdk.parallel.strategy import make_strategy
 from opd_sdk.rollout.batch import RolloutBatch
 from opd_sdk.rollout.build import build_rollout_engine
 from opd_sdk.rollout.engine import RolloutEngine
 from opd_sdk.train.checkpoint import (
     checkpoint_dir,
-    is_peft,
-    latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    refuse_an_earlier_run,
+    resolve_checkpoint,
     rng_state,
     save_checkpoint,
-    scrub_machine_paths,
+    save_student,
 )
 from opd_sdk.train.collect import check_collectors, collect, score_stats, usage_total
-from opd_sdk.train.metrics import MetricsLogger, merge_rows, read_metrics
-from opd_sdk.train.optim import adamw, make_scheduler, set_seed, wrap_lora
+from opd_sdk.train.metrics import MetricsLogger, merge_rows
+from opd_sdk.train.microbatch import batch_loss
+from opd_sdk.train.optim import (
+    autocast_dtype,
+    make_optimizer,
+    prepare_student,
+    set_seed,
+)
 from opd_sdk.train.pipeline import Pipeline
 from opd_sdk.train.progress import Progress
+from opd_sdk.train.stop import must_stop, sigterm_as_interrupt, training_stopped
 from opd_sdk.types import FeedbackFailure
 
 from opd_sdk.constants import DEFAULT_TIS_CAP
@@ -129,103 +127,98 @@ class Trainer:
         distributed: Distributed | None = None,
         **settings: Any,
     ) -> None:
-        opt, samp, loop = settings_from_kwargs(optimizer, sampling, loop, **settings)
-        self.dist = dist = distributed or Distributed.from_environment()
+        self.optimizer_settings, self.sampling, self.loop = settings_from_kwargs(optimizer, sampling, loop, **settings)
+        self.dist = distributed or Distributed.from_environment()
         self._owns_dist = distributed is None
+        self.parallel = make_strategy(self.dist, max_grad_norm=self.optimizer_settings.max_grad_norm)
+        self.objective = objective
+        self.collectors = [] if collector is None else list(collector) if isinstance(collector, (list, tuple)) else [collector]
+        self._check(model, precision, micro_batch_prompts, eval_fn, eval_every)
+        set_seed(self.loop.seed)
+        self.model = prepare_student(model, self.parallel, lora=lora, gradient_checkpointing=gradient_checkpointing)
+        self.device = next(self.model.parameters()).device
+        self.precision, self.autocast_dtype = autocast_dtype(precision, self.device)
+        self.tokenizer, self.tokenizer_id = tokenizer, tokenizer_fingerprint(tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        items = prompts if isinstance(prompts, list) and all(isinstance(p, PromptItem) for p in prompts) else None
+        self.sampler = PromptSampler(items or load_prompts(prompts), self.sampling.prompts_per_step,
+                                     seed=self.loop.seed, shuffle=self.loop.shuffle)
+        self.rollout = rollout or build_rollout_engine(
+            # bf16 autocast slows CPU generation down (measured: 39 s vs 15-27 s a batch), so CPU samples in fp32
+            self.sampling, self.model, tokenizer, autocast_dtype=self.autocast_dtype if self.device.type == "cuda" else None,
+            seed=self.loop.seed + self.dist.rank, synced=self.parallel.synced_generation,
+        )
+        self._take_settings(micro_batch_prompts)
+        self.pipeline = self._make_pipeline() if self.sampling.max_staleness else None
+        self.params, self.optimizer, self.scheduler = make_optimizer(self.model, self.optimizer_settings, self.loop.steps)
+        self._make_outputs(output_dir, eval_fn, eval_every, tensorboard, wandb_project, progress)
+        objective.setup(self.model)  # (a frozen copy is taken here, before DeepSpeed hooks into the student)
+        self.parallel.prepare_optimizer(self.model, self.optimizer)
+        if self.dist.enabled:
+            set_seed(self.loop.seed + self.dist.rank)  # same initial weights everywhere, a sampling stream per rank
+
+    # ---- building it ----------------------------------------------------------------------
+
+    def _check(self, model: torch.nn.Module, precision: str, micro_batch_prompts: int | None,
+               eval_fn: Callable | None, eval_every: int) -> None:
+        """ConfigError for what this launch cannot train, before anything is built."""
+        samp = self.sampling
         problems = launch_problems(
-            world_size=dist.world_size, fsdp=dist.fsdp, prompts_per_step=samp.prompts_per_step,
-            max_staleness=samp.max_staleness, eval_every=eval_every, engine=samp.engine, objective=objective,
+            world_size=self.dist.world_size, fsdp=self.dist.fsdp, prompts_per_step=samp.prompts_per_step,
+            max_staleness=samp.max_staleness, eval_every=eval_every, engine=samp.engine, objective=self.objective,
         )
         if problems:
             raise ConfigError("; ".join(problems))
-        if dist.enabled or dist.fsdp:  # this rank's device (cuda:LOCAL_RANK on GPUs)
-            model.to(dist.device)
-        self.optimizer_settings, self.sampling, self.loop = opt, samp, loop
-        collectors = [] if collector is None else list(collector) if isinstance(collector, (list, tuple)) else [collector]
-        dist.on_main(lambda: check_collectors(objective, collectors, model if dist.fsdp else None, max_staleness=samp.max_staleness))  # rank 0 asks
+        sharded = model if self.parallel.shards_student else None  # a teacher may not run a sharded student
+        self.dist.on_main(lambda: check_collectors(  # rank 0 asks
+            self.objective, self.collectors, sharded, max_staleness=self.sampling.max_staleness))
         if precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
         if micro_batch_prompts is not None and micro_batch_prompts < 1:
             raise ConfigError(f"micro_batch_prompts must be >= 1, got {micro_batch_prompts}")
-        set_seed(loop.seed)
-        self.device = next(model.parameters()).device
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
-        self.precision = precision
-        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
-        if lora is not None:
-            model = wrap_lora(model, lora)
-        if gradient_checkpointing:
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if dist.fsdp:  # before the optimizer and the rollout engine see the parameters
-            model = shard_model(model)
-        self.model = model
-        self.tokenizer = tokenizer
-        self.tokenizer_id = tokenizer_fingerprint(tokenizer)
-        self.objective = objective
-        self.collectors = collectors
-        items = prompts if isinstance(prompts, list) and all(isinstance(p, PromptItem) for p in prompts) else None
-        self.sampler = PromptSampler(items or load_prompts(prompts), samp.prompts_per_step, seed=loop.seed,
-                                     shuffle=loop.shuffle)
-        # bf16 autocast slows CPU generation down (measured: 39 s vs 15-27 s a batch), so CPU samples in fp32.
-        self.rollout = rollout or build_rollout_engine(
-            samp, model, tokenizer, autocast_dtype=self.autocast_dtype if self.device.type == "cuda" else None,
-            seed=loop.seed + dist.rank, synced=dist.fsdp and dist.enabled,
-        )
+        if eval_every and eval_fn is None:
+            raise ConfigError("eval_every needs eval_fn (a function model -> {name: number})")
+
+    def _take_settings(self, micro_batch_prompts: int | None) -> None:
+        """The loop's numbers, from the settings (and the rollout engine, for the TIS cap)."""
+        opt, samp, loop = self.optimizer_settings, self.sampling, self.loop
         self.group_size = samp.group_size
         self.micro_batch_prompts = micro_batch_prompts or max(1, math.ceil(samp.prompts_per_step / opt.grad_accum))
         self.max_steps = loop.steps
-        self.max_grad_norm = opt.max_grad_norm
         self.flat_tolerance = loop.flat_group_tolerance
         self.max_no_signal_steps = loop.max_no_signal_steps
         exact = getattr(self.rollout, "exact_logprobs", True) and samp.max_staleness == 0
         self.tis_cap = (None if exact else DEFAULT_TIS_CAP) if samp.tis_cap is None else (samp.tis_cap or None)
-        self.pipeline = None
-        if samp.max_staleness:
-            for c in collectors:
-                c.collect_sync([])  # starts each collector's event loop here, before worker threads share it
-            self.pipeline = Pipeline(
-                samp.max_staleness,
-                sample=lambda: self._sample(self.sampler.next_batch()),
-                collect=(lambda batch: collect(collectors, batch, self.tokenizer_id)) if dist.is_main else lambda batch: None,  # rank 0 asks for every rank
-                overlap=bool(collectors) and all(isinstance(c, FeedbackCollector) for c in collectors),
-            )
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if not self.params:
-            raise ConfigError("the model has no trainable parameters")
-        self.optimizer = adamw(self.params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
-        self.scheduler = make_scheduler(self.optimizer, opt.schedule, opt.warmup_steps, loop.steps)
+
+    def _make_pipeline(self) -> Pipeline:
+        """Batches in flight ahead of the update (max_staleness >= 1); rank 0 asks for every rank."""
+        for c in self.collectors:
+            c.collect_sync([])  # starts each collector's event loop here, before worker threads share it
+        return Pipeline(
+            self.sampling.max_staleness,
+            sample=lambda: self._sample(self.sampler.next_batch()),
+            collect=self.dist.main_only(lambda batch: collect(self.collectors, batch, self.tokenizer_id)),
+            overlap=any(not isinstance(c, LocalRunner) for c in self.collectors),  # a remote teacher to wait for
+        )
+
+    def _make_outputs(self, output_dir: str | Path | None, eval_fn: Callable | None, eval_every: int,
+                      tensorboard: bool | str, wandb_project: str | None, progress: bool | None) -> None:
+        """Where the run writes (rank 0 alone logs), evaluation, and the counters a resume restores."""
         self.output_dir = Path(output_dir) if output_dir is not None else None
-        self.save_every = loop.save_every or 0
-        if eval_every and eval_fn is None:
-            raise ConfigError("eval_every needs eval_fn (a function model -> {name: number})")
-        self.eval_fn = eval_fn
-        self.eval_every = eval_every
-        writes = self.output_dir is not None and dist.is_main
+        self.save_every = self.loop.save_every or 0
+        self.eval_fn, self.eval_every = eval_fn, eval_every
+        writes = self.output_dir is not None and self.dist.is_main
         self.metrics = MetricsLogger(
             self.output_dir / "metrics.jsonl" if writes else None,
             tb_dir=self.output_dir / "tb" if writes else None,
-            tensorboard=tensorboard if dist.is_main else False,
-            wandb_project=wandb_project if dist.is_main else None,
+            tensorboard=tensorboard if self.dist.is_main else False,
+            wandb_project=wandb_project if self.dist.is_main else None,
         )
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.step = 0
         self.saved_step = 0  # the step of the newest checkpoint this run wrote or resumed from
         self.no_signal_streak = 0  # consecutive steps without signal because teacher calls failed
         self.teacher_cost_before = 0.0  # cost spent by earlier runs of a resumed training
-        objective.setup(model)  # (a frozen copy is taken here, before DeepSpeed hooks into the student)
-        self.zero = None  # DeepSpeed ZeRO-1/2 partitions the optimizer state and gradients over the ranks
-        if dist.zero_stage:
-            from opd_sdk.parallel.zero import ZeroEngine
-
-            self.zero = ZeroEngine(model, self.optimizer, stage=dist.zero_stage, max_grad_norm=opt.max_grad_norm,
-                                   world_size=dist.world_size)
-        if dist.enabled:
-            set_seed(loop.seed + dist.rank)  # same initial weights everywhere, a sampling stream per rank
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -236,29 +229,17 @@ class Trainer:
 
     def _sample(self, prompts: list[PromptItem]) -> RolloutBatch:
         """The step's rollouts: this rank samples its share of `prompts`; every rank gets the whole batch."""
-        if not self.dist.enabled:
-            return self.rollout.sample(prompts, self.group_size)
-        start, stop = self.dist.share(len(prompts))
-        local = self.rollout.sample(prompts[start:stop], self.group_size).to("cpu")
-        return RolloutBatch.concat(self.dist.all_gather(local), self.pad_id).to(self.device)
+        return self.dist.sample_share(prompts, lambda share: self.rollout.sample(share, self.group_size),
+                                      lambda shares: RolloutBatch.concat(shares, self.pad_id))
 
     def _feedback(self, batch: RolloutBatch) -> list[Any]:
         """The batch's feedback, asked by rank 0 for every rank."""
         return self.dist.from_main(lambda: collect(self.collectors, batch, self.tokenizer_id))
 
     def _pop(self) -> tuple[RolloutBatch, list[Any], int]:
-        """The pipeline's oldest batch; its feedback waited for on rank 0 and sent to every rank."""
-        if not self.dist.is_main:  # its pipeline holds no feedback: rank 0 sends it
-            batch, _, staleness = self.pipeline.pop(self.step)
-            return batch, self.dist.from_main(lambda: None), staleness
-        popped = []
-
-        def pop() -> list[Any]:  # on rank 0, inside from_main: a failure there stops every rank
-            popped.append(self.pipeline.pop(self.step))
-            return popped[0][1]
-
-        feedback = self.dist.from_main(pop)
-        return popped[0][0], feedback, popped[0][2]
+        """The pipeline's oldest batch (each rank pops its own) with rank 0's feedback for it, sent to every rank."""
+        batch, mine, staleness = self.dist.main_first(lambda: self.pipeline.pop(self.step))
+        return batch, self.dist.from_main(lambda: mine), staleness
 
     def usage_total(self, field: str) -> Any:
         """A usage field (requests_sent, cache_hits, cost_usd) summed over the collectors; None without them."""
@@ -307,24 +288,14 @@ class Trainer:
             result = batch_loss(
                 self.objective, self.model, batch, feedback, micro_batch_prompts=self.micro_batch_prompts,
                 flat_tolerance=self.flat_tolerance, backward=True, tis_cap=self.tis_cap, pad_id=self.pad_id,
-                autocast=self._autocast(), dist=self.dist,
-                prompt_range=self.dist.share(batch.num_prompts) if self.dist.enabled else None,
-                backward_fn=self.zero.backward if self.zero is not None else None,
+                autocast=self._autocast(), parallel=self.parallel,
             )
             t_backward = time.perf_counter()
             skipped = result.signal == 0
             grad_norm, lr = None, self.scheduler.get_last_lr()[0]
             if not skipped:
-                if self.zero is not None:
-                    grad_norm = self.zero.step()  # clips (max_grad_norm) and steps the partitioned optimizer
-                else:
-                    self.dist.sum_gradients(self.params)
-                    if self.max_grad_norm is not None:
-                        grad_norm = grad_norm_clip(self.params, self.max_grad_norm)
-                    self.optimizer.step()
+                grad_norm = self.parallel.step()  # gradient sync, clipping (max_grad_norm), optimizer step
                 self.scheduler.step()
-                if self.dist.fsdp:
-                    self.model.reshard()  # the root's gathered copy (kept by generate) is stale now
             self.step += 1
             self.objective.after_step(self.step, self.model)
             t_synced = time.perf_counter()
@@ -365,35 +336,24 @@ class Trainer:
             "time/sync_s": t_end - t_synced,
             "time/step_s": t_end - t_start,
         })
-        if self.eval_every and self.step % self.eval_every == 0 and self.dist.is_main:
-            row.update({f"eval/{k}": v for k, v in self.eval_fn(self.model).items()})
+        if self.eval_every and self.step % self.eval_every == 0:
+            evals = self.dist.on_main(lambda: self.eval_fn(self.model))  # rank 0 evaluates
+            row.update({f"eval/{k}": v for k, v in (evals or {}).items()})
         logged = self.metrics.log(self.step, row)
         self._stop_if_hopeless(failure_kinds)
         return logged
 
     def _stop_if_hopeless(self, failure_kinds: collections.Counter) -> None:
         """Raise TrainingStopped on a spent budget, or after too many steps without signal from failures."""
-        budget_spent = bool(failure_kinds.get("budget"))
-        no_signal = self.no_signal_streak >= self.max_no_signal_steps
-        if not (budget_spent or no_signal):
+        if not must_stop(failure_kinds, no_signal_streak=self.no_signal_streak,
+                         max_no_signal_steps=self.max_no_signal_steps):
             return
         if self.pipeline is not None:
             self.pipeline.drain()  # answers already paid for land in the cache before the stop
-        teachers = ", ".join(c.teacher.id for c in self.collectors) or "none"
-        where = f" in {self.output_dir}" if self.output_dir is not None else ""
-        # at the last step a plain resume has nothing left to train
-        more = f" --set steps=N (N > {self.step}: this was the last step)" if self.step >= self.max_steps else ""
-        if budget_spent:
-            raise TrainingStopped(
-                f"the teacher budget is spent (teacher {teachers}, ${self.teacher_cost_usd():.4f}) at step "
-                f"{self.step}; raise collector.budget_usd, then resume from the checkpoint{where}"
-                + (f" (`opd train CONFIG --resume{more}`)" if more else "")
-            )
-        kinds = ", ".join(f"{kind} x{n}" for kind, n in failure_kinds.most_common())
-        raise TrainingStopped(
-            f"{self.no_signal_streak} steps in a row had no usable teacher feedback (teacher {teachers}; "
-            f"last step's failures: {kinds}); stopped at step {self.step}; fix the cause, then resume from the "
-            f"checkpoint{where} (`opd train CONFIG --resume{more}`)"
+        raise training_stopped(
+            failure_kinds, no_signal_streak=self.no_signal_streak, step=self.step, max_steps=self.max_steps,
+            teachers=", ".join(c.teacher.id for c in self.collectors) or "none", cost_usd=self.teacher_cost_usd(),
+            output_dir=self.output_dir,
         )
 
     def train(self, resume_from: str | Path | None = None) -> list[dict[str, Any]]:
@@ -405,12 +365,12 @@ class Trainer:
         """
         if resume_from is not None:
             self.resume(resume_from)
-        else:
-            self._refuse_an_earlier_run()
+        elif self.step == 0:
+            refuse_an_earlier_run(self.output_dir)
         progress = Progress(self.max_steps, self.step, bar=self.progress, shown=self.dist.is_main)
         step_start = None  # sampler + RNG state while a step is under way
         try:
-            with _sigterm_as_interrupt():
+            with sigterm_as_interrupt():
                 while self.step < self.max_steps:
                     step_start = self._state_at_step_start()
                     row = self.train_step()
@@ -442,19 +402,8 @@ class Trainer:
         In a launched job only rank 0 writes (under FSDP every rank must call: the
         weights are gathered to rank 0 first). Raises ConfigError for merge_lora under FSDP.
         """
-        path = Path(path)
-        if merge_lora and self.dist.fsdp:
-            raise ConfigError("merge_lora is not available under FSDP; save the adapter, then merge it in one process")
-        weights = full_state_dict(self.model) if self.dist.fsdp else None
-        if not self.dist.is_main:
-            return path
-        model = self.model
-        if merge_lora and is_peft(model):
-            model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(path, state_dict=weights)
-        self.tokenizer.save_pretrained(path)
-        scrub_machine_paths(path)
-        return path
+        return save_student(path, parallel=self.parallel, model=self.model, tokenizer=self.tokenizer,
+                            merge_lora=merge_lora)
 
     def save_checkpoint(self, path: str | Path | None = None, *, at_step_start: dict[str, Any] | None = None) -> Path:
         """Write step-N/ (or `path`). at_step_start: the sampler and RNG state saved before an
@@ -464,56 +413,26 @@ class Trainer:
             if self.output_dir is None:
                 raise ConfigError("save_checkpoint needs a path or the trainer's output_dir")
             path = checkpoint_dir(self.output_dir, self.step)
-        rngs = self.dist.all_gather((at_step_start or {}).get("rng") or rng_state())
-        shards = None
-        if self.dist.fsdp or self.zero is not None:  # every rank writes its shards, then rank 0 moves them in
-            shards = Path(path).with_name(Path(path).name + ".shards.tmp")
-            self.dist.on_main(lambda: shutil.rmtree(shards, ignore_errors=True))
-            if self.zero is not None:
-                self.zero.save(shards)
-            else:
-                save_sharded(self.model, self.optimizer, shards)
-            self.dist.barrier()
-        if not self.dist.is_main:
-            return Path(path)
+        at_step_start = at_step_start or {}
         state = {
             "step": self.step,
-            "world_size": self.dist.world_size,
-            "zero_stage": self.dist.zero_stage,
-            "data": (at_step_start or {}).get("data", self.sampler.state_dict()),
+            "data": at_step_start.get("data", self.sampler.state_dict()),
             "teacher_cost_usd": self.teacher_cost_usd(),
-            "in_flight": (at_step_start or {}).get(
-                "in_flight", self.pipeline.state() if self.pipeline is not None else []
-            ),
+            "in_flight": at_step_start.get("in_flight", self.pipeline.state() if self.pipeline is not None else []),
         }
-        saved = save_checkpoint(
-            path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, state=state,
-            objective=self.objective, tokenizer=self.tokenizer, rng=rngs[0], rank_rngs=rngs[1:],
-            sharded=shards if self.dist.fsdp else None, deepspeed=shards if self.zero is not None else None,
+        return save_checkpoint(
+            path, parallel=self.parallel, model=self.model, scheduler=self.scheduler, state=state,
+            rngs=self.dist.all_gather(at_step_start.get("rng") or rng_state()), objective=self.objective,
+            tokenizer=self.tokenizer,
         )
-        scrub_machine_paths(saved)
-        return saved
 
     def resume(self, path: str | Path) -> int:
         """Load a checkpoint (or "latest" under output_dir); returns the step it continues from.
 
         Raises ConfigError when there is nothing to resume from.
         """
-        if str(path) == "latest":
-            if self.output_dir is None:
-                raise ConfigError('resume_from="latest" needs output_dir')
-            found = latest_checkpoint(self.output_dir)
-            if found is None:
-                raise ConfigError(
-                    f"nothing to resume: {self.output_dir} holds no step-N/ checkpoint; start without resuming"
-                )
-            path = found
-        state = load_checkpoint(
-            path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, objective=self.objective,
-            rank=self.dist.rank, world_size=self.dist.world_size, zero_stage=self.dist.zero_stage,
-        )
-        if self.zero is not None:
-            self.zero.load(Path(path) / "deepspeed")
+        state = load_checkpoint(resolve_checkpoint(path, self.output_dir), parallel=self.parallel, model=self.model,
+                                scheduler=self.scheduler, objective=self.objective)
         self.step = self.saved_step = int(state["step"])
         self.sampler.load_state_dict(state["data"])
         self.teacher_cost_before = float(state.get("teacher_cost_usd", 0.0))
@@ -524,20 +443,6 @@ class Trainer:
         return self.step
 
     # ---- checkpoints on schedule and on a stop ----------------------------------------------
-
-    def _refuse_an_earlier_run(self) -> None:
-        """A fresh train() never writes over another run's steps (the CLI's --overwrite deletes them first)."""
-        if self.output_dir is None or self.step > 0:
-            return
-        path = self.output_dir / "metrics.jsonl"
-        trained = latest_checkpoint(self.output_dir) is not None or (
-            path.exists() and any(row.get("step", 0) > 0 for row in read_metrics(path))
-        )
-        if trained:
-            raise ConfigError(
-                f"output_dir {self.output_dir} already holds a run; continue it with "
-                "trainer.train(resume_from='latest'), or give another output_dir"
-            )
 
     def _state_at_step_start(self) -> dict[str, Any]:
         """What a checkpoint written during the next step must hold instead of that step's half-done state."""
@@ -553,23 +458,6 @@ class Trainer:
             return path
         self.save_checkpoint(path, at_step_start=at_step_start)
         self.saved_step = self.step
-        if self.dist.is_main:
-            prune_checkpoints(self.output_dir, keep=self.loop.keep_checkpoints)
+        self.dist.on_main(lambda: prune_checkpoints(self.output_dir, keep=self.loop.keep_checkpoints))
         return path
 
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (a job scheduler's stop) raises KeyboardInterrupt in the main thread, like Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -1,4 +1,4 @@
-"""Every objective through `batch_loss`: micro-batching gives the one-big-batch gradient and metrics,
+"""Every objective through `batch_loss` (opd_sdk.train.microbatch): micro-batching gives the one-big-batch gradient and metrics,
 and a Hybrid of several terms costs one policy forward."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from opd_sdk.objectives import (
     RejectionSampling,
     RewardWeighted,
     TokenDistill,
-    batch_loss,
 )
+from opd_sdk.train.microbatch import batch_loss
 from opd_sdk.types import FeedbackFailure, Preference, PreferencePair, Score
 
 # 3 prompts x 2 samples of different lengths; prompt 1 is shorter (left padding)

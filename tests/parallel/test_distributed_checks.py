@@ -102,9 +102,10 @@ def test_a_checkpoint_resumes_only_on_its_process_count(tmp_path, one_thread):
     tok = tiny_tokenizer()
     settings = dict(prompts_per_step=2, group_size=2, max_new_tokens=2, output_dir=tmp_path, progress=False)
     Trainer(tiny_model(tok), tok, RewardWeighted(), collector(Constant()), PROMPTS, max_steps=1, **settings).train()
+    state = tmp_path / "step-1" / "trainer_state.json"  # as a job of 2 processes leaves it
+    state.write_text(json.dumps(json.loads(state.read_text()) | {"world_size": 2}))
     again = Trainer(tiny_model(tok), tok, RewardWeighted(), collector(Constant()), PROMPTS, max_steps=2, **settings)
-    again.dist = Distributed(rank=0, world_size=2)
-    with pytest.raises(ConfigError, match="saved by a job of 1 process.*this one has 2.*--num_processes 1"):
+    with pytest.raises(ConfigError, match="saved by a job of 2 process.*this one has 1.*--num_processes 2"):
         again.resume("latest")
 
 

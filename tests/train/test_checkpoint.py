@@ -200,5 +200,5 @@ def test_a_checkpoint_never_unpickles_arbitrary_objects(tmp_path, capsys):
     assert (step / "model" / "model.safetensors").exists()
     (step / "rng.pt").write_bytes(pickle.dumps({"python": _Payload()}))
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        load_checkpoint(step, model=trainer.model, optimizer=trainer.optimizer, scheduler=trainer.scheduler)
+        load_checkpoint(step, parallel=trainer.parallel, model=trainer.model, scheduler=trainer.scheduler)
     assert "arbitrary code ran" not in capsys.readouterr().out

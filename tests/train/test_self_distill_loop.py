@@ -88,5 +88,5 @@ def test_a_teacher_that_follows_the_student_is_never_asked_ahead_of_the_step(mod
     frozen.feedback_local = lambda requests: threads.append(threading.current_thread().name) or score(requests)
     with make_collector(frozen) as collector:
         history = Trainer(model, tok, TokenDistill(), collector, PROMPTS, **settings).train()
-    assert [row["staleness"] for row in history] == [0, 1] and [row["feedback_failures"] for row in history] == [0, 0]
+    assert [row["rollout/staleness"] for row in history] == [0, 1] and [row["teacher/failures"] for row in history] == [0, 0]
     assert threads == [threading.current_thread().name] * 2

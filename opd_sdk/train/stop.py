@@ -1,0 +1,62 @@
+"""How a run stops before its last step, and what it says.
+
+The loop stops (TrainingStopped, after logging the step and before its checkpoint) when
+the teacher budget is spent, or after `loop.max_no_signal_steps` steps in a row had no
+usable feedback because teacher calls failed; the message names the teachers, the cause
+and how to resume. A job scheduler's SIGTERM is raised as KeyboardInterrupt, like Ctrl-C,
+so the loop saves on either.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from opd_sdk.errors import TrainingStopped
+
+
+def must_stop(failure_kinds: collections.Counter, *, no_signal_streak: int, max_no_signal_steps: int) -> bool:
+    """True when the run must stop: the budget is spent (a "budget" failure this step), or
+    `no_signal_streak` steps without signal reached max_no_signal_steps."""
+    return bool(failure_kinds.get("budget")) or no_signal_streak >= max_no_signal_steps
+
+
+def training_stopped(failure_kinds: collections.Counter, *, no_signal_streak: int, step: int, max_steps: int,
+                     teachers: str, cost_usd: float, output_dir: Path | None) -> TrainingStopped:
+    """The error that stops the run at `step` (after `must_stop`), with how to resume it."""
+    where = f" in {output_dir}" if output_dir is not None else ""
+    # at the last step a plain resume has nothing left to train
+    more = f" --set steps=N (N > {step}: this was the last step)" if step >= max_steps else ""
+    if failure_kinds.get("budget"):
+        return TrainingStopped(
+            f"the teacher budget is spent (teacher {teachers}, ${cost_usd:.4f}) at step {step}; raise "
+            f"collector.budget_usd, then resume from the checkpoint{where}"
+            + (f" (`opd train CONFIG --resume{more}`)" if more else "")
+        )
+    kinds = ", ".join(f"{kind} x{n}" for kind, n in failure_kinds.most_common())
+    return TrainingStopped(
+        f"{no_signal_streak} steps in a row had no usable teacher feedback (teacher {teachers}; "
+        f"last step's failures: {kinds}); stopped at step {step}; fix the cause, then resume from the "
+        f"checkpoint{where} (`opd train CONFIG --resume{more}`)"
+    )
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (a job scheduler's stop) raises KeyboardInterrupt in the main thread, like Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
