@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from opd_sdk.types import FeedbackFailure
+
 
 class OPDError(Exception):
     """Root of every error opd-sdk raises on purpose."""
@@ -137,9 +139,8 @@ TEACHER_ERRORS: dict[str, type[TeacherError]] = {
 }
 
 
-def error_from_failure(failure: object, prefix: str = "") -> TeacherError:
+def error_from_failure(failure: FeedbackFailure, prefix: str = "") -> TeacherError:
     """The typed error that re-raises a `FeedbackFailure` value (a composite's child failed):
     same kind, retriability and status; an unknown kind becomes a plain `TeacherError`."""
-    cls = TEACHER_ERRORS.get(getattr(failure, "error_type", ""), TeacherError)
-    return cls(prefix + str(getattr(failure, "reason", "")), retriable=bool(getattr(failure, "retriable", False)),
-               status=getattr(failure, "status", None))
+    cls = TEACHER_ERRORS.get(failure.error_type, TeacherError)
+    return cls(prefix + failure.reason, retriable=failure.retriable, status=failure.status)

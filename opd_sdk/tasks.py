@@ -56,7 +56,7 @@ def accuracy(texts: list[str], items: list[PromptItem]) -> float:
         raise ValueError(f"got {len(texts)} texts for {len(items)} items; pass one text per item")
     if not items:
         raise ValueError("accuracy of an empty list is undefined; pass at least one item")
-    return sum(check(t, it.answer or "") for t, it in zip(texts, items)) / len(items)
+    return sum(check(t, it.answer or "") for t, it in zip(texts, items, strict=True)) / len(items)
 
 
 def _split_of(key: str, split_seed: int) -> Split:

@@ -220,6 +220,7 @@ Feedback = Annotated[
     Field(discriminator="kind"),
 ]
 FEEDBACK_ADAPTER: TypeAdapter[Feedback] = TypeAdapter(Feedback)
+FEEDBACK_CLASSES = (Score, Preference, Reference, TokenLogprobs, FeedbackFailure)  # `Feedback`'s, for isinstance
 
 
 def feedback_from_json(text: str) -> Feedback:

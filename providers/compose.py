@@ -147,7 +147,7 @@ class WeightedSum(_Composite):
 
     def combine(self, request: FeedbackRequest, answers: Sequence[Any]) -> Feedback:
         n = len(request.completions)
-        scores = [_as_score(a, t, n) for a, (t, _) in zip(answers, self.parts)]
+        scores = [_as_score(a, t, n) for a, (t, _) in zip(answers, self.parts, strict=True)]
         for s in scores:
             if isinstance(s, FeedbackFailure):
                 return s
@@ -155,7 +155,8 @@ class WeightedSum(_Composite):
         for i in range(n):
             values = [s.scores[i] for s in scores]  # type: ignore[union-attr]
             total.append(MISSING if any(_missing(v) for v in values)
-                         else math.fsum(w * v for v, (_, w) in zip(values, self.parts)))  # type: ignore[misc]
+                         else math.fsum(w * v for v, (_, w)  # type: ignore[misc]
+                                        in zip(values, self.parts, strict=True)))
         return _all_missing(total, "WeightedSum") or Score(
             scores=total, details={"parts": [s.scores for s in scores]},  # type: ignore[union-attr]
             usage=add_usage(*(s.usage for s in scores)))
@@ -220,7 +221,7 @@ class Gate(_Composite):
                 return answer
             usage.append(answer.usage)
             judge_scores = list(answer.scores)
-            for i, s in zip(passed, answer.scores):
+            for i, s in zip(passed, answer.scores, strict=True):
                 scores[i] = MISSING if _missing(s) else s
         return _all_missing(scores, "Gate") or Score(
             scores=scores, details={"verifier": checked.scores, "passed": passed, "judge": judge_scores},
@@ -238,13 +239,14 @@ class Gate(_Composite):
 
     def _local(self, requests: list[FeedbackRequest]) -> list[Feedback]:
         checks = [_as_score(a, self.verifier, len(r.completions))
-                  for a, r in zip(self.verifier.feedback_local(requests), requests)]
-        plans = [None if isinstance(c, FeedbackFailure) else self.passed(r, c) for c, r in zip(checks, requests)]
+                  for a, r in zip(self.verifier.feedback_local(requests), requests, strict=True)]
+        plans = [None if isinstance(c, FeedbackFailure) else self.passed(r, c)
+                 for c, r in zip(checks, requests, strict=True)]
         asked = [k for k, p in enumerate(plans) if p]
         judged = self.judge.feedback_local([self._subset(requests[k], plans[k]) for k in asked]) if asked else []
-        by_k = dict(zip(asked, judged))
+        by_k = dict(zip(asked, judged, strict=True))
         return [c if isinstance(c, FeedbackFailure) else self.combine(r, c, plans[k], by_k.get(k))
-                for k, (c, r) in enumerate(zip(checks, requests))]
+                for k, (c, r) in enumerate(zip(checks, requests, strict=True))]
 
 
 def win_rates(pairs: Sequence[Any], n: int) -> list[float]:
@@ -275,7 +277,7 @@ def bradley_terry(pairs: Sequence[Any], n: int, *, l2: float = 1e-3, steps: int 
             hess[i][j] -= w
             hess[j][i] -= w
         step = _solve(hess, grad)
-        theta = [t + d for t, d in zip(theta, step)]
+        theta = [t + d for t, d in zip(theta, step, strict=True)]
         if max(abs(d) for d in step) < 1e-10:
             break
     mean = sum(theta) / n
@@ -362,4 +364,4 @@ class PreferenceScores(_Composite):
         return _raise_failure(self.combine(request, await self.teacher.feedback(request)))
 
     def _local(self, requests: list[FeedbackRequest]) -> list[Feedback]:
-        return [self.combine(r, a) for r, a in zip(requests, self.teacher.feedback_local(requests))]
+        return [self.combine(r, a) for r, a in zip(requests, self.teacher.feedback_local(requests), strict=True)]

@@ -181,7 +181,7 @@ class LogprobTeacher:
                 if not prefix.endswith("\ufffd"):
                     emitted = len(prefix)
                 ends.append(emitted)
-            return text, ids, list(zip([0] + ends[:-1], ends))
+            return text, ids, list(zip([0] + ends[:-1], ends, strict=True))
         enc = tok(completion.text, add_special_tokens=False, return_offsets_mapping=True)
         return completion.text, list(enc["input_ids"]), [tuple(s) for s in enc["offset_mapping"]]
 
@@ -277,7 +277,7 @@ class LogprobTeacher:
                                                  "or a teacher with the student's tokenizer.")
         starts = [max(offsets[k], start_p) - start_p for k in straddle] + [s for s, _ in t_spans]
         values = [float(lp.token_logprobs[k]) for k in straddle] + t_logprobs
-        mapped = [sum(v for s0, v in zip(starts, values) if a <= s0 < b or (t == 0 and s0 < a))
+        mapped = [sum(v for s0, v in zip(starts, values, strict=True) if a <= s0 < b or (t == 0 and s0 < a))
                   for t, (a, b) in enumerate(spans)]
         return mapped, None, {"alignment": "offsets", "mismatch": message}, response
 
@@ -288,7 +288,7 @@ class LogprobTeacher:
         if prompt_lps is None or len(prompt_lps) < len(prompt_ids) + len(ids):
             raise Unsupported("send='token_ids' needs a server that returns prompt_logprobs (vLLM)")
         entries = prompt_lps[len(prompt_ids): len(prompt_ids) + len(ids)]
-        logprobs = [float(e[str(i)]["logprob"]) for e, i in zip(entries, ids)]
+        logprobs = [float(e[str(i)]["logprob"]) for e, i in zip(entries, ids, strict=True)]
         top = [self._top_k_at(e) for e in entries] if self.top_k else None
         return logprobs, top, {"alignment": "token_ids"}, response
 

@@ -350,7 +350,7 @@ class SelfDistillTeacher:
             rows.extend((r, teacher_prompt, ids) for ids in self._completion_ids(req))
         scored = self._forward(rows) if rows else []
         per_request: dict[int, list[tuple[list[float], list[dict[int, float]] | None, int]]] = {}
-        for (r, prompt, _), (lp, topk) in zip(rows, scored):
+        for (r, prompt, _), (lp, topk) in zip(rows, scored, strict=True):
             per_request.setdefault(r, []).append((lp, topk, len(prompt)))
         for r, items in per_request.items():
             results[r] = TokenLogprobs(
@@ -394,7 +394,8 @@ class SelfDistillTeacher:
                     n = len(c)
                     topk = None
                     if self.top_k:
-                        topk = [dict(zip(top_ids[b, t].tolist(), top_vals[b, t].tolist())) for t in range(n)]
+                        topk = [dict(zip(top_ids[b, t].tolist(), top_vals[b, t].tolist(), strict=True))
+                                for t in range(n)]
                     out.append((picked_BC[b, :n].tolist(), topk))
             return out
         finally:

@@ -53,7 +53,7 @@ class Recording:
 
     def __init__(self, inner, folder: Path, rank: int) -> None:
         self.inner, self.folder, self.rank, self.n = inner, folder, rank, 0
-        self.exact_logprobs = getattr(inner, "exact_logprobs", True)
+        self.exact_logprobs = inner.exact_logprobs
         folder.mkdir(parents=True, exist_ok=True)
 
     def sample(self, prompts, group_size):
@@ -71,6 +71,8 @@ class Recording:
 
 class Replay:
     """Returns the recorded global batches in order (the ranks' shares concatenated)."""
+
+    exact_logprobs = True  # a RolloutEngine member; the trainer took its TIS cap from the engine it built
 
     def __init__(self, folder: Path, world_size: int, pad_id: int) -> None:
         self.folder, self.world_size, self.pad_id, self.n = folder, world_size, pad_id, 0

@@ -141,7 +141,7 @@ def run_demo(
     last = _evaluate(trainer.model, tokenizer, held)
     after = last.accuracy
     evals.append((trainer.step, after))
-    for item, old, new in list(zip(held, first.completions, last.completions))[:3]:
+    for item, old, new in list(zip(held, first.completions, last.completions, strict=True))[:3]:
         log(f"  {item.prompt!r} (answer {item.answer})\n    before: {old.strip()[:80]!r}\n    after:  {new.strip()[:80]!r}")
     final_dir = trainer.save_pretrained(out / "final")
     png = plot_curve(trainer.metrics.history, evals, out / "learning_curve.png")

@@ -124,13 +124,10 @@ def find_verifier(teacher_cfg: Any) -> Any | None:
         return None
     if teacher_cfg.type == "verifier":
         return teacher_cfg
-    for child in [getattr(teacher_cfg, a, None) for a in ("verifier", "judge", "teacher")] + [
-        w.teacher for w in getattr(teacher_cfg, "teachers", None) or []
-    ]:
-        if child is not None and hasattr(child, "type"):
-            found = find_verifier(child)
-            if found is not None:
-                return found
+    for _, child in teacher_cfg.children():
+        found = find_verifier(child)
+        if found is not None:
+            return found
     return None
 
 
@@ -160,7 +157,7 @@ def evaluate(cfg: RunConfig, model: Any, tokenizer: Any, items: list[PromptItem]
     elif collector is None:
         raise ConfigError("eval.metric teacher_score needs the run's collector")
     requests = []
-    for it, text in zip(items, texts):
+    for it, text in zip(items, texts, strict=True):
         meta = dict(it.metadata) | ({"answer": it.answer} if it.answer is not None else {})
         requests.append(FeedbackRequest(prompt=it.prompt, completions=[Completion(text=text)], privileged=it.privileged, metadata=meta))
     if cfg.eval.metric == "accuracy":

@@ -67,7 +67,7 @@ def to_requests(
     if len(prompts) != len(completions):
         raise ConfigError(f"got {len(prompts)} prompts for {len(completions)} completions; TRL pairs them one to one")
     requests = []
-    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+    for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
         metadata: dict[str, Any] = {}
         if answer_column and answer_column in columns and columns[answer_column][i] is not None:
             metadata["answer"] = str(columns[answer_column][i])

@@ -35,6 +35,7 @@ from opd_sdk.config.teachers import TEACHERS, BuildContext, SelfDistillTeacherCo
 from opd_sdk.data import PromptItem
 from opd_sdk.errors import ConfigError
 from opd_sdk.objectives import OBJECTIVES
+from opd_sdk.objectives.base import Composite, Objective
 from opd_sdk.objectives.params import ObjectiveContext
 from opd_sdk.parallel.distributed import (
     fsdp_requested,
@@ -115,11 +116,10 @@ def params_problems(model: type[BaseModel], params: dict[str, Any], where: str, 
 def _teacher_problems(cfg: Any, where: str) -> list[str]:
     """Parameters and API keys of a teacher and, for a composition, of its children."""
     problems = params_problems(cfg.provider_params, cfg.params, f"{where}.params", cfg.provider.__name__)
-    if hasattr(cfg, "api_key"):
-        try:
-            cfg.api_key(where)
-        except ConfigError as exc:
-            problems.append(str(exc))
+    try:
+        cfg.api_key(where)
+    except ConfigError as exc:
+        problems.append(str(exc))
     for suffix, child in cfg.children():
         problems += _teacher_problems(child, f"{where}.{suffix}")
     return problems
@@ -133,10 +133,10 @@ def _follows_student(cfg: Any, where: str) -> list[str]:
     return [found for suffix, child in cfg.children() for found in _follows_student(child, f"{where}.{suffix}")]
 
 
-def _objective_problems(cfg: RunConfig, objective: Any) -> list[str]:
+def _objective_problems(cfg: RunConfig, objective: Objective) -> list[str]:
     """Feedback sources and kinds the objective reads against the teachers given; group size."""
     problems: list[str] = []
-    kinds = tuple(getattr(objective, "feedback_kinds", ()))
+    kinds = objective.feedback_kinds
     teachers = cfg.teacher_list()
     where = ["teacher"] if cfg.teachers is None else [f"teachers.{i}" for i in range(len(teachers))]
     if not teachers and kinds:
@@ -144,16 +144,16 @@ def _objective_problems(cfg: RunConfig, objective: Any) -> list[str]:
             f"teacher: objective {cfg.objective.type!r} reads {' or '.join(kinds)} feedback; add a "
             f"`teacher:` section (for example type: {_teacher_for(kinds[0])})"
         )
-    sources = getattr(objective, "feedback_sources", 1)
+    sources = objective.feedback_sources if isinstance(objective, Composite) else 1
     if teachers and sources != len(teachers):
         problems.append(
             f"objective {cfg.objective.type!r} reads {sources} feedback source(s) but {len(teachers)} teacher(s) "
             "are given; list one teacher per source under `teachers:` (a hybrid term's `source` indexes it)"
         )
-    terms = getattr(objective, "terms", None) or [(objective, 1.0, 0)]
+    terms = objective.terms if isinstance(objective, Composite) else [(objective, 1.0, 0)]
     for i, (term, _, source) in enumerate(terms):
         at = f"objective.params.terms.{i}" if term is not objective else f"objective {cfg.objective.type!r}"
-        term_kinds = tuple(getattr(term, "feedback_kinds", ()))
+        term_kinds = term.feedback_kinds
         if teachers and source < len(teachers) and term_kinds:
             given = feedback_kind(teachers[source].type)
             if given not in term_kinds:
@@ -285,7 +285,7 @@ def check_config(cfg: RunConfig) -> Checked:
             problems.append(f"student.device: {cfg.student.device} asked for, but torch sees no GPU; use auto or cpu")
     teachers = cfg.teacher_list()
     where = ["teacher"] if cfg.teachers is None else [f"teachers.{i}" for i in range(len(teachers))]
-    for teacher, at in zip(teachers, where):
+    for teacher, at in zip(teachers, where):  # no teacher: where is ["teacher"], teachers []
         problems += _teacher_problems(teacher, at)
         problems += [
             f"rollout.max_staleness: {path} (self_distill in live or ema mode) follows the student's weights, so it "

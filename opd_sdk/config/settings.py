@@ -178,7 +178,7 @@ def settings_from_kwargs(
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"Trainer: unknown setting {name!r}{hint}")
     out = []
-    for model, current, update in zip(SETTINGS_MODELS, given, updates):
+    for model, current, update in zip(SETTINGS_MODELS, given, updates, strict=True):
         try:
             out.append(model.model_validate({**current.model_dump(), **update}))
         except ValidationError as exc:

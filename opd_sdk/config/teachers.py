@@ -86,6 +86,11 @@ class _TeacherType(_Strict):
         """(YAML path suffix, child config) of a composition; [] for a leaf."""
         return []
 
+    def api_key(self, where: str) -> str | None:
+        """The API key from the environment; None for a teacher that needs none (raises ConfigError when
+        one it needs is missing)."""
+        return None
+
     def build(self, ctx: BuildContext, where: str) -> Any:
         raise NotImplementedError
 
@@ -124,15 +129,18 @@ class _KeyFromEnv(_TeacherType):
         name = self.api_key_env
         key = os.environ.get(name) if name else None
         if name and not key:
-            hosted = getattr(self, "base_url", None) is None and not os.environ.get("OPENAI_BASE_URL")
-            named = "api_key_env" in self.model_fields_set
-            if (hosted and self.remote and self.type != "reward_model") or named:
+            if self._hosted() or "api_key_env" in self.model_fields_set:
                 raise ConfigError(
                     f"{where}.api_key_env: the environment variable {name} is not set. "
                     f"`export {name}=...` before running, or set {where}.base_url to a local server "
                     "that needs no key (and drop api_key_env)"
                 )
         return key
+
+    def _hosted(self) -> bool:
+        """A hosted API (an OpenAI-compatible teacher with no base_url and no OPENAI_BASE_URL: OpenAI's),
+        which always needs a key; an endpoint the config names may need none."""
+        return False
 
 
 class _ApiTeacher(_KeyFromEnv):
@@ -142,6 +150,9 @@ class _ApiTeacher(_KeyFromEnv):
 
     model: str = Field(min_length=1)
     base_url: str | None = None
+
+    def _hosted(self) -> bool:
+        return self.base_url is None and not os.environ.get("OPENAI_BASE_URL")
 
     def _client_kwargs(self, ctx: BuildContext, where: str) -> dict[str, Any]:
         return dict(base_url=self.base_url, api_key=self.api_key(where), timeout=ctx.timeout)

@@ -11,13 +11,12 @@ from typing import Any
 
 from opd_sdk.errors import BadResponse
 from opd_sdk.types import (
+    FEEDBACK_CLASSES,
     MISSING,
     CallUsage,
     Feedback,
     FeedbackFailure,
     FeedbackRequest,
-    Preference,
-    Reference,
     Score,
     TokenLogprobs,
 )
@@ -26,7 +25,7 @@ from opd_sdk.types import (
 def check_shape(feedback: Any, request: FeedbackRequest) -> Feedback:
     """`feedback` if it is a Feedback value that fits `request`; else BadResponse (not retried)."""
     n = len(request.completions)
-    if not isinstance(feedback, (Score, Preference, Reference, TokenLogprobs, FeedbackFailure)):
+    if not isinstance(feedback, FEEDBACK_CLASSES):
         raise BadResponse(f"teacher returned {type(feedback).__name__}, not a Feedback value", retriable=False)
     if isinstance(feedback, Score) and len(feedback.scores) != n:
         raise BadResponse(f"teacher returned {len(feedback.scores)} scores for {n} completions", retriable=False)

@@ -76,7 +76,7 @@ from opd_sdk.feedback.teacher import (
 )
 from opd_sdk.feedback.usage import Usage
 from opd_sdk.redact import redact
-from opd_sdk.types import CallUsage, Feedback, FeedbackFailure, FeedbackRequest
+from opd_sdk.types import FEEDBACK_CLASSES, Feedback, FeedbackFailure, FeedbackRequest
 
 log = logging.getLogger("opd_sdk.feedback.collector")
 
@@ -393,10 +393,9 @@ class FeedbackCollector:
         """Count tokens and cost of fresh answers; correct the TPM estimate."""
         actual = 0
         for r in results:
-            usage = getattr(r, "usage", None)
-            if isinstance(usage, CallUsage):
-                self.usage.add_call_usage(usage, price_per_1k_prompt=self.price_prompt,
+            if isinstance(r, FEEDBACK_CLASSES):  # not yet checked (`check_shape`): a teacher may return anything
+                self.usage.add_call_usage(r.usage, price_per_1k_prompt=self.price_prompt,
                                           price_per_1k_completion=self.price_completion)
-                actual += usage.prompt_tokens + usage.completion_tokens
+                actual += r.usage.prompt_tokens + r.usage.completion_tokens
         if actual > 0:
             self.limiter.correct(est_tokens, actual)

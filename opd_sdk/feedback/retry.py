@@ -137,7 +137,7 @@ class ServerOrBackoffWait(wait_base):
 
     def __call__(self, retry_state: RetryCallState) -> float:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
-        server = getattr(exc, "retry_after", None) if isinstance(exc, TeacherError) else None
+        server = exc.retry_after if isinstance(exc, TeacherError) else None
         if server is not None and server > 0:  # 0 or less: no server delay, back off
             return min(float(server), self.retry_after_cap)
         return backoff_delay(retry_state.attempt_number, initial=self.initial, maximum=self.maximum)

@@ -17,16 +17,18 @@ on the student's own samples.
   text, not the student's samples); `Hybrid` adds a token-level and a
   sequence-level objective.
 
-Every objective follows the `Objective` protocol in `base.py`: a `plan`
-(feedback -> tensors, once per batch, via `opd_sdk.tensors.targets`) and a
-`compute` (its loss from the trainer's one forward pass, `opd_sdk.tensors.forward`);
+Every objective follows the `Objective` protocol in `base.py` (what the trainer,
+config checks and checkpoint read) and is either a `SingleObjective`, with a
+`plan` (feedback -> tensors, once per batch, via `opd_sdk.tensors.targets`) and
+a `compute` (its loss from the trainer's one forward pass,
+`opd_sdk.tensors.forward`), or a `Composite` of weighted single ones (`Hybrid`);
 the loss math is pure functions in `opd_sdk.losses`. Each objective
 declares its parameters beside its class (`<Name>Params`, see `params.py`):
 its constructor and the YAML `params:` are checked by that one model.
 `OBJECTIVES` maps config names to classes.
 """
 
-from opd_sdk.objectives.base import Composite, LossOutput, Objective
+from opd_sdk.objectives.base import Composite, LossOutput, Objective, SingleObjective
 from opd_sdk.objectives.hybrid import Hybrid
 from opd_sdk.objectives.online_dpo import OnlineDPO
 from opd_sdk.objectives.params import Declared, ObjectiveContext, ObjectiveParams
@@ -59,5 +61,6 @@ __all__ = [
     "RewardWeighted",
     "SFT",
     "SPIN",
+    "SingleObjective",
     "TokenDistill",
 ]

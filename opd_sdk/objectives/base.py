@@ -59,13 +59,18 @@ MeanMetrics = dict[str, tuple[Any, Any]]
 
 @runtime_checkable
 class Objective(Protocol):
-    """feedback_kinds: the Feedback kinds its plan reads (empty: no teacher needed).
+    """What the trainer, the config checks, the checkpoint and the parallel strategies read off an
+    objective, a `Composite` included (each one a `SingleObjective` or a `Composite`).
+
+    feedback_kinds: the Feedback kinds its plan reads (empty: no teacher needed).
     chunk_rows: rows per LM-head chunk in the forward pass.
+    recompute_head: the forward pass recomputes each chunk's logits in backward (less memory).
     min_group_size: samples per prompt below which it has no learning signal (checked before training).
     copies_student: setup() keeps a frozen copy of the policy (a KL reference, a SPIN opponent)."""
 
     feedback_kinds: tuple[str, ...]
     chunk_rows: int
+    recompute_head: bool
     min_group_size: int
     copies_student: bool
 
@@ -74,6 +79,21 @@ class Objective(Protocol):
 
     def after_step(self, step: int, policy: torch.nn.Module) -> None:
         """After optimizer step number `step` (1-based): refresh opponents, etc."""
+
+    def loss(self, policy: torch.nn.Module, batch: RolloutBatch, feedback: Sequence[Any]) -> LossOutput:
+        """The whole pipeline on one batch (`run_loss`): the loss tensor and its metrics."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of it (a SPIN opponent); {} when it keeps nothing between steps."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (after `setup`)."""
+
+
+@runtime_checkable
+class SingleObjective(Objective, Protocol):
+    """An objective with its own targets and loss (every one but a `Composite`): what `plan_batch`,
+    `micro_loss` and the forward layer read."""
 
     def temperature(self, batch: RolloutBatch) -> float:
         """The temperature its policy (and frozen-model) log-probs are taken at."""
@@ -93,16 +113,23 @@ class Term:
     """One weighted objective of a `Composite`, with the feedback it reads."""
 
     name: str | None
-    objective: Any
+    objective: SingleObjective
     weight: float
     feedback: Sequence[Feedback]
 
 
 @runtime_checkable
-class Composite(Protocol):
-    """An objective made of weighted terms (`Hybrid`); the trainer runs its terms over one forward."""
+class Composite(Objective, Protocol):
+    """An objective made of weighted terms (`Hybrid`); the trainer runs its terms over one forward.
 
-    def split(self, feedback: Sequence[Any]) -> list[Term]: ...
+    terms: (objective, weight, source) per term; source indexes the teacher whose feedback it reads.
+    feedback_sources: how many teachers it reads (one collector each)."""
+
+    terms: list[tuple[SingleObjective, float, int]]
+    feedback_sources: int
+
+    def split(self, feedback: Sequence[Any]) -> list[Term]:
+        """The terms, each with its source's feedback (`feedback`: one tuple per prompt, one entry per source)."""
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -154,13 +181,13 @@ def _key(term: Term, name: str) -> str:
     return f"objective/{name}" if term.name is None else f"objective/{term.name}/{name}"
 
 
-def plan_batch(objective: Any, policy: torch.nn.Module, batch: RolloutBatch, feedback: Sequence[Any] | None,
-               flat_tolerance: float = 0.0) -> BatchPlan:
+def plan_batch(objective: SingleObjective | Composite, policy: torch.nn.Module, batch: RolloutBatch,
+               feedback: Sequence[Any] | None, flat_tolerance: float = 0.0) -> BatchPlan:
     """Targets once: every term's `plan` over the whole batch (a `Composite` splits the feedback
     over its terms). flat_tolerance: a group whose rewards span at most this has no signal."""
     feedback = list(feedback) if feedback is not None else []
     terms = objective.split(feedback) if isinstance(objective, Composite) else [Term(None, objective, 1.0, feedback)]
-    vocab = getattr(getattr(policy, "config", None), "vocab_size", None) or PlanContext.vocab_size
+    vocab = getattr(getattr(policy, "config", None), "vocab_size", None) or PlanContext.vocab_size  # transformers
     ctx = PlanContext(flat_tolerance=flat_tolerance, vocab_size=vocab)
     plans = [t.objective.plan(batch, t.feedback, ctx) for t in terms]
     signal = sum(p.signal for p in plans)
@@ -180,7 +207,7 @@ def micro_loss(planned: BatchPlan, policy: torch.nn.Module, batch: RolloutBatch,
     entries = [(t.objective, p) for t, p in zip(terms, plans, strict=True)]
     views, stats = forward_micro(
         policy, batch, start, stop, entries, pad_id=pad_id, chunk_rows=min(t.objective.chunk_rows for t in terms),
-        recompute_head=any(getattr(t.objective, "recompute_head", False) for t in terms), tis_cap=tis_cap,
+        recompute_head=any(t.objective.recompute_head for t in terms), tis_cap=tis_cap,
     )
     loss = None
     for term, plan, vp in zip(terms, plans, views, strict=True):
@@ -214,7 +241,8 @@ def loss_metrics(planned: BatchPlan, sums: LossSums, loss: float) -> dict[str, f
     return metrics
 
 
-def run_loss(objective: Any, policy: torch.nn.Module, batch: RolloutBatch, feedback: Sequence[Any] | None) -> LossOutput:
+def run_loss(objective: SingleObjective | Composite, policy: torch.nn.Module, batch: RolloutBatch,
+             feedback: Sequence[Any] | None) -> LossOutput:
     """`objective.loss(...)`: the whole pipeline on one batch, one micro-batch, no backward (the
     trainer's micro-batches and ranks: `opd_sdk.train.microbatch.batch_loss`)."""
     planned = plan_batch(objective, policy, batch, feedback)

@@ -32,7 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from opd_sdk.errors import ConfigError
-from opd_sdk.objectives.base import LossOutput, Term, run_loss
+from opd_sdk.objectives.base import LossOutput, SingleObjective, Term, run_loss
 from opd_sdk.objectives.params import ObjectiveContext, ObjectiveParams
 from opd_sdk.rollout.batch import RolloutBatch
 
@@ -72,10 +72,11 @@ class Hybrid:
             if len(term) not in (2, 3):
                 raise ConfigError(f"Hybrid term {k}: give (objective, weight) or (objective, weight, source)")
             objective, weight, source = term[0], float(term[1]), int(term[2]) if len(term) == 3 else 0
-            if not hasattr(objective, "loss") or source < 0:
-                raise ConfigError(f"Hybrid term {k}: needs an objective with .loss() and a source index >= 0")
+            if not isinstance(objective, SingleObjective) or source < 0:
+                raise ConfigError(f"Hybrid term {k}: needs an objective with its own plan and compute (not a "
+                                  f"Hybrid; got {type(objective).__name__}) and a source index >= 0")
             parsed.append((objective, weight, source))
-        self.terms = parsed
+        self.terms: list[tuple[SingleObjective, float, int]] = parsed
         self.feedback_sources = max(s for _, _, s in parsed) + 1
         default = [type(o).__name__.lower() for o, _, _ in parsed]
         names = list(names) if names is not None else [
@@ -86,7 +87,7 @@ class Hybrid:
         self.names = names
         kinds: list[str] = []
         for o, _, _ in parsed:
-            kinds += [k for k in getattr(o, "feedback_kinds", ()) if k not in kinds]
+            kinds += [k for k in o.feedback_kinds if k not in kinds]
         self.feedback_kinds = tuple(kinds)
 
     @classmethod
@@ -122,7 +123,7 @@ class Hybrid:
 
     @property
     def copies_student(self) -> bool:
-        return any(getattr(o, "copies_student", False) for o, _, _ in self.terms)
+        return any(o.copies_student for o, _, _ in self.terms)
 
     @property
     def min_group_size(self) -> int:
@@ -132,18 +133,24 @@ class Hybrid:
     def chunk_rows(self) -> int:
         return min(o.chunk_rows for o, _, _ in self.terms)
 
+    @property
+    def recompute_head(self) -> bool:
+        return any(o.recompute_head for o, _, _ in self.terms)
+
     def split(self, feedback: Sequence[Any]) -> list[Term]:
         """The weighted terms, each with the feedback of its source (the forward layer runs them together)."""
         per_source = self.split_feedback(feedback)
-        return [Term(name, o, w, per_source[s]) for (o, w, s), name in zip(self.terms, self.names)]
+        return [Term(name, o, w, per_source[s]) for (o, w, s), name in zip(self.terms, self.names, strict=True)]
 
     def loss(self, policy: torch.nn.Module, batch: RolloutBatch, feedback: Sequence[Any]) -> LossOutput:
         return run_loss(self, policy, batch, feedback)
 
     def state_dict(self) -> dict[str, Any]:
-        return {name: o.state_dict() for (o, _, _), name in zip(self.terms, self.names) if hasattr(o, "state_dict")}
+        """Each term's state under its name (terms that keep nothing left out)."""
+        states = {name: o.state_dict() for (o, _, _), name in zip(self.terms, self.names, strict=True)}
+        return {name: state for name, state in states.items() if state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for (o, _, _), name in zip(self.terms, self.names):
-            if name in state and hasattr(o, "load_state_dict"):
+        for (o, _, _), name in zip(self.terms, self.names, strict=True):
+            if name in state:
                 o.load_state_dict(state[name])

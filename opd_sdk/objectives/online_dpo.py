@@ -59,6 +59,7 @@ class OnlineDPO:
     min_group_size = 2  # pairs compare two samples of one prompt
     feedback_kinds = ("preference", "score")
     copies_student = True  # the reference
+    recompute_head = False
     params_model = OnlineDPOParams
 
     def __init__(self, *, reference: torch.nn.Module | None = None, **params: Any) -> None:
@@ -89,6 +90,12 @@ class OnlineDPO:
 
     def loss(self, policy: torch.nn.Module, batch: RolloutBatch, feedback: Sequence[Feedback] | None):
         return run_loss(self, policy, batch, feedback)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # nothing kept between steps
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
     def plan(self, batch: RolloutBatch, feedback: Sequence[Feedback], ctx: PlanContext) -> Plan:
         pairs = feedback_pairs(batch, feedback, "OnlineDPO")

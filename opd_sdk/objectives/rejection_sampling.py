@@ -78,6 +78,7 @@ class RejectionSampling:
     min_group_size = 1
     feedback_kinds = ("score",)
     copies_student = False
+    recompute_head = False
     params_model = RejectionSamplingParams
 
     def __init__(self, **params: Any) -> None:
@@ -104,6 +105,12 @@ class RejectionSampling:
 
     def loss(self, policy: torch.nn.Module, batch: RolloutBatch, feedback: Sequence[Feedback] | None):
         return run_loss(self, policy, batch, feedback)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # nothing kept between steps
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
     def plan(self, batch: RolloutBatch, feedback: Sequence[Feedback], ctx: PlanContext) -> Plan:
         table = score_table(batch, feedback, "RejectionSampling")

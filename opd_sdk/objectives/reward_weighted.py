@@ -150,6 +150,12 @@ class RewardWeighted:
     def loss(self, policy: torch.nn.Module, batch: RolloutBatch, feedback: Sequence[Feedback]):
         return run_loss(self, policy, batch, feedback)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # nothing kept between steps
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
     def plan(self, batch: RolloutBatch, feedback: Sequence[Feedback], ctx: PlanContext) -> Plan:
         table = score_table(batch, feedback, "RewardWeighted", ctx.flat_tolerance)
         valid_PG, flat_P = table.valid_PG, table.flat_P

@@ -53,6 +53,7 @@ class SFT:
     """
 
     min_group_size = 1
+    recompute_head = False
     params_model = SFTParams
 
     def __init__(self, tokenizer: Any, **params: Any) -> None:
@@ -82,6 +83,12 @@ class SFT:
 
     def loss(self, policy: torch.nn.Module, batch: RolloutBatch, feedback: Sequence[Feedback] | None):
         return run_loss(self, policy, batch, feedback)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # nothing kept between steps
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
     def plan(self, batch: RolloutBatch, feedback: Sequence[Feedback] | None, ctx: PlanContext) -> Plan:
         texts, missing = reference_texts(batch, feedback, self.source, "SFT", self.all_references)

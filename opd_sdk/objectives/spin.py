@@ -69,6 +69,7 @@ class SPIN:
     """
 
     min_group_size = 1
+    recompute_head = False
     params_model = SPINParams
 
     def __init__(self, tokenizer: Any, **params: Any) -> None:

@@ -83,6 +83,7 @@ class TokenDistill:
     min_group_size = 1
     feedback_kinds = ("token_logprobs",)
     copies_student = False
+    recompute_head = False
     params_model = TokenDistillParams
 
     def __init__(self, **params: Any) -> None:
@@ -111,6 +112,12 @@ class TokenDistill:
 
     def loss(self, policy: torch.nn.Module, batch: RolloutBatch, feedback: Sequence[Feedback]):
         return run_loss(self, policy, batch, feedback)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # nothing kept between steps
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
     def plan(self, batch: RolloutBatch, feedback: Sequence[Feedback], ctx: PlanContext) -> Plan:
         tokens = teacher_token_logprobs(batch, feedback, "TokenDistill")

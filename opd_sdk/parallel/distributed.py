@@ -56,7 +56,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pickle
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -103,8 +103,15 @@ def deepspeed_problems(zero_stage: int) -> list[str]:
     return problems
 
 
+class CopiesStudent(Protocol):
+    """What `launch_problems` reads off an objective (`opd_sdk.objectives.base.Objective`)."""
+
+    copies_student: bool
+
+
 def launch_problems(*, world_size: int, fsdp: bool, prompts_per_step: int, max_staleness: int = 0,
-                    eval_every: int = 0, engine: str = "transformers", objective: Any = None) -> list[str]:
+                    eval_every: int = 0, engine: str = "transformers",
+                    objective: CopiesStudent | None = None) -> list[str]:
     """What this job cannot do with `world_size` processes (and FSDP), one line each with the fix.
 
     Checked by `opd train --check`, by `opd train` before it writes anything, and by the Trainer.
@@ -123,7 +130,7 @@ def launch_problems(*, world_size: int, fsdp: bool, prompts_per_step: int, max_s
                         "student); remove it: the held-out metric is measured before and after training")
     if engine == "vllm":
         problems.append(f"rollout.engine: vllm cannot sample from an FSDP-sharded student yet; use transformers, {fix}")
-    if getattr(objective, "copies_student", False):
+    if objective is not None and objective.copies_student:
         problems.append(f"objective: {type(objective).__name__} keeps a frozen copy of the student (a KL "
                         f"reference or a SPIN opponent), which FSDP does not shard yet; drop the copy (beta: 0 "
                         f"where that is the KL weight), {fix}")

@@ -278,7 +278,8 @@ class VLLMRollout:
         )  # randomness: the engine's seed (a per-request seed would take vLLM's slower per-request generators)
         outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
         return [
-            [(list(c.token_ids), [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]) for c in o.outputs]
+            [(list(c.token_ids), [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids, strict=True)])
+             for c in o.outputs]
             for o in outs
         ]
 

@@ -154,7 +154,7 @@ def forward_micro(
     position = {b: n for n, b in enumerate(rows_U)}
     used = batch.attention_mask_BT[rows_U].sum(0) > 0 if rows_U else torch.zeros(0, dtype=torch.bool)
     T = max(int(used.nonzero().max()) + 1, L) if used.any() else L
-    texts = [plan.texts[k] for (_, plan), part in zip(entries, parts) for k in part.texts]
+    texts = [plan.texts[k] for (_, plan), part in zip(entries, parts, strict=True) for k in part.texts]
     ids, attn = [batch.input_ids_BT[rows_U, :T]], [batch.attention_mask_BT[rows_U, :T]]
     T_text = L
     if texts:
@@ -168,7 +168,7 @@ def forward_micro(
 
     # the support of every term, with rows renumbered into the sequences
     supports, support_slices = [], []
-    for (_, plan), part in zip(entries, parts):
+    for (_, plan), part in zip(entries, parts, strict=True):
         begin = sum(len(s[0]) for s in supports)
         if plan.support is not None and part.support_M.numel():
             sel = part.support_M.to(plan.support.rows_M.device)
@@ -218,7 +218,7 @@ def forward_micro(
 
     views: list[tuple[View, Part] | None] = []
     text_offset = 0
-    for (objective, plan), part, s_slice in zip(entries, parts, support_slices):
+    for (objective, plan), part, s_slice in zip(entries, parts, support_slices, strict=True):
         if part.empty():
             views.append(None)
             text_offset += len(part.texts)

@@ -43,6 +43,7 @@ import torch
 
 from opd_sdk.errors import ConfigError
 from opd_sdk.models import is_peft
+from opd_sdk.objectives.base import Objective
 from opd_sdk.parallel.strategy import ParallelStrategy
 from opd_sdk.train.metrics import read_metrics
 
@@ -101,7 +102,7 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     rngs: list[dict[str, Any]],
-    objective: Any = None,
+    objective: Objective | None = None,
     tokenizer: Any = None,
 ) -> Path:
     """Write a checkpoint folder at `path` (atomically; machine paths scrubbed). Every rank calls it:
@@ -126,8 +127,9 @@ def save_checkpoint(
     torch.save(rngs[0], tmp / "rng.pt")
     for r, state_r in enumerate(rngs[1:], start=1):
         torch.save(state_r, tmp / f"rng-rank{r}.pt")
-    if objective is not None and hasattr(objective, "state_dict"):
-        torch.save(objective.state_dict(), tmp / "objective.pt")
+    objective_state = objective.state_dict() if objective is not None else {}
+    if objective_state:  # a stateless objective writes no file
+        torch.save(objective_state, tmp / "objective.pt")
     state = {**state, "world_size": dist.world_size, "zero_stage": dist.zero_stage}
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
     if final.exists():
@@ -208,7 +210,7 @@ def load_checkpoint(
     parallel: ParallelStrategy,
     model: torch.nn.Module,
     scheduler: Any,
-    objective: Any = None,
+    objective: Objective | None = None,
 ) -> dict[str, Any]:
     """Restore model and optimizer (the strategy's state), scheduler, RNG (this rank's) and objective
     state; returns trainer_state.json. Every rank calls it. Raises ConfigError for an incomplete
@@ -224,7 +226,7 @@ def load_checkpoint(
     parallel.load(folder)
     device = next(model.parameters()).device
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-    if objective is not None and hasattr(objective, "load_state_dict") and (folder / "objective.pt").exists():
+    if objective is not None and (folder / "objective.pt").exists():
         objective.load_state_dict(torch.load(folder / "objective.pt", map_location=device, weights_only=True))
     set_rng_state(torch.load(folder / ("rng.pt" if dist.rank == 0 else f"rng-rank{dist.rank}.pt"), weights_only=True))
     return state

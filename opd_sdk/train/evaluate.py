@@ -57,5 +57,5 @@ def greedy_accuracy(
     for start in range(0, len(prompts), batch_size):
         batch = engine.sample(prompts[start : start + batch_size], 1)
         texts.extend(c.text for c in batch.completions)
-    correct = sum(bool(checker(t, p)) for t, p in zip(texts, prompts))
+    correct = sum(bool(checker(t, p)) for t, p in zip(texts, prompts, strict=True))
     return EvalResult(accuracy=correct / len(prompts), correct=correct, total=len(prompts), completions=texts)

@@ -187,7 +187,7 @@ class Trainer:
         self.max_steps = loop.steps
         self.flat_tolerance = loop.flat_group_tolerance
         self.max_no_signal_steps = loop.max_no_signal_steps
-        exact = getattr(self.rollout, "exact_logprobs", True) and samp.max_staleness == 0
+        exact = self.rollout.exact_logprobs and samp.max_staleness == 0
         self.tis_cap = (None if exact else DEFAULT_TIS_CAP) if samp.tis_cap is None else (samp.tis_cap or None)
 
     def _make_pipeline(self) -> Pipeline:

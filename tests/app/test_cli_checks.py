@@ -128,3 +128,21 @@ def test_a_teacher_that_follows_the_student_is_refused_with_max_staleness(tmp_pa
     assert rc == 0 and "is valid" in out, err
     rc, out, err = run_cli(capsys, "train", str(write_config(tmp_path, tiny_dir, teacher=live, objective=token)), "--check")
     assert rc == 0 and "is valid" in out, err
+
+
+def test_accuracy_grades_with_the_verifier_found_anywhere_in_the_teacher_tree():
+    from opd_sdk.app.runner import find_verifier
+    from opd_sdk.config.run import validate_config
+
+    def teacher(section: dict):
+        return validate_config({"student": {"model": "smollm2"}, "data": {"task": "times_table"}, "teacher": section,
+                                "objective": {"type": "reward_weighted"}}).teacher
+
+    judge = {"type": "judge", "model": "m", "base_url": "http://127.0.0.1:9/v1"}
+    exact = {"type": "verifier", "mode": "exact"}
+    gate = teacher({"type": "gate", "verifier": exact, "judge": judge})
+    assert find_verifier(gate) is gate.verifier
+    summed = teacher({"type": "weighted_sum", "teachers": [{"weight": 1.0, "teacher": judge},
+                                                           {"weight": 1.0, "teacher": exact}]})
+    assert find_verifier(summed) is summed.teachers[1].teacher and summed.teachers[1].teacher.mode == "exact"
+    assert find_verifier(teacher(judge)) is None
