@@ -8,11 +8,8 @@ import torch
 
 from opd_sdk.errors import ConfigError
 from opd_sdk.rollout.engine import RolloutEngine, TransformersRollout
-from opd_sdk.rollout.vllm_colocated import (
-    VLLMRollout,
-    logprobs_mode_for,
-    vllm_available,
-)
+from opd_sdk.rollout.vllm_colocated import VLLMRollout
+from opd_sdk.rollout.vllm_support import logprobs_mode_for, vllm_available
 
 log = logging.getLogger(__name__)
 
