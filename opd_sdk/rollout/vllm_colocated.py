@@ -42,8 +42,13 @@ from opd_sdk.errors import ConfigError
 from opd_sdk.models import is_peft
 from opd_sdk.rollout.batch import RolloutBatch
 from opd_sdk.rollout.engine import eos_token_ids, render_prompts
-from opd_sdk.rollout.vllm_support import check_vllm_version, logprobs_mode_for, vllm_available
+from opd_sdk.rollout.vllm_support import (
+    check_vllm_version,
+    logprobs_mode_for,
+    vllm_available,
+)
 from opd_sdk.types import Completion
+
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights under Hugging Face names, detached; for a peft LoRA model the

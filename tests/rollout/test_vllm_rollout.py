@@ -15,7 +15,11 @@ from opd_sdk.rollout.build import build_rollout_engine
 from opd_sdk.rollout.engine import RolloutEngine, TransformersRollout, render_prompts
 from opd_sdk.rollout.logprobs import selected_logprobs
 from opd_sdk.rollout.vllm_colocated import VLLMRollout, assemble_batch, full_state_dict
-from opd_sdk.rollout.vllm_support import VERIFIED_VLLM, check_vllm_version, logprobs_mode_for
+from opd_sdk.rollout.vllm_support import (
+    VERIFIED_VLLM,
+    check_vllm_version,
+    logprobs_mode_for,
+)
 from tests.loop_fixtures import tiny_tokenizer
 from tests.vllm_fixtures import (
     fixed_ids,
