@@ -6,7 +6,8 @@ Names are `namespace/name`, the namespace saying which stage of the loop
 measured it (README "Metrics" lists them all): `rollout/`, `teacher/`,
 `reward/`, `forward/`, `loss/`, `objective/` (what the objective reports;
 `objective/<term>/` for a Hybrid term), `optim/`, `time/`, `eval/`. Each
-metric is computed in one place; `merge_rows` refuses a name reported twice.
+metric is computed in one place; `merge_rows` refuses a name reported twice. The
+loop's row is `step_row` (its time/ metrics from a `StepTimer`).
 
 Runs written before the names were namespaced (`reward_mean`, `loss`,
 `time_step_s`, ...) stay readable: `read_metrics` and `plot_learning_curve`
@@ -68,6 +69,15 @@ class MetricsLogger:
             import wandb
 
             self._wandb = wandb.init(project=wandb_project, config=run_config or {})
+
+    @classmethod
+    def for_run(cls, output_dir: Path | None, is_main: bool, *, tensorboard: bool | str,
+                wandb_project: str | None) -> "MetricsLogger":
+        """A run's logger: output_dir/metrics.jsonl and output_dir/tb/ (TensorBoard), written by rank 0
+        alone (`is_main`); the other ranks keep their rows in memory only."""
+        writes = output_dir is not None and is_main
+        return cls(output_dir / "metrics.jsonl" if writes else None, tb_dir=output_dir / "tb" if writes else None,
+                   tensorboard=tensorboard if is_main else False, wandb_project=wandb_project if is_main else None)
 
     def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}

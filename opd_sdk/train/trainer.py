@@ -19,7 +19,6 @@ step runs over the launch's processes (one, data parallel, FSDP, ZeRO) is the
 from __future__ import annotations
 
 import collections
-import contextlib
 import math
 import sys
 from pathlib import Path
@@ -27,47 +26,29 @@ from typing import Any, Callable
 
 import torch
 
-from opd_sdk.config.settings import (
-    LoopSettings,
-    OptimizerSettings,
-    RolloutSettings,
-    settings_from_kwargs,
-)
+from opd_sdk.config.settings import LoopSettings, OptimizerSettings, RolloutSettings, settings_from_kwargs
+from opd_sdk.constants import DEFAULT_TIS_CAP
 from opd_sdk.data import PromptItem, PromptSampler, load_prompts
 from opd_sdk.errors import ConfigError, TrainingStopped
 from opd_sdk.feedback.local import LocalRunner
 from opd_sdk.feedback.teacher import notify_optimizer_step, tokenizer_fingerprint
 from opd_sdk.objectives.base import Composite, Objective
-from opd_sdk.parallel.distributed import Distributed, launch_problems
+from opd_sdk.parallel.distributed import Distributed
 from opd_sdk.parallel.strategy import make_strategy
 from opd_sdk.rollout.batch import RolloutBatch
 from opd_sdk.rollout.build import build_rollout_engine
 from opd_sdk.rollout.engine import RolloutEngine
-from opd_sdk.train.checkpoint import (
-    checkpoint_dir,
-    load_checkpoint,
-    prune_checkpoints,
-    refuse_an_earlier_run,
-    resolve_checkpoint,
-    rng_state,
-    save_checkpoint,
-    save_student,
-)
-from opd_sdk.train.collect import check_collectors, collect, score_stats, usage_total
+from opd_sdk.train.checkpoint import (checkpoint_dir, load_checkpoint, prune_checkpoints, refuse_an_earlier_run,
+                                      resolve_checkpoint, rng_state, save_checkpoint, save_student)
+from opd_sdk.train.checks import check_trainer
+from opd_sdk.train.collect import collect, usage_total
 from opd_sdk.train.metrics import MetricsLogger, StepTimer, step_row
 from opd_sdk.train.microbatch import batch_loss
-from opd_sdk.train.optim import (
-    autocast_dtype,
-    make_optimizer,
-    prepare_student,
-    set_seed,
-)
+from opd_sdk.train.optim import autocast, autocast_dtype, make_optimizer, prepare_student, set_seed
 from opd_sdk.train.pipeline import Pipeline
 from opd_sdk.train.progress import Progress
 from opd_sdk.train.stop import must_stop, sigterm_as_interrupt, training_stopped
 from opd_sdk.types import FeedbackFailure
-
-from opd_sdk.constants import DEFAULT_TIS_CAP
 
 
 class Trainer:
@@ -132,7 +113,8 @@ class Trainer:
         self.parallel = make_strategy(self.dist, max_grad_norm=self.optimizer_settings.max_grad_norm)
         self.objective = objective
         self.collectors = [] if collector is None else list(collector) if isinstance(collector, (list, tuple)) else [collector]
-        self._check(model, precision, micro_batch_prompts, eval_fn, eval_every)
+        check_trainer(model, objective, self.collectors, dist=self.dist, parallel=self.parallel, sampling=self.sampling,
+                      precision=precision, micro_batch_prompts=micro_batch_prompts, eval_fn=eval_fn, eval_every=eval_every)
         set_seed(self.loop.seed)
         self.model = prepare_student(model, self.parallel, lora=lora, gradient_checkpointing=gradient_checkpointing)
         self.device = next(self.model.parameters()).device
@@ -157,26 +139,6 @@ class Trainer:
             set_seed(self.loop.seed + self.dist.rank)  # same initial weights everywhere, a sampling stream per rank
 
     # ---- building it ----------------------------------------------------------------------
-
-    def _check(self, model: torch.nn.Module, precision: str, micro_batch_prompts: int | None,
-               eval_fn: Callable | None, eval_every: int) -> None:
-        """ConfigError for what this launch cannot train, before anything is built."""
-        samp = self.sampling
-        problems = launch_problems(
-            world_size=self.dist.world_size, fsdp=self.dist.fsdp, prompts_per_step=samp.prompts_per_step,
-            max_staleness=samp.max_staleness, eval_every=eval_every, engine=samp.engine, objective=self.objective,
-        )
-        if problems:
-            raise ConfigError("; ".join(problems))
-        sharded = model if self.parallel.shards_student else None  # a teacher may not run a sharded student
-        self.dist.on_main(lambda: check_collectors(  # rank 0 asks
-            self.objective, self.collectors, sharded, max_staleness=self.sampling.max_staleness))
-        if precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
-        if micro_batch_prompts is not None and micro_batch_prompts < 1:
-            raise ConfigError(f"micro_batch_prompts must be >= 1, got {micro_batch_prompts}")
-        if eval_every and eval_fn is None:
-            raise ConfigError("eval_every needs eval_fn (a function model -> {name: number})")
 
     def _take_settings(self, micro_batch_prompts: int | None) -> None:
         """The loop's numbers, from the settings (and the rollout engine, for the TIS cap)."""
@@ -208,13 +170,8 @@ class Trainer:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.save_every = self.loop.save_every or 0
         self.eval_fn, self.eval_every = eval_fn, eval_every
-        writes = self.output_dir is not None and self.dist.is_main
-        self.metrics = MetricsLogger(
-            self.output_dir / "metrics.jsonl" if writes else None,
-            tb_dir=self.output_dir / "tb" if writes else None,
-            tensorboard=tensorboard if self.dist.is_main else False,
-            wandb_project=wandb_project if self.dist.is_main else None,
-        )
+        self.metrics = MetricsLogger.for_run(self.output_dir, self.dist.is_main, tensorboard=tensorboard,
+                                             wandb_project=wandb_project)
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.step = 0
         self.saved_step = 0  # the step of the newest checkpoint this run wrote or resumed from
@@ -222,11 +179,6 @@ class Trainer:
         self.teacher_cost_before = 0.0  # cost spent by earlier runs of a resumed training
 
     # ---- the loop -------------------------------------------------------------------------
-
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _sample(self, prompts: list[PromptItem]) -> RolloutBatch:
         """The step's rollouts: this rank samples its share of `prompts`; every rank gets the whole batch."""
@@ -273,7 +225,7 @@ class Trainer:
             result = batch_loss(
                 self.objective, self.model, batch, feedback, micro_batch_prompts=self.micro_batch_prompts,
                 flat_tolerance=self.flat_tolerance, backward=True, tis_cap=self.tis_cap, pad_id=self.pad_id,
-                autocast=self._autocast(), parallel=self.parallel,
+                autocast=autocast(self.device, self.autocast_dtype), parallel=self.parallel,
             )
             timer.lap("forward_backward")
             skipped = result.signal == 0
@@ -350,13 +302,9 @@ class Trainer:
     # ---- saving ---------------------------------------------------------------------------
 
     def save_pretrained(self, path: str | Path, *, merge_lora: bool = False) -> Path:
-        """The student (or its LoRA adapter; merged into the base with merge_lora=True) and tokenizer.
-
-        A LoRA adapter's `base_model_name_or_path` is written as the base's
-        name (or folder name), never an absolute path of this machine.
-        In a launched job only rank 0 writes (under FSDP every rank must call: the
-        weights are gathered to rank 0 first). Raises ConfigError for merge_lora under FSDP.
-        """
+        """The student (or its LoRA adapter; merged into the base with merge_lora=True) and tokenizer,
+        never with an absolute path of this machine (`opd_sdk.train.checkpoint.save_student`: under
+        FSDP every rank must call). Raises ConfigError for merge_lora under FSDP."""
         return save_student(path, parallel=self.parallel, model=self.model, tokenizer=self.tokenizer,
                             merge_lora=merge_lora)
 
