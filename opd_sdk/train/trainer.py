@@ -3,6 +3,7 @@
     prompts  = sampler.next_batch()                           # P prompts
     batch    = rollout.sample(prompts, G)                     # the student answers, P*G rows (each rank its share)
     feedback = collect(collectors, batch)                     # one Feedback per prompt group (rank 0 for all)
+                         # (both through `opd_sdk.train.pipeline`: now, or k steps ahead with max_staleness k)
     result   = batch_loss(objective, model, batch, feedback)  # targets once; per micro-batch one
                                                               # policy forward, every term's loss, backward
     if result.signal: parallel.step() (sync, clip, optimizer); scheduler.step(); teachers and rollout follow
@@ -279,7 +280,7 @@ class Trainer:
         try:
             with sigterm_as_interrupt():
                 while self.step < self.max_steps:
-                    step_start = self._state_at_step_start()
+                    step_start = self._resumable_state()
                     row = self.train_step()
                     step_start = None
                     progress.update(self.step, row)
@@ -316,17 +317,12 @@ class Trainer:
             if self.output_dir is None:
                 raise ConfigError("save_checkpoint needs a path or the trainer's output_dir")
             path = checkpoint_dir(self.output_dir, self.step)
-        at_step_start = at_step_start or {}
-        state = {
-            "step": self.step,
-            "data": at_step_start.get("data", self.sampler.state_dict()),
-            "teacher_cost_usd": self.teacher_cost_usd(),
-            "in_flight": at_step_start.get("in_flight", self.pipeline.state()),
-        }
+        here = {**self._resumable_state(), **(at_step_start or {})}
+        state = {"step": self.step, "data": here["data"], "teacher_cost_usd": self.teacher_cost_usd(),
+                 "in_flight": here["in_flight"]}
         return save_checkpoint(
             path, parallel=self.parallel, model=self.model, scheduler=self.scheduler, state=state,
-            rngs=self.dist.all_gather(at_step_start.get("rng") or rng_state()), objective=self.objective,
-            tokenizer=self.tokenizer,
+            rngs=self.dist.all_gather(here["rng"]), objective=self.objective, tokenizer=self.tokenizer,
         )
 
     def resume(self, path: str | Path) -> int:
@@ -346,8 +342,9 @@ class Trainer:
 
     # ---- checkpoints on schedule and on a stop ----------------------------------------------
 
-    def _state_at_step_start(self) -> dict[str, Any]:
-        """What a checkpoint written during the next step must hold instead of that step's half-done state."""
+    def _resumable_state(self) -> dict[str, Any]:
+        """The sampler's position, the RNG state and the batches in flight: taken before a step, what a
+        checkpoint written during that step holds instead of the step's half-done state."""
         return {"data": self.sampler.state_dict(), "rng": rng_state(), "in_flight": self.pipeline.state()}
 
     def _checkpoint(self, at_step_start: dict[str, Any] | None = None) -> Path | None:
