@@ -6,7 +6,8 @@ Names are `namespace/name`, the namespace saying which stage of the loop
 measured it (README "Metrics" lists them all): `rollout/`, `teacher/`,
 `reward/`, `forward/`, `loss/`, `objective/` (what the objective reports;
 `objective/<term>/` for a Hybrid term), `optim/`, `time/`, `eval/`. Each
-metric is computed in one place; `merge_rows` refuses a name reported twice.
+metric is computed in one place; `merge_rows` refuses a name reported twice. The
+loop's row is `step_row` (its time/ metrics from a `StepTimer`).
 
 Runs written before the names were namespaced (`reward_mean`, `loss`,
 `time_step_s`, ...) stay readable: `read_metrics` and `plot_learning_curve`
@@ -15,11 +16,17 @@ read a row through `current_names`, which maps the old names to the new.
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import json
 import math
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+from opd_sdk.rollout.batch import RolloutBatch
+from opd_sdk.train.collect import score_stats
+from opd_sdk.types import Feedback
 
 
 def _plain(value: Any) -> Any:
@@ -62,6 +69,15 @@ class MetricsLogger:
             import wandb
 
             self._wandb = wandb.init(project=wandb_project, config=run_config or {})
+
+    @classmethod
+    def for_run(cls, output_dir: Path | None, is_main: bool, *, tensorboard: bool | str,
+                wandb_project: str | None) -> "MetricsLogger":
+        """A run's logger: output_dir/metrics.jsonl and output_dir/tb/ (TensorBoard), written by rank 0
+        alone (`is_main`); the other ranks keep their rows in memory only."""
+        writes = output_dir is not None and is_main
+        return cls(output_dir / "metrics.jsonl" if writes else None, tb_dir=output_dir / "tb" if writes else None,
+                   tensorboard=tensorboard if is_main else False, wandb_project=wandb_project if is_main else None)
 
     def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
@@ -158,6 +174,53 @@ def merge_rows(*parts: dict[str, Any]) -> dict[str, Any]:
             raise RuntimeError(f"metrics {twice} are computed in two places; compute each in one and log it once")
         row.update(part)
     return row
+
+
+class StepTimer:
+    """Wall-clock seconds of a step's stages: each `lap(stage)` ends the stage begun at the previous
+    lap (or at the start); `total()` is the seconds since the start."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage], self.last = now - self.last, now
+
+    def total(self) -> float:
+        return self.last - self.start
+
+
+def step_row(loss_metrics: dict[str, Any], feedback: Sequence[Feedback], failures: collections.Counter,
+             batch: RolloutBatch, timer: StepTimer, *, teacher: dict[str, Any], staleness: int, skipped: bool,
+             grad_norm: float | None, lr: float) -> dict[str, Any]:
+    """One step's row: the loss's metrics (loss/, objective/, forward/, optim/signal) and the loop's.
+
+    feedback: every Feedback of the step (one per prompt and source); failures: their
+    `FeedbackFailure.error_type` counts; teacher: {requests, cache_hits, cost_usd} so far;
+    timer: laps "sample", "feedback", "forward_backward", "optimizer", "sync" (seconds).
+    Raises RuntimeError when the loss reports a name the loop also reports (`merge_rows`).
+    """
+    reward_mean, reward_std = score_stats(feedback)
+    tokens, laps, total = batch.completion_tokens(), timer.laps, timer.total()
+    return merge_rows(loss_metrics, {
+        "reward/mean": reward_mean,
+        "reward/std": reward_std,
+        "teacher/failures": sum(failures.values()),
+        **{f"teacher/failures/{kind}": n for kind, n in sorted(failures.items())},
+        **{f"teacher/{name}": value for name, value in teacher.items()},
+        "rollout/staleness": staleness,
+        "rollout/completion_tokens": tokens,
+        "rollout/completion_len_mean": tokens / batch.size,
+        "optim/skipped": int(skipped),
+        "optim/grad_norm": grad_norm,
+        "optim/lr": lr,
+        "time/tokens_per_s": tokens / total,
+        "time/sample_tokens_per_s": tokens / max(laps["sample"], 1e-9),
+        **{f"time/{stage}_s": seconds for stage, seconds in laps.items()},
+        "time/step_s": total,
+    })
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

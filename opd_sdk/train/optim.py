@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from typing import Any
@@ -76,6 +77,11 @@ def autocast_dtype(precision: str, device: torch.device) -> tuple[str, torch.dty
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     return precision, torch.bfloat16 if precision == "bf16" else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """torch.autocast on `device` to `dtype`; a context that does nothing for None (fp32)."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def make_optimizer(model: torch.nn.Module, opt: OptimizerSettings, total_steps: int):

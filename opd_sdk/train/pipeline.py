@@ -1,6 +1,8 @@
-"""Overlap teacher latency with training: rollouts and their feedback in flight ahead of the update.
+"""Where each step's batch and its feedback come from: sampled now, or in flight ahead of the update.
 
-With `max_staleness: k` (k >= 1) the trainer keeps up to 1 + k batches in
+With `max_staleness: 0` (the default) a step samples its batch with the current
+weights and then asks its feedback, both on the training thread. With
+`max_staleness: k` (k >= 1) the trainer keeps up to 1 + k batches in
 flight. Before each update it tops the queue up, sampling with the current
 weights and submitting each batch's feedback requests at once (a background
 thread per batch; the collector's own event loop does the calls). It then
@@ -39,43 +41,46 @@ from opd_sdk.rollout.batch import RolloutBatch
 class InFlight:
     batch: RolloutBatch
     sampled_at: int  # optimizer steps done when it was sampled
-    feedback: Future | None  # None: asked when trained (local teachers)
+    feedback: Future | None  # None: asked when trained (local teachers, or max_staleness 0)
 
 
 class Pipeline:
-    """The queue of batches in flight.
+    """The queue of batches in flight: `top_up` samples, `pop` hands the oldest to the step.
 
     sample(): the next RolloutBatch with the current weights. collect(batch): its feedback
-    (blocking; run in a worker thread when `overlap`). overlap: submit feedback at sampling time.
+    (blocking; run in a worker thread when `overlap`). overlap: submit feedback at sampling
+    time, ahead of the step (max_staleness >= 1 only).
     """
 
     def __init__(self, max_staleness: int, sample: Callable[[], RolloutBatch],
                  collect: Callable[[RolloutBatch], list[Any]], *, overlap: bool) -> None:
-        if max_staleness < 1:
-            raise ConfigError(f"rollout.max_staleness must be >= 1 for the pipeline, got {max_staleness}")
+        if overlap and max_staleness < 1:
+            raise ConfigError(f"overlapping feedback needs rollout.max_staleness >= 1, got {max_staleness}")
         self.max_staleness = max_staleness
         self.sample = sample
         self.collect = collect
         self.overlap = overlap
         self.queue: collections.deque[InFlight] = collections.deque()
-        self.pool = ThreadPoolExecutor(max_staleness + 1, thread_name_prefix="opd-feedback")
+        self.pool = ThreadPoolExecutor(max_staleness + 1, thread_name_prefix="opd-feedback") if overlap else None
 
     def _submit(self, batch: RolloutBatch) -> Future | None:
-        return self.pool.submit(self.collect, batch) if self.overlap else None
+        return self.pool.submit(self.collect, batch) if self.pool is not None else None
 
     def top_up(self, step: int, steps_left: int) -> None:
-        """Sample (with the current weights) until 1 + k batches are in flight, never past the last step."""
-        while len(self.queue) < min(1 + self.max_staleness, steps_left):
+        """Sample (with the current weights) until 1 + k batches are in flight, never past the last
+        step (but always the batch of the step about to run)."""
+        while len(self.queue) < min(1 + self.max_staleness, max(1, steps_left)):
             batch = self.sample()
             self.queue.append(InFlight(batch, step, self._submit(batch)))
 
-    def pop(self, step: int) -> tuple[RolloutBatch, list[Any], int]:
-        """The oldest batch, its feedback (waiting for it) and its staleness in updates."""
+    def pop(self, step: int) -> tuple[RolloutBatch, int, Callable[[], list[Any]]]:
+        """The oldest batch, its staleness in updates, and a function that returns its feedback
+        (waiting for the answer in flight, or asking it now on the calling thread)."""
         item = self.queue.popleft()
-        feedback = item.feedback.result() if item.feedback is not None else self.collect(item.batch)
         staleness = step - item.sampled_at
         assert staleness <= self.max_staleness, (staleness, self.max_staleness)
-        return item.batch, feedback, staleness
+        future = item.feedback
+        return item.batch, staleness, future.result if future is not None else lambda: self.collect(item.batch)
 
     def drain(self) -> None:
         """Wait for every answer in flight (they land in the collector's cache)."""
@@ -92,4 +97,5 @@ class Pipeline:
             self.queue.append(InFlight(batch, int(entry["sampled_at"]), self._submit(batch)))
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)

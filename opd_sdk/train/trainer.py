@@ -3,6 +3,7 @@
     prompts  = sampler.next_batch()                           # P prompts
     batch    = rollout.sample(prompts, G)                     # the student answers, P*G rows (each rank its share)
     feedback = collect(collectors, batch)                     # one Feedback per prompt group (rank 0 for all)
+                         # (both through `opd_sdk.train.pipeline`: now, or k steps ahead with max_staleness k)
     result   = batch_loss(objective, model, batch, feedback)  # targets once; per micro-batch one
                                                               # policy forward, every term's loss, backward
     if result.signal: parallel.step() (sync, clip, optimizer); scheduler.step(); teachers and rollout follow
@@ -19,56 +20,36 @@ step runs over the launch's processes (one, data parallel, FSDP, ZeRO) is the
 from __future__ import annotations
 
 import collections
-import contextlib
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from opd_sdk.config.settings import (
-    LoopSettings,
-    OptimizerSettings,
-    RolloutSettings,
-    settings_from_kwargs,
-)
+from opd_sdk.config.settings import LoopSettings, OptimizerSettings, RolloutSettings, settings_from_kwargs
+from opd_sdk.constants import DEFAULT_TIS_CAP
 from opd_sdk.data import PromptItem, PromptSampler, load_prompts
 from opd_sdk.errors import ConfigError, TrainingStopped
 from opd_sdk.feedback.local import LocalRunner
 from opd_sdk.feedback.teacher import notify_optimizer_step, tokenizer_fingerprint
 from opd_sdk.objectives.base import Composite, Objective
-from opd_sdk.parallel.distributed import Distributed, launch_problems
+from opd_sdk.parallel.distributed import Distributed
 from opd_sdk.parallel.strategy import make_strategy
 from opd_sdk.rollout.batch import RolloutBatch
 from opd_sdk.rollout.build import build_rollout_engine
 from opd_sdk.rollout.engine import RolloutEngine
-from opd_sdk.train.checkpoint import (
-    checkpoint_dir,
-    load_checkpoint,
-    prune_checkpoints,
-    refuse_an_earlier_run,
-    resolve_checkpoint,
-    rng_state,
-    save_checkpoint,
-    save_student,
-)
-from opd_sdk.train.collect import check_collectors, collect, score_stats, usage_total
-from opd_sdk.train.metrics import MetricsLogger, merge_rows
+from opd_sdk.train.checkpoint import (checkpoint_dir, load_checkpoint, prune_checkpoints, refuse_an_earlier_run,
+                                      resolve_checkpoint, rng_state, save_checkpoint, save_student)
+from opd_sdk.train.checks import check_trainer
+from opd_sdk.train.collect import collect, usage_total
+from opd_sdk.train.metrics import MetricsLogger, StepTimer, step_row
 from opd_sdk.train.microbatch import batch_loss
-from opd_sdk.train.optim import (
-    autocast_dtype,
-    make_optimizer,
-    prepare_student,
-    set_seed,
-)
+from opd_sdk.train.optim import autocast, autocast_dtype, make_optimizer, prepare_student, set_seed
 from opd_sdk.train.pipeline import Pipeline
 from opd_sdk.train.progress import Progress
 from opd_sdk.train.stop import must_stop, sigterm_as_interrupt, training_stopped
 from opd_sdk.types import FeedbackFailure
-
-from opd_sdk.constants import DEFAULT_TIS_CAP
 
 
 class Trainer:
@@ -133,7 +114,8 @@ class Trainer:
         self.parallel = make_strategy(self.dist, max_grad_norm=self.optimizer_settings.max_grad_norm)
         self.objective = objective
         self.collectors = [] if collector is None else list(collector) if isinstance(collector, (list, tuple)) else [collector]
-        self._check(model, precision, micro_batch_prompts, eval_fn, eval_every)
+        check_trainer(model, objective, self.collectors, dist=self.dist, parallel=self.parallel, sampling=self.sampling,
+                      precision=precision, micro_batch_prompts=micro_batch_prompts, eval_fn=eval_fn, eval_every=eval_every)
         set_seed(self.loop.seed)
         self.model = prepare_student(model, self.parallel, lora=lora, gradient_checkpointing=gradient_checkpointing)
         self.device = next(self.model.parameters()).device
@@ -149,7 +131,7 @@ class Trainer:
             seed=self.loop.seed + self.dist.rank, synced=self.parallel.synced_generation,
         )
         self._take_settings(micro_batch_prompts)
-        self.pipeline = self._make_pipeline() if self.sampling.max_staleness else None
+        self.pipeline = self._make_pipeline()
         self.params, self.optimizer, self.scheduler = make_optimizer(self.model, self.optimizer_settings, self.loop.steps)
         self._make_outputs(output_dir, eval_fn, eval_every, tensorboard, wandb_project, progress)
         objective.setup(self.model)  # (a frozen copy is taken here, before DeepSpeed hooks into the student)
@@ -158,26 +140,6 @@ class Trainer:
             set_seed(self.loop.seed + self.dist.rank)  # same initial weights everywhere, a sampling stream per rank
 
     # ---- building it ----------------------------------------------------------------------
-
-    def _check(self, model: torch.nn.Module, precision: str, micro_batch_prompts: int | None,
-               eval_fn: Callable | None, eval_every: int) -> None:
-        """ConfigError for what this launch cannot train, before anything is built."""
-        samp = self.sampling
-        problems = launch_problems(
-            world_size=self.dist.world_size, fsdp=self.dist.fsdp, prompts_per_step=samp.prompts_per_step,
-            max_staleness=samp.max_staleness, eval_every=eval_every, engine=samp.engine, objective=self.objective,
-        )
-        if problems:
-            raise ConfigError("; ".join(problems))
-        sharded = model if self.parallel.shards_student else None  # a teacher may not run a sharded student
-        self.dist.on_main(lambda: check_collectors(  # rank 0 asks
-            self.objective, self.collectors, sharded, max_staleness=self.sampling.max_staleness))
-        if precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
-        if micro_batch_prompts is not None and micro_batch_prompts < 1:
-            raise ConfigError(f"micro_batch_prompts must be >= 1, got {micro_batch_prompts}")
-        if eval_every and eval_fn is None:
-            raise ConfigError("eval_every needs eval_fn (a function model -> {name: number})")
 
     def _take_settings(self, micro_batch_prompts: int | None) -> None:
         """The loop's numbers, from the settings (and the rollout engine, for the TIS cap)."""
@@ -191,14 +153,16 @@ class Trainer:
         self.tis_cap = (None if exact else DEFAULT_TIS_CAP) if samp.tis_cap is None else (samp.tis_cap or None)
 
     def _make_pipeline(self) -> Pipeline:
-        """Batches in flight ahead of the update (max_staleness >= 1); rank 0 asks for every rank."""
-        for c in self.collectors:
+        """Each step's batch and feedback: sampled now (max_staleness 0) or in flight ahead of the
+        update (max_staleness >= 1); rank 0 asks for every rank."""
+        ahead = self.sampling.max_staleness >= 1
+        for c in self.collectors if ahead else ():
             c.collect_sync([])  # starts each collector's event loop here, before worker threads share it
         return Pipeline(
             self.sampling.max_staleness,
             sample=lambda: self._sample(self.sampler.next_batch()),
             collect=self.dist.main_only(lambda batch: collect(self.collectors, batch, self.tokenizer_id)),
-            overlap=any(not isinstance(c, LocalRunner) for c in self.collectors),  # a remote teacher to wait for
+            overlap=ahead and any(not isinstance(c, LocalRunner) for c in self.collectors),  # a remote teacher
         )
 
     def _make_outputs(self, output_dir: str | Path | None, eval_fn: Callable | None, eval_every: int,
@@ -207,13 +171,8 @@ class Trainer:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.save_every = self.loop.save_every or 0
         self.eval_fn, self.eval_every = eval_fn, eval_every
-        writes = self.output_dir is not None and self.dist.is_main
-        self.metrics = MetricsLogger(
-            self.output_dir / "metrics.jsonl" if writes else None,
-            tb_dir=self.output_dir / "tb" if writes else None,
-            tensorboard=tensorboard if self.dist.is_main else False,
-            wandb_project=wandb_project if self.dist.is_main else None,
-        )
+        self.metrics = MetricsLogger.for_run(self.output_dir, self.dist.is_main, tensorboard=tensorboard,
+                                             wandb_project=wandb_project)
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.step = 0
         self.saved_step = 0  # the step of the newest checkpoint this run wrote or resumed from
@@ -222,24 +181,10 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
     def _sample(self, prompts: list[PromptItem]) -> RolloutBatch:
         """The step's rollouts: this rank samples its share of `prompts`; every rank gets the whole batch."""
         return self.dist.sample_share(prompts, lambda share: self.rollout.sample(share, self.group_size),
                                       lambda shares: RolloutBatch.concat(shares, self.pad_id))
-
-    def _feedback(self, batch: RolloutBatch) -> list[Any]:
-        """The batch's feedback, asked by rank 0 for every rank."""
-        return self.dist.from_main(lambda: collect(self.collectors, batch, self.tokenizer_id))
-
-    def _pop(self) -> tuple[RolloutBatch, list[Any], int]:
-        """The pipeline's oldest batch (each rank pops its own) with rank 0's feedback for it, sent to every rank."""
-        batch, mine, staleness = self.dist.main_first(lambda: self.pipeline.pop(self.step))
-        return batch, self.dist.from_main(lambda: mine), staleness
 
     def usage_total(self, field: str) -> Any:
         """A usage field (requests_sent, cache_hits, cost_usd) summed over the collectors; None without them."""
@@ -253,8 +198,7 @@ class Trainer:
         """Free the rollout engine (a vLLM engine, its temporary folders) and the pipeline's threads;
         leave the process group when this trainer joined it."""
         self.rollout.close()
-        if self.pipeline is not None:
-            self.pipeline.close()
+        self.pipeline.close()
         if self._owns_dist:
             self.dist.close()
 
@@ -270,27 +214,21 @@ class Trainer:
         Returns the metrics it logged. Raises TrainingStopped (after logging the
         step) when the budget is spent or failures left no signal for too long.
         """
-        t_start = time.perf_counter()
-        staleness = 0
-        if self.pipeline is None:
-            batch = self._sample(self.sampler.next_batch())
-            t_sampled = time.perf_counter()
-            feedback = self._feedback(batch)
-        else:  # sample ahead with the current weights; train on the oldest batch in flight
-            self.pipeline.top_up(self.step, self.max_steps - self.step)
-            t_sampled = time.perf_counter()
-            batch, feedback, staleness = self._pop()
-        t_feedback = time.perf_counter()
-
+        timer = StepTimer()
+        self.pipeline.top_up(self.step, self.max_steps - self.step)  # this step's batch (and, k >= 1, the next k)
+        timer.lap("sample")
+        batch, staleness, answer = self.pipeline.pop(self.step)  # each rank its own share of the oldest batch
+        feedback = self.dist.from_main(answer)  # rank 0's feedback for it, sent to every rank
+        timer.lap("feedback")
         try:
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
             result = batch_loss(
                 self.objective, self.model, batch, feedback, micro_batch_prompts=self.micro_batch_prompts,
                 flat_tolerance=self.flat_tolerance, backward=True, tis_cap=self.tis_cap, pad_id=self.pad_id,
-                autocast=self._autocast(), parallel=self.parallel,
+                autocast=autocast(self.device, self.autocast_dtype), parallel=self.parallel,
             )
-            t_backward = time.perf_counter()
+            timer.lap("forward_backward")
             skipped = result.signal == 0
             grad_norm, lr = None, self.scheduler.get_last_lr()[0]
             if not skipped:
@@ -298,63 +236,33 @@ class Trainer:
                 self.scheduler.step()
             self.step += 1
             self.objective.after_step(self.step, self.model)
-            t_synced = time.perf_counter()
+            timer.lap("optimizer")
             if not skipped:
                 self._follow_student()
         except BaseException:
-            if self.pipeline is not None:
-                self.pipeline.drain()  # answers in flight land in the cache: a resume does not pay for them again
+            self.pipeline.drain()  # answers in flight land in the cache: a resume does not pay for them again
             raise
 
         flat = [fb for entry in feedback for fb in (entry if isinstance(entry, tuple) else (entry,))]
-        failure_kinds = collections.Counter(fb.error_type for fb in flat if isinstance(fb, FeedbackFailure))
-        self.no_signal_streak = self.no_signal_streak + 1 if skipped and failure_kinds else 0
-        t_end = time.perf_counter()
-
-        reward_mean, reward_std = score_stats(flat)
-        sampled_tokens = batch.completion_tokens()
-        row = merge_rows(result.metrics, {  # the loss's metrics (loss/, objective/, forward/, optim/signal), the loop's
-            "reward/mean": reward_mean,
-            "reward/std": reward_std,
-            "teacher/failures": sum(failure_kinds.values()),
-            **{f"teacher/failures/{kind}": n for kind, n in sorted(failure_kinds.items())},
-            "teacher/requests": self.usage_total("requests_sent"),
-            "teacher/cache_hits": self.usage_total("cache_hits"),
-            "teacher/cost_usd": self.teacher_cost_usd(),
-            "rollout/staleness": staleness,
-            "rollout/completion_tokens": sampled_tokens,
-            "rollout/completion_len_mean": sampled_tokens / batch.size,
-            "optim/skipped": int(skipped),
-            "optim/grad_norm": grad_norm,
-            "optim/lr": lr,
-            "time/tokens_per_s": sampled_tokens / (t_end - t_start),
-            "time/sample_tokens_per_s": sampled_tokens / max(t_sampled - t_start, 1e-9),
-            "time/sample_s": t_sampled - t_start,
-            "time/feedback_s": t_feedback - t_sampled,
-            "time/forward_backward_s": t_backward - t_feedback,
-            "time/optimizer_s": t_synced - t_backward,
-            "time/sync_s": t_end - t_synced,
-            "time/step_s": t_end - t_start,
-        })
+        failures = collections.Counter(fb.error_type for fb in flat if isinstance(fb, FeedbackFailure))
+        self.no_signal_streak = self.no_signal_streak + 1 if skipped and failures else 0
+        timer.lap("sync")
+        teacher = {"requests": self.usage_total("requests_sent"), "cache_hits": self.usage_total("cache_hits"),
+                   "cost_usd": self.teacher_cost_usd()}
+        row = step_row(result.metrics, flat, failures, batch, timer, teacher=teacher, staleness=staleness,
+                       skipped=skipped, grad_norm=grad_norm, lr=lr)
         if self.eval_every and self.step % self.eval_every == 0:
             evals = self.dist.on_main(lambda: self.eval_fn(self.model))  # rank 0 evaluates
             row.update({f"eval/{k}": v for k, v in (evals or {}).items()})
         logged = self.metrics.log(self.step, row)
-        self._stop_if_hopeless(failure_kinds)
-        return logged
-
-    def _stop_if_hopeless(self, failure_kinds: collections.Counter) -> None:
-        """Raise TrainingStopped on a spent budget, or after too many steps without signal from failures."""
-        if not must_stop(failure_kinds, no_signal_streak=self.no_signal_streak,
-                         max_no_signal_steps=self.max_no_signal_steps):
-            return
-        if self.pipeline is not None:
+        if must_stop(failures, no_signal_streak=self.no_signal_streak, max_no_signal_steps=self.max_no_signal_steps):
             self.pipeline.drain()  # answers already paid for land in the cache before the stop
-        raise training_stopped(
-            failure_kinds, no_signal_streak=self.no_signal_streak, step=self.step, max_steps=self.max_steps,
-            teachers=", ".join(c.teacher.id for c in self.collectors) or "none", cost_usd=self.teacher_cost_usd(),
-            output_dir=self.output_dir,
-        )
+            raise training_stopped(
+                failures, no_signal_streak=self.no_signal_streak, step=self.step, max_steps=self.max_steps,
+                teachers=", ".join(c.teacher.id for c in self.collectors) or "none",
+                cost_usd=self.teacher_cost_usd(), output_dir=self.output_dir,
+            )
+        return logged
 
     def train(self, resume_from: str | Path | None = None) -> list[dict[str, Any]]:
         """Run until max_steps; resume_from: a checkpoint folder or "latest" (in output_dir).
@@ -372,7 +280,7 @@ class Trainer:
         try:
             with sigterm_as_interrupt():
                 while self.step < self.max_steps:
-                    step_start = self._state_at_step_start()
+                    step_start = self._resumable_state()
                     row = self.train_step()
                     step_start = None
                     progress.update(self.step, row)
@@ -395,13 +303,9 @@ class Trainer:
     # ---- saving ---------------------------------------------------------------------------
 
     def save_pretrained(self, path: str | Path, *, merge_lora: bool = False) -> Path:
-        """The student (or its LoRA adapter; merged into the base with merge_lora=True) and tokenizer.
-
-        A LoRA adapter's `base_model_name_or_path` is written as the base's
-        name (or folder name), never an absolute path of this machine.
-        In a launched job only rank 0 writes (under FSDP every rank must call: the
-        weights are gathered to rank 0 first). Raises ConfigError for merge_lora under FSDP.
-        """
+        """The student (or its LoRA adapter; merged into the base with merge_lora=True) and tokenizer,
+        never with an absolute path of this machine (`opd_sdk.train.checkpoint.save_student`: under
+        FSDP every rank must call). Raises ConfigError for merge_lora under FSDP."""
         return save_student(path, parallel=self.parallel, model=self.model, tokenizer=self.tokenizer,
                             merge_lora=merge_lora)
 
@@ -413,17 +317,12 @@ class Trainer:
             if self.output_dir is None:
                 raise ConfigError("save_checkpoint needs a path or the trainer's output_dir")
             path = checkpoint_dir(self.output_dir, self.step)
-        at_step_start = at_step_start or {}
-        state = {
-            "step": self.step,
-            "data": at_step_start.get("data", self.sampler.state_dict()),
-            "teacher_cost_usd": self.teacher_cost_usd(),
-            "in_flight": at_step_start.get("in_flight", self.pipeline.state() if self.pipeline is not None else []),
-        }
+        here = {**self._resumable_state(), **(at_step_start or {})}
+        state = {"step": self.step, "data": here["data"], "teacher_cost_usd": self.teacher_cost_usd(),
+                 "in_flight": here["in_flight"]}
         return save_checkpoint(
             path, parallel=self.parallel, model=self.model, scheduler=self.scheduler, state=state,
-            rngs=self.dist.all_gather(at_step_start.get("rng") or rng_state()), objective=self.objective,
-            tokenizer=self.tokenizer,
+            rngs=self.dist.all_gather(here["rng"]), objective=self.objective, tokenizer=self.tokenizer,
         )
 
     def resume(self, path: str | Path) -> int:
@@ -436,18 +335,17 @@ class Trainer:
         self.step = self.saved_step = int(state["step"])
         self.sampler.load_state_dict(state["data"])
         self.teacher_cost_before = float(state.get("teacher_cost_usd", 0.0))
-        if self.pipeline is not None:
-            self.pipeline.load_state(state.get("in_flight", []), self.device)
+        self.pipeline.load_state(state.get("in_flight", []), self.device)
         self.metrics.truncate_after(self.step)
         self.rollout.sync_weights(self.model)
         return self.step
 
     # ---- checkpoints on schedule and on a stop ----------------------------------------------
 
-    def _state_at_step_start(self) -> dict[str, Any]:
-        """What a checkpoint written during the next step must hold instead of that step's half-done state."""
-        in_flight = self.pipeline.state() if self.pipeline is not None else []
-        return {"data": self.sampler.state_dict(), "rng": rng_state(), "in_flight": in_flight}
+    def _resumable_state(self) -> dict[str, Any]:
+        """The sampler's position, the RNG state and the batches in flight: taken before a step, what a
+        checkpoint written during that step holds instead of the step's half-done state."""
+        return {"data": self.sampler.state_dict(), "rng": rng_state(), "in_flight": self.pipeline.state()}
 
     def _checkpoint(self, at_step_start: dict[str, Any] | None = None) -> Path | None:
         """Save step-N/ (N = completed steps) unless there is no output_dir or step-N/ is already saved; prune old ones."""

@@ -3,6 +3,7 @@ the old flat names (before the namespaces) reads like a new one."""
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import re
@@ -18,14 +19,17 @@ from opd_sdk.objectives import RewardWeighted
 from opd_sdk.train.metrics import (
     NAMESPACES,
     MetricsLogger,
+    StepTimer,
     current_name,
     merge_rows,
     plot_learning_curve,
     read_metrics,
     reward_curve,
+    step_row,
 )
 from opd_sdk.train.trainer import Trainer
-from opd_sdk.types import Score
+from opd_sdk.rollout.batch import RolloutBatch
+from opd_sdk.types import Completion, FeedbackFailure, Score
 from tests.loop_fixtures import one_thread, tiny_model, tiny_tokenizer  # noqa: F401 (fixture)
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
@@ -156,3 +160,33 @@ def test_every_logged_name_is_namespaced_and_in_the_readme_table(row):
             continue
         assert name.split("/")[0] in NAMESPACES, name
         assert any(p.fullmatch(name) for p in patterns), f"{name} is not in README's metrics table"
+
+
+def test_step_row_builds_the_loops_metrics_from_worked_numbers():
+    """2 prompts x 2 samples, 3 + 1 + 2 + 2 = 8 sampled tokens; scores 1, 0, 1 and one timeout;
+    laps 0.5 s sampling, then 0.25 + 0.75 + 0.25 + 0.25 s: the step took 2 s."""
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 0]], dtype=torch.float)
+    batch = RolloutBatch(prompts=[PromptItem(prompt="a"), PromptItem(prompt="b")], group_size=2,
+                         input_ids_BT=torch.zeros(4, 3, dtype=torch.long), attention_mask_BT=torch.ones(4, 3),
+                         completion_mask_BT=mask, sampler_logprobs_BT=torch.zeros(4, 3), prompt_len=0,
+                         completions=[Completion(text="x")] * 4)
+    feedback = [Score(scores=[1.0, 0.0]), Score(scores=[1.0, None]), FeedbackFailure(reason="t", error_type="timeout")]
+    timer = StepTimer()
+    timer.start, timer.laps = 10.0, {"sample": 0.5, "feedback": 0.25, "forward_backward": 0.75, "optimizer": 0.25,
+                                     "sync": 0.25}
+    timer.last = 12.0
+    row = step_row({"loss/total": 0.125}, feedback, collections.Counter(timeout=1), batch, timer,
+                   teacher={"requests": 3, "cache_hits": 1, "cost_usd": 0.5}, staleness=1, skipped=False,
+                   grad_norm=2.0, lr=1e-3)
+    assert row == {
+        "loss/total": 0.125, "reward/mean": 2 / 3, "reward/std": pytest.approx((2 / 9) ** 0.5),
+        "teacher/failures": 1, "teacher/failures/timeout": 1,
+        "teacher/requests": 3, "teacher/cache_hits": 1, "teacher/cost_usd": 0.5,
+        "rollout/staleness": 1, "rollout/completion_tokens": 8, "rollout/completion_len_mean": 2.0,
+        "optim/skipped": 0, "optim/grad_norm": 2.0, "optim/lr": 1e-3,
+        "time/tokens_per_s": 4.0, "time/sample_tokens_per_s": 16.0, "time/sample_s": 0.5, "time/feedback_s": 0.25,
+        "time/forward_backward_s": 0.75, "time/optimizer_s": 0.25, "time/sync_s": 0.25, "time/step_s": 2.0,
+    }
+    with pytest.raises(RuntimeError, match="two places"):  # the loss may not report a name the loop reports
+        step_row({"reward/mean": 0.0}, feedback, collections.Counter(), batch, timer, teacher={}, staleness=0,
+                 skipped=True, grad_norm=None, lr=1e-3)

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from opd_sdk.data import PromptItem
-from opd_sdk.errors import ServerError, TrainingStopped
+from opd_sdk.errors import ConfigError, ServerError, TrainingStopped
 from opd_sdk.feedback.collector import FeedbackCollector
 from opd_sdk.objectives import RewardWeighted
 from opd_sdk.train.trainer import Trainer
@@ -226,3 +226,28 @@ def test_ctrl_c_mid_step_with_a_batch_in_flight_resumes_that_step(tmp_path):
         full_rows = full.train()
     for key in ("reward/mean", "loss/total"):  # the same batches were trained, in the same order
         assert [r[key] for r in rows] == pytest.approx([r[key] for r in full_rows[2:]], abs=1e-6)
+
+
+def test_with_max_staleness_0_the_step_samples_then_asks_on_its_own_thread():
+    """k = 0: top_up samples the step's one batch; its feedback is asked only when the step calls for it,
+    on the calling thread; staleness 0; nothing in flight to checkpoint or wait for."""
+    import threading
+
+    from opd_sdk.train.pipeline import Pipeline
+
+    events = []
+    sample = lambda: events.append("sample") or f"batch{len(events)}"  # noqa: E731
+    collect = lambda batch: events.append(("collect", batch, threading.current_thread().name)) or [batch]  # noqa: E731
+    pipe = Pipeline(0, sample, collect, overlap=False)
+    for step in range(2):
+        pipe.top_up(step, steps_left=5 - step)
+        batch, staleness, answer = pipe.pop(step)
+        assert events[-1] == "sample" and staleness == 0 and pipe.state() == []
+        assert answer() == [batch]
+    pipe.top_up(5, steps_left=0)  # a step called past the last one still gets its batch
+    assert events == ["sample", ("collect", "batch1", threading.current_thread().name),
+                      "sample", ("collect", "batch3", threading.current_thread().name), "sample"]
+    pipe.drain()
+    pipe.close()
+    with pytest.raises(ConfigError, match="max_staleness >= 1"):
+        Pipeline(0, sample, collect, overlap=True)
