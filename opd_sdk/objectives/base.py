@@ -132,6 +132,18 @@ class Composite(Objective, Protocol):
         """The terms, each with its source's feedback (`feedback`: one tuple per prompt, one entry per source)."""
 
 
+def missing_members(objective: Any) -> list[str]:
+    """What `objective` lacks to be a `SingleObjective` (or, when it has `split`, a `Composite`):
+    the names the trainer would otherwise fail on mid-step. Empty when it is complete."""
+    protocol = Composite if callable(getattr(objective, "split", None)) else SingleObjective
+    names: set[str] = set()
+    for klass in protocol.__mro__:
+        if getattr(klass, "_is_protocol", False) and klass is not Protocol:
+            names |= set(klass.__dict__.get("__annotations__", {}))
+            names |= {n for n, v in vars(klass).items() if callable(v) and not n.startswith("_")}
+    return sorted(n for n in names if not hasattr(objective, n))  # a user's object: inspected on purpose
+
+
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A deep copy in eval mode with no gradients (reference model, SPIN opponent)."""
     twin = copy.deepcopy(model)

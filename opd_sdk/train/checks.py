@@ -14,6 +14,7 @@ import torch
 from opd_sdk.config.settings import RolloutSettings
 from opd_sdk.errors import ConfigError
 from opd_sdk.feedback.factory import Collector
+from opd_sdk.objectives.base import missing_members
 from opd_sdk.parallel.distributed import Distributed, launch_problems
 from opd_sdk.parallel.strategy import ParallelStrategy
 from opd_sdk.train.collect import check_collectors
@@ -25,6 +26,12 @@ def check_trainer(model: torch.nn.Module, objective: Any, collectors: list[Colle
                   parallel: ParallelStrategy, sampling: RolloutSettings, precision: str,
                   micro_batch_prompts: int | None, eval_fn: Callable | None, eval_every: int) -> None:
     """Raises ConfigError for what this launch cannot train (the first problem found; the launch's all at once)."""
+    missing = missing_members(objective)
+    if missing:
+        raise ConfigError(
+            f"{type(objective).__name__} is not a complete objective: it lacks {', '.join(missing)}; "
+            "implement the protocol in opd_sdk.objectives.base (SingleObjective, or Composite for weighted terms)"
+        )
     problems = launch_problems(
         world_size=dist.world_size, fsdp=dist.fsdp, prompts_per_step=sampling.prompts_per_step,
         max_staleness=sampling.max_staleness, eval_every=eval_every, engine=sampling.engine, objective=objective,

@@ -313,3 +313,21 @@ def test_a_second_run_into_the_same_output_dir_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="already holds a run.*resume_from='latest'"):
         make().train()
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]
+
+
+def test_an_incomplete_objective_is_refused_before_training_naming_what_it_lacks():
+    """A user's objective missing protocol members fails at construction, not mid-step."""
+
+    class Partial:  # RewardWeighted's members, minus the two a user most easily forgets
+        def __init__(self):
+            self.inner = RewardWeighted(advantage="rloo")
+            self.feedback_kinds, self.chunk_rows = self.inner.feedback_kinds, self.inner.chunk_rows
+            self.min_group_size, self.copies_student = self.inner.min_group_size, self.inner.copies_student
+            self.setup, self.after_step, self.loss = self.inner.setup, self.inner.after_step, self.inner.loss
+            self.temperature, self.frozen_models = self.inner.temperature, self.inner.frozen_models
+            self.plan, self.compute = self.inner.plan, self.inner.compute
+
+    tok = tiny_tokenizer()
+    with pytest.raises(ConfigError, match=r"Partial is not a complete objective: it lacks "
+                                          r"load_state_dict, recompute_head, state_dict; implement"):
+        Trainer(tiny_model(tok, seed=0), tok, Partial(), collector(), SEVEN, group_size=2, prompts_per_step=2)
