@@ -288,5 +288,8 @@ def test_two_processes_each_with_a_colocated_engine_equal_one_process(tmp_path):
     one = torch.load(tmp_path / "replay_weights.pt", weights_only=True)
     start = student(tiny_tokenizer()).state_dict()
     assert max(float((two[n] - start[n]).abs().max()) for n in two) > 1e-3  # the weights moved
+    # Rounding only: on the 2-core CI machine the largest gap is 1.08e-5 (gate_proj), the same
+    # number to the last digit at 054b301 and after the re-layering; a rank's share lost or
+    # counted twice moves weights by about one Adam step (lr 1e-2), 200x more than this bound.
     for name in one:
-        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0, msg=name)
+        torch.testing.assert_close(two[name], one[name], atol=5e-5, rtol=0, msg=name)
