@@ -270,7 +270,8 @@ def _train(cfg: RunConfig, dist: Distributed, checked: Checked, *, resume: bool,
     train_items, held = checked.data or load_data(cfg.data, seed=cfg.seed)
     objective = build_objective(cfg.objective, tokenizer)
     def teachers() -> list:  # one collector per teacher, in source order
-        ctx = BuildContext(model=model, tokenizer=tokenizer, timeout=cfg.collector.timeout)
+        ctx = BuildContext(model=model, tokenizer=tokenizer, timeout=cfg.collector.timeout,
+                           collector=lambda teacher: build_collector(cfg, teacher))  # GAD's reference teacher
         return [build_collector(cfg, build_teacher(t, ctx)) for t in cfg.teacher_list()]
 
     # rank 0 asks the teachers for every rank; an error building them stops every rank

@@ -35,6 +35,7 @@ from opd_sdk.config.settings import _Settings as _Strict
 from opd_sdk.constants import DEFAULT_TIMEOUT_S
 from opd_sdk.errors import ConfigError
 from providers.compose import Gate, GateParams, PreferenceScores, PreferenceScoresParams, WeightedSum, WeightedSumParams
+from providers.gad import DiscriminatorTeacher, GADParams
 from providers.judge import JudgeParams, JudgeTeacher
 from providers.logprob import LogprobParams, LogprobTeacher
 from providers.preference import PreferenceParams, PreferenceTeacher
@@ -54,11 +55,14 @@ _KEY_MESSAGE = (
 @dataclass
 class BuildContext:
     """What a teacher factory may need besides its config: the student (self-distillation,
-    tokenizer matching) and the per-call timeout."""
+    tokenizer matching), the per-call timeout, and `collector(teacher)`, the run's collector
+    for a teacher another teacher asks itself (GAD's reference teacher: the run's limits,
+    budget and cache; None: `make_collector` defaults)."""
 
     model: Any = None
     tokenizer: Any = None
     timeout: float = DEFAULT_TIMEOUT_S
+    collector: Any = None
 
 
 class _TeacherType(_Strict):
@@ -268,6 +272,39 @@ class SelfDistillTeacherConfig(_TeacherType, SelfDistillParams):
         return SelfDistillTeacher(ctx.model, ctx.tokenizer, template=template, **self.provider_kwargs())
 
 
+class GADTeacherConfig(_TeacherType, GADParams):
+    """providers.DiscriminatorTeacher (GAD): a discriminator trained to prefer `teacher`'s text
+    (a `reference` teacher) to the student's answers; its score is the reward (no network itself)."""
+
+    provider: ClassVar[type] = DiscriminatorTeacher
+    provider_params: ClassVar[type[BaseModel]] = GADParams
+    feedback: ClassVar[str] = "score"
+
+    type: Literal["gad"]
+    teacher: TeacherConfig | None = None
+
+    @model_validator(mode="after")
+    def _needs_text(self) -> GADTeacherConfig:
+        if self.source == "teacher" and self.teacher is None:
+            raise ValueError("source: teacher needs `teacher: {type: reference, model: ..., base_url: ...}` (the API "
+                             "teacher whose text the discriminator learns to prefer), or source: answer")
+        if self.teacher is not None and self.teacher.type != "reference":
+            raise ValueError(f"teacher: GAD needs the teacher's text, from a `reference` teacher, not {self.teacher.type!r}")
+        return self
+
+    def children(self) -> list[tuple[str, Any]]:
+        return [("teacher", self.teacher)] if self.teacher is not None else []
+
+    def build(self, ctx: BuildContext, where: str) -> Any:
+        if ctx.model is None or ctx.tokenizer is None:
+            raise ConfigError(f"{where}: a gad teacher needs the student model and tokenizer")
+        reference = None
+        if self.teacher is not None:
+            reference = build_teacher(self.teacher, ctx, f"{where}.teacher")
+            reference = ctx.collector(reference) if ctx.collector is not None else reference
+        return DiscriminatorTeacher(ctx.model, ctx.tokenizer, reference, **self.provider_kwargs())
+
+
 class WeightedTeacher(_Strict):
     weight: float
     teacher: "TeacherConfig"
@@ -340,6 +377,7 @@ TEACHER_TYPES: tuple[type[_TeacherType], ...] = (
     WeightedSumTeacherConfig,
     GateTeacherConfig,
     PreferenceToScoreConfig,
+    GADTeacherConfig,
 )
 
 

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 from opd_sdk.errors import ConfigError, TeacherError
 from opd_sdk.feedback.answers import check_shape
 from opd_sdk.feedback.cache import FeedbackCache, collector_cache
-from opd_sdk.feedback.teacher import is_local
+from opd_sdk.feedback.teacher import inner_collectors, is_local
 from opd_sdk.feedback.usage import Usage
 from opd_sdk.types import Feedback, FeedbackFailure, FeedbackRequest
 
@@ -92,7 +92,10 @@ class LocalRunner:
         return self.collect_sync(requests)
 
     def close(self) -> None:
-        """Close the cache if this runner opened it. Idempotent."""
+        """Close the cache if this runner opened it, and the collectors its teacher asks through
+        (`opd_sdk.feedback.teacher.inner_collectors`: GAD's reference teacher). Idempotent."""
+        for inner in inner_collectors(self.teacher):
+            inner.close()
         if self.cache is not None and self._owns_cache:
             self.cache.close()
             self._owns_cache = False

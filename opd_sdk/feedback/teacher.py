@@ -37,6 +37,16 @@ collector and the trainer test `isinstance(teacher, X)`, never `getattr`):
 - `Combinator`: `children`, the teachers a composite asks (`providers.compose`).
 - `SelfTesting`: `async self_test() -> dict` checks, once before training,
   that the server can do what the teacher needs.
+- `Stateful`: `state_dict()` / `load_state_dict(state)`: a teacher that learns
+  during the run (GAD's discriminator); saved in every checkpoint and
+  restored on resume (`opd_sdk.train.checkpoint`). Use `stateful(teachers)`.
+- `ReportsMetrics`: `metrics() -> dict` of its last batch, namespaced
+  (`gad/accuracy`); the trainer adds them to the step's row.
+- `ChecksPrompts`: `check_prompts(prompts)` raises ConfigError, before
+  training, for prompts it cannot answer (the trainer calls it).
+- `OwnsCollectors`: `collectors`, the collectors a local teacher asks its own
+  teachers through (GAD's reference teacher): their usage counts in the
+  run's, and closing the teacher's runner closes them. Use `inner_collectors`.
 """
 
 from __future__ import annotations
@@ -104,6 +114,28 @@ class SelfTesting(Protocol):
 
 
 @runtime_checkable
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class ReportsMetrics(Protocol):
+    def metrics(self) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class ChecksPrompts(Protocol):
+    def check_prompts(self, prompts: Sequence[Any]) -> None: ...
+
+
+@runtime_checkable
+class OwnsCollectors(Protocol):
+    collectors: list[Any]
+
+
+@runtime_checkable
 class Combinator(Protocol):
     children: list[Any]
 
@@ -146,6 +178,16 @@ def follows_student(teacher: Any) -> list[str]:
     cacheable: self-distillation in live or EMA mode). The trainer never asks such a teacher while
     a step changes those weights (`opd_sdk.train.collect.check_collectors`)."""
     return [leaf.id for leaf in leaves(teacher) if not is_cacheable(leaf)]
+
+
+def stateful(teachers: Sequence[Any]) -> list[Any]:
+    """The leaves of `teachers` (in order) that carry state a checkpoint must keep (`Stateful`)."""
+    return [leaf for t in teachers for leaf in leaves(t) if isinstance(leaf, Stateful)]
+
+
+def inner_collectors(teacher: Any) -> list[Any]:
+    """The collectors the leaves of `teacher` ask their own teachers through (`OwnsCollectors`)."""
+    return [c for leaf in leaves(teacher) if isinstance(leaf, OwnsCollectors) for c in leaf.collectors]
 
 
 def notify_optimizer_step(teacher: Any, step: int) -> None:

@@ -12,6 +12,8 @@ A checkpoint folder `step-N/` holds:
     rng.pt                python, numpy and torch (CPU + CUDA) RNG states (rank 0's in a launched job)
     rng-rank{r}.pt        rank r's RNG states, r >= 1 (multi-process jobs: each rank samples its own stream)
     objective.pt          the objective's state_dict(), when it has one (e.g. a SPIN opponent)
+    teachers.pt           the state_dict() of each teacher that learns during the run (a GAD
+                          discriminator: weights, optimizer, teacher texts), in order, when any
     trainer_state.json    step, the launch's world_size and zero_stage, prompt-sampler position,
                           anything else the trainer keeps
 
@@ -36,6 +38,7 @@ import copy
 import json
 import random
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,12 +107,14 @@ def save_checkpoint(
     rngs: list[dict[str, Any]],
     objective: Objective | None = None,
     tokenizer: Any = None,
+    teachers: Sequence[Any] = (),
 ) -> Path:
     """Write a checkpoint folder at `path` (atomically; machine paths scrubbed). Every rank calls it:
     each writes its share of the strategy's state (`parallel.save`), then rank 0 writes the rest.
 
     state: JSON-serialisable (the launch's world_size and zero_stage are added, for `check_launch`).
     rngs: every rank's RNG state, in rank order.
+    teachers: the `Stateful` teachers (`opd_sdk.feedback.teacher.stateful`), whose states rank 0 saves.
     """
     dist = parallel.dist
     final = Path(path)
@@ -130,6 +135,8 @@ def save_checkpoint(
     objective_state = objective.state_dict() if objective is not None else {}
     if objective_state:  # a stateless objective writes no file
         torch.save(objective_state, tmp / "objective.pt")
+    if teachers:
+        torch.save([t.state_dict() for t in teachers], tmp / "teachers.pt")
     state = {**state, "world_size": dist.world_size, "zero_stage": dist.zero_stage}
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
     if final.exists():
@@ -211,6 +218,7 @@ def load_checkpoint(
     model: torch.nn.Module,
     scheduler: Any,
     objective: Objective | None = None,
+    teachers: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Restore model and optimizer (the strategy's state), scheduler, RNG (this rank's) and objective
     state; returns trainer_state.json. Every rank calls it. Raises ConfigError for an incomplete
@@ -228,8 +236,20 @@ def load_checkpoint(
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     if objective is not None and (folder / "objective.pt").exists():
         objective.load_state_dict(torch.load(folder / "objective.pt", map_location=device, weights_only=True))
+    if teachers:  # the ranks that ask the teachers (rank 0) restore them
+        _load_teachers(folder, teachers)
     set_rng_state(torch.load(folder / ("rng.pt" if dist.rank == 0 else f"rng-rank{dist.rank}.pt"), weights_only=True))
     return state
+
+
+def _load_teachers(folder: Path, teachers: Sequence[Any]) -> None:
+    path = folder / "teachers.pt"
+    states = torch.load(path, weights_only=True) if path.exists() else []
+    if len(states) != len(teachers):
+        raise ConfigError(f"{folder} holds the state of {len(states)} learning teacher(s) (teachers.pt) and this run "
+                          f"has {len(teachers)}; resume with the teachers the run was started with")
+    for teacher, state in zip(teachers, states, strict=True):
+        teacher.load_state_dict(state)
 
 
 def resolve_checkpoint(path: str | Path, output_dir: Path | None) -> Path:

@@ -19,7 +19,14 @@ from opd_sdk.errors import ConfigError
 from opd_sdk.feedback.factory import Collector
 from opd_sdk.feedback.local import LocalRunner
 from opd_sdk.feedback.requests import build_requests
-from opd_sdk.feedback.teacher import follows_student, reads_student
+from opd_sdk.feedback.teacher import (
+    ChecksPrompts,
+    ReportsMetrics,
+    follows_student,
+    inner_collectors,
+    leaves,
+    reads_student,
+)
 from opd_sdk.objectives.base import Composite
 from opd_sdk.rollout.batch import RolloutBatch
 from opd_sdk.types import Feedback, FeedbackRequest, Score
@@ -65,8 +72,25 @@ def _collect_one(collector: Collector, requests: list[FeedbackRequest]) -> list[
 
 
 def usage_total(collectors: Sequence[Collector], field: str) -> Any:
-    """A usage field (requests_sent, cache_hits, cost_usd) summed over the collectors; None without them."""
-    return sum(c.usage.as_dict()[field] for c in collectors) if collectors else None
+    """A usage field (requests_sent, cache_hits, cost_usd) summed over the collectors, and those their
+    teachers ask through (`inner_collectors`: GAD's reference teacher); None without collectors."""
+    every = [*collectors, *(inner for c in collectors for inner in inner_collectors(c.teacher))]
+    return sum(c.usage.as_dict()[field] for c in every) if collectors else None
+
+
+def teacher_metrics(collectors: Sequence[Collector]) -> dict[str, Any]:
+    """The step's metrics from the teachers that report some (`ReportsMetrics`: gad/accuracy...)."""
+    return {k: v for c in collectors for leaf in leaves(c.teacher) if isinstance(leaf, ReportsMetrics)
+            for k, v in leaf.metrics().items()}
+
+
+def check_prompts(collectors: Sequence[Collector], prompts: Sequence[Any]) -> None:
+    """Before training: every teacher that checks prompts (`ChecksPrompts`) sees the training prompts;
+    ConfigError from the first that cannot answer them."""
+    for c in collectors:
+        for leaf in leaves(c.teacher):
+            if isinstance(leaf, ChecksPrompts):
+                leaf.check_prompts(prompts)
 
 
 def check_collectors(objective: Any, collectors: list[Collector], sharded_student: torch.nn.Module | None,
@@ -100,8 +124,9 @@ def check_collectors(objective: Any, collectors: list[Collector], sharded_studen
     ahead = [t for c in collectors for t in follows_student(c.teacher)] if max_staleness >= 1 else []
     if ahead:
         raise ConfigError(
-            f"teacher {', '.join(ahead)} follows the student's weights (self-distillation in live or ema mode) "
+            f"teacher {', '.join(ahead)} follows the student's weights or learns during the run (self-distillation "
+            "in live or ema mode, a gad discriminator) "
             f"and must not be asked while a step changes them, which max_staleness={max_staleness} (teacher calls "
             "overlapped with the step) allows; set max_staleness: 0 (rollout.max_staleness in a config), or give "
-            "it mode 'frozen'"
+            "a self-distillation teacher mode 'frozen'"
         )

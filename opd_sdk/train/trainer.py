@@ -32,7 +32,7 @@ from opd_sdk.constants import DEFAULT_TIS_CAP
 from opd_sdk.data import PromptItem, PromptSampler, load_prompts
 from opd_sdk.errors import ConfigError, TrainingStopped
 from opd_sdk.feedback.local import LocalRunner
-from opd_sdk.feedback.teacher import notify_optimizer_step, tokenizer_fingerprint
+from opd_sdk.feedback.teacher import notify_optimizer_step, stateful, tokenizer_fingerprint
 from opd_sdk.objectives.base import Composite, Objective
 from opd_sdk.parallel.distributed import Distributed
 from opd_sdk.parallel.strategy import make_strategy
@@ -42,7 +42,7 @@ from opd_sdk.rollout.engine import RolloutEngine
 from opd_sdk.train.checkpoint import (checkpoint_dir, load_checkpoint, prune_checkpoints, refuse_an_earlier_run,
                                       resolve_checkpoint, rng_state, save_checkpoint, save_student)
 from opd_sdk.train.checks import check_trainer
-from opd_sdk.train.collect import collect, usage_total
+from opd_sdk.train.collect import check_prompts, collect, teacher_metrics, usage_total
 from opd_sdk.train.metrics import MetricsLogger, StepTimer, step_row
 from opd_sdk.train.microbatch import batch_loss
 from opd_sdk.train.optim import autocast, autocast_dtype, make_optimizer, prepare_student, set_seed
@@ -251,6 +251,7 @@ class Trainer:
                    "cost_usd": self.teacher_cost_usd()}
         row = step_row(result.metrics, flat, failures, batch, timer, teacher=teacher, staleness=staleness,
                        skipped=skipped, grad_norm=grad_norm, lr=lr)
+        row.update(teacher_metrics(self.collectors))  # a learning teacher's own (gad/accuracy...)
         if self.eval_every and self.step % self.eval_every == 0:
             evals = self.dist.on_main(lambda: self.eval_fn(self.model))  # rank 0 evaluates
             row.update({f"eval/{k}": v for k, v in (evals or {}).items()})
@@ -275,6 +276,7 @@ class Trainer:
             self.resume(resume_from)
         elif self.step == 0:
             refuse_an_earlier_run(self.output_dir)
+        check_prompts(self.collectors, self.sampler.items)  # after a resume: teachers' saved answers count
         progress = Progress(self.max_steps, self.step, bar=self.progress, shown=self.dist.is_main)
         step_start = None  # sampler + RNG state while a step is under way
         try:
@@ -323,6 +325,7 @@ class Trainer:
         return save_checkpoint(
             path, parallel=self.parallel, model=self.model, scheduler=self.scheduler, state=state,
             rngs=self.dist.all_gather(here["rng"]), objective=self.objective, tokenizer=self.tokenizer,
+            teachers=stateful([c.teacher for c in self.collectors]),
         )
 
     def resume(self, path: str | Path) -> int:
@@ -331,7 +334,8 @@ class Trainer:
         Raises ConfigError when there is nothing to resume from.
         """
         state = load_checkpoint(resolve_checkpoint(path, self.output_dir), parallel=self.parallel, model=self.model,
-                                scheduler=self.scheduler, objective=self.objective)
+                                scheduler=self.scheduler, objective=self.objective,
+                                teachers=stateful([c.teacher for c in self.collectors]))
         self.step = self.saved_step = int(state["step"])
         self.sampler.load_state_dict(state["data"])
         self.teacher_cost_before = float(state.get("teacher_cost_usd", 0.0))
