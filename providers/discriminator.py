@@ -84,7 +84,8 @@ def bt_loss(scores_R: torch.Tensor, teacher_K: torch.Tensor, student_K: torch.Te
     """
     diff_K = scores_R[teacher_K] - scores_R[student_K]
     loss = F.softplus(-diff_K).mean()  # -log sigmoid(d) = softplus(-d)
-    stats = {"loss": float(loss.detach()), "accuracy": float((diff_K > 0).float().mean()), "margin": float(diff_K.mean())}
+    d_K = diff_K.detach()
+    stats = {"loss": float(loss.detach()), "accuracy": float((d_K > 0).float().mean()), "margin": float(d_K.mean())}
     return loss, stats
 
 
