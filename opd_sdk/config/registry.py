@@ -133,6 +133,27 @@ def _follows_student(cfg: Any, where: str) -> list[str]:
     return [found for suffix, child in cfg.children() for found in _follows_student(child, f"{where}.{suffix}")]
 
 
+def _gad_paths(cfg: Any, where: str) -> list[str]:
+    """YAML paths of the gad teachers in a teacher tree."""
+    found = [where] if cfg.type == "gad" else []
+    return found + [p for suffix, child in cfg.children() for p in _gad_paths(child, f"{where}.{suffix}")]
+
+
+def _gad_problems(cfg: RunConfig, teachers: list[Any], where: list[str]) -> list[str]:
+    """A gad discriminator learns from every batch it scores: it cannot be asked ahead of the step
+    (max_staleness), nor grade held-out answers (it would learn from them, and its scale moves)."""
+    paths = [p for teacher, at in zip(teachers, where) for p in _gad_paths(teacher, at)]
+    problems = []
+    if paths and cfg.rollout.max_staleness >= 1:
+        problems.append(f"rollout.max_staleness: {paths[0]} (gad) learns from every batch it scores, so it cannot be "
+                        "asked ahead of the step; set rollout.max_staleness: 0")
+    if paths and cfg.eval.metric == "teacher_score" and teachers[0].type == "gad":
+        problems.append(f"eval.metric: teacher_score would ask {paths[0]} (gad), whose discriminator learns from what "
+                        "it scores and whose scale moves every step; use metric: accuracy (held-out answers), and pick "
+                        "checkpoints by it")
+    return problems
+
+
 def _objective_problems(cfg: RunConfig, objective: Objective) -> list[str]:
     """Feedback sources and kinds the objective reads against the teachers given; group size."""
     problems: list[str] = []
@@ -292,6 +313,7 @@ def check_config(cfg: RunConfig) -> Checked:
             "cannot be asked ahead of the step that changes them; set rollout.max_staleness: 0, or mode: frozen"
             for path in (_follows_student(teacher, at) if cfg.rollout.max_staleness >= 1 else [])
         ]
+    problems += _gad_problems(cfg, teachers, where)
     if objective is not None:
         problems += _objective_problems(cfg, objective)
     if not teachers and cfg.eval.metric == "teacher_score":
