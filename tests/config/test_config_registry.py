@@ -96,6 +96,7 @@ def _case(kind: str, url: str) -> dict:
         "gate": {"type": "gate", "verifier": {"type": "verifier"}, "judge": judge},
         "preference_to_score": {"type": "preference_to_score",
                                 "teacher": {"type": "preference", "model": "m", "base_url": url}},
+        "gad": {"type": "gad", "teacher": {"type": "reference", "model": "m", "base_url": url}},
     }[kind]
 
 
