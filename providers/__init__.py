@@ -8,6 +8,7 @@ from providers.compose import (
     bradley_terry,
     win_rates,
 )
+from providers.gad import DiscriminatorTeacher
 from providers.judge import JudgeTeacher
 from providers.logprob import LogprobTeacher
 from providers.preference import PreferenceTeacher
@@ -33,4 +34,5 @@ __all__ = [
     "win_rates",
     "PrivilegedTemplate",
     "SelfDistillTeacher",
+    "DiscriminatorTeacher",
 ]

@@ -43,6 +43,15 @@ Departures from the paper:
   the feedback to every rank, so D lives, learns and is checkpointed on rank
   0 alone; the other ranks never build it (no all-reduce of D's gradients).
 
+Checkpoints: `state_dict()` holds D's trainable weights, its AdamW state, its
+counters and the teacher texts; the trainer saves it in every checkpoint
+(`teachers.pt`) and a resume restores it exactly. D learns while its batch is
+collected, so a checkpoint written on Ctrl-C in the middle of a step (which
+rewinds the sampler to redraw that step's batch) holds a D that has already
+learnt from that batch once; scheduled checkpoints have no such overlap.
+It does not use the trainer's step hook (`on_optimizer_step`): D does not
+follow the student's weights, and it must learn on steps the student skips.
+
 Requires `rollout.max_staleness: 0` (its answers change at every batch, so it
 is not cacheable; the trainer refuses overlap with such a teacher).
 """
@@ -55,7 +64,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from opd_sdk.errors import ConfigError
 from opd_sdk.feedback.factory import Collector, make_collector
@@ -88,6 +97,13 @@ _DEFAULTS = GADParams()
 
 class DiscriminatorTeacher:
     """GAD's discriminator as a local teacher; see the module docstring.
+
+        teacher = DiscriminatorTeacher(student, tokenizer, ReferenceTeacher(model, base_url=url), **params)
+
+    where `params` is a `gad` config section's dict (its `GADParams` fields; the YAML's nested
+    `teacher:` is the reference). Give it to `opd_sdk.make_collector` like any teacher. The
+    reference teacher's calls are counted in the trainer's `usage_total` (and `teacher.reference.usage`),
+    not in the LocalRunner's own `usage`.
 
     student: the student model (the discriminator's default backbone is a copy of it, taken here,
         before training; the student itself is never held).
@@ -133,10 +149,13 @@ class DiscriminatorTeacher:
         chunk_rows: int = _DEFAULTS.chunk_rows,
         free_bytes: int | None = None,
     ) -> None:
-        GADParams(discriminator=discriminator if isinstance(discriminator, str) else None, lora=lora, source=source,
-                  lr=lr, weight_decay=weight_decay, updates_per_step=updates_per_step, warmup_steps=warmup_steps,
-                  warmup_updates=warmup_updates, max_tokens=max_tokens, max_grad_norm=max_grad_norm,
-                  chunk_rows=chunk_rows)  # bounds, as a config checks them
+        try:  # bounds, as a config checks them
+            GADParams(discriminator=discriminator if isinstance(discriminator, str) else None, lora=lora,
+                      source=source, lr=lr, weight_decay=weight_decay, updates_per_step=updates_per_step,
+                      warmup_steps=warmup_steps, warmup_updates=warmup_updates, max_tokens=max_tokens,
+                      max_grad_norm=max_grad_norm, chunk_rows=chunk_rows)
+        except ValidationError as exc:
+            raise ConfigError(f"DiscriminatorTeacher: {exc}") from None
         if source == "teacher" and reference is None:
             raise ConfigError("GAD with source='teacher' needs a reference teacher (a ReferenceTeacher, config "
                               "`teacher: {type: reference, ...}` inside the gad section) whose text D learns to prefer")
