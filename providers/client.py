@@ -42,6 +42,7 @@ import openai
 
 from opd_sdk.constants import DEFAULT_TIMEOUT_S
 from opd_sdk.errors import BadResponse, ConfigError, TeacherError
+from opd_sdk.feedback.batch import batch_client
 from opd_sdk.types import CallUsage
 from providers.openai_errors import error_from_body, translate_openai_error
 
@@ -111,6 +112,9 @@ class Endpoint:
         `FeedbackCollector.close()`) closes it, so its connections are closed on their
         own loop while it still runs, never later by the garbage collector.
         """
+        recording = batch_client(self._root)
+        if recording is not None:  # FeedbackCollector(mode="batch"): calls become Batch API lines
+            return recording
         loop = asyncio.get_running_loop()
         held = self._per_loop.get(loop)
         if held is None:

@@ -1,0 +1,438 @@
+"""The OpenAI Batch API as a way to ask a teacher: half the price, answers within 24 hours.
+
+    collector = FeedbackCollector(teacher, mode="batch", cache="run/feedback_cache.sqlite")
+    feedback = collector.collect_sync(requests)   # as online: one Feedback per request, failures as values
+
+For collections that need no answer within seconds: teacher references for SFT, SPIN and
+GAD, scoring an eval set, labelling a dataset. `opd collect CONFIG --batch` runs it over a
+run's prompts.
+
+How teacher calls become batch lines, the teacher unchanged. Each request the cache does not
+answer runs `teacher.feedback(request)` as online, inside a `_Run`: `providers.client.Endpoint`
+asks `batch_client(root)` for its openai client and gets one whose HTTP transport sends
+nothing. It records the call (url and JSON body) as a batch line, with a `custom_id` made
+from them (sha256; the k-th identical call of one request gets suffix k, so n identical
+sampling calls stay n lines), and waits. When every request still running waits on a line,
+the lines go out: per endpoint and url, a JSONL file uploaded through the Files API
+(purpose "batch") and a batch created on it (completion window 24h). Each batch is polled
+with exponential backoff (`poll_s`: first wait, longest wait; a progress bar shows lines
+done of total). Its output and error files are downloaded and each line's answer (the HTTP
+status and body the API gives for it) goes back to the waiting openai client as its HTTP
+response: the teacher parses it, types its errors and re-asks exactly as online. A call
+that depends on an answer (a judge re-asking after a verdict that did not parse) goes out
+in the next batch.
+
+Failures. A line in the error file (failed, or `batch_expired`: the batch expired before
+reaching it), a line missing from a failed or cancelled batch, and a line answered 408 /
+409 / 429 / 5xx go out again in the next batch, up to `max_retries` times; then a line
+without an answer makes its requests `FeedbackFailure`s (retriable, error_type
+"batch_expired" or "batch_failed"), and a last 429 / 5xx answer is read by the teacher (its
+typed error). Any other status (a 400) is the answer (as online: not retried). A failure is
+never cached: a later run asks again.
+
+Resume. Each batch's id is written, before it is polled, to `<cache file>.batches.json`
+beside the cache, with the custom_ids it holds (ids and hashes only: no request text, no
+key). A process killed while a batch is pending leaves it there: the next run, making the
+same calls, finds their custom_ids in that batch and polls (or reads) it instead of paying
+for another. A run that finishes drops the entries it read to the end.
+
+Cost. Each answered line's `usage` is counted at the batch price: the collector's prices
+times (1 - discount); discount 0.5 by default (OpenAI bills batch tokens at half price).
+Every answer is counted, one the teacher cannot parse too (it is billed). The budget is
+checked before a batch is created; a batch in flight is not stopped, so the overshoot is
+at most one round of batches.
+
+Not applied in batch mode: rpm / tpm, the per-call timeout and the collector's backoff (the
+Batch API queues the work; a batch may take up to 24 hours).
+
+Teachers: every leaf of the teacher tree must call its server through
+`providers.client.Endpoint` (it has an `endpoint`) or run in process (`is_local`). The
+server must serve /v1/files and /v1/batches (OpenAI does; vLLM's server does not: a 404
+there is a ConfigError that says so).
+
+Source: the OpenAI Batch API guide (platform.openai.com/docs/guides/batch) and its
+reference for the line, output and error formats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+from collections import defaultdict
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import httpx2
+import openai
+from tqdm.auto import tqdm
+
+from opd_sdk.constants import RETRIABLE_STATUS
+from opd_sdk.errors import ConfigError, TeacherError
+from opd_sdk.feedback.answers import check_shape
+from opd_sdk.feedback.teacher import is_local, leaves
+from opd_sdk.feedback.usage import Usage
+from opd_sdk.redact import redact
+from opd_sdk.types import CallUsage, Feedback, FeedbackFailure, FeedbackRequest
+
+log = logging.getLogger("opd_sdk.feedback.batch")
+
+BATCH_DISCOUNT = 0.5  # OpenAI bills Batch API tokens at half the synchronous price
+POLL_S = (5.0, 300.0)  # first wait between polls, longest wait (doubling in between)
+MAX_LINES = 50_000  # the Batch API's limit on lines per batch
+SETTLE_S = 0.02  # a round goes out once no request has made a new call for this long
+TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+
+
+@runtime_checkable
+class EndpointTeacher(Protocol):
+    """A teacher that calls its server through `providers.client.Endpoint`."""
+
+    endpoint: Any
+
+
+@dataclass
+class _Call:
+    """The context one request's teacher call runs in (a context variable: every task the
+    teacher starts inherits it)."""
+
+    run: "_Run"
+    unit: int
+    seen: dict[str, int] = field(default_factory=dict)  # body digest -> identical calls made so far
+
+
+_ROUTE: ContextVar[_Call | None] = ContextVar("opd_batch_call", default=None)
+
+
+def batch_client(root: openai.AsyncOpenAI) -> openai.AsyncOpenAI | None:
+    """For `providers.client.Endpoint`: inside a batch collection, the client that turns calls
+    to `root`'s server into batch lines; None outside one (the endpoint calls as usual)."""
+    call = _ROUTE.get()
+    return None if call is None else call.run.recording_client(root)
+
+
+@dataclass
+class _Line:
+    custom_id: str
+    url: str  # "/v1/chat/completions"
+    body: dict
+    root: openai.AsyncOpenAI
+    answer: asyncio.Future  # (status, body)
+    units: set[int] = field(default_factory=set)
+    tries: int = 0  # batches it went out in
+    batch: str | None = None  # the batch it is in now
+
+
+class BatchLedger:
+    """The batches a run created or adopted and has not read to the end: `<cache>.batches.json`,
+    a list of {"id", "base_url", "url", "custom_ids"}. Written whole (temp file + rename), 0600."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def entries(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        try:
+            return list(json.loads(self.path.read_text(encoding="utf-8"))["batches"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{self.path}: not a batch ledger ({exc}); delete it (pending batches are then "
+                              "created again and paid again) or restore it") from exc
+
+    def _write(self, entries: list[dict]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"batches": entries}, f)
+        os.replace(tmp, self.path)
+
+    def add(self, entry: dict) -> None:
+        self._write(self.entries() + [entry])
+
+    def drop(self, ids: set[str]) -> None:
+        kept = [e for e in self.entries() if e["id"] not in ids]
+        if kept:
+            self._write(kept)
+        elif self.path.exists():
+            self.path.unlink()
+
+
+class BatchMode:
+    """The settings of a collector in mode="batch"; `collect` asks the teacher through the Batch API.
+
+    ledger: where pending batch ids are kept (`BatchLedger`, beside the cache).
+    usage: the collector's counters (tokens and cost are added at the batch price).
+    prices: (USD per 1k prompt tokens, per 1k completion tokens) at the synchronous price.
+    discount: the batch price is prices x (1 - discount); 0 <= discount < 1.
+    poll_s: (first wait, longest wait) between polls of a batch, in seconds.
+    max_retries: batches a line may go out in after its first.
+    budget_usd: no batch is created once this much was spent.
+    progress: show a bar per batch.
+    """
+
+    def __init__(self, ledger: BatchLedger, *, usage: Usage, prices: tuple[float, float], discount: float,
+                 poll_s: tuple[float, float], max_retries: int, budget_usd: float | None, progress: bool) -> None:
+        if not 0 <= discount < 1:
+            raise ConfigError(f"batch_discount must be in [0, 1) (0.5: half price), got {discount!r}")
+        if not (len(poll_s) == 2 and 0 < poll_s[0] <= poll_s[1]):
+            raise ConfigError(f"batch_poll_s: (first wait, longest wait) with 0 < first <= longest, got {poll_s!r}")
+        self.ledger, self.usage, self.discount, self.poll_s = ledger, usage, float(discount), poll_s
+        self.prices = (prices[0] * (1 - discount), prices[1] * (1 - discount))
+        self.max_retries, self.budget_usd, self.progress = max_retries, budget_usd, progress
+
+    @staticmethod
+    def check_teacher(teacher: Any) -> None:
+        """ConfigError unless every leaf of `teacher` calls through an Endpoint or runs in process."""
+        bad = [leaf for leaf in leaves(teacher) if not (isinstance(leaf, EndpointTeacher) or is_local(leaf))]
+        if bad:
+            raise ConfigError(f"mode='batch' needs teachers that call an OpenAI-compatible server through "
+                              f"providers.client.Endpoint (judge, preference, reference, logprob...); "
+                              f"{type(bad[0]).__name__} ({bad[0].id}) does not: use mode='online' for it")
+
+    async def collect(self, teacher: Any, units: Sequence[FeedbackRequest]) -> list[Feedback]:
+        """One Feedback per unit (aligned); a teacher's bug (not a TeacherError) propagates."""
+        run = _Run(self, teacher)
+        try:
+            return await run.go(list(units))
+        finally:
+            await run.aclose()
+
+
+class _Run:
+    """One `collect`: the requests' teacher tasks, their lines, and the batches that answer them."""
+
+    def __init__(self, mode: BatchMode, teacher: Any) -> None:
+        self.mode, self.teacher = mode, teacher
+        self.lines: dict[str, _Line] = {}
+        self.waiting: dict[int, int] = defaultdict(int)  # unit -> calls waiting on a line
+        self.failed: dict[int, FeedbackFailure] = {}
+        self.tasks: list[asyncio.Task] = []
+        self.events = 0  # bumped on each new line and each finished request: a round waits for quiet
+        self.read: set[str] = set()  # batches read to the end
+        self._clients: dict[int, tuple[openai.AsyncOpenAI, openai.AsyncOpenAI, openai.AsyncOpenAI]] = {}
+        stored = mode.ledger.entries()
+        self.stored = {(e["base_url"], e["url"], cid): e["id"] for e in stored for cid in e["custom_ids"]}
+
+    # ----- the teacher side ------------------------------------------------------
+    def recording_client(self, root: openai.AsyncOpenAI) -> openai.AsyncOpenAI:
+        held = self._clients.get(id(root))
+        if held is None:
+            transport = httpx2.MockTransport(partial(self._record, root))
+            recording = root.copy(http_client=httpx2.AsyncClient(transport=transport), max_retries=0,
+                                  timeout=httpx2.Timeout(None))  # a batch may take hours
+            control = root.copy(http_client=openai.DefaultAsyncHttpxClient())  # files and batches, SDK retries
+            held = self._clients[id(root)] = (root, recording, control)
+        return held[1]
+
+    async def _record(self, root: openai.AsyncOpenAI, request: httpx2.Request) -> httpx2.Response:
+        """The recording transport: the call becomes a line; its answer comes back as the response."""
+        call = _ROUTE.get()
+        assert call is not None and call.run is self, "a batch client was used outside its collection"
+        base = str(root.base_url.path).rstrip("/")
+        url = "/v1" + request.url.path[len(base):] if request.url.path.startswith(base) else request.url.path
+        body = json.loads(request.content)
+        digest = hashlib.sha256((url + "\n" + json.dumps(body, sort_keys=True)).encode()).hexdigest()[:32]
+        k = call.seen.get(digest, 0)
+        call.seen[digest] = k + 1
+        custom_id = f"opd-{digest}-{k}"
+        line = self.lines.get(custom_id)
+        if line is None:
+            line = self.lines[custom_id] = _Line(custom_id, url, body, root, asyncio.get_running_loop().create_future())
+            self.events += 1
+        line.units.add(call.unit)
+        self.waiting[call.unit] += 1
+        try:
+            status, payload = await asyncio.shield(line.answer)
+        finally:
+            self.waiting[call.unit] -= 1
+        return httpx2.Response(status, json=payload)
+
+    async def _unit(self, i: int, unit: FeedbackRequest) -> Feedback:
+        _ROUTE.set(_Call(self, i))
+        try:
+            return check_shape(await self.teacher.feedback(unit), unit)
+        except TeacherError as exc:  # anything else is a bug and propagates
+            tries = max((line.tries for line in self.lines.values() if i in line.units), default=0)
+            return FeedbackFailure.from_error(exc, tries)
+        finally:
+            self.events += 1
+
+    # ----- rounds ----------------------------------------------------------------
+    async def go(self, units: list[FeedbackRequest]) -> list[Feedback]:
+        self.tasks = [asyncio.ensure_future(self._unit(i, u)) for i, u in enumerate(units)]
+        try:
+            while await self._settle():
+                fresh = [line for line in self.lines.values() if line.batch is None and not line.answer.done()]
+                assert fresh, "every request waits on a line, yet no line is left to send"
+                await self._round(fresh)
+            results = []
+            for i, task in enumerate(self.tasks):
+                results.append(self.failed[i] if i in self.failed else task.result())
+        finally:
+            for task in self.tasks:
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.mode.ledger.drop(self.read)
+        return results
+
+    async def _settle(self) -> bool:
+        """Wait until every request still running waits on a line; False once all are done."""
+        while True:
+            mark = self.events
+            running = [i for i, t in enumerate(self.tasks) if not t.done()]
+            if not running:
+                return False
+            for task in self.tasks:  # a teacher's bug stops the collection now, not after a batch
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+            await asyncio.sleep(SETTLE_S)
+            if mark == self.events and all(self.waiting[i] > 0 for i in running if not self.tasks[i].done()):
+                return True
+
+    async def _round(self, fresh: list[_Line]) -> None:
+        """Send the fresh lines (to a stored batch that holds them, else to new batches), wait, deliver."""
+        groups: dict[tuple[str, Any], list[_Line]] = defaultdict(list)
+        for line in fresh:
+            where = (str(line.root.base_url).rstrip("/"), line.url)
+            stored = self.stored.get((*where, line.custom_id))
+            groups[(stored, line.root) if stored else (None, (line.root, line.url))].append(line)
+        work = []
+        for (stored, target), lines in groups.items():
+            if stored is not None:  # a batch a killed run left pending: resume it, pay nothing again
+                log.info("resuming batch %s (%d requests of this run)", stored, len(lines))
+                self.stored = {k: v for k, v in self.stored.items() if v != stored}  # adopt it once
+                work.append(self._through(target, lines, stored))
+            else:
+                for start in range(0, len(lines), MAX_LINES):
+                    work.append(self._through(target[0], lines[start:start + MAX_LINES], None))
+        await asyncio.gather(*work)
+
+    async def _through(self, root: openai.AsyncOpenAI, lines: list[_Line], batch_id: str | None) -> None:
+        """One batch for `lines`: created (unless `batch_id` resumes one), polled, read, delivered."""
+        self.recording_client(root)
+        control, secret = self._clients[id(root)][2], root.api_key
+        for line in lines:
+            line.batch, line.tries = "pending", line.tries + 1
+        try:
+            if batch_id is None:
+                if self.mode.usage.budget_reached(self.mode.budget_usd):
+                    reason = (f"not sent: budget of ${self.mode.budget_usd:.4f} reached "
+                              f"(${self.mode.usage.cost_usd:.4f} spent)")
+                    self.mode.usage.budget_skipped += len(lines)
+                    for line in lines:
+                        self._fail(line, FeedbackFailure(reason=reason, error_type="budget", retriable=True))
+                    return
+                batch_id = await self._create(control, root, lines)
+            batch = await self._poll(control, batch_id)
+            answers, errors = await self._read(control, batch, {line.custom_id for line in lines})
+        except openai.APIStatusError as exc:
+            if exc.status_code in (404, 405):
+                raise ConfigError(f"{root.base_url} does not serve the Batch API ({exc.request.method} "
+                                  f"{exc.request.url.path} answered {exc.status_code}); use mode='online' "
+                                  "(opd collect without --batch) for this server") from exc
+            answers, errors, batch = {}, {}, None
+            problem = ("batch_api", redact(f"the Batch API call failed: {exc}", [secret])[:300])
+            errors = {line.custom_id: problem for line in lines}
+        except openai.OpenAIError as exc:  # connection trouble past the SDK's own retries
+            answers, batch = {}, None
+            errors = {line.custom_id: ("batch_api", redact(f"the Batch API call failed: {exc!r}", [secret])[:300])
+                      for line in lines}
+        for line in lines:
+            self._deliver(line, answers.get(line.custom_id), errors.get(line.custom_id), batch)
+
+    async def _create(self, control: openai.AsyncOpenAI, root: openai.AsyncOpenAI, lines: list[_Line]) -> str:
+        url = lines[0].url
+        data = "".join(json.dumps({"custom_id": line.custom_id, "method": "POST", "url": url, "body": line.body})
+                       + "\n" for line in lines).encode()
+        upload = await control.files.create(file=("opd-feedback.jsonl", data, "application/jsonl"), purpose="batch")
+        batch = await control.batches.create(input_file_id=upload.id, endpoint=url, completion_window="24h",
+                                             metadata={"source": "opd-sdk feedback"})
+        self.mode.ledger.add({"id": batch.id, "base_url": str(root.base_url).rstrip("/"), "url": url,
+                              "custom_ids": [line.custom_id for line in lines]})
+        self.mode.usage.requests_sent += len(lines)
+        self.mode.usage.retries += sum(line.tries > 1 for line in lines)
+        log.info("batch %s created: %d requests to %s (%s)", batch.id, len(lines), root.base_url, url)
+        return batch.id
+
+    async def _poll(self, control: openai.AsyncOpenAI, batch_id: str) -> Any:
+        """Retrieve the batch until it ends, waiting poll_s[0], doubling up to poll_s[1]."""
+        wait, longest = self.mode.poll_s
+        status = None
+        with tqdm(desc=f"batch {batch_id}", unit="req", disable=not self.mode.progress, leave=False) as bar:
+            while True:
+                batch = await control.batches.retrieve(batch_id)
+                counts = batch.request_counts
+                if counts is not None:
+                    bar.total, bar.n = counts.total, counts.completed + counts.failed
+                bar.set_postfix_str(batch.status)
+                if batch.status != status:
+                    status = batch.status
+                    log.info("batch %s: %s", batch_id, status)
+                if batch.status in TERMINAL:
+                    self.read.add(batch_id)
+                    return batch
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, longest)
+
+    async def _read(self, control: openai.AsyncOpenAI, batch: Any, wanted: set[str]
+                    ) -> tuple[dict[str, tuple[int, dict]], dict[str, tuple[str, str]]]:
+        """(custom_id -> (status, body)) and (custom_id -> (error code, message)) for `wanted`;
+        each answer's tokens are counted at the batch price."""
+        answers: dict[str, tuple[int, dict]] = {}
+        errors: dict[str, tuple[str, str]] = {}
+        for file_id in (batch.output_file_id, batch.error_file_id):
+            if not file_id:
+                continue
+            text = (await control.files.content(file_id)).text
+            for raw in text.splitlines():
+                row = json.loads(raw) if raw.strip() else {}
+                cid = row.get("custom_id")
+                if cid not in wanted:
+                    continue
+                response, error = row.get("response"), row.get("error")
+                if response:
+                    answers[cid] = (int(response["status_code"]), response.get("body") or {})
+                    usage = (response.get("body") or {}).get("usage") or {}
+                    self.mode.usage.add_call_usage(
+                        CallUsage(calls=1, prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                                  completion_tokens=int(usage.get("completion_tokens") or 0)),
+                        price_per_1k_prompt=self.mode.prices[0], price_per_1k_completion=self.mode.prices[1])
+                else:
+                    error = error or {}
+                    errors[cid] = (str(error.get("code") or "failed"), str(error.get("message") or ""))
+        return answers, errors
+
+    def _deliver(self, line: _Line, answer: tuple[int, dict] | None, error: tuple[str, str] | None,
+                 batch: Any) -> None:
+        """Hand the answer to the waiting call, or send the line again, or fail its requests."""
+        if answer is not None and (answer[0] not in RETRIABLE_STATUS or line.tries > self.mode.max_retries):
+            line.batch = batch.id
+            line.answer.set_result(answer)
+            return
+        if line.tries <= self.mode.max_retries:
+            line.batch = None  # next round
+            return
+        if answer is None and error is None:
+            where = f"batch {batch.id} ended {batch.status}" if batch is not None else "the batch"
+            error = ("missing", f"{where} without an answer for it")
+        code, message = error  # type: ignore[misc]
+        kind = "batch_expired" if code == "batch_expired" else "batch_failed"
+        reason = redact(f"no answer after {line.tries} batch(es): {code}: {message}")[:500]
+        self._fail(line, FeedbackFailure(reason=reason, error_type=kind, attempts=line.tries, retriable=True))
+
+    def _fail(self, line: _Line, failure: FeedbackFailure) -> None:
+        log.warning("teacher %s: %s", self.teacher.id, failure.reason)
+        for unit in line.units:
+            if not self.tasks[unit].done():
+                self.failed[unit] = failure
+                self.tasks[unit].cancel()
+
+    async def aclose(self) -> None:
+        for _, recording, control in self._clients.values():
+            await recording.close()
+            await control.close()
