@@ -32,9 +32,10 @@ import itertools
 import json
 import threading
 import time
+from collections.abc import Callable
 from email.parser import BytesParser
 from email.policy import HTTP
-from typing import Any, Callable
+from typing import Any
 
 from tests.scripted_server import ScriptedServer, wrap_reply
 

@@ -215,7 +215,7 @@ class ScriptedServer:
         fault_rate: float = 0.0,
         seed: int = 0,
         random_faults: Sequence[Fault] = DEFAULT_RANDOM_FAULTS,
-        routes: Callable[[str, str, dict, bytes], "tuple[int, bytes] | None"] | None = None,
+        routes: Callable[[str, str, dict, bytes], tuple[int, bytes] | None] | None = None,
     ) -> None:
         self.responder = responder or _default_responder
         self.routes = routes

@@ -62,17 +62,18 @@ import json
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import httpx2
 import openai
 from tqdm.auto import tqdm
 
-from opd_sdk.constants import RETRIABLE_STATUS
+from opd_sdk.constants import BATCH_DISCOUNT, BATCH_POLL_S, RETRIABLE_STATUS
 from opd_sdk.errors import ConfigError, TeacherError
 from opd_sdk.feedback.answers import check_shape
 from opd_sdk.feedback.teacher import is_local, leaves
@@ -82,8 +83,7 @@ from opd_sdk.types import CallUsage, Feedback, FeedbackFailure, FeedbackRequest
 
 log = logging.getLogger("opd_sdk.feedback.batch")
 
-BATCH_DISCOUNT = 0.5  # OpenAI bills Batch API tokens at half the synchronous price
-POLL_S = (5.0, 300.0)  # first wait between polls, longest wait (doubling in between)
+__all__ = ["BATCH_DISCOUNT", "BATCH_POLL_S", "BatchLedger", "BatchMode", "batch_client"]
 MAX_LINES = 50_000  # the Batch API's limit on lines per batch
 SETTLE_S = 0.02  # a round goes out once no request has made a new call for this long
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
@@ -101,7 +101,7 @@ class _Call:
     """The context one request's teacher call runs in (a context variable: every task the
     teacher starts inherits it)."""
 
-    run: "_Run"
+    run: _Run
     unit: int
     seen: dict[str, int] = field(default_factory=dict)  # body digest -> identical calls made so far
 
@@ -372,7 +372,8 @@ class _Run:
                 bar.set_postfix_str(batch.status)
                 if batch.status != status:
                     status = batch.status
-                    log.info("batch %s: %s", batch_id, status)
+                    done = f" ({counts.completed} of {counts.total} answered, {counts.failed} failed)" if counts else ""
+                    log.info("batch %s: %s%s", batch_id, status, done)
                 if batch.status in TERMINAL:
                     self.read.add(batch_id)
                     return batch

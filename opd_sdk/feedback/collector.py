@@ -63,7 +63,7 @@ from opd_sdk.errors import (
     TeacherTimeout,
 )
 from opd_sdk.feedback.answers import check_shape, merge_pointwise
-from opd_sdk.feedback.batch import BATCH_DISCOUNT, POLL_S, BatchLedger, BatchMode
+from opd_sdk.feedback.batch import BATCH_DISCOUNT, BATCH_POLL_S, BatchLedger, BatchMode
 from opd_sdk.feedback.cache import FeedbackCache, collector_cache
 from opd_sdk.feedback.ratelimit import RateLimiter, estimate_tokens
 from opd_sdk.feedback.retry import retrying
@@ -132,7 +132,7 @@ class FeedbackCollector:
         retry_after_cap_s: float = MAX_RETRY_AFTER_S,
         mode: str = "online",
         batch_discount: float = BATCH_DISCOUNT,
-        batch_poll_s: tuple[float, float] = POLL_S,
+        batch_poll_s: tuple[float, float] = BATCH_POLL_S,
     ) -> None:
         if not isinstance(teacher, Teacher) or not isinstance(teacher.id, str):
             raise ConfigError("teacher must have a string `id` and an async `feedback(request)` method "

@@ -25,8 +25,8 @@ from tests.providers.helpers import fenced_texts
 from tests.scripted_batches import BatchRoutes
 from tests.scripted_server import ScriptedServer
 
-POLL = dict(batch_poll_s=(0.02, 0.05), progress=False)
-PRICES = dict(price_per_1k_prompt_tokens=1.0, price_per_1k_completion_tokens=2.0)
+POLL = {"batch_poll_s": (0.02, 0.05), "progress": False}
+PRICES = {"price_per_1k_prompt_tokens": 1.0, "price_per_1k_completion_tokens": 2.0}
 
 
 def chat_reply(body: dict, content: str) -> dict:
@@ -149,9 +149,9 @@ async def test_identical_sampling_calls_of_one_request_are_separate_lines(tmp_pa
 
 async def test_a_server_without_the_batch_api_is_a_config_error_that_says_so(tmp_path):
     with ScriptedServer(grade) as srv:
-        with FeedbackCollector(judge(srv), mode="batch", cache=tmp_path / "c.sqlite", **POLL) as col:
-            with pytest.raises(ConfigError, match="does not serve the Batch API.*404.*mode='online'"):
-                await col.collect(reqs("1"))
+        col = FeedbackCollector(judge(srv), mode="batch", cache=tmp_path / "c.sqlite", **POLL)
+        with col, pytest.raises(ConfigError, match="does not serve the Batch API.*404.*mode='online'"):
+            await col.collect(reqs("1"))
 
 
 def test_batch_mode_refuses_no_cache_a_bad_mode_and_a_teacher_without_an_endpoint(tmp_path):

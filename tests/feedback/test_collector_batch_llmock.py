@@ -11,11 +11,11 @@ import pytest
 
 pytest.importorskip("llmock")
 
-from llmock.routers import batch as llmock_batch  # noqa: E402
+from llmock.routers import batch as llmock_batch
 
-from opd_sdk import FeedbackCollector, Reference  # noqa: E402
-from opd_sdk.types import Completion, FeedbackRequest  # noqa: E402
-from providers import ReferenceTeacher  # noqa: E402
+from opd_sdk import FeedbackCollector, Reference
+from opd_sdk.types import Completion, FeedbackRequest
+from providers import ReferenceTeacher
 
 
 async def test_references_collected_through_llmock_batches_at_half_price(llmock, tmp_path, monkeypatch):
