@@ -23,6 +23,10 @@ the loop shuts down its async generators (`asyncio.run` does at its end,
 after another closed, without "Event loop is closed" errors. (An injected
 client's custom http_client is used on its first loop only.)
 
+Inside a `FeedbackCollector(mode="batch")` collection the endpoint hands out the collection's
+recording client instead (`opd_sdk.feedback.batch.batch_client`): each call becomes an OpenAI
+Batch API line and its answer comes back as the HTTP reply, so a teacher needs no change.
+
 A 200 whose body is an error object (`{"error": {...}}`, no `choices`) is a
 provider error, typed by its code (`openai_errors.error_from_body`).
 
