@@ -328,6 +328,10 @@ class _Run:
                         self._fail(line, FeedbackFailure(reason=reason, error_type="budget", retriable=True))
                     return
                 batch_id = await self._create(control, root, lines)
+            elif not await self._known(control, batch_id):  # a stored id the server does not know: send anew
+                for line in lines:
+                    line.batch, line.tries = None, line.tries - 1
+                return
             batch = await self._poll(control, batch_id)
             answers, errors = await self._read(control, batch, {line.custom_id for line in lines})
         except openai.APIStatusError as exc:
@@ -358,6 +362,16 @@ class _Run:
         self.mode.usage.retries += sum(line.tries > 1 for line in lines)
         log.info("batch %s created: %d requests to %s (%s)", batch.id, len(lines), root.base_url, url)
         return batch.id
+
+    async def _known(self, control: openai.AsyncOpenAI, batch_id: str) -> bool:
+        """Whether the server still has the stored batch `batch_id`; a forgotten one leaves the ledger."""
+        try:
+            await control.batches.retrieve(batch_id)
+            return True
+        except openai.NotFoundError:
+            log.warning("stored batch %s is unknown to the server; its requests go out in a new batch", batch_id)
+            self.mode.ledger.drop({batch_id})
+            return False
 
     async def _poll(self, control: openai.AsyncOpenAI, batch_id: str) -> Any:
         """Retrieve the batch until it ends, waiting poll_s[0], doubling up to poll_s[1]."""

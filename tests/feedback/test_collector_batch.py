@@ -6,6 +6,7 @@ is resumed without a second batch."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -203,3 +204,45 @@ def test_a_process_killed_while_its_batch_is_pending_is_resumed_without_a_second
         assert routes.created == 1  # resumed, not paid again
         assert srv.count_path("/v1/files") == 1 and not ledger.exists()
         assert col.usage.api_calls == 4
+
+
+async def test_a_stored_batch_the_server_does_not_know_is_sent_anew(tmp_path):
+    with ScriptedServer(grade) as srv:
+        routes = BatchRoutes(srv)
+        teacher = judge(srv)
+        with FeedbackCollector(teacher, mode="batch", cache=tmp_path / "c.sqlite", **POLL) as col:
+            await col.collect(reqs("3"))  # learn the line's custom_id
+            [cid] = [ln["custom_id"] for ln in routes.batches["batch_0"]["_lines"]]
+            ledger = tmp_path / "c.sqlite.batches.json"
+            ledger.write_text(json.dumps({"batches": [{"id": "batch_gone", "base_url": srv.base_url,
+                                                       "url": "/v1/chat/completions", "custom_ids": [cid]}]}))
+            col.cache.clear()
+            [fb] = await col.collect(reqs("3"))
+        assert fb.scores == [0.3] and routes.created == 2 and not ledger.exists()
+
+
+async def test_a_spent_budget_creates_no_further_batch(tmp_path):
+    def garbled(body):
+        return chat_reply(body, "no verdict here")
+
+    with ScriptedServer(garbled) as srv:
+        routes = BatchRoutes(srv)
+        with FeedbackCollector(judge(srv), mode="batch", cache=tmp_path / "c.sqlite", budget_usd=0.05, **POLL,
+                               **PRICES) as col:
+            [fb] = await col.collect(reqs("3"))
+        # the first batch cost (100 x $1 + 10 x $2) / 1000 x 0.5 = $0.06 >= $0.05: the re-ask is not sent
+        assert isinstance(fb, FeedbackFailure) and fb.error_type == "budget" and "budget of $0.0500" in fb.reason
+        assert routes.created == 1 and col.usage.budget_skipped == 1
+        assert col.usage.cost_usd == pytest.approx(0.06)
+
+
+async def test_polls_wait_longer_each_time_up_to_the_cap_and_show_progress(tmp_path, capsys):
+    with ScriptedServer(grade) as srv:
+        BatchRoutes(srv, finish_after=4)
+        with FeedbackCollector(judge(srv), mode="batch", cache=tmp_path / "c.sqlite", batch_poll_s=(0.1, 0.2),
+                               progress=True) as col:
+            await col.collect(reqs("3", "4"))
+        polls = [r.arrived for r in srv.requests if r.method == "GET" and r.path == "/v1/batches/batch_0"]
+    gaps = [b - a for a, b in itertools.pairwise(polls)]
+    assert len(polls) == 4 and gaps[0] >= 0.1 and gaps[1] >= 0.2 and 0.2 <= gaps[2] < 0.38  # 0.1, 0.2, capped 0.2
+    assert "batch batch_0" in capsys.readouterr().err  # the bar: lines done of total, status
