@@ -31,10 +31,10 @@ typed error). Any other status (a 400) is the answer (as online: not retried). A
 never cached: a later run asks again.
 
 Resume. Each batch's id is written, before it is polled, to `<cache file>.batches.json`
-beside the cache, with the custom_ids it holds (ids and hashes only: no request text, no
-key). A process killed while a batch is pending leaves it there: the next run, making the
-same calls, finds their custom_ids in that batch and polls (or reads) it instead of paying
-for another. A run that finishes drops the entries it read to the end.
+(`batch_files.BatchLedger`) with the custom_ids it holds. A process killed while a batch is
+pending leaves it there: the next run, making the same calls, finds their custom_ids in that
+batch and polls (or reads) it instead of paying for another (a stored id the server does
+not know is dropped). A run that finishes drops the entries it read to the end.
 
 Cost. Each answered line's `usage` is counted at the batch price: the collector's prices
 times (1 - discount); discount 0.5 by default (OpenAI bills batch tokens at half price).
@@ -43,30 +43,24 @@ checked before a batch is created; a batch in flight is not stopped, so the over
 at most one round of batches.
 
 Not applied in batch mode: rpm / tpm, the per-call timeout and the collector's backoff (the
-Batch API queues the work; a batch may take up to 24 hours).
-
-Teachers: every leaf of the teacher tree must call its server through
+Batch API queues the work; a batch may take up to 24 hours). Teachers: every leaf of the teacher tree must call its server through
 `providers.client.Endpoint` (it has an `endpoint`) or run in process (`is_local`). The
 server must serve /v1/files and /v1/batches (OpenAI does; vLLM's server does not: a 404
 there is a ConfigError that says so).
 
-Source: the OpenAI Batch API guide (platform.openai.com/docs/guides/batch) and its
-reference for the line, output and error formats.
+Source: the OpenAI Batch API guide and reference (platform.openai.com/docs/guides/batch).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
-import os
 from collections import defaultdict
 from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import httpx2
@@ -76,10 +70,16 @@ from tqdm.auto import tqdm
 from opd_sdk.constants import BATCH_DISCOUNT, BATCH_POLL_S, RETRIABLE_STATUS
 from opd_sdk.errors import ConfigError, TeacherError
 from opd_sdk.feedback.answers import check_shape
+from opd_sdk.feedback.batch_files import (
+    BatchLedger,
+    body_digest,
+    input_jsonl,
+    read_results,
+)
 from opd_sdk.feedback.teacher import is_local, leaves
 from opd_sdk.feedback.usage import Usage
 from opd_sdk.redact import redact
-from opd_sdk.types import CallUsage, Feedback, FeedbackFailure, FeedbackRequest
+from opd_sdk.types import Feedback, FeedbackFailure, FeedbackRequest
 
 log = logging.getLogger("opd_sdk.feedback.batch")
 
@@ -126,40 +126,6 @@ class _Line:
     units: set[int] = field(default_factory=set)
     tries: int = 0  # batches it went out in
     batch: str | None = None  # the batch it is in now
-
-
-class BatchLedger:
-    """The batches a run created or adopted and has not read to the end: `<cache>.batches.json`,
-    a list of {"id", "base_url", "url", "custom_ids"}. Written whole (temp file + rename), 0600."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-
-    def entries(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        try:
-            return list(json.loads(self.path.read_text(encoding="utf-8"))["batches"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"{self.path}: not a batch ledger ({exc}); delete it (pending batches are then "
-                              "created again and paid again) or restore it") from exc
-
-    def _write(self, entries: list[dict]) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"batches": entries}, f)
-        os.replace(tmp, self.path)
-
-    def add(self, entry: dict) -> None:
-        self._write(self.entries() + [entry])
-
-    def drop(self, ids: set[str]) -> None:
-        kept = [e for e in self.entries() if e["id"] not in ids]
-        if kept:
-            self._write(kept)
-        elif self.path.exists():
-            self.path.unlink()
 
 
 class BatchMode:
@@ -225,7 +191,8 @@ class _Run:
             transport = httpx2.MockTransport(partial(self._record, root))
             recording = root.copy(http_client=httpx2.AsyncClient(transport=transport), max_retries=0,
                                   timeout=httpx2.Timeout(None))  # a batch may take hours
-            control = root.copy(http_client=openai.DefaultAsyncHttpxClient())  # files and batches, SDK retries
+            control = root.copy(http_client=openai.DefaultAsyncHttpxClient(),  # files and batches
+                                max_retries=openai.DEFAULT_MAX_RETRIES)  # control calls: the SDK's retries
             held = self._clients[id(root)] = (root, recording, control)
         return held[1]
 
@@ -236,7 +203,7 @@ class _Run:
         base = str(root.base_url.path).rstrip("/")
         url = "/v1" + request.url.path[len(base):] if request.url.path.startswith(base) else request.url.path
         body = json.loads(request.content)
-        digest = hashlib.sha256((url + "\n" + json.dumps(body, sort_keys=True)).encode()).hexdigest()[:32]
+        digest = body_digest(url, body)
         k = call.seen.get(digest, 0)
         call.seen[digest] = k + 1
         custom_id = f"opd-{digest}-{k}"
@@ -334,25 +301,26 @@ class _Run:
                 return
             batch = await self._poll(control, batch_id)
             answers, errors = await self._read(control, batch, {line.custom_id for line in lines})
-        except openai.APIStatusError as exc:
-            if exc.status_code in (404, 405):
+        except openai.OpenAIError as exc:  # an error status, or connection trouble past the SDK's own retries
+            if isinstance(exc, openai.APIStatusError) and exc.status_code in (404, 405):
                 raise ConfigError(f"{root.base_url} does not serve the Batch API ({exc.request.method} "
                                   f"{exc.request.url.path} answered {exc.status_code}); use mode='online' "
                                   "(opd collect without --batch) for this server") from exc
-            answers, errors, batch = {}, {}, None
-            problem = ("batch_api", redact(f"the Batch API call failed: {exc}", [secret])[:300])
-            errors = {line.custom_id: problem for line in lines}
-        except openai.OpenAIError as exc:  # connection trouble past the SDK's own retries
-            answers, batch = {}, None
-            errors = {line.custom_id: ("batch_api", redact(f"the Batch API call failed: {exc!r}", [secret])[:300])
-                      for line in lines}
+            problem = ("batch_api", redact(f"the Batch API call failed: {exc!r}", [secret])[:300])
+            if batch_id is not None:  # the batch exists (paid): it stays in the ledger for a later run to resume
+                for line in lines:
+                    self._fail(line, FeedbackFailure(reason=f"{problem[1]}; batch {batch_id} is resumed by the next "
+                                                     "run", error_type="batch_api", attempts=line.tries,
+                                                     retriable=True))
+                return
+            answers, batch = {}, None  # nothing was created: the lines go out in the next round
+            errors = dict.fromkeys((line.custom_id for line in lines), problem)
         for line in lines:
             self._deliver(line, answers.get(line.custom_id), errors.get(line.custom_id), batch)
 
     async def _create(self, control: openai.AsyncOpenAI, root: openai.AsyncOpenAI, lines: list[_Line]) -> str:
         url = lines[0].url
-        data = "".join(json.dumps({"custom_id": line.custom_id, "method": "POST", "url": url, "body": line.body})
-                       + "\n" for line in lines).encode()
+        data = input_jsonl(url, [(line.custom_id, line.body) for line in lines])
         upload = await control.files.create(file=("opd-feedback.jsonl", data, "application/jsonl"), purpose="batch")
         batch = await control.batches.create(input_file_id=upload.id, endpoint=url, completion_window="24h",
                                              metadata={"source": "opd-sdk feedback"})
@@ -396,30 +364,18 @@ class _Run:
 
     async def _read(self, control: openai.AsyncOpenAI, batch: Any, wanted: set[str]
                     ) -> tuple[dict[str, tuple[int, dict]], dict[str, tuple[str, str]]]:
-        """(custom_id -> (status, body)) and (custom_id -> (error code, message)) for `wanted`;
-        each answer's tokens are counted at the batch price."""
+        """The batch's answers and errors for `wanted` (`read_results`); each answer's tokens are
+        counted at the batch price."""
         answers: dict[str, tuple[int, dict]] = {}
         errors: dict[str, tuple[str, str]] = {}
         for file_id in (batch.output_file_id, batch.error_file_id):
-            if not file_id:
-                continue
-            text = (await control.files.content(file_id)).text
-            for raw in text.splitlines():
-                row = json.loads(raw) if raw.strip() else {}
-                cid = row.get("custom_id")
-                if cid not in wanted:
-                    continue
-                response, error = row.get("response"), row.get("error")
-                if response:
-                    answers[cid] = (int(response["status_code"]), response.get("body") or {})
-                    usage = (response.get("body") or {}).get("usage") or {}
-                    self.mode.usage.add_call_usage(
-                        CallUsage(calls=1, prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                                  completion_tokens=int(usage.get("completion_tokens") or 0)),
-                        price_per_1k_prompt=self.mode.prices[0], price_per_1k_completion=self.mode.prices[1])
-                else:
-                    error = error or {}
-                    errors[cid] = (str(error.get("code") or "failed"), str(error.get("message") or ""))
+            if file_id:
+                got, failed, usages = read_results((await control.files.content(file_id)).text, wanted)
+                answers |= got
+                errors |= failed
+                for usage in usages:
+                    self.mode.usage.add_call_usage(usage, price_per_1k_prompt=self.mode.prices[0],
+                                                   price_per_1k_completion=self.mode.prices[1])
         return answers, errors
 
     def _deliver(self, line: _Line, answer: tuple[int, dict] | None, error: tuple[str, str] | None,

@@ -246,3 +246,41 @@ async def test_polls_wait_longer_each_time_up_to_the_cap_and_show_progress(tmp_p
     gaps = [b - a for a, b in itertools.pairwise(polls)]
     assert len(polls) == 4 and gaps[0] >= 0.1 and gaps[1] >= 0.2 and 0.2 <= gaps[2] < 0.38  # 0.1, 0.2, capped 0.2
     assert "batch batch_0" in capsys.readouterr().err  # the bar: lines done of total, status
+
+
+async def test_a_batch_api_outage_sends_the_lines_again_in_the_next_round(tmp_path):
+    with ScriptedServer(grade) as srv:
+        routes = BatchRoutes(srv)
+        outage = iter(range(3))  # the first create and the openai client's own 2 retries of it answer 500
+
+        def flaky(method, path, headers, raw):
+            if method == "POST" and path == "/v1/batches" and next(outage, None) is not None:
+                return 500, json.dumps({"error": {"message": "scripted outage", "type": "server_error"}}).encode()
+            return routes(method, path, headers, raw)
+
+        srv.routes = flaky
+        with FeedbackCollector(judge(srv), mode="batch", cache=tmp_path / "c.sqlite", **POLL) as col:
+            [fb] = await col.collect(reqs("8"))
+        assert fb.scores == [0.8] and routes.created == 1
+        assert srv.count_path("/v1/files") == 2 and srv.count_path("/v1/batches") == 4  # 3 refused + 1 created
+
+
+async def test_a_poll_that_keeps_failing_leaves_the_paid_batch_for_the_next_run(tmp_path):
+    with ScriptedServer(grade) as srv:
+        routes = BatchRoutes(srv)
+        down = True
+
+        def flaky(method, path, headers, raw):
+            if down and method == "GET" and path.startswith("/v1/batches/"):
+                return 503, json.dumps({"error": {"message": "scripted outage", "type": "server_error"}}).encode()
+            return routes(method, path, headers, raw)
+
+        srv.routes = flaky
+        with FeedbackCollector(judge(srv), mode="batch", cache=tmp_path / "c.sqlite", **POLL) as col:
+            [lost] = await col.collect(reqs("8"))
+            assert isinstance(lost, FeedbackFailure) and lost.error_type == "batch_api" and lost.retriable
+            assert "batch_0 is resumed by the next run" in lost.reason
+            assert "batch_0" in (tmp_path / "c.sqlite.batches.json").read_text()
+            down = False
+            [fb] = await col.collect(reqs("8"))
+        assert fb.scores == [0.8] and routes.created == 1  # the batch already paid for was read, not made again
