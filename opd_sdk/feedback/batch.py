@@ -3,51 +3,42 @@
     collector = FeedbackCollector(teacher, mode="batch", cache="run/feedback_cache.sqlite")
     feedback = collector.collect_sync(requests)   # as online: one Feedback per request, failures as values
 
-For collections that need no answer within seconds: teacher references for SFT, SPIN and
-GAD, scoring an eval set, labelling a dataset. `opd collect CONFIG --batch` runs it over a
-run's prompts.
+For collections that need no answer within seconds (teacher references for SFT, SPIN and GAD,
+scoring an eval set, labelling a dataset); `opd collect CONFIG --batch` runs it on a run's prompts.
 
-How teacher calls become batch lines, the teacher unchanged. Each request the cache does not
-answer runs `teacher.feedback(request)` as online, inside a `_Run`: `providers.client.Endpoint`
-asks `batch_client(root)` for its openai client and gets one whose HTTP transport sends
-nothing. It records the call (url and JSON body) as a batch line, with a `custom_id` made
-from them (sha256; the k-th identical call of one request gets suffix k, so n identical
-sampling calls stay n lines), and waits. When every request still running waits on a line,
-the lines go out: per endpoint and url, a JSONL file uploaded through the Files API
-(purpose "batch") and a batch created on it (completion window 24h). Each batch is polled
-with exponential backoff (`poll_s`: first wait, longest wait; a progress bar shows lines
-done of total). Its output and error files are downloaded and each line's answer (the HTTP
-status and body the API gives for it) goes back to the waiting openai client as its HTTP
-response: the teacher parses it, types its errors and re-asks exactly as online. A call
-that depends on an answer (a judge re-asking after a verdict that did not parse) goes out
-in the next batch.
+How calls become batch lines, the teacher unchanged: each request the cache does not answer runs
+`teacher.feedback(request)` as online, but `providers.client.Endpoint` gets its openai client from
+`batch_client(root)`: one whose HTTP transport sends nothing. It records the call (url, JSON body)
+as a line whose `custom_id` hashes them (the k-th identical call of one request gets suffix k, so
+n identical sampling calls stay n lines), and waits. When every request still running waits on a
+line, the lines go out: per endpoint and url, a JSONL file uploaded through the Files API and a
+batch created on it (completion window 24h), polled with exponential backoff (`poll_s`: first,
+longest wait; a progress bar shows lines done of total). Each line's answer in the output file
+(HTTP status and body) goes back to the waiting client as its HTTP response: the teacher parses
+it, types its errors and re-asks as online; a call that depends on an answer (a judge re-asking
+after a verdict that did not parse) goes out in the next batch.
 
-Failures. A line in the error file (failed, or `batch_expired`: the batch expired before
-reaching it), a line missing from a failed or cancelled batch, and a line answered 408 /
-409 / 429 / 5xx go out again in the next batch, up to `max_retries` times; then a line
-without an answer makes its requests `FeedbackFailure`s (retriable, error_type
-"batch_expired" or "batch_failed"), and a last 429 / 5xx answer is read by the teacher (its
-typed error). Any other status (a 400) is the answer (as online: not retried). A failure is
-never cached: a later run asks again.
+Failures. A line in the error file (failed, or `batch_expired`), missing from a failed or
+cancelled batch, or answered 408 / 409 / 429 / 5xx goes out again in the next batch, up to
+`max_retries` times; then its requests become `FeedbackFailure`s (retriable; "batch_expired" or
+"batch_failed"), or the teacher reads the last 429 / 5xx (its typed error). Any other status (a
+400) is the answer, not retried. A Files / Batches call that fails past the SDK's retries sends
+the lines in the next round if no batch was made, else fails them ("batch_api") and leaves the
+batch for the next run. A failure is never cached.
 
-Resume. Each batch's id is written, before it is polled, to `<cache file>.batches.json`
-(`batch_files.BatchLedger`) with the custom_ids it holds. A process killed while a batch is
-pending leaves it there: the next run, making the same calls, finds their custom_ids in that
-batch and polls (or reads) it instead of paying for another (a stored id the server does
-not know is dropped). A run that finishes drops the entries it read to the end.
+Resume. A batch's id is written, before it is polled, to `<cache file>.batches.json`
+(`batch_files.BatchLedger`) with its custom_ids. A process killed while the batch is pending
+leaves it there: the next run, making the same calls, polls or reads that batch instead of paying
+for another (an id the server does not know is dropped). A finished run drops what it read.
 
-Cost. Each answered line's `usage` is counted at the batch price: the collector's prices
-times (1 - discount); discount 0.5 by default (OpenAI bills batch tokens at half price).
-Every answer is counted, one the teacher cannot parse too (it is billed). The budget is
-checked before a batch is created; a batch in flight is not stopped, so the overshoot is
-at most one round of batches.
+Cost. Each answer's `usage` (one the teacher cannot parse too: it is billed) is counted at the
+collector's prices x (1 - discount), discount 0.5 by default (OpenAI's batch price is half). The
+budget is checked before a batch is created, so the overshoot is at most one round of batches.
+Not applied: rpm / tpm, the per-call timeout, the collector's backoff (a batch may take 24 h).
 
-Not applied in batch mode: rpm / tpm, the per-call timeout and the collector's backoff (the
-Batch API queues the work; a batch may take up to 24 hours). Teachers: every leaf of the teacher tree must call its server through
-`providers.client.Endpoint` (it has an `endpoint`) or run in process (`is_local`). The
-server must serve /v1/files and /v1/batches (OpenAI does; vLLM's server does not: a 404
-there is a ConfigError that says so).
-
+Teachers: every leaf of the tree calls its server through `providers.client.Endpoint` (it has an
+`endpoint`) or runs in process (`is_local`). The server must serve /v1/files and /v1/batches
+(OpenAI does; vLLM does not: a 404 there is a ConfigError that says so).
 Source: the OpenAI Batch API guide and reference (platform.openai.com/docs/guides/batch).
 """
 
