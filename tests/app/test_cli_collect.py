@@ -14,6 +14,7 @@ from opd_sdk.app import cli, runner
 from tests.providers.helpers import fenced_texts
 from tests.scripted_batches import BatchRoutes
 from tests.scripted_server import ScriptedServer
+from tests.train.test_clean_lifecycles import ROOT, run_strict
 
 
 def grade_product(body: dict) -> dict:
@@ -83,3 +84,10 @@ def test_collect_batch_refuses_a_teacher_that_runs_in_process(tmp_path, capsys, 
     config = write_config(tmp_path, "http://127.0.0.1:9/v1", "run", teacher={"type": "verifier"})
     assert cli.main(["collect", str(config), "--batch"]) == 2
     assert "runs in this process" in capsys.readouterr().err
+
+
+def test_the_readme_batch_round_trip_runs_clean_and_says_what_the_readme_shows(tmp_path):
+    out = run_strict([str(ROOT / "benchmarks" / "batch_roundtrip.py"), "--out", str(tmp_path / "demo")], tmp_path)
+    assert out.count("batches created so far: 2, lines sent: 10, synchronous calls: 0") == 2
+    assert "batch batch_0: completed (6 of 8 answered, 2 failed)" in out
+    assert '"cache_hits": 8' in out and '"cost_usd": 1.6e-05' in out
