@@ -18,7 +18,6 @@ batch. Then the same command once more: every answer comes from the cache, no ba
 from __future__ import annotations
 
 import argparse
-import logging
 import re
 import sys
 import tempfile
@@ -61,8 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="run folder (default: a temporary one)")
     args = parser.parse_args(argv)
     out = Path(args.out or tempfile.mkdtemp(prefix="opd-batch-"))
-    logging.basicConfig(format="  log: %(message)s", stream=sys.stdout)
-    logging.getLogger("opd_sdk.feedback.batch").setLevel(logging.INFO)
 
     failed_once = {"5 times 3", "7 times 7"}
 

@@ -18,6 +18,7 @@ killed while a batch is pending, the same command resumes that batch.
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,17 @@ from opd_sdk.feedback.teacher import is_local
 from opd_sdk.types import Completion, FeedbackFailure, FeedbackRequest
 
 SPLITS = ("train", "eval", "all")
+
+
+class _Say(logging.Handler):
+    """Log records at INFO and above, passed to `log` as "opd: <message>"."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        super().__init__(logging.INFO)
+        self.say = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.say(f"opd: {record.getMessage()}")
 
 
 def collect_requests(items: list[PromptItem], grading: bool) -> list[FeedbackRequest]:
@@ -73,12 +85,18 @@ def collect(cfg: RunConfig, *, batch: bool = False, split: str = "train",
             raise ConfigError(f"opd collect --batch: teacher {t_cfg.type} runs in this process, not behind an "
                               "API; collect it without --batch")
         collector = build_collector(cfg, teacher, batch=batch)
+        said, batch_log = _Say(log), logging.getLogger("opd_sdk.feedback.batch")
+        level = batch_log.level
+        batch_log.addHandler(said)  # batches created, their status as polled: hours may pass, say what happens
+        batch_log.setLevel(logging.INFO)
         try:
             log(f"opd: collecting {t_cfg.type} feedback ({teacher.id}) on {len(requests)} {split} prompts"
                 + (" through the Batch API" if batch else ""))
             feedback = collector.collect_sync(requests)
         finally:
             collector.close()
+            batch_log.removeHandler(said)
+            batch_log.setLevel(level)
         failures = Counter(fb.error_type for fb in feedback if isinstance(fb, FeedbackFailure))
         usage = collector.usage
         summary["teachers"].append({
