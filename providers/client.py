@@ -23,6 +23,10 @@ the loop shuts down its async generators (`asyncio.run` does at its end,
 after another closed, without "Event loop is closed" errors. (An injected
 client's custom http_client is used on its first loop only.)
 
+Inside a `FeedbackCollector(mode="batch")` collection the endpoint hands out the collection's
+recording client instead (`opd_sdk.feedback.batch.batch_client`): each call becomes an OpenAI
+Batch API line and its answer comes back as the HTTP reply, so a teacher needs no change.
+
 A 200 whose body is an error object (`{"error": {...}}`, no `choices`) is a
 provider error, typed by its code (`openai_errors.error_from_body`).
 
@@ -42,6 +46,7 @@ import openai
 
 from opd_sdk.constants import DEFAULT_TIMEOUT_S
 from opd_sdk.errors import BadResponse, ConfigError, TeacherError
+from opd_sdk.feedback.batch import batch_client
 from opd_sdk.types import CallUsage
 from providers.openai_errors import error_from_body, translate_openai_error
 
@@ -111,6 +116,9 @@ class Endpoint:
         `FeedbackCollector.close()`) closes it, so its connections are closed on their
         own loop while it still runs, never later by the garbage collector.
         """
+        recording = batch_client(self._root)
+        if recording is not None:  # FeedbackCollector(mode="batch"): calls become Batch API lines
+            return recording
         loop = asyncio.get_running_loop()
         held = self._per_loop.get(loop)
         if held is None:

@@ -34,6 +34,9 @@ attribute may be reassigned between phases of a test, it is read per request):
   `(index, body) -> Fault | None` (index = arrival order, from 0), or a
   sequence consumed one entry per request in arrival order (None = answer
   normally; once it is used up every request is answered normally).
+- routes: `(method, path, headers, raw body) -> (status, bytes) | None`, asked first for
+  every request (after it is recorded); None lets the server answer as usual. The OpenAI
+  Files and Batches routes are one (`tests.scripted_batches.BatchRoutes`).
 - fault_rate, seed, random_faults: when the script gives no fault, inject
   one of `random_faults` (default: 429 with retry-after 0, 500, 503) with
   probability `fault_rate`, from `random.Random(seed)`.
@@ -212,8 +215,10 @@ class ScriptedServer:
         fault_rate: float = 0.0,
         seed: int = 0,
         random_faults: Sequence[Fault] = DEFAULT_RANDOM_FAULTS,
+        routes: Callable[[str, str, dict, bytes], tuple[int, bytes] | None] | None = None,
     ) -> None:
         self.responder = responder or _default_responder
+        self.routes = routes
         self.handlers = dict(handlers or {})
         self.latency = latency
         self.max_concurrency = max_concurrency
@@ -384,6 +389,10 @@ class ScriptedServer:
             self._open += 1
             self._max_open = max(self._max_open, self._open)
         try:
+            routed = self.routes(method, path, headers, raw) if self.routes is not None else None
+            if routed is not None:
+                await self._send_raw(writer, routed[0], routed[1], ())
+                return True
             if self.max_concurrency is not None and self._cap_size != self.max_concurrency:
                 self._cap, self._cap_size = asyncio.Semaphore(self.max_concurrency), self.max_concurrency
             cap = self._cap if self.max_concurrency is not None else None

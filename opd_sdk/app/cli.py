@@ -3,6 +3,7 @@
     opd train CONFIG.yaml [--set key.sub=value ...] [--resume | --overwrite] [--check]
     opd eval  CONFIG.yaml [--model DIR] [--set ...]
     opd demo  [--out DIR] [--steps N] [--seed S]
+    opd collect CONFIG.yaml [--batch] [--split train|eval|all] [--set ...]
 
 Every config error is reported as `opd: invalid config:` plus one line per
 field, before any model loads, and the exit status is 2. A teacher's API key
@@ -50,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default=None, help="a saved student folder (default: the config's student)")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
 
+    col = sub.add_parser("collect", help="ask the teacher(s) about the run's prompts into the feedback cache "
+                                          "(references for SFT/SPIN/GAD, labels, eval scores)")
+    add_config(col)
+    col.add_argument("--batch", action="store_true", help="through the OpenAI Batch API: half price, within 24 h; "
+                     "a killed run resumes its pending batch")
+    col.add_argument("--split", choices=("train", "eval", "all"), default="train", help="which prompts (default train)")
+
     demo = sub.add_parser("demo", help="offline demo: distil SmolLM2-135M-Instruct with a verifier, no API key")
     demo.add_argument("--out", default="opd-demo", help="output folder (plot, metrics, trained student)")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the tuned demo setting)")
@@ -91,6 +99,17 @@ def main(argv: list[str] | None = None) -> int:
                     f"opd: held-out {result['metric']} {result['value']:.3f} "
                     f"({result['graded']} graded, {result['failures']} teacher failures)"
                 )
+        elif args.command == "collect":
+            from opd_sdk.app.collect import collect
+            from opd_sdk.config.run import load_config
+
+            run_cfg = load_config(args.config, args.overrides)
+            try:
+                _say(json.dumps(collect(run_cfg, batch=args.batch, split=args.split, log=_say), indent=2))
+            except KeyboardInterrupt:
+                print("opd: interrupted; the answers received are in the feedback cache, and the same command "
+                      "resumes a pending batch instead of paying for it again", file=sys.stderr)
+                return 130
         elif args.command == "demo":
             from opd_sdk.app.demo import run_demo
 

@@ -66,10 +66,12 @@ def load_student(cfg: StudentConfig, path: str | None = None, device: Any = None
     return model, tokenizer
 
 
-def build_collector(cfg: RunConfig, teacher: Any) -> Collector:
+def build_collector(cfg: RunConfig, teacher: Any, batch: bool = False) -> Collector:
     """`make_collector` with the config's limits and cache (in process for a local teacher; the
-    collector keeps no cache for a teacher whose answers change as the student trains)."""
+    collector keeps no cache for a teacher whose answers change as the student trains).
+    batch: through the OpenAI Batch API (`opd collect --batch`; `opd_sdk.feedback.batch`)."""
     c = cfg.collector
+    batch_api = {"mode": "batch", "batch_discount": c.batch_discount, "batch_poll_s": c.batch_poll_s} if batch else {}
     return make_collector(
         teacher,
         max_concurrency=c.max_concurrency,
@@ -82,6 +84,7 @@ def build_collector(cfg: RunConfig, teacher: Any) -> Collector:
         price_per_1k_prompt_tokens=c.price_per_1k_prompt_tokens,
         price_per_1k_completion_tokens=c.price_per_1k_completion_tokens,
         progress=cfg.logging.progress,
+        **batch_api,
     )
 
 

@@ -30,6 +30,8 @@ from opd_sdk.config.teachers import (  # the teacher sections, one declaration e
     TeacherConfig,
 )
 from opd_sdk.constants import (
+    BATCH_DISCOUNT,
+    BATCH_POLL_S,
     DEFAULT_MAX_CONCURRENCY,
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT_S,
@@ -114,6 +116,8 @@ class CollectorConfig(_Strict):
     budget_usd: float | None = Field(None, gt=0)
     price_per_1k_prompt_tokens: float = Field(0.0, ge=0)
     price_per_1k_completion_tokens: float = Field(0.0, ge=0)
+    batch_discount: float = Field(BATCH_DISCOUNT, ge=0, lt=1)  # `opd collect --batch`: the Batch API's price cut
+    batch_poll_s: tuple[float, float] = BATCH_POLL_S  # `opd collect --batch`: first, longest wait between polls
 
 
 class LoggingConfig(_Strict):

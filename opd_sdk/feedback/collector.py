@@ -63,6 +63,7 @@ from opd_sdk.errors import (
     TeacherTimeout,
 )
 from opd_sdk.feedback.answers import check_shape, merge_pointwise
+from opd_sdk.feedback.batch import BATCH_DISCOUNT, BATCH_POLL_S, BatchLedger, BatchMode
 from opd_sdk.feedback.cache import FeedbackCache, collector_cache
 from opd_sdk.feedback.ratelimit import RateLimiter, estimate_tokens
 from opd_sdk.feedback.retry import retrying
@@ -107,6 +108,9 @@ class FeedbackCollector:
         `max_concurrency` calls.
     price_per_1k_*: USD per 1000 prompt / completion tokens.
     progress: show a tqdm bar (None: only when stderr is a terminal).
+    mode: "online" (each call answered within seconds) or "batch": through the OpenAI Batch API
+        at `batch_discount` off the prices, polled every `batch_poll_s` (first, longest wait);
+        needs a cache (pending batch ids are kept beside it). See `opd_sdk.feedback.batch`.
     """
 
     def __init__(
@@ -126,6 +130,9 @@ class FeedbackCollector:
         backoff_initial_s: float = INITIAL_BACKOFF_S,
         backoff_max_s: float = MAX_BACKOFF_S,
         retry_after_cap_s: float = MAX_RETRY_AFTER_S,
+        mode: str = "online",
+        batch_discount: float = BATCH_DISCOUNT,
+        batch_poll_s: tuple[float, float] = BATCH_POLL_S,
     ) -> None:
         if not isinstance(teacher, Teacher) or not isinstance(teacher.id, str):
             raise ConfigError("teacher must have a string `id` and an async `feedback(request)` method "
@@ -155,6 +162,7 @@ class FeedbackCollector:
         self.progress = sys.stderr.isatty() if progress is None else bool(progress)
         self._backoff = (backoff_initial_s, backoff_max_s, retry_after_cap_s)
         self.usage = Usage()
+        self.batch = self._batch_mode(mode, batch_discount, batch_poll_s)
         self._inflight: dict[str, asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()
         self._slots: asyncio.Semaphore | None = None
@@ -251,6 +259,19 @@ class FeedbackCollector:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _batch_mode(self, mode: str, discount: float, poll_s: tuple[float, float]) -> BatchMode | None:
+        if mode not in ("online", "batch"):
+            raise ConfigError(f"mode must be 'online' or 'batch' (the OpenAI Batch API), got {mode!r}")
+        if mode == "online":
+            return None
+        if self.cache is None:
+            raise ConfigError("mode='batch' needs a cache: answers land in it and pending batch ids are kept "
+                              "beside it (pass cache='run/feedback_cache.sqlite')")
+        BatchMode.check_teacher(self.teacher)
+        return BatchMode(BatchLedger(f"{self.cache.path}.batches.json"), usage=self.usage,
+                         prices=(self.price_prompt, self.price_completion), discount=discount, poll_s=poll_s,
+                         max_retries=self.max_retries, budget_usd=self.budget_usd, progress=self.progress)
+
     # ----- scheduling --------------------------------------------------------
     def _cache_key(self, request: FeedbackRequest) -> str:
         if isinstance(self.teacher, CustomCacheKey):
@@ -283,7 +304,7 @@ class FeedbackCollector:
                 continue
             self._inflight[key] = fut
             misses.append((key, unit))
-        if misses and isinstance(self.teacher, BatchTeacher):
+        if misses and (self.batch is not None or isinstance(self.teacher, BatchTeacher)):
             self._spawn(loop, self._resolve_batch(misses, [by_key[k] for k, _ in misses]))
         else:
             for key, unit in misses:
@@ -315,8 +336,11 @@ class FeedbackCollector:
     async def _resolve_batch(self, misses: list[tuple[str, FeedbackRequest]], futs: list[asyncio.Future]) -> None:
         units = [u for _, u in misses]
         try:
-            results = await self._call_with_retries(
-                lambda: self.teacher.feedback_batch(units), units, sum(self._api_calls(u) for u in units))
+            if self.batch is not None:  # mode="batch": the OpenAI Batch API
+                results = await self.batch.collect(self.teacher, units)
+            else:
+                results = await self._call_with_retries(
+                    lambda: self.teacher.feedback_batch(units), units, sum(self._api_calls(u) for u in units))
             for (key, _), fut, result in zip(misses, futs, results, strict=True):
                 self._store(key, result)
                 fut.set_result(result)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, Sequence, runtime_checkable
 
+from opd_sdk.errors import ConfigError
 from opd_sdk.feedback.collector import FeedbackCollector
 from opd_sdk.feedback.local import LocalRunner
 from opd_sdk.feedback.teacher import is_local
@@ -25,7 +26,8 @@ from opd_sdk.types import Feedback, FeedbackRequest
 # FeedbackCollector's keywords that only concern the network: a LocalRunner ignores them
 _NETWORK_LIMITS = ("max_concurrency", "rpm", "tpm", "timeout", "max_retries", "budget_usd",
                    "price_per_1k_prompt_tokens", "price_per_1k_completion_tokens", "progress",
-                   "backoff_initial_s", "backoff_max_s", "retry_after_cap_s")
+                   "backoff_initial_s", "backoff_max_s", "retry_after_cap_s", "mode", "batch_discount",
+                   "batch_poll_s")
 
 
 @runtime_checkable
@@ -59,7 +61,7 @@ def make_collector(teacher: Any, **limits: Any) -> Collector:
     it; the network limits are ignored), else `FeedbackCollector(teacher, **limits)`.
 
     limits: FeedbackCollector's keyword arguments (max_concurrency, rpm, tpm, timeout,
-        max_retries, cache, budget_usd, prices, progress, backoff settings).
+        max_retries, cache, budget_usd, prices, progress, backoff settings, mode and the batch settings).
     Raises TypeError for a keyword FeedbackCollector does not take; ConfigError (from
     FeedbackCollector) for a bad value.
     """
@@ -68,5 +70,8 @@ def make_collector(teacher: Any, **limits: Any) -> Collector:
         raise TypeError(f"make_collector got unknown keyword(s) {unknown}; it takes "
                         f"{sorted(_NETWORK_LIMITS + ('cache',))}")
     if is_local(teacher):
+        if limits.get("mode") == "batch":
+            raise ConfigError(f"mode='batch' is for teachers behind an API; {teacher.id} runs in this process "
+                              "(nothing to batch): use mode='online'")
         return LocalRunner(teacher, cache=limits.get("cache"))
     return FeedbackCollector(teacher, **limits)
