@@ -7,7 +7,14 @@ import re
 import pytest
 
 from opd_sdk.errors import ConfigError
-from opd_sdk.tasks import TASK_NAMES, accuracy, check, extract_last_number, first_wrong_step, get_task
+from opd_sdk.tasks import (
+    TASK_NAMES,
+    accuracy,
+    check,
+    extract_last_number,
+    first_wrong_step,
+    get_task,
+)
 
 
 def operands(prompt: str) -> tuple[int, int]:
@@ -26,7 +33,7 @@ def test_enumerated_tasks_answers_and_disjoint_splits(name, op):
         a, b = operands(it.prompt)
         assert it.answer == str(op(a, b)) == it.privileged == it.metadata["solution"]
         assert it.prompt.endswith("Answer with just the number.")
-    unordered = lambda items: {frozenset(operands(it.prompt)) for it in items}  # noqa: E731
+    unordered = lambda items: {frozenset(operands(it.prompt)) for it in items}
     assert not unordered(train) & unordered(held)  # 3x7 held out => 7x3 held out too
 
 
@@ -57,7 +64,7 @@ def test_word_problems_solutions_and_splits():
         assert check(it.privileged, it.answer)
         sign = "+" if "more" in it.prompt else "-"
         assert it.privileged.splitlines()[0] == f"{a} {sign} {b} = {expected}"
-    key = lambda it: (("+", *sorted(operands(it.prompt))) if "more" in it.prompt else ("-", *operands(it.prompt)))  # noqa: E731
+    key = lambda it: (("+", *sorted(operands(it.prompt))) if "more" in it.prompt else ("-", *operands(it.prompt)))
     assert not {key(i) for i in train} & {key(i) for i in held}
     with pytest.raises(ConfigError, match="pass n"):
         task.items("train")
