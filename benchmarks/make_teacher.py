@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
     ap.add_argument("--out", default=None, help="where to save (default ~/.cache/opd-sdk/teachers/<task>-smollm2)")
     ap.add_argument("--smoke", type=int, nargs="?", const=3, default=None, metavar="N",
-                    help="time N SFT steps (default 3) and the student's base accuracy; save nothing")
+                    help="time N SFT steps (default 3; 0: none) and the student's base accuracy; save nothing")
     args = ap.parse_args(argv)
     task = get_task(args.task)
     params = {} if args.task_steps is None else {"steps": args.task_steps}
@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     held = task.items("heldout", args.eval_size, seed=0, **params)
     path = resolve_model_path(args.model)
     model, tokenizer = load(path, args.device)
-    if args.smoke is not None:  # SFT steps first (they change the weights: the accuracy is of a fresh copy)
+    per_step = None
+    if args.smoke:  # SFT steps first (they change the weights: the accuracy is of a fresh copy)
         t0 = time.perf_counter()
         train_sft(model, tokenizer, train, steps=args.smoke, batch_size=args.batch_size, lr=args.lr,
                   warmup=args.warmup, seed=args.seed)
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({eval_s:.0f} s)", flush=True)
     if args.smoke is not None:
         print(json.dumps({"smoke": True, "student_heldout_accuracy": student, "eval_problems": len(held),
-                          "eval_s": round(eval_s, 1), "sft_s_per_step": round(per_step, 2),
+                          "eval_s": round(eval_s, 1), "sft_s_per_step": per_step and round(per_step, 2),
                           "batch_size": args.batch_size, "threads": torch.get_num_threads()}), flush=True)
         return 0
     t0 = time.perf_counter()
