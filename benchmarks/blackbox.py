@@ -321,8 +321,9 @@ def main(argv: list[str] | None = None, log=print) -> dict:
     from tests.model_server import ModelResponder
     from tests.scripted_server import ScriptedServer
 
-    for k, v in TINY.items():
-        if argv is None or f"--{k.replace('_', '-')}" not in argv:
+    given = sys.argv[1:] if argv is None else argv
+    for k, v in TINY.items():  # the tiny sizes, except where a flag was given
+        if f"--{k.replace('_', '-')}" not in given:
             setattr(args, k, v)
     student = Path(args.out) / "tiny-student"  # kept beside the cells: a rerun resumes with the same student
     tok = tiny_tokenizer()
