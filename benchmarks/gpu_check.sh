@@ -11,6 +11,10 @@
 #                  model found offline in the HF cache, else SmolLM2-135M-Instruct)
 #   PROMPTS        prompts per rollout (default 16; G=8 x 64 new tokens as on CPU)
 #
+#   OPD_GPU_BLACKBOX=1  also run issue #19's table at a larger size (step 7: longer chains, more
+#                  steps; a teacher trained here and served by this GPU's vLLM). Off by default: it
+#                  needs about 15 more minutes; skipped cleanly when unset.
+#
 # Not run yet: no GPU was lent to the session that wrote it (see README).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -104,3 +108,27 @@ for r in rows:
 print(f"| total | | {total_s} |")
 EOF
 echo "scaling (rc=$SCALE_RC, ${SCALE_S} s):"; grep "^|" "$OUT/scaling.log" || tail -n 20 "$OUT/scaling.log"
+
+# 7. Issue #19 at a larger size (opt-in): a 5-step running_total teacher trained on this GPU, served by vLLM
+#    on it, and every row of benchmarks/blackbox.py for 3 seeds (lr not swept: --lr for every row).
+if [ "${OPD_GPU_BLACKBOX:-0}" != "1" ]; then
+  echo "blackbox (issue #19, larger): skipped (set OPD_GPU_BLACKBOX=1 to run it)"
+  exit 0
+fi
+BB_START=$SECONDS
+timeout 300 $PY benchmarks/make_teacher.py --device cuda --task-steps 5 --steps 400 --batch-size 32 \
+  --eval-size 128 --max-new-tokens 96 --out "$OUT/teacher" > "$OUT/teacher.log" 2>&1
+TEACHER_RC=$?
+grep "make_teacher:" "$OUT/teacher.log" | tail -n 3
+if [ "$TEACHER_RC" != "0" ]; then echo "blackbox: teacher below the bar or failed (rc=$TEACHER_RC); log $OUT/teacher.log"; exit 1; fi
+$PY -m vllm.entrypoints.openai.api_server --model "$OUT/teacher" --served-model-name teacher --dtype float32 \
+  --max-model-len 1024 --gpu-memory-utilization 0.25 --host 127.0.0.1 --port 8013 > "$OUT/vllm-teacher.log" 2>&1 &
+VLLM_PID=$!
+for _ in $(seq 1 90); do curl -fsS http://127.0.0.1:8013/v1/models > /dev/null 2>&1 && break; sleep 2; done
+timeout 900 $PY benchmarks/blackbox.py --device cuda --task-steps 5 --steps 40 --max-new-tokens 96 \
+  --eval-max-new-tokens 96 --eval-size 128 --seeds 0 1 2 --lr 2e-5 --teacher-url http://127.0.0.1:8013/v1 \
+  --out "$OUT/blackbox" > "$OUT/blackbox.log" 2>&1
+BB_RC=$?
+kill "$VLLM_PID" 2>/dev/null
+echo "blackbox (issue #19, larger; rc=$BB_RC, $((SECONDS - BB_START)) s):"
+cat "$OUT/blackbox/table.md" 2>/dev/null || tail -n 30 "$OUT/blackbox.log"

@@ -17,6 +17,17 @@ Tasks:
 - `addition`: "What is A plus B? Answer with just the number." A, B in 0..9.
 - `word_problems`: two-digit addition and subtraction stories whose reference
   solution is one worked line and then "Answer: N".
+- `running_total`: a chain of `steps` additions and subtractions (task_params
+  `steps`, default 3) on numbers of one or two digits, every running total in
+  0..99. The reference writes one line a step ("17 + 5 = 22", then "22 - 8 =
+  14": each line starts from the last total) and then "Answer: N", so one early
+  slip spoils every later line and the answer (a task where exposure bias can
+  show). Besides train and heldout it has a `validation` split (for choosing
+  learning rates), disjoint from both: a problem (start and operations) is
+  held out with probability 1/3, validation 1/6, train 1/2.
+
+`first_wrong_step(text, solution)` compares a completion with a reference
+solution line by line: where an answer first goes wrong.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ from typing import Callable, Literal
 from opd_sdk.data import PromptItem
 from opd_sdk.errors import ConfigError
 
-Split = Literal["train", "heldout"]
+Split = Literal["train", "validation", "heldout"]
 HELDOUT_EVERY = 3  # about one problem in three is held out
 
 _NUMBER = re.compile(r"-?\d+")
@@ -59,9 +70,28 @@ def accuracy(texts: list[str], items: list[PromptItem]) -> float:
     return sum(check(t, it.answer or "") for t, it in zip(texts, items, strict=True)) / len(items)
 
 
-def _split_of(key: str, split_seed: int) -> Split:
+def _split_of(key: str, split_seed: int, *, validation: bool = False) -> Split:
+    """The split of a problem, from a stable hash of its key: held out 1/HELDOUT_EVERY; with
+    `validation`, a further 1/(2 * HELDOUT_EVERY) is validation (carved out of train)."""
     digest = hashlib.sha256(f"{split_seed}:{key}".encode()).digest()
-    return "heldout" if digest[0] % HELDOUT_EVERY == 0 else "train"
+    if not validation:
+        return "heldout" if digest[0] % HELDOUT_EVERY == 0 else "train"
+    slot = digest[0] % (2 * HELDOUT_EVERY)
+    return "heldout" if slot < 2 else "validation" if slot == 2 else "train"
+
+
+def first_wrong_step(text: str, solution: str) -> int | None:
+    """Index (from 0) of the first line of `text` that differs from the same line of `solution`
+    (spaces collapsed, blank lines skipped; a missing line differs), or None when every line of
+    the solution is matched. The final "Answer: N" line counts as a step."""
+    def lines(s: str) -> list[str]:
+        return [" ".join(line.split()) for line in s.splitlines() if line.strip()]
+
+    got, want = lines(text), lines(solution)
+    for i, line in enumerate(want):
+        if i >= len(got) or got[i] != line:
+            return i
+    return None
 
 
 @dataclass(frozen=True)
@@ -112,6 +142,26 @@ def _word_problem(rng: random.Random) -> _Problem:
     return _Problem(key=key, prompt=prompt, solution=f"{work}\nAnswer: {n}", answer=n)
 
 
+CHAIN_STEPS = 3  # running_total's default number of steps
+
+
+def _chain_problem(rng: random.Random, steps: int) -> _Problem:
+    start = total = rng.randint(10, 59)
+    words, lines, key = [], [], [str(start)]
+    for _ in range(steps):
+        b = rng.randint(2, 29)
+        add = total + b <= 99 and (total - b < 0 or rng.random() < 0.5)
+        new = total + b if add else total - b
+        words.append(f"{'add' if add else 'subtract'} {b}")
+        lines.append(f"{total} {'+' if add else '-'} {b} = {new}")
+        key.append(f"{'+' if add else '-'}{b}")
+        total = new
+    ops = ", then ".join(words)
+    prompt = (f"Start at {start}. {ops[0].upper()}{ops[1:]}. Write one line per step with the running total, "
+              "then end with 'Answer: N'.")
+    return _Problem(key=",".join(key), prompt=prompt, solution="\n".join(lines + [f"Answer: {total}"]), answer=total)
+
+
 @dataclass(frozen=True)
 class Task:
     """A synthetic task: `items(split, n, seed)` and the `check` that grades it."""
@@ -125,14 +175,24 @@ class Task:
             return _pair_problems("plus", 0, 9, lambda a, b: a + b)
         return None  # word problems are drawn, not enumerated
 
-    def items(self, split: Split, n: int | None = None, *, seed: int = 0, split_seed: int = 0) -> list[PromptItem]:
+    def items(self, split: Split, n: int | None = None, *, seed: int = 0, split_seed: int = 0,
+              steps: int | None = None) -> list[PromptItem]:
         """`n` problems of `split` (all of them when n is None, for the enumerated tasks).
 
         For the enumerated tasks n may exceed the split's size: problems then
-        repeat in a fresh shuffled order each pass.
+        repeat in a fresh shuffled order each pass. `steps`: running_total's
+        chain length (default CHAIN_STEPS); "validation": running_total only.
         """
-        if split not in ("train", "heldout"):
-            raise ConfigError(f"split must be 'train' or 'heldout', got {split!r}")
+        chain = self.name == "running_total"
+        if split not in ("train", "validation", "heldout"):
+            raise ConfigError(f"split must be 'train', 'validation' or 'heldout', got {split!r}")
+        if split == "validation" and not chain:
+            raise ConfigError(f"task {self.name!r} has no validation split (running_total has one)")
+        if steps is not None and not chain:
+            raise ConfigError(f"task {self.name!r} takes no `steps` (running_total's chain length); remove it")
+        steps = CHAIN_STEPS if steps is None else steps
+        if chain and not 1 <= steps <= 12:
+            raise ConfigError(f"running_total steps must be 1..12, got {steps}")
         rng = random.Random(f"{self.name}:{split}:{seed}")
         pool = self._pool()
         if pool is not None:
@@ -148,8 +208,8 @@ class Task:
                 raise ConfigError(f"task {self.name!r} is generated, not enumerated: pass n (how many items)")
             chosen = []
             while len(chosen) < n:
-                p = _word_problem(rng)
-                if _split_of(p.key, split_seed) == split:
+                p = _chain_problem(rng, steps) if chain else _word_problem(rng)
+                if _split_of(p.key, split_seed, validation=chain) == split:
                     chosen.append(p)
         return [
             PromptItem(
@@ -166,7 +226,7 @@ class Task:
         return check(text, answer)
 
 
-TASK_NAMES = ("times_table", "addition", "word_problems")
+TASK_NAMES = ("times_table", "addition", "word_problems", "running_total")
 
 
 def get_task(name: str) -> Task:

@@ -7,7 +7,14 @@ import re
 import pytest
 
 from opd_sdk.errors import ConfigError
-from opd_sdk.tasks import TASK_NAMES, accuracy, check, extract_last_number, get_task
+from opd_sdk.tasks import (
+    TASK_NAMES,
+    accuracy,
+    check,
+    extract_last_number,
+    first_wrong_step,
+    get_task,
+)
 
 
 def operands(prompt: str) -> tuple[int, int]:
@@ -26,7 +33,7 @@ def test_enumerated_tasks_answers_and_disjoint_splits(name, op):
         a, b = operands(it.prompt)
         assert it.answer == str(op(a, b)) == it.privileged == it.metadata["solution"]
         assert it.prompt.endswith("Answer with just the number.")
-    unordered = lambda items: {frozenset(operands(it.prompt)) for it in items}  # noqa: E731
+    unordered = lambda items: {frozenset(operands(it.prompt)) for it in items}
     assert not unordered(train) & unordered(held)  # 3x7 held out => 7x3 held out too
 
 
@@ -57,7 +64,7 @@ def test_word_problems_solutions_and_splits():
         assert check(it.privileged, it.answer)
         sign = "+" if "more" in it.prompt else "-"
         assert it.privileged.splitlines()[0] == f"{a} {sign} {b} = {expected}"
-    key = lambda it: (("+", *sorted(operands(it.prompt))) if "more" in it.prompt else ("-", *operands(it.prompt)))  # noqa: E731
+    key = lambda it: (("+", *sorted(operands(it.prompt))) if "more" in it.prompt else ("-", *operands(it.prompt)))
     assert not {key(i) for i in train} & {key(i) for i in held}
     with pytest.raises(ConfigError, match="pass n"):
         task.items("train")
@@ -76,8 +83,53 @@ def test_checker_reads_the_last_number():
 
 
 def test_bad_names():
-    assert set(TASK_NAMES) == {"times_table", "addition", "word_problems"}
+    assert set(TASK_NAMES) == {"times_table", "addition", "word_problems", "running_total"}
     with pytest.raises(ConfigError, match="choose one of"):
         get_task("chess")
     with pytest.raises(ConfigError, match="split"):
         get_task("addition").items("test")
+
+
+def test_running_total_chains_from_the_last_total_and_splits_are_disjoint():
+    task = get_task("running_total")
+    splits = {name: task.items(name, 300, seed=0) for name in ("train", "validation", "heldout")}
+    for it in [i for items in splits.values() for i in items]:
+        numbers = [int(x) for x in re.findall(r"\d+", it.prompt)]
+        start, ops = numbers[0], re.findall(r"(add|subtract) (\d+)", it.prompt.lower())
+        assert len(ops) == 3 and 10 <= start <= 59
+        lines, total = it.privileged.splitlines(), start
+        for line, (word, b) in zip(lines, ops, strict=False):
+            new = total + int(b) if word == "add" else total - int(b)
+            assert line == f"{total} {'+' if word == 'add' else '-'} {b} = {new}" and 0 <= new <= 99
+            total = new
+        assert lines[-1] == f"Answer: {total}" and it.answer == str(total) and check(it.privileged, it.answer)
+    prompts = {name: {i.prompt for i in items} for name, items in splits.items()}
+    assert not prompts["train"] & prompts["heldout"]
+    assert not prompts["train"] & prompts["validation"] and not prompts["validation"] & prompts["heldout"]
+    # the partition is the problem's, not the seed's: another seed's held-out never meets this train split
+    assert not {i.prompt for i in task.items("heldout", 300, seed=7)} & prompts["train"]
+
+
+def test_running_total_pinned_example_and_steps():
+    first = get_task("running_total").items("train", 1, seed=0)[0]
+    assert first.prompt == ("Start at 20. Subtract 4, then add 24, then subtract 21. Write one line per step "
+                            "with the running total, then end with 'Answer: N'.")
+    assert first.privileged == "20 - 4 = 16\n16 + 24 = 40\n40 - 21 = 19\nAnswer: 19" and first.answer == "19"
+    five = get_task("running_total").items("heldout", 2, steps=5)
+    assert all(len(it.privileged.splitlines()) == 6 for it in five)
+    with pytest.raises(ConfigError, match="no validation split"):
+        get_task("times_table").items("validation")
+    with pytest.raises(ConfigError, match="takes no `steps`"):
+        get_task("word_problems").items("train", 2, steps=3)
+    with pytest.raises(ConfigError, match="1..12"):
+        get_task("running_total").items("train", 2, steps=0)
+
+
+def test_first_wrong_step_counts_lines_against_the_solution():
+    solution = "20 - 4 = 16\n16 + 24 = 40\n40 - 21 = 19\nAnswer: 19"
+    assert first_wrong_step(solution, solution) is None
+    assert first_wrong_step("20 - 4  = 16\n\n16 + 24 = 40\n40 - 21 = 19\nAnswer: 19", solution) is None
+    assert first_wrong_step("20 - 4 = 15\n15 + 24 = 39\n39 - 21 = 18\nAnswer: 18", solution) == 0
+    assert first_wrong_step("20 - 4 = 16\n16 + 24 = 40\n40 - 21 = 18\nAnswer: 18", solution) == 2
+    assert first_wrong_step("20 - 4 = 16\n16 + 24 = 40", solution) == 2  # stopped early
+    assert first_wrong_step("", solution) == 0

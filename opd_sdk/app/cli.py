@@ -1,7 +1,7 @@
 """`opd`: the command line.
 
     opd train CONFIG.yaml [--set key.sub=value ...] [--resume | --overwrite] [--check]
-    opd eval  CONFIG.yaml [--model DIR] [--set ...]
+    opd eval  CONFIG.yaml [--model DIR] [--set ...] [--exposure [--samples N]]
     opd demo  [--out DIR] [--steps N] [--seed S]
     opd collect CONFIG.yaml [--batch] [--split train|eval|all] [--set ...]
 
@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     add_config(ev)
     ev.add_argument("--model", default=None, help="a saved student folder (default: the config's student)")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
+    ev.add_argument("--exposure", action="store_true", help="exposure-bias meter: the teacher's log-loss of the "
+                    "student's samples and of text it did not write, by answer position, and accuracy by first "
+                    "wrong step (PNG + JSON in OUTPUT_DIR/exposure/); needs a log-prob teacher")
+    ev.add_argument("--samples", type=int, default=4, help="--exposure: student samples per held-out prompt")
 
     col = sub.add_parser("collect", help="ask the teacher(s) about the run's prompts into the feedback cache "
                                           "(references for SFT/SPIN/GAD, labels, eval scores)")
@@ -91,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
             from opd_sdk.config.run import load_config
 
             cfg = load_config(args.config, args.overrides)
+            if args.exposure:
+                from opd_sdk.app.exposure import format_table, run_exposure
+
+                result = run_exposure(cfg, args.model, samples=args.samples)
+                _say(json.dumps(result) if args.json else
+                     f"{format_table(result)}\nopd: exposure written to {result['out_dir']}")
+                return 0
             result = run_eval(cfg, args.model)
             if args.json:
                 _say(json.dumps({k: v for k, v in result.items() if k != "completions"}))
