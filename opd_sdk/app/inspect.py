@@ -343,7 +343,7 @@ def judge_problems(report: TeacherReport, t: Thresholds) -> list[str]:
     classes = report.verifier_classes or (0, 0)
     if (report.verifier_auc is not None and min(classes) >= MIN_PER_CLASS
             and report.verifier_auc < t.min_verifier_auc):
-        out.append(f"disagrees with the verifier: AUC {report.verifier_auc:.2f} < min_verifier_auc "
+        out.append(f"does not track the verifier: AUC {report.verifier_auc:.3f} < min_verifier_auc "
                    f"{t.min_verifier_auc:g} ({classes[0]} correct, {classes[1]} wrong samples)")
     return out
 

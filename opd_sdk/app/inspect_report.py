@@ -45,18 +45,18 @@ def rows(r: TeacherReport) -> list[tuple[str, str]]:
         ("teacher", f"{r.where}: {r.type} ({r.kind})"),
         ("usable answers", f"{_pct(r.usable_rate)} ({r.usable}/{r.samples} samples)"),
         ("failures", failures),
-        ("repeat: rank agreement" if r.kind != "reference" else "repeat: identical references", _pct(r.repeat_agreement)),
+        ("repeat: rank agreement", _pct(r.repeat_agreement)),  # a reference teacher: share of identical texts
         ("repeat: max / mean |diff|", f"{_num(r.repeat_max_diff)} / {_num(r.repeat_mean_diff)}"),
     ]
-    if r.kind == "token_logprobs":
-        out.append(("signal: mean |teacher - student| logprob", f"{_num(r.logprob_signal)} nats/token"))
-        out.append(("token alignment", ", ".join(f"{k} x{n}" for k, n in r.logprob.get("alignment", {}).items())
-                    or "n/a"))
-        support = f"{r.logprob.get('echo', 'n/a')} / {r.logprob.get('prompt_logprobs_top_k', 'n/a')}"
-        out.append(("echo / prompt log-probs + top-k", support))
-        out.append(("temperature of the numbers", str(r.logprob.get("temperature", "n/a"))))
-    else:
-        out.append(("flat groups (no gradient)", _pct(r.flat_share)))
+    lp = r.logprob if r.kind == "token_logprobs" else {}
+    out += [  # every teacher has every row ("n/a" where it does not apply), so teachers line up in one table
+        ("flat groups (no gradient)", _pct(r.flat_share)),
+        ("log-prob signal: mean |teacher - student|", "n/a" if r.logprob_signal is None
+         else f"{r.logprob_signal:.3g} nats/token"),
+        ("token alignment", ", ".join(f"{k} x{n}" for k, n in lp.get("alignment", {}).items()) or "n/a"),
+        ("echo / prompt log-probs + top-k", f"{lp.get('echo', 'n/a')} / {lp.get('prompt_logprobs_top_k', 'n/a')}"),
+        ("temperature of the log-probs", str(lp.get("temperature", "n/a"))),
+    ]
     out += [
         ("swap agreement (position bias)", _pct(r.swap_agreement)),
         ("verifier AUC / Spearman", f"{_num(r.verifier_auc, '.2f')} / {_num(r.verifier_spearman, '.2f')}"
@@ -77,7 +77,7 @@ def table(reports: list[TeacherReport], width: int = 48) -> str:
     grid = [rows(r) for r in reports]
     names = [name for name, _ in grid[0]] if grid else []
     cut = lambda s: s if len(s) <= width else s[: width - 3] + "..."
-    cells = [[cut(dict(g).get(name, "")) for g in grid] for name in names]
+    cells = [[cut(dict(g)[name]) for g in grid] for name in names]
     w0 = max((len(n) for n in names), default=0)
     ws = [max(len(c[i]) for c in cells) for i in range(len(reports))]
     return "\n".join(f"{n:<{w0}}  " + "  ".join(f"{c:<{w}}" for c, w in zip(row, ws, strict=True))
