@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from opd_sdk.app.inspect import TeacherReport, Thresholds
+from opd_sdk.app.inspect_measure import TeacherReport, Thresholds
 
 
 def _pct(x: float | None) -> str:
@@ -101,7 +101,7 @@ def markdown(reports: list[TeacherReport], cfg: Any, thresholds: Thresholds, plo
     quotes = [(r.where, r.failure_quote) for r in reports if r.failure_quote]
     if quotes:
         lines += ["", "## A failed answer per teacher", ""]
-        lines += [f"- `{w}`: {q[:400]!r}" for w, q in quotes]
+        lines += [f"- `{w}`: " + q[:400].replace("\n", " ") for w, q in quotes]
     lines += ["", "## Thresholds (`opd inspect --threshold NAME=VALUE`)", ""]
     lines += [f"- {k}: {v}" for k, v in asdict(thresholds).items()]
     lines += ["", "Teacher ids: " + ", ".join(f"`{r.where}` {r.teacher_id}" for r in reports)]

@@ -180,3 +180,46 @@ def test_unknown_threshold_names_are_refused():
     with pytest.raises(ConfigError, match="unknown name; use one of min_usable"):
         Thresholds.parse(["min_usabel=0.5"])
     assert Thresholds.parse(["min_usable=0.5"]).min_usable == 0.5
+
+
+def test_failures_are_counted_and_quoted_and_teachers_of_two_kinds_share_one_table(capsys, tmp_path, tiny_dir):
+    with ScriptedServer(lambda body: "I think it is a fine answer.", handlers={"/v1/completions": logprob_server(0)}) as srv:
+        teachers = [judge(srv, max_reasks=0),
+                    {"type": "logprob", "model": "scripted", "base_url": srv.base_url, "send": "token_ids"}]
+        terms = [{"type": "reward_weighted", "weight": 1.0, "source": 0},
+                 {"type": "token_distill", "weight": 1.0, "source": 1}]
+        raw = yaml.safe_load(write_config(tmp_path, tiny_dir, {}).read_text())
+        del raw["teacher"]
+        raw.update(teachers=teachers, objective={"type": "hybrid", "params": {"terms": terms}},
+                   collector={"max_retries": 0})
+        path = tmp_path / "two.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        rc = cli.main(["inspect", str(path), "--prompts", str(PROMPTS), "--yes", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "teachers.0 (judge) is unusable: usable answers 0% < min_usable 90% (failures: bad_response x24)" in err
+    assert "teachers.1" not in err
+    md = (tmp_path / "r" / "inspect.md").read_text()
+    assert "| usable answers | 0% (0/24 samples) | 100% (24/24 samples) |" in md
+    assert "| token alignment | n/a | token_ids x24 |" in md
+    assert "last reply: 'I think it is a fine answer.'" in md  # the failed answer, quoted
+
+
+def test_measure_on_answers_worked_by_hand():
+    from opd_sdk.app.inspect_measure import TeacherReport, judge_problems, measure
+    from opd_sdk.types import FeedbackFailure, Score
+
+    first = [Score(scores=[0.2, 0.8]), Score(scores=[0.5, 0.5]),
+             FeedbackFailure(reason="judge verdict did not parse", error_type="bad_response")]
+    again = [Score(scores=[0.3, 0.7]), Score(scores=[0.5, 0.5]), first[2]]
+    report = measure(TeacherReport("teacher", "judge", "score", "judge:x"), first, again, 2,
+                     labels=[[0.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
+    assert (report.samples, report.usable, report.failures) == (6, 4, {"bad_response": 2})
+    assert report.failure_quote == "bad_response: judge verdict did not parse"
+    assert report.repeat_agreement == 1.0  # same order in group 1, a tie twice in group 2
+    assert report.repeat_max_diff == pytest.approx(0.1) and report.repeat_mean_diff == pytest.approx(0.05)
+    assert report.flat_share == 0.5
+    # correct: 0.8 and 0.5; wrong: 0.2 and 0.5 -> (1 + 1 + 1 + 1/2) / 4
+    assert report.verifier_auc == pytest.approx(0.875) and report.verifier_classes == (2, 2)
+    assert judge_problems(report, Thresholds()) == [
+        "usable answers 67% < min_usable 90% (failures: bad_response x2)"]
