@@ -128,8 +128,8 @@ def sample_requests(cfg: RunConfig, items: list[PromptItem], n: int, model: Any,
 
 
 def projected_inspection(teacher: Any, requests: list[FeedbackRequest], cfg: RunConfig) -> tuple[int, int, float]:
-    """(calls, prompt tokens, USD) the inspection's uncached passes would cost at most: prompt text /
-    4 chars per token, and max_tokens completion tokens a call (1 for log-prob echo calls)."""
+    """(calls, prompt tokens, USD) of the inspection's passes if none is cached and nothing is retried or
+    re-asked: prompt text / 4 chars per token, max_tokens completion tokens a call (1 for echo calls)."""
     passes = 3 if isinstance(teacher, JudgeTeacher) and teacher.mode == "listwise" else 2
     calls = passes * sum(api_calls(teacher, r) for r in requests)
     prompt_tokens = passes * sum(estimate_tokens(r, api_calls(teacher, r)) for r in requests)
@@ -256,7 +256,8 @@ def run_inspect(cfg: RunConfig, checked: Checked | None = None, *, prompts: int 
         for w, t in remote:
             calls, tokens, cost = projected_inspection(t, requests, cfg)
             total += cost
-            lines.append(f"opd: inspect {w} ({t.id}): at most {calls} calls, ~{tokens} prompt tokens, ~${cost:.4f}")
+            lines.append(f"opd: inspect {w} ({t.id}): {calls} calls (plus retries and re-asks), ~{tokens} prompt "
+                         f"tokens, ~${cost:.4f}")
         priced = cfg.collector.price_per_1k_prompt_tokens or cfg.collector.price_per_1k_completion_tokens
         lines.append(f"opd: projected cost of this inspection: ~${total:.4f}" if priced else
                      "opd: no prices set (collector.price_per_1k_*): cost counted as $0")

@@ -169,8 +169,8 @@ def test_the_projected_cost_is_printed_and_declining_sends_nothing(tmp_path, tin
                              ask=lambda q: asked.append(q) or "n")
         assert result is None and srv.count == 0 and asked
     # 2 passes x 2 prompts x 4 samples = 16 calls, each at most max_tokens=200 completion tokens ($2/1k)
-    projected = next(line for line in lines if "at most" in line)
-    assert "at most 16 calls" in projected
+    projected = next(line for line in lines if "calls (plus retries" in line)
+    assert ": 16 calls (plus retries and re-asks)" in projected
     cost = float(projected.rsplit("~$", 1)[1])
     assert cost > 16 * 200 * 2.0 / 1000  # the completion tokens alone: $6.40
     assert any(line.startswith("opd: projected cost of this inspection: ~$") for line in lines)
