@@ -4,6 +4,7 @@
     opd eval  CONFIG.yaml [--model DIR] [--set ...] [--exposure [--samples N]]
     opd demo  [--out DIR] [--steps N] [--seed S]
     opd collect CONFIG.yaml [--batch] [--split train|eval|all] [--set ...]
+    opd inspect CONFIG.yaml [--prompts N] [--out DIR] [--yes] [--threshold NAME=VALUE ...] [--set ...]
 
 Every config error is reported as `opd: invalid config:` plus one line per
 field, before any model loads, and the exit status is 2. A teacher's API key
@@ -61,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     col.add_argument("--batch", action="store_true", help="through the OpenAI Batch API: half price, within 24 h; "
                      "a killed run resumes its pending batch")
     col.add_argument("--split", choices=("train", "eval", "all"), default="train", help="which prompts (default train)")
+
+    ins = sub.add_parser("inspect", help="the teacher report: is each teacher worth paying for? (opd_sdk.app.inspect)")
+    add_config(ins)
+    ins.add_argument("--prompts", type=int, default=32, help="prompts of the run's data to sample (default 32)")
+    ins.add_argument("--out", default=None, help="output folder (default OUTPUT_DIR/inspect)")
+    ins.add_argument("--yes", action="store_true", help="do not ask before calling the teachers")
+    ins.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
+                     help="change when a teacher is unusable, e.g. --threshold min_usable=0.95 (repeatable)")
 
     demo = sub.add_parser("demo", help="offline demo: distil SmolLM2-135M-Instruct with a verifier, no API key")
     demo.add_argument("--out", default="opd-demo", help="output folder (plot, metrics, trained student)")
@@ -121,6 +130,21 @@ def main(argv: list[str] | None = None) -> int:
                 print("opd: interrupted; the answers received are in the feedback cache, and the same command "
                       "resumes a pending batch instead of paying for it again", file=sys.stderr)
                 return 130
+        elif args.command == "inspect":
+            from opd_sdk.app.inspect import Thresholds, run_inspect
+            from opd_sdk.config.registry import load_and_check
+
+            thresholds = Thresholds.parse(args.threshold)
+            cfg, checked = load_and_check(args.config, args.overrides)
+            reports = run_inspect(cfg, checked, prompts=args.prompts, out_dir=args.out, yes=args.yes,
+                                  thresholds=thresholds, log=_say)
+            if reports is None:
+                print("opd: inspect cancelled; no teacher was called", file=sys.stderr)
+                return 1
+            for r in (r for r in reports if r.problems):
+                print(f"opd: {r.where} ({r.type}) is unusable: " + "; ".join(r.problems), file=sys.stderr)
+            if any(r.problems for r in reports):
+                return 1
         elif args.command == "demo":
             from opd_sdk.app.demo import run_demo
 
