@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from opd_sdk.config.registry import (
     build_objective,
     build_teacher,
     check_config,
+    check_prompt_lengths,
 )
 from opd_sdk.config.run import RunConfig, StudentConfig
 from opd_sdk.data import PromptItem
@@ -314,8 +316,10 @@ def _train(cfg: RunConfig, dist: Distributed, checked: Checked, *, resume: bool,
 
     dist.on_main(prepare)  # rank 0 prepares output_dir before any rank reads it; its error stops every rank
     torch.manual_seed(cfg.seed)
+    train_items, held, notes = _fitting_prompts(cfg, checked)  # before the weights load
+    for note in notes:
+        log(note)
     model, tokenizer = load_student(cfg.student, device=dist.device if dist.enabled else None)
-    train_items, held = checked.data or load_data(cfg.data, seed=cfg.seed)
     objective = build_objective(cfg.objective, tokenizer)
     def teachers() -> list:  # one collector per teacher, in source order
         ctx = BuildContext(model=model, tokenizer=tokenizer, timeout=cfg.collector.timeout)
@@ -356,16 +360,40 @@ def _train(cfg: RunConfig, dist: Distributed, checked: Checked, *, resume: bool,
         student = load_student(cfg.student, str(out / "final"))[0] if dist.fsdp else trainer.model
         result = evaluate(cfg, student, tokenizer, held, grader)
     finally:
-        if trainer is not None:
-            trainer.close()
-        for c in collectors:
-            c.close()
+        _close(trainer, collectors)
     summary = write_summary(cfg, trainer, result)
     log(
         f"opd: held-out {metric} before {_fmt(summary['heldout_before'])} -> after {result['value']:.3f} "
         f"on {result['graded']} prompts; model in {summary['model_dir']}"
     )
     return summary
+
+
+def _close(trainer: Any, collectors: list) -> None:
+    """Free the trainer and the collectors; the collectors wait for answers in flight (into the cache).
+    A Ctrl-C meanwhile (the second of a stop) drops those answers, and says so."""
+    try:
+        if trainer is not None:
+            trainer.close()
+        for c in collectors:
+            c.close()
+    except KeyboardInterrupt:
+        print("opd: answers in flight dropped; a resume asks for them again", file=sys.stderr, flush=True)
+        raise
+
+
+def _fitting_prompts(cfg: RunConfig, checked: Checked) -> tuple[list, list, list[str]]:
+    """(train, held-out, notes): the prompts `check_config` read and measured against the student's
+    context; when it could not measure them (the student not on this machine yet, an hf_dataset),
+    they are read and measured here, from the student's tokenizer and config.json, before its
+    weights load. Raises ConfigError naming each prompt that does not fit (data.too_long: error)."""
+    data = checked.data or load_data(cfg.data, seed=cfg.seed)
+    if checked.lengths_checked:
+        return data[0], data[1], checked.notes
+    problems, (train, held), _, notes = check_prompt_lengths(cfg, data, resolve_model_path(cfg.student.model))
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    return train, held, checked.notes + notes
 
 
 def _fmt(value: float | None) -> str:

@@ -180,6 +180,7 @@ class Trainer:
         self.no_signal_streak = 0  # consecutive steps without signal because teacher calls failed
         self.failed_steps = 0  # steps of this training (resumed runs included) failures left without signal
         self.failure_kinds: collections.Counter = collections.Counter()  # failed calls of this process, by kind
+        self._announced = False  # the Ctrl-C notice about answers in flight was printed
         self.teacher_cost_before = 0.0  # cost spent by earlier runs of a resumed training
 
     # ---- the loop -------------------------------------------------------------------------
@@ -242,7 +243,9 @@ class Trainer:
             timer.lap("optimizer")
             if not skipped:
                 self._follow_student()
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                self._announce_in_flight()
             self.pipeline.drain()  # answers in flight land in the cache: a resume does not pay for them again
             raise
 
@@ -293,9 +296,7 @@ class Trainer:
                     if self.save_every and self.step % self.save_every == 0:
                         self._checkpoint()
         except KeyboardInterrupt:
-            notice = in_flight_notice(self.collectors) if self.dist.is_main else None
-            if notice:
-                print(notice, file=sys.stderr, flush=True)
+            self._announce_in_flight()
             if not self.dist.enabled:  # in a launched job a peer may be gone: the last scheduled checkpoint stands
                 self._checkpoint(at_step_start=step_start)
             raise
@@ -313,6 +314,14 @@ class Trainer:
         if self.output_dir is not None:
             self.save_pretrained(self.output_dir / "final")
         return self.metrics.history
+
+    def _announce_in_flight(self) -> None:
+        """On Ctrl-C / SIGTERM, once: say that the teacher answers in flight are being kept and that a
+        second Ctrl-C drops them (`in_flight_notice`); rank 0 alone."""
+        notice = in_flight_notice(self.collectors) if self.dist.is_main and not self._announced else None
+        if notice:
+            print(notice, file=sys.stderr, flush=True)
+            self._announced = True
 
     def _refuse_a_finished_run(self) -> None:
         """After a resume: ConfigError when no step is left to train and final/ is saved (or there is no
