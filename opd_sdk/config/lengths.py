@@ -92,7 +92,7 @@ def origins(cfg: RunConfig, n_train: int, n_held: int) -> tuple[list[str], list[
     d = cfg.data
     if d.path is not None:
         lines = _line_numbers(d.path)
-        at = lambda i: f"{d.path}:{lines[i]}" if i < len(lines) else f"{d.path} prompt {i + 1}"  # noqa: E731
+        at = lambda i: f"{d.path}:{lines[i]}" if i < len(lines) else f"{d.path} prompt {i + 1}"
         train = [at(i) for i in range(n_train)]
         if d.eval_path is not None:
             held_lines = _line_numbers(d.eval_path)
@@ -134,9 +134,10 @@ def fit_prompts(cfg: RunConfig, tokenizer: Any, context: int | None,
         return problems, kept[0], kept[1], note
     shown = "; ".join(f"{where} ({n} tokens, room for {room})" for where, n, room in too_long[:SHOWN])
     more = f"; and {len(too_long) - SHOWN} more" if len(too_long) > SHOWN else ""
-    return [
+    problem = (
         f"data: {len(too_long)} prompt(s) ({left_train} training, {left_held} held-out) do not fit the student's "
         f"context: {limit} tokens ({source}) minus max_new_tokens (rollout.max_new_tokens "
         f"{cfg.rollout.max_new_tokens}, eval.max_new_tokens {cfg.eval.max_new_tokens}): {shown}{more}; shorten them, "
         "lower max_new_tokens, or set data.too_long: skip to leave them out (counted)"
-    ], train, held, None
+    )
+    return [problem], train, held, None

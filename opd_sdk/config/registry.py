@@ -16,10 +16,11 @@ CLI runs it for `--check` and before `opd train` loads anything; what it read
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -271,8 +272,8 @@ def _build_problems(cfg: Any, where: str) -> list[str]:
 
 def _lora_problems(cfg: RunConfig) -> list[str]:
     if cfg.student.lora is not None and importlib.util.find_spec("peft") is None:
-        return ["student.lora: LoRA needs the peft package, which is not installed; pip install 'opd-sdk[peft]' "
-                "(or pip install peft), or remove student.lora to train every weight"]
+        return [("student.lora: LoRA needs the peft package, which is not installed; pip install 'opd-sdk[peft]' "
+                 "(or pip install peft), or remove student.lora to train every weight")]
     return []
 
 
@@ -300,7 +301,12 @@ def check_prompt_lengths(cfg: RunConfig, data: Prompts, folder: str | Path | Non
     and evaluate on, whether they were measured, notes). The tokenizer and config.json are read from
     `folder`, default the student's folder when it is on this machine already; without one nothing is
     measured (the run measures them once the student is there, before its weights load)."""
-    from opd_sdk.config.lengths import fit_prompts, local_student_folder, student_context, student_tokenizer
+    from opd_sdk.config.lengths import (
+        fit_prompts,
+        local_student_folder,
+        student_context,
+        student_tokenizer,
+    )
 
     folder = folder if folder is not None else local_student_folder(cfg.student.model)
     if folder is None:
@@ -356,7 +362,7 @@ class Checked:
     objective: Any
     data: Prompts | None
     lengths_checked: bool = False  # prompts measured against the student's context (`opd_sdk.config.lengths`)
-    notes: list[str] = field(default_factory=list)  # what the run should say (prompts left out by data.too_long)
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the run should say (prompts left out by data.too_long)
 
 
 def check_config(cfg: RunConfig) -> Checked:

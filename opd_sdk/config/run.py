@@ -303,10 +303,8 @@ def _drop(raw: dict, loc: tuple, missing: bool) -> bool:
     keys: list[tuple[Any, Any]] = []  # (container, key) along the path that exists in raw
     node: Any = raw
     for part in [int(p) if p.isdigit() else p for p in _field_path(loc).split(".") if p]:
-        if isinstance(node, dict) and part in node:
-            keys.append((node, part))
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+        if (isinstance(node, dict) and part in node) or (
+                isinstance(node, list) and isinstance(part, int) and part < len(node)):
             keys.append((node, part))
             node = node[part]
         else:

@@ -47,8 +47,8 @@ def test_a_required_field_missing_in_a_section_does_not_hide_the_rest(tmp_path, 
 
 
 @pytest.mark.parametrize("command", [["--check"], []])
-def test_a_judge_scale_upside_down_is_caught_before_loading_with_its_yaml_path(tmp_path, tiny_dir, capsys,  # noqa: F811
-                                                                              no_model_load, command):
+def test_a_judge_scale_upside_down_is_caught_before_loading_with_its_yaml_path(
+        tmp_path, tiny_dir, capsys, no_model_load, command):  # noqa: F811
     judge = {"type": "judge", "model": "m", "base_url": "http://127.0.0.1:9/v1", "scale": [10, 0]}
     rc, _, err = run_cli(capsys, "train", str(write_config(tmp_path, tiny_dir, teacher=judge)), *command)
     assert rc == 2 and "teacher.scale: need two integers lo < hi, got (10, 0)" in err, err
@@ -100,8 +100,8 @@ def long_prompts(tmp_path: Path) -> Path:
     return write_rows(tmp_path / "prompts.jsonl", [rows[0], "", long, *rows[1:]])
 
 
-def test_a_prompt_longer_than_the_context_is_named_by_file_and_line_at_check(tmp_path, tiny_dir, capsys,  # noqa: F811
-                                                                           no_model_load):
+def test_a_prompt_longer_than_the_context_is_named_by_file_and_line_at_check(
+        tmp_path, tiny_dir, capsys, no_model_load):  # noqa: F811
     long_prompts(tmp_path)
     path = write_config(tmp_path, tiny_dir, data={"path": "prompts.jsonl", "eval_size": 4})
     rc, _, err = run_cli(capsys, "train", str(path), "--check")

@@ -65,7 +65,7 @@ def test_a_one_step_run_with_a_logprob_teacher_of_another_tokenizer_did_not_lear
         teacher = {"type": "logprob", "model": "m", "base_url": srv.base_url}
         path = write_config(tmp_path, tiny_dir, teacher=teacher, objective={"type": "token_distill"}, steps=1,
                             collector={"max_retries": 0})
-        rc, out, err = run_cli(capsys, "train", str(path))
+        rc, _, err = run_cli(capsys, "train", str(path))
     assert rc == 2 and "the run did not learn: 1 of 1 steps" in err and "tokenization_mismatch" in err, err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["outcome"] == "did_not_learn" and not (tmp_path / "run" / "final").exists()
@@ -83,7 +83,7 @@ def test_half_the_steps_failing_is_under_the_threshold_and_the_share_is_configur
             path = write_config(tmp_path, tiny_dir, teacher=teacher, max_failed_step_share=share,
                                 collector={"max_retries": 0, "no_cache": True},
                                 objective={"type": "reward_weighted", "params": {"advantage": "reinforce"}})
-            rc, out, err = run_cli(capsys, "train", str(path), "--overwrite")
+            rc, _, err = run_cli(capsys, "train", str(path), "--overwrite")
         summary = json.loads((tmp_path / "run" / "summary.json").read_text())
         assert rc == rc_expected, err
         assert summary["outcome"] == outcome and summary["failed_steps"] == 1
@@ -107,7 +107,7 @@ def test_an_attempt_refused_before_its_first_step_does_not_block_the_rerun(tmp_p
     rc, _, err = run_cli(capsys, "train", str(path))
     assert rc == 2 and "could not be read" in err
     monkeypatch.setattr(runner, "load_student", real)
-    rc, out, err = run_cli(capsys, "train", str(path))
+    rc, _, err = run_cli(capsys, "train", str(path))
     assert rc == 0, err
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["outcome"] == "finished"
 
