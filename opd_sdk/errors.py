@@ -125,6 +125,12 @@ class TrainingStopped(OPDError):
     saves a checkpoint first; the message says what failed and how to resume."""
 
 
+class TrainingFailed(TrainingStopped):
+    """Training ran its steps but did not learn: more than `max_failed_step_share` of them had no
+    usable teacher feedback (failed calls left no sample with a learning signal). The trainer
+    saves a checkpoint, and no `final/`: an untrained student is never presented as the result."""
+
+
 class TokenizationMismatch(ClientError):
     """Teacher and student tokenise the same text differently (not retried: the same
     text splits the same way again). Raised by teachers and by the objectives."""

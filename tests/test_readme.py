@@ -61,7 +61,9 @@ def test_train_in_code_runs_and_writes_what_its_comment_promises(tmp_path, tiny_
     run = tmp_path / "runs" / "in_code"
     assert (run / "metrics.jsonl").exists() and (run / "final" / "config.json").exists()
     assert (run / "step-2" / "trainer_state.json").exists()  # "step-N/ (also written on Ctrl-C)"
-    scope["trainer"].train(resume_from="latest")  # the resume line: loads step-2/, nothing left to do
+    # the resume line on the finished run: loads step-2/, and says nothing is left to train (issue 24.10)
+    with pytest.raises(opd_sdk.ConfigError, match=r"is finished \(final/ saved\): step 2 of steps 2"):
+        scope["trainer"].train(resume_from="latest")
     assert scope["trainer"].step == 2 and [r["step"] for r in opd_sdk.train.metrics.read_metrics(run / "metrics.jsonl")] == [1, 2]
 
 

@@ -1,6 +1,6 @@
 """`opd`: the command line.
 
-    opd train CONFIG.yaml [--set key.sub=value ...] [--resume | --overwrite] [--check]
+    opd train CONFIG.yaml [--set key.sub=value ...] [--resume [--allow-config-change] | --overwrite] [--check]
     opd eval  CONFIG.yaml [--model DIR] [--set ...] [--exposure [--samples N]]
     opd demo  [--out DIR] [--steps N] [--seed S]
     opd collect CONFIG.yaml [--batch] [--split train|eval|all] [--set ...]
@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     again = train.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue from output_dir's last checkpoint")
     again.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir")
+    train.add_argument(
+        "--allow-config-change", action="store_true",
+        help="with --resume: accept config changes that break the resumed run's exactness (group size, objective, "
+             "teacher, lr, ...); they are listed either way",
+    )
     train.add_argument(
         "--check", action="store_true", help="run every check that needs no model weights, print all problems, exit"
     )
@@ -96,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             from opd_sdk.app.runner import train
 
-            summary = train(cfg, resume=args.resume, overwrite=args.overwrite, log=_say, checked=checked)
+            summary = train(cfg, resume=args.resume, overwrite=args.overwrite, log=_say, checked=checked,
+                            allow_config_change=args.allow_config_change)
             if is_main_process():  # one summary for a launched job
                 _say(json.dumps(summary, indent=2))
         elif args.command == "eval":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,11 @@ from opd_sdk.config.registry import (
     build_objective,
     build_teacher,
     check_config,
+    check_prompt_lengths,
 )
 from opd_sdk.config.run import RunConfig, StudentConfig
 from opd_sdk.data import PromptItem
-from opd_sdk.errors import ConfigError, TrainingStopped
+from opd_sdk.errors import ConfigError, TrainingFailed, TrainingStopped
 from opd_sdk.feedback.factory import Collector, make_collector
 from opd_sdk.models import resolve_model_path
 from opd_sdk.parallel.distributed import Distributed
@@ -183,9 +185,13 @@ def evaluate(cfg: RunConfig, model: Any, tokenizer: Any, items: list[PromptItem]
 def save_resolved_config(cfg: RunConfig) -> Path:
     """output_dir/config.yaml: the validated config (it holds no secrets: keys live in the environment)."""
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    except OSError as exc:
+        raise ConfigError(f"output_dir {out}: cannot write there ({exc.strerror or exc}); choose a folder you can "
+                          "write (--set output_dir=...)") from None
     return path
 
 
@@ -199,16 +205,44 @@ def prepare_output_dir(
 ) -> None:
     """Refuse to mix two runs in one folder: --resume needs a checkpoint there, saved by a job of
     this launch's process count and layout (`dist`, default one process), and steps left to train
-    (a run of `steps` that saved final/ is finished); a new run needs an empty folder unless
-    --overwrite (which deletes the earlier run's files, not its cache)."""
+    (a run of `steps` that saved final/ is finished); a new run needs a folder that holds no trained
+    run unless --overwrite (which deletes the earlier run's files, not its cache). What an attempt
+    refused before its first step left (config.yaml, a step-0 metrics row) blocks nothing: it is
+    replaced. An output_dir that cannot be written is a ConfigError, not a raw OSError."""
     out = Path(output_dir)
+    try:
+        _prepare_output_dir(out, resume=resume, overwrite=overwrite, dist=dist, steps=steps)
+    except OSError as exc:
+        raise ConfigError(
+            f"output_dir {out}: cannot write there ({exc.strerror or exc}); choose a folder you can write "
+            "(--set output_dir=...)"
+        ) from None
+
+
+def _trained(out: Path) -> bool:
+    """True when output_dir holds a run that trained at least one step (a checkpoint, a half-saved
+    one, final/, or a metrics row past step 0)."""
+    return (latest_checkpoint(out) is not None or any(out.glob("step-*")) or (out / "final").exists()
+            or _rows_past_step_zero(out / "metrics.jsonl"))
+
+
+def _rows_past_step_zero(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        return any(row.get("step", 0) > 0 for row in read_metrics(path))
+    except (ValueError, AttributeError):  # unreadable: keep it, as a run's
+        return True
+
+
+def _prepare_output_dir(out: Path, *, resume: bool, overwrite: bool, dist: Distributed | None,
+                        steps: int | None) -> None:
     if resume:
         last = latest_checkpoint(out)
         if last is None:
-            held = any((out / n).exists() for n in RUN_FILES)
             raise ConfigError(
                 f"--resume: nothing to resume from, {out} holds no complete step-N/ checkpoint; "
-                + ("start the run again with --overwrite (its feedback cache is kept)" if held
+                + ("start the run again with --overwrite (its feedback cache is kept)" if _trained(out)
                    else "run without --resume to start a new run")
             )
         dist = dist or Distributed()
@@ -221,7 +255,7 @@ def prepare_output_dir(
             )
         return
     held = [out / n for n in RUN_FILES if (out / n).exists()] + sorted(out.glob("step-*"))
-    if held and not overwrite:
+    if held and not overwrite and _trained(out):
         names = ", ".join(p.name for p in held[:4]) + (", ..." if len(held) > 4 else "")
         raise ConfigError(
             f"output_dir {out} already holds a run ({names}); pass --resume to continue it, "
@@ -232,7 +266,8 @@ def prepare_output_dir(
 
 
 def train(
-    cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, log=print, checked: Checked | None = None
+    cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, log=print, checked: Checked | None = None,
+    allow_config_change: bool = False,
 ) -> dict:
     """The whole run: check, load, wire, (resume,) evaluate held-out, train, evaluate, report.
 
@@ -246,15 +281,24 @@ def train(
 
     checked: what `check_config(cfg)` returned, when the caller already ran it
     (the CLI); None: it runs here.
+    allow_config_change: with resume, accept changes to config.yaml's fields that break the
+    resumed run's exactness (group size, objective, teacher, lr, ...; `opd_sdk.config.changes`);
+    without it they raise ConfigError naming them. Changes that keep it (steps, limits) are logged.
+
+    How it ended: the summary's `outcome` is "finished"; a run that stopped (budget, no
+    signal) or did not learn (`max_failed_step_share`) raises TrainingStopped / TrainingFailed
+    after writing summary.json with outcome "stopped" / "did_not_learn" and no final/ model.
     """
     checked = check_config(cfg) if checked is None else checked
     dist = Distributed.from_environment()
-    summary = _train(cfg, dist, checked, resume=resume, overwrite=overwrite, log=log if dist.is_main else lambda *a: None)
+    summary = _train(cfg, dist, checked, resume=resume, overwrite=overwrite, allow_change=allow_config_change,
+                     log=log if dist.is_main else lambda *a: None)
     dist.close()  # not after a failure: leaving the group waits on peers that may be gone
     return summary
 
 
-def _train(cfg: RunConfig, dist: Distributed, checked: Checked, *, resume: bool, overwrite: bool, log) -> dict:
+def _train(cfg: RunConfig, dist: Distributed, checked: Checked, *, resume: bool, overwrite: bool, allow_change: bool,
+           log) -> dict:
     if not dist.is_main or cfg.logging.progress is False:  # one stream of bars (loading, saving), or none
         from huggingface_hub.utils import disable_progress_bars
         from transformers.utils import logging as transformers_logging
@@ -265,12 +309,20 @@ def _train(cfg: RunConfig, dist: Distributed, checked: Checked, *, resume: bool,
         prepare_output_dir(
             cfg.output_dir, resume=resume, overwrite=overwrite, dist=dist, steps=cfg.steps
         )
+        if resume:
+            from opd_sdk.config.changes import check_resume_changes
+
+            note = check_resume_changes(cfg.output_dir, cfg, allow=allow_change)
+            if note:
+                log(note)
         save_resolved_config(cfg)
 
     dist.on_main(prepare)  # rank 0 prepares output_dir before any rank reads it; its error stops every rank
     torch.manual_seed(cfg.seed)
+    train_items, held, notes = _fitting_prompts(cfg, checked)  # before the weights load
+    for note in notes:
+        log(note)
     model, tokenizer = load_student(cfg.student, device=dist.device if dist.enabled else None)
-    train_items, held = checked.data or load_data(cfg.data, seed=cfg.seed)
     objective = build_objective(cfg.objective, tokenizer)
     def teachers() -> list:  # one collector per teacher, in source order
         ctx = BuildContext(model=model, tokenizer=tokenizer, timeout=cfg.collector.timeout,
@@ -303,7 +355,8 @@ def _train(cfg: RunConfig, dist: Distributed, checked: Checked, *, resume: bool,
             trainer.train()
         except TrainingStopped as exc:
             if dist.is_main:
-                write_summary(cfg, trainer, None, stopped=str(exc))
+                outcome = "did_not_learn" if isinstance(exc, TrainingFailed) else "stopped"
+                write_summary(cfg, trainer, None, stopped=str(exc), outcome=outcome)
             raise
         if not dist.is_main:
             return {}
@@ -311,10 +364,7 @@ def _train(cfg: RunConfig, dist: Distributed, checked: Checked, *, resume: bool,
         student = load_student(cfg.student, str(out / "final"))[0] if dist.fsdp else trainer.model
         result = evaluate(cfg, student, tokenizer, held, grader)
     finally:
-        if trainer is not None:
-            trainer.close()
-        for c in collectors:
-            c.close()
+        _close(trainer, collectors)
     summary = write_summary(cfg, trainer, result)
     log(
         f"opd: held-out {metric} before {_fmt(summary['heldout_before'])} -> after {result['value']:.3f} "
@@ -323,13 +373,47 @@ def _train(cfg: RunConfig, dist: Distributed, checked: Checked, *, resume: bool,
     return summary
 
 
+def _close(trainer: Any, collectors: list) -> None:
+    """Free the trainer and the collectors; the collectors wait for answers in flight (into the cache).
+    A Ctrl-C meanwhile (the second of a stop) drops those answers, and says so."""
+    try:
+        if trainer is not None:
+            trainer.close()
+        for c in collectors:
+            c.close()
+    except KeyboardInterrupt:
+        print("opd: answers in flight dropped; a resume asks for them again", file=sys.stderr, flush=True)
+        raise
+
+
+def _fitting_prompts(cfg: RunConfig, checked: Checked) -> tuple[list, list, list[str]]:
+    """(train, held-out, notes): the prompts `check_config` read and measured against the student's
+    context; when it could not measure them (the student not on this machine yet, an hf_dataset),
+    they are read and measured here, from the student's tokenizer and config.json, before its
+    weights load. Raises ConfigError naming each prompt that does not fit (data.too_long: error)."""
+    data = checked.data or load_data(cfg.data, seed=cfg.seed)
+    if checked.lengths_checked:
+        return data[0], data[1], checked.notes
+    problems, (train, held), _, notes = check_prompt_lengths(cfg, data, resolve_model_path(cfg.student.model))
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    return train, held, checked.notes + notes
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def write_summary(cfg: RunConfig, trainer: Any, result: dict | None, *, stopped: str | None = None) -> dict:
+def write_summary(cfg: RunConfig, trainer: Any, result: dict | None, *, stopped: str | None = None,
+                  outcome: str = "finished") -> dict:
     """summary.json and learning_curve.png in output_dir, from metrics.jsonl (all runs of a resumed
-    training; rows written with the old flat metric names read the same, `read_metrics`)."""
+    training; rows written with the old flat metric names read the same, `read_metrics`).
+
+    outcome: "finished" (every step, final/ saved and evaluated), "stopped" (TrainingStopped:
+    budget spent, or max_no_signal_steps in a row without signal) or "did_not_learn"
+    (TrainingFailed: more than max_failed_step_share of the steps failed); with either of the
+    last two, `stopped` holds the message, and model_dir and heldout_after are null.
+    failed_steps: steps whose teacher failures left no learning signal (no weight moved)."""
     out = Path(cfg.output_dir)
     metric = cfg.eval.metric
     rows = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
@@ -349,6 +433,8 @@ def write_summary(cfg: RunConfig, trainer: Any, result: dict | None, *, stopped:
         "cache_hits": trainer.usage_total("cache_hits"),
         "teacher_cost_usd": trainer.teacher_cost_usd(),
         "model_dir": str(out / "final") if result else None,
+        "outcome": outcome,
+        "failed_steps": getattr(trainer, "failed_steps", None),
         "stopped": stopped,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

@@ -16,7 +16,10 @@ CLI runs it for `--check` and before `opd train` loads anything; what it read
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,6 +194,23 @@ def _objective_problems(cfg: RunConfig, objective: Objective) -> list[str]:
     return problems
 
 
+def _objective_without_bad_params(cfg: ObjectiveConfig) -> Any:
+    """The objective built with the parameters that failed left out (their defaults), for the checks
+    that need one; None when it still does not build (an unknown type, a bad hybrid term)."""
+    cls = OBJECTIVES.get(cfg.type)
+    if cls is None:
+        return None
+    try:
+        cls.params_model.model_validate(cfg.params)
+        return None  # the parameters are fine: the objective's own check failed
+    except ValidationError as exc:
+        bad = {str(err["loc"][0]) for err in exc.errors(include_input=False) if err["loc"]}
+    try:
+        return build_objective(ObjectiveConfig(type=cfg.type, params={k: v for k, v in cfg.params.items() if k not in bad}))
+    except ConfigError:
+        return None
+
+
 def _student_problems(cfg: RunConfig) -> list[str]:
     """student.model is the offline SmolLM2, an existing folder, or a Hugging Face id that can be fetched."""
     from opd_sdk.models import smollm2_gguf_path
@@ -248,6 +268,74 @@ def _data_problems(cfg: RunConfig) -> tuple[list[str], Prompts | None]:
     return problems, (train, held)
 
 
+def _contains(cfg: Any, kind: type) -> bool:
+    return isinstance(cfg, kind) or any(_contains(child, kind) for _, child in cfg.children())
+
+
+def _build_problems(cfg: Any, where: str) -> list[str]:
+    """What a teacher's constructor refuses (a judge scale [10, 0], G-Eval outside 0..9, ...), found by
+    building it now, with no model and no call made; a tree with a self_distill teacher (which needs the
+    student's weights) is built child by child (children first, so a problem names its own path). Bad parameters are `_teacher_problems`' to report."""
+    children = [p for suffix, child in cfg.children() for p in _build_problems(child, f"{where}.{suffix}")]
+    if children or _contains(cfg, SelfDistillTeacherConfig):  # each child's problem named by its own path
+        return children
+    try:
+        build_teacher(cfg, BuildContext(), where)
+    except ConfigError as exc:
+        msg = str(exc)
+        if msg.startswith(where):
+            return [msg]
+        return [f"{where}.{msg}" if re.match(r"^[a-z_]+: ", msg) else f"{where}: {msg}"]
+    except ValidationError:
+        pass
+    return []
+
+
+def _lora_problems(cfg: RunConfig) -> list[str]:
+    if cfg.student.lora is not None and importlib.util.find_spec("peft") is None:
+        return [("student.lora: LoRA needs the peft package, which is not installed; pip install 'opd-sdk[peft]' "
+                 "(or pip install peft), or remove student.lora to train every weight")]
+    return []
+
+
+def _output_problems(cfg: RunConfig) -> list[str]:
+    """output_dir (and a collector.cache outside it) must be a folder this process can create and write."""
+    problems = []
+    for name, path in (("output_dir", Path(cfg.output_dir)), ("collector.cache", cfg.cache_path())):
+        if path is None or (name == "collector.cache" and cfg.collector.cache is None):
+            continue
+        target = path if name == "output_dir" else path.parent
+        existing = next((p for p in [target, *target.parents] if p.exists()), None)
+        if existing is None:
+            continue
+        if not existing.is_dir():
+            problems.append(f"{name}: {existing} is a file, not a folder; choose another {name} (--set {name}=...)")
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            problems.append(f"{name}: {existing} is read-only for this user, so {path} cannot be written; choose a "
+                            f"folder you can write (--set {name}=...)")
+    return problems
+
+
+def check_prompt_lengths(cfg: RunConfig, data: Prompts, folder: str | Path | None = None
+                         ) -> tuple[list[str], Prompts, bool, list[str]]:
+    """Prompts against the student's context (`opd_sdk.config.lengths`): (problems, the prompts to train
+    and evaluate on, whether they were measured, notes). The tokenizer and config.json are read from
+    `folder`, default the student's folder when it is on this machine already; without one nothing is
+    measured (the run measures them once the student is there, before its weights load)."""
+    from opd_sdk.config.lengths import (
+        fit_prompts,
+        local_student_folder,
+        student_context,
+        student_tokenizer,
+    )
+
+    folder = folder if folder is not None else local_student_folder(cfg.student.model)
+    if folder is None:
+        return [], data, False, []
+    problems, train, held, note = fit_prompts(cfg, student_tokenizer(folder), student_context(folder), data)
+    return problems, (train, held), True, [note] if note else []
+
+
 def _budget_problems(cfg: RunConfig) -> list[str]:
     c = cfg.collector
     if c.budget_usd is not None and not (c.price_per_1k_prompt_tokens or c.price_per_1k_completion_tokens):
@@ -269,10 +357,18 @@ def load_and_check(path: str, overrides: list[str] | None = None) -> tuple[RunCo
         try:
             check_config(exc.partial)
         except ConfigError as more:
-            rest = str(more).removeprefix("invalid config:\n  ")
-            raise ConfigError(f"{exc}\n  {rest}") from None
+            # the checks ran on the config without the bad fields: a problem under one already reported is not new
+            rest = [line for line in str(more).removeprefix("invalid config:\n  ").split("\n  ")
+                    if not _under(line.split(":", 1)[0], exc.reported)]
+            if rest:
+                raise ConfigError("\n  ".join([str(exc), *rest])) from None
         raise
     return cfg, check_config(cfg)
+
+
+def _under(path: str, reported: tuple[str, ...]) -> bool:
+    """True when YAML path `path` is one of `reported` or inside one, or contains one."""
+    return any(path == r or path.startswith(r + ".") or r.startswith(path + ".") for r in reported if r)
 
 
 @dataclass
@@ -286,6 +382,8 @@ class Checked:
 
     objective: Any
     data: Prompts | None
+    lengths_checked: bool = False  # prompts measured against the student's context (`opd_sdk.config.lengths`)
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the run should say (prompts left out by data.too_long)
 
 
 def check_config(cfg: RunConfig) -> Checked:
@@ -299,6 +397,7 @@ def check_config(cfg: RunConfig) -> Checked:
         objective = build_objective(cfg.objective)
     except ConfigError as exc:
         problems.append(str(exc))
+        objective = _objective_without_bad_params(cfg.objective)  # its other checks (group size) still run
     if cfg.student.device.startswith("cuda"):
         import torch
 
@@ -318,13 +417,19 @@ def check_config(cfg: RunConfig) -> Checked:
         problems += _objective_problems(cfg, objective)
     if not teachers and cfg.eval.metric == "teacher_score":
         problems.append("eval.metric: teacher_score needs a `teacher:`; use metric: accuracy")
+    problems += [p for t, at in zip(teachers, where) for p in _build_problems(t, at)]
     data_problems, data = _data_problems(cfg)
-    problems += _student_problems(cfg) + data_problems + _budget_problems(cfg)
+    student_problems = _student_problems(cfg)
+    problems += student_problems + data_problems + _budget_problems(cfg) + _lora_problems(cfg) + _output_problems(cfg)
+    lengths_checked, notes = False, []
+    if data is not None and not student_problems and not data_problems:
+        length_problems, data, lengths_checked, notes = check_prompt_lengths(cfg, data)
+        problems += length_problems
     problems += launch_problems(  # this launch: processes (torchrun / accelerate launch) and FSDP
         world_size=launched_world_size(), fsdp=fsdp_requested(), prompts_per_step=cfg.rollout.prompts_per_step,
         max_staleness=cfg.rollout.max_staleness, eval_every=cfg.eval.every or 0, engine=cfg.rollout.engine,
         objective=objective,
     )
     if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
-    return Checked(objective, data)
+        raise ConfigError("invalid config:\n  " + "\n  ".join(dict.fromkeys(problems)))  # each once, in order
+    return Checked(objective, data, lengths_checked, notes)

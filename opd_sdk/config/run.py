@@ -63,7 +63,11 @@ class StudentConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """Exactly one source: `path` (JSONL), `hf_dataset` (+ `split`), or `task` (built-in, opd_sdk.tasks)."""
+    """Exactly one source: `path` (JSONL), `hf_dataset` (+ `split`), or `task` (built-in, opd_sdk.tasks).
+
+    too_long: what to do with a prompt that cannot fit the student's context together with its
+    max_new_tokens: "error" (the default: reported before any weights load, with its file and
+    line) or "skip" (left out, and counted in the run's log)."""
 
     path: str | None = None
     hf_dataset: str | None = None
@@ -78,6 +82,9 @@ class DataConfig(_Strict):
     answer_field: str | None = "answer"
     limit: int | None = Field(None, gt=0)
     eval_size: int = Field(64, gt=0)
+    # a prompt that cannot fit the student's context with its max_new_tokens: "error" (reported by
+    # --check with its file and line) or "skip" (left out, counted); opd_sdk.config.lengths
+    too_long: Literal["error", "skip"] = "error"
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
@@ -279,31 +286,57 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
 
 
 class InvalidConfig(ConfigError):
-    """A config that did not validate. partial: the same config without its unknown fields,
-    when those were its only problems (None otherwise), so the checks that need a whole
-    config can still run and every problem is reported at once."""
+    """A config that did not validate. partial: the same config without the fields that failed
+    (their defaults instead; a section whose required field is missing left out), when that
+    validates (None otherwise), so the checks that need a whole config still run and every
+    problem is reported at once. reported: the YAML paths of the problems already reported."""
 
-    def __init__(self, message: str, partial: "RunConfig | None" = None) -> None:
+    def __init__(self, message: str, partial: "RunConfig | None" = None, reported: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.partial = partial
+        self.reported = reported
 
 
-def _without_unknown_fields(raw: dict, exc: ValidationError) -> "RunConfig | None":
-    """`raw` validated again with every unknown field removed; None if other problems remain."""
-    errors = exc.errors(include_input=False, include_url=False)
-    if any(err["type"] != "extra_forbidden" for err in errors):
-        return None
-    stripped = copy.deepcopy(raw)
-    for err in errors:
-        *parents, name = [int(p) if p.isdigit() else p for p in _field_path(err["loc"]).split(".")]
-        node: Any = stripped
-        for part in parents:
+MAX_DROP_ROUNDS = 4
+
+
+def _drop(raw: dict, loc: tuple, missing: bool) -> bool:
+    """Remove from `raw` the field a pydantic error at `loc` names (the last mapping key on the way,
+    past list indexes of its value), or its section when the field is missing; False when that is
+    the top level (nothing optional to drop)."""
+    keys: list[tuple[Any, Any]] = []  # (container, key) along the path that exists in raw
+    node: Any = raw
+    for part in [int(p) if p.isdigit() else p for p in _field_path(loc).split(".") if p]:
+        if (isinstance(node, dict) and part in node) or (
+                isinstance(node, list) and isinstance(part, int) and part < len(node)):
+            keys.append((node, part))
             node = node[part]
-        node.pop(name, None)
-    try:
-        return RunConfig.model_validate(stripped)
-    except (ValidationError, KeyError, IndexError, TypeError):
-        return None
+        else:
+            break
+    dict_keys = [(c, k) for c, k in keys if isinstance(c, dict)]
+    if missing:  # the section that lacks it goes, unless that is the whole config
+        dict_keys = dict_keys[:-1] if len(keys) == len(_field_path(loc).split(".")) else dict_keys
+    if not dict_keys:
+        return False
+    container, key = dict_keys[-1]
+    container.pop(key, None)
+    return True
+
+
+def _without_bad_fields(raw: dict, exc: ValidationError) -> "RunConfig | None":
+    """`raw` validated again with every field that failed removed (`_drop`); None when it still fails."""
+    stripped = copy.deepcopy(raw)
+    for _ in range(MAX_DROP_ROUNDS):
+        for err in exc.errors(include_input=False, include_url=False):
+            if not _drop(stripped, err["loc"], err["type"] == "missing"):
+                return None
+        try:
+            return RunConfig.model_validate(stripped)
+        except ValidationError as again:
+            exc = again
+        except (KeyError, IndexError, TypeError):
+            return None
+    return None
 
 
 def validate_config(raw: Any) -> RunConfig:
@@ -313,7 +346,8 @@ def validate_config(raw: Any) -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
-        raise InvalidConfig(format_validation_error(exc), _without_unknown_fields(raw, exc)) from None
+        reported = tuple(_field_path(err["loc"]) for err in exc.errors(include_input=False, include_url=False))
+        raise InvalidConfig(format_validation_error(exc), _without_bad_fields(raw, exc), reported) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

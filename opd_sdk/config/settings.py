@@ -134,6 +134,11 @@ class LoopSettings(_Settings):
     max_no_signal_steps: after this many consecutive steps in which failed
         teacher calls left no sample with a learning signal, save a
         checkpoint and stop with an error naming the failures.
+    max_failed_step_share: a run whose failed steps (teacher failures left no sample with
+        a learning signal, so no weight moved) are more than this share of its steps did not
+        learn: it ends with `TrainingFailed` (exit status 2 from `opd train`) after saving a
+        checkpoint, and saves no final/ (a run shorter than max_no_signal_steps whose every
+        teacher call failed included). 1.0: off.
     flat_group_tolerance: a prompt group whose valid rewards span at most
         this (max - min) is flat: advantage exactly 0, counted as no signal.
     shuffle: shuffle the prompts each epoch.
@@ -144,6 +149,7 @@ class LoopSettings(_Settings):
     save_every: int | None = Field(25, ge=0)
     keep_checkpoints: int = Field(3, gt=0)
     max_no_signal_steps: int = Field(3, gt=0)
+    max_failed_step_share: float = Field(0.5, ge=0.0, le=1.0)
     flat_group_tolerance: float = Field(1e-6, ge=0)
     shuffle: bool = True
 

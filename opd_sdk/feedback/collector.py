@@ -175,6 +175,11 @@ class FeedbackCollector:
                 f"timeout={self.timeout}, max_retries={self.max_retries}, cache={self.cache!r})")
 
     # ----- public API --------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        """Teacher calls sent and not answered yet (a stopping run waits for them, `close`)."""
+        return sum(not t.done() for t in list(self._tasks))
+
     async def collect(self, requests: Sequence[FeedbackRequest]) -> list[Feedback]:
         """One Feedback per request, aligned with `requests`; failures are values."""
         requests = list(requests)

@@ -48,7 +48,8 @@ from opd_sdk.train.microbatch import batch_loss
 from opd_sdk.train.optim import autocast, autocast_dtype, make_optimizer, prepare_student, set_seed
 from opd_sdk.train.pipeline import Pipeline
 from opd_sdk.train.progress import Progress
-from opd_sdk.train.stop import must_stop, sigterm_as_interrupt, training_stopped
+from opd_sdk.train.stop import (did_not_learn, in_flight_notice, must_stop, sigterm_as_interrupt,
+                                training_stopped)
 from opd_sdk.types import FeedbackFailure
 
 
@@ -177,6 +178,9 @@ class Trainer:
         self.step = 0
         self.saved_step = 0  # the step of the newest checkpoint this run wrote or resumed from
         self.no_signal_streak = 0  # consecutive steps without signal because teacher calls failed
+        self.failed_steps = 0  # steps of this training (resumed runs included) failures left without signal
+        self.failure_kinds: collections.Counter = collections.Counter()  # failed calls of this process, by kind
+        self._announced = False  # the Ctrl-C notice about answers in flight was printed
         self.teacher_cost_before = 0.0  # cost spent by earlier runs of a resumed training
 
     # ---- the loop -------------------------------------------------------------------------
@@ -239,13 +243,17 @@ class Trainer:
             timer.lap("optimizer")
             if not skipped:
                 self._follow_student()
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                self._announce_in_flight()
             self.pipeline.drain()  # answers in flight land in the cache: a resume does not pay for them again
             raise
 
         flat = [fb for entry in feedback for fb in (entry if isinstance(entry, tuple) else (entry,))]
         failures = collections.Counter(fb.error_type for fb in flat if isinstance(fb, FeedbackFailure))
         self.no_signal_streak = self.no_signal_streak + 1 if skipped and failures else 0
+        self.failed_steps += bool(skipped and failures)
+        self.failure_kinds.update(failures)
         timer.lap("sync")
         teacher = {"requests": self.usage_total("requests_sent"), "cache_hits": self.usage_total("cache_hits"),
                    "cost_usd": self.teacher_cost_usd()}
@@ -274,6 +282,7 @@ class Trainer:
         """
         if resume_from is not None:
             self.resume(resume_from)
+            self._refuse_a_finished_run()
         elif self.step == 0:
             refuse_an_earlier_run(self.output_dir)
         check_prompts(self.collectors, self.sampler.items)  # after a resume: teachers' saved answers count
@@ -289,6 +298,7 @@ class Trainer:
                     if self.save_every and self.step % self.save_every == 0:
                         self._checkpoint()
         except KeyboardInterrupt:
+            self._announce_in_flight()
             if not self.dist.enabled:  # in a launched job a peer may be gone: the last scheduled checkpoint stands
                 self._checkpoint(at_step_start=step_start)
             raise
@@ -298,9 +308,34 @@ class Trainer:
         finally:
             progress.close()
         self._checkpoint()
+        failed = did_not_learn(self.failure_kinds, failed_steps=self.failed_steps, steps=self.step,
+                               max_share=self.loop.max_failed_step_share, output_dir=self.output_dir,
+                               teachers=", ".join(c.teacher.id for c in self.collectors) or "none")
+        if failed is not None:  # no final/: an untrained student is never presented as the result
+            raise failed
         if self.output_dir is not None:
             self.save_pretrained(self.output_dir / "final")
         return self.metrics.history
+
+    def _announce_in_flight(self) -> None:
+        """On Ctrl-C / SIGTERM, once: say that the teacher answers in flight are being kept and that a
+        second Ctrl-C drops them (`in_flight_notice`); rank 0 alone."""
+        notice = in_flight_notice(self.collectors) if self.dist.is_main and not self._announced else None
+        if notice:
+            print(notice, file=sys.stderr, flush=True)
+            self._announced = True
+
+    def _refuse_a_finished_run(self) -> None:
+        """After a resume: ConfigError when no step is left to train and final/ is saved (or there is no
+        output_dir to save it in), as `opd train --resume` says."""
+        if self.step < self.max_steps or (self.output_dir is not None and not (self.output_dir / "final").exists()):
+            return
+        where = f"the run in {self.output_dir} is finished (final/ saved)" if self.output_dir is not None else \
+            "the checkpoint is the run's last step"
+        raise ConfigError(
+            f"resume: {where}: step {self.step} of steps {self.max_steps}, nothing is left to train; to train further, "
+            f"raise steps (Trainer(..., steps=N), N > {self.step}) and resume, or start a new run from the saved student"
+        )
 
     # ---- saving ---------------------------------------------------------------------------
 
@@ -321,7 +356,7 @@ class Trainer:
             path = checkpoint_dir(self.output_dir, self.step)
         here = {**self._resumable_state(), **(at_step_start or {})}
         state = {"step": self.step, "data": here["data"], "teacher_cost_usd": self.teacher_cost_usd(),
-                 "in_flight": here["in_flight"]}
+                 "in_flight": here["in_flight"], "failed_steps": self.failed_steps}
         return save_checkpoint(
             path, parallel=self.parallel, model=self.model, scheduler=self.scheduler, state=state,
             rngs=self.dist.all_gather(here["rng"]), objective=self.objective, tokenizer=self.tokenizer,
@@ -339,6 +374,7 @@ class Trainer:
         self.step = self.saved_step = int(state["step"])
         self.sampler.load_state_dict(state["data"])
         self.teacher_cost_before = float(state.get("teacher_cost_usd", 0.0))
+        self.failed_steps = int(state.get("failed_steps", 0))
         self.pipeline.load_state(state.get("in_flight", []), self.device)
         self.metrics.truncate_after(self.step)
         self.rollout.sync_weights(self.model)

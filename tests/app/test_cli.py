@@ -341,14 +341,22 @@ def test_a_stop_for_no_signal_keeps_a_checkpoint_and_a_summary(tmp_path, tiny_di
     assert summary["heldout_before"] is not None and summary["heldout_after"] is None
 
 
-def test_resume_after_a_stop_before_the_first_step_points_to_overwrite(tmp_path):
+def test_resume_after_a_stop_before_the_first_step_says_run_again(tmp_path):
+    """An attempt stopped before its first step trained nothing: --resume says run without it, and that
+    plain run is not refused (issue 24.6); once a step is in metrics.jsonl, --overwrite is the way."""
     from opd_sdk.app.runner import prepare_output_dir
     from opd_sdk.errors import ConfigError
 
     (tmp_path / "config.yaml").write_text("x: 1\n")
     (tmp_path / "metrics.jsonl").write_text('{"step": 0, "eval/accuracy": 0.5}\n')
+    with pytest.raises(ConfigError, match="no complete step-N/ checkpoint; run without --resume"):
+        prepare_output_dir(tmp_path, resume=True, overwrite=False)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 1, "reward/mean": 0.5}\n')
     with pytest.raises(ConfigError, match="no complete step-N/ checkpoint; start the run again with --overwrite"):
         prepare_output_dir(tmp_path, resume=True, overwrite=False)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        prepare_output_dir(tmp_path, resume=False, overwrite=False)
 
 
 def test_resume_of_a_finished_run_says_so_and_a_raised_step_count_continues(tmp_path):
