@@ -268,16 +268,18 @@ def _data_problems(cfg: RunConfig) -> tuple[list[str], Prompts | None]:
     return problems, (train, held)
 
 
-def _contains(cfg: Any, kind: type) -> bool:
-    return isinstance(cfg, kind) or any(_contains(child, kind) for _, child in cfg.children())
+def _needs_student(cfg: Any) -> bool:
+    return cfg.needs_student() or any(_needs_student(child) for _, child in cfg.children())
 
 
 def _build_problems(cfg: Any, where: str) -> list[str]:
     """What a teacher's constructor refuses (a judge scale [10, 0], G-Eval outside 0..9, ...), found by
-    building it now, with no model and no call made; a tree with a self_distill teacher (which needs the
-    student's weights) is built child by child (children first, so a problem names its own path). Bad parameters are `_teacher_problems`' to report."""
+    building it now, with no model and no call made; a tree with a teacher that needs the student's model
+    or tokenizer (`needs_student`: self_distill, gad, logprob sending token ids) is checked child by child
+    and not built (children first, so a problem names its own path). Bad parameters are
+    `_teacher_problems`' to report."""
     children = [p for suffix, child in cfg.children() for p in _build_problems(child, f"{where}.{suffix}")]
-    if children or _contains(cfg, SelfDistillTeacherConfig):  # each child's problem named by its own path
+    if children or _needs_student(cfg):  # each child's problem named by its own path
         return children
     try:
         build_teacher(cfg, BuildContext(), where)

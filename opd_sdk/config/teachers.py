@@ -90,6 +90,11 @@ class _TeacherType(_Strict):
         """(YAML path suffix, child config) of a composition; [] for a leaf."""
         return []
 
+    def needs_student(self) -> bool:
+        """Whether building this teacher needs the student's model or tokenizer (so `opd train --check`,
+        which loads no weights, checks its parameters but does not build it)."""
+        return False
+
     def api_key(self, where: str) -> str | None:
         """The API key from the environment; None for a teacher that needs none (raises ConfigError when
         one it needs is missing)."""
@@ -210,6 +215,9 @@ class LogprobTeacherConfig(_ApiTeacher, LogprobParams):
 
     type: Literal["logprob"]
 
+    def needs_student(self) -> bool:
+        return self.send == "token_ids"  # the student's tokenizer builds the prompt ids
+
     def build(self, ctx: BuildContext, where: str) -> Any:
         kw = self.provider_kwargs()
         return LogprobTeacher(self.model, tokenizer=ctx.tokenizer, **self._client_kwargs(ctx, where), **kw)
@@ -255,6 +263,9 @@ class SelfDistillTeacherConfig(_TeacherType, SelfDistillParams):
     feedback: ClassVar[str] = "token_logprobs"
 
     type: Literal["self_distill"]
+
+    def needs_student(self) -> bool:
+        return True
     placement: Literal["user_suffix", "system"] = PrivilegedTemplate.placement
     template: str | None = PrivilegedTemplate.text
 
@@ -294,6 +305,9 @@ class GADTeacherConfig(_TeacherType, GADParams):
 
     def children(self) -> list[tuple[str, Any]]:
         return [("teacher", self.teacher)] if self.teacher is not None else []
+
+    def needs_student(self) -> bool:
+        return True
 
     def build(self, ctx: BuildContext, where: str) -> Any:
         if ctx.model is None or ctx.tokenizer is None:
