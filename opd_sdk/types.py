@@ -205,12 +205,14 @@ class FeedbackFailure(_FeedbackBase):
 
     @classmethod
     def from_error(cls, exc: Any, attempts: int) -> "FeedbackFailure":
-        """The failure value for a `TeacherError` (its kind, retriability and status; message redacted)."""
+        """The failure value for a `TeacherError` (its kind, retriability and status; message redacted;
+        `exc.usage`, a CallUsage a provider attaches to an answer it paid for but could not use)."""
         from opd_sdk.redact import redact
 
         reason = redact(str(exc))[:500] or type(exc).__name__
+        usage = getattr(exc, "usage", None)  # calls the teacher was paid for before it failed (a refusal...)
         return cls(reason=reason, error_type=exc.error_type, attempts=attempts, retriable=exc.retriable,
-                   status=exc.status)
+                   status=exc.status, usage=usage if isinstance(usage, CallUsage) else CallUsage())
 
 
 Preference.model_rebuild()

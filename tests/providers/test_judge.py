@@ -98,17 +98,19 @@ async def test_bad_verdict_is_asked_again_with_the_reason():
         assert "outside the scale 0 to 10" in last_user(third)
 
 
-async def test_never_parsing_becomes_a_failure_not_a_zero():
-    with ScriptedServer(lambda body: "I refuse to grade.") as srv:
-        judge = JudgeTeacher("m", client=client_for(srv), max_reasks=1)
+async def test_never_parsing_becomes_a_failure_not_a_zero_after_one_reask_not_eighteen_calls():
+    with ScriptedServer(lambda body: "I would rather not grade this.") as srv:
+        judge = JudgeTeacher("m", client=client_for(srv))  # default: one re-ask
         with pytest.raises(TeacherError) as err:
             await judge.feedback(request())
-        assert err.value.retriable and "did not parse after 2 calls" in str(err.value)
+        assert not err.value.retriable and "did not parse after 2 calls" in str(err.value)
+        assert err.value.usage.calls == 2  # both answers were paid for
         srv.reset_stats()
-        with FeedbackCollector(judge, max_retries=2, progress=False, **FAST) as col:
+        with FeedbackCollector(judge, max_retries=5, progress=False, **FAST) as col:
             [fb] = await col.collect([request()])
-        assert isinstance(fb, FeedbackFailure) and fb.retriable and fb.attempts == 3
-        assert srv.count == 3 * 2  # 3 attempts by the collector, each 1 call + 1 re-ask
+        assert isinstance(fb, FeedbackFailure) and not fb.retriable and fb.attempts == 1
+        assert srv.count == 2  # 1 call + 1 re-ask; the collector does not pay for the same again
+        assert fb.usage.calls == 2 and fb.usage.completion_tokens > 0
 
 
 async def test_auto_structured_output_falls_back_when_the_server_rejects_it():
