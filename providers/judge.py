@@ -59,6 +59,7 @@ from opd_sdk.errors import (
     TeacherError,
     Truncated,
 )
+from opd_sdk.feedback.empty import score_nonempty
 from opd_sdk.feedback.teacher import fingerprint
 from opd_sdk.types import MISSING, CallUsage, FeedbackRequest, Score
 from providers.client import Endpoint, add_usage, context_overflow, paid, usage_of
@@ -305,9 +306,8 @@ class JudgeTeacher:
         )
 
     async def feedback(self, request: FeedbackRequest) -> Score:
-        if self.pointwise:
-            return await self._pointwise(request)
-        return await self._listwise(request)
+        """Scores in [0, 1]; an empty completion gets 0.0 and is not sent (`opd_sdk.feedback.empty`)."""
+        return await score_nonempty(request, self._pointwise if self.pointwise else self._listwise)
 
 
 def reply_text(response: Any, max_tokens: int, who: str) -> str:

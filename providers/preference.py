@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from opd_sdk.constants import DEFAULT_TIMEOUT_S
 from opd_sdk.errors import BadResponse, ClientError, ConfigError, TeacherError
+from opd_sdk.feedback.empty import prefer_nonempty
 from opd_sdk.feedback.teacher import fingerprint
 from opd_sdk.types import CallUsage, FeedbackRequest, Preference, PreferencePair
 from providers.client import Endpoint, add_usage, paid, usage_of
@@ -156,9 +157,15 @@ class PreferenceTeacher:
         return pair, {"pair": [i, j], "i_first": first, "j_first": second}, add_usage(u1, u2)
 
     async def feedback(self, request: FeedbackRequest) -> Preference:
+        """Every pair, both orders; an empty completion loses to every other without a call
+        (`opd_sdk.feedback.empty`)."""
         n = len(request.completions)
         if n < 2:
             raise ClientError(f"PreferenceTeacher needs at least 2 completions per request, got {n}; sample more per prompt")
+        return await prefer_nonempty(request, self._compare)
+
+    async def _compare(self, request: FeedbackRequest) -> Preference:
+        n = len(request.completions)
         results = await asyncio.gather(*(self._pair(request, i, j) for i, j in itertools.combinations(range(n), 2)))
         return Preference(
             pairs=[r[0] for r in results],
