@@ -33,6 +33,7 @@ from opd_sdk.data import PromptItem, PromptSampler, load_prompts
 from opd_sdk.errors import ConfigError, TrainingStopped
 from opd_sdk.feedback.local import LocalRunner
 from opd_sdk.feedback.teacher import notify_optimizer_step, tokenizer_fingerprint
+from opd_sdk.models import ensure_pad_token
 from opd_sdk.objectives.base import Composite, Objective
 from opd_sdk.parallel.distributed import Distributed
 from opd_sdk.parallel.strategy import make_strategy
@@ -120,6 +121,7 @@ class Trainer:
         self.model = prepare_student(model, self.parallel, lora=lora, gradient_checkpointing=gradient_checkpointing)
         self.device = next(self.model.parameters()).device
         self.precision, self.autocast_dtype = autocast_dtype(precision, self.device)
+        tokenizer = ensure_pad_token(tokenizer)  # EOS as pad when it has none, as `opd train` does (said once)
         self.tokenizer, self.tokenizer_id = tokenizer, tokenizer_fingerprint(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         items = prompts if isinstance(prompts, list) and all(isinstance(p, PromptItem) for p in prompts) else None
