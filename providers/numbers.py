@@ -30,9 +30,11 @@ What a number is (exact, as a `fractions.Fraction`):
   Devanagari...), the Arabic decimal and thousands separators;
 - LaTeX wrapping is ignored: `$...$`, `\\left( \\right)`, `\\text{...}`,
   `\\mathrm{...}`, spacing commands, `^\\circ`, a `\\$` before the number.
-A number directly followed by a letter or `^` (`3x`, `2^{10}`) or inside
-other LaTeX braces (`\\sqrt{3}`) or after a letter (`x2`) is not a number on
-its own (ASCII letters: digits right after CJK or Arabic text are read).
+A number directly followed by a single letter (a variable: `3x`, `2y+1`) or
+`^` (`2^{10}`), inside other LaTeX braces (`\\sqrt{3}`) or after a letter
+(`x2`) is not a number on its own; one followed by a word (a unit or an
+ordinal: `5cm`, `3rd`) is (ASCII letters: digits right after or before CJK or
+Arabic text are read).
 
 Comparing (`same`): |got - want| <= atol + rtol * |want| on the values; when
 exactly one side is a percentage, the number as written also counts
@@ -61,7 +63,7 @@ _NUMBER = re.compile(
     r"(?P<whole>\d+)\s+(?P<mnum>\d+)\s*/\s*(?P<mden>\d+)"  # mixed number
     rf"|\(?(?P<num>[-+]?(?:{_DEC}))\)?\s*/\s*\(?(?P<den>[-+]?(?:{_DEC}))\)?"  # fraction
     rf"|(?P<dec>{_DEC})(?:{_EXP})?"  # decimal, maybe scientific
-    r")(?P<pct>\s*(?:%|percent\b))?(?![A-Za-z0-9_}^/]|\.\d)",
+    r")(?P<pct>\s*(?:%|percent\b))?(?![A-Za-z](?![A-Za-z])|[0-9_}^/]|\.\d)",
 )
 _BOXED = ("\\boxed{", "\\fbox{")
 _MARKER = re.compile(r"####|\banswer\s*(?:is|:|=)", re.IGNORECASE)

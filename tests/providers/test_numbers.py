@@ -77,6 +77,9 @@ TABLE = [
     ("\\boxed{\\sqrt{2}}", "2", 0.0),
     ("\\boxed{2^{10}}", "10", 0.0),
     ("\\boxed{3x}", "3", 0.0),
+    ("so y = 2x", "2", 0.0),  # 2x is not the number 2
+    ("It is 5cm long", "5", 1.0),
+    ("She came 3rd", "3", 1.0),
     ("\\boxed{}", "0", 0.0),
     ("\\boxed{1/0}", "0", 0.0),
     ("no digits here", "1", 0.0),
