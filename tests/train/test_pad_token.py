@@ -44,7 +44,7 @@ def test_a_tokenizer_without_a_pad_token_pads_with_eos_and_says_so_once(caplog):
 def test_a_tokenizer_without_pad_or_eos_is_refused_at_construction_with_the_fix():
     tok = unpadded_tokenizer()
     tok.eos_token = None
-    with FeedbackCollector(VerifierTeacher("numeric"), progress=False) as col:
-        with pytest.raises(ConfigError, match=r"no pad token and no EOS.*add_special_tokens.*resize_token_embeddings"):
-            Trainer(tiny_model(tiny_tokenizer()), tok, RewardWeighted(), col, ITEMS, group_size=2,
+    refused = pytest.raises(ConfigError, match=r"no pad token and no EOS.*add_special_tokens.*resize_token_embeddings")
+    with FeedbackCollector(VerifierTeacher("numeric"), progress=False) as col, refused:
+        Trainer(tiny_model(tiny_tokenizer()), tok, RewardWeighted(), col, ITEMS, group_size=2,
                     prompts_per_step=2, max_new_tokens=3)
