@@ -31,10 +31,10 @@ What a number is (exact, as a `fractions.Fraction`):
 - LaTeX wrapping is ignored: `$...$`, `\\left( \\right)`, `\\text{...}`,
   `\\mathrm{...}`, spacing commands, `^\\circ`, a `\\$` before the number.
 A number directly followed by a single letter (a variable: `3x`, `2y+1`) or
-`^` (`2^{10}`), inside other LaTeX braces (`\\sqrt{3}`) or after a letter
-(`x2`) is not a number on its own; one followed by a word (a unit or an
-ordinal: `5cm`, `3rd`) is (ASCII letters: digits right after or before CJK or
-Arabic text are read).
+`^` (`2^{10}`), or inside other LaTeX braces (`\\sqrt{3}`), is not a number on
+its own; one followed by a word (a unit or an ordinal: `5cm`, `3rd`) is. A
+sign right after a letter or digit is a hyphen, not a minus (`COVID-19` holds
+19, `10-3` holds 10 and 3).
 
 Comparing (`same`): |got - want| <= atol + rtol * |want| on the values; when
 exactly one side is a percentage, the number as written also counts
@@ -59,7 +59,7 @@ _DEC = rf"(?:{_INT})(?:\.\d+)?|\.\d+"
 _POW = r"(?:\\times|\\cdot|×|·|\*|x)\s*10\s*\^\s*\{?\s*(?P<pow>[-+]?\d+)\s*\}?"
 _EXP = rf"(?:[eE](?P<e>[-+]?\d+)|\s*{_POW})"
 _NUMBER = re.compile(
-    r"(?<![A-Za-z0-9_.{^/\\])(?P<sign>[-+]\s*)?(?:"
+    r"(?<![0-9_.{^/\\])(?:(?<![A-Za-z0-9])(?P<sign>[-+]\s*))?(?:"
     r"(?P<whole>\d+)\s+(?P<mnum>\d+)\s*/\s*(?P<mden>\d+)"  # mixed number
     rf"|\(?(?P<num>[-+]?(?:{_DEC}))\)?\s*/\s*\(?(?P<den>[-+]?(?:{_DEC}))\)?"  # fraction
     rf"|(?P<dec>{_DEC})(?:{_EXP})?"  # decimal, maybe scientific

@@ -80,6 +80,8 @@ TABLE = [
     ("so y = 2x", "2", 0.0),  # 2x is not the number 2
     ("It is 5cm long", "5", 1.0),
     ("She came 3rd", "3", 1.0),
+    ("Cases of COVID-19", "-19", 0.0),  # a hyphen, not a minus sign
+    ("10-3=7", "7", 1.0),
     ("\\boxed{}", "0", 0.0),
     ("\\boxed{1/0}", "0", 0.0),
     ("no digits here", "1", 0.0),
