@@ -292,7 +292,7 @@ class JudgeTeacher:
         try:
             _, values, usage, attempts = await self._ask(self.listwise_messages(shown), n)
         except ClientError as err:
-            if n > 1 and context_overflow(err):  # too long together: grade each alone
+            if n > 1 and context_overflow(err) and not isinstance(err, Refused):  # too long together: each alone
                 score = await self._pointwise(request)
                 return score.model_copy(update={"details": {**score.details, "listwise_overflow": str(err)}})
             raise

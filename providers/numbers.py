@@ -20,7 +20,8 @@ What a number is (exact, as a `fractions.Fraction`):
   minus signs); thousands separators in groups of three: `1,234,567`,
   LaTeX `1{,}234`, thin or no-break spaces (`1 234`); European `1.234,5` is
   not read as a thousand;
-- scientific notation: `1.5e3`, `1.5E-3`, `1.5 \\times 10^{3}`, `1.5×10³`;
+- scientific notation: `1.5e3`, `1.5E-3`, `1.5 \\times 10^{3}`, `1.5×10³`
+  (exponents beyond +-400 are not read);
 - fractions: `a/b`, `\\frac{a}{b}`, `\\dfrac`, `\\tfrac`, `\\frac12`, `½`
   (a sign in front or on the numerator);
 - mixed numbers: `3 1/2`, `3\\frac{1}{2}`, `3½` (= 7/2; `-3 1/2` = -7/2);
@@ -49,6 +50,7 @@ dependency.
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -65,6 +67,7 @@ _NUMBER = re.compile(
     rf"|(?P<dec>{_DEC})(?:{_EXP})?"  # decimal, maybe scientific
     r")(?P<pct>\s*(?:%|percent\b))?(?![A-Za-z](?![A-Za-z])|[0-9_}^/]|\.\d)",
 )
+_MAX_POWER = 400
 _BOXED = ("\\boxed{", "\\fbox{")
 _MARKER = re.compile(r"####|\banswer\s*(?:is|:|=)", re.IGNORECASE)
 _FRAC = re.compile(r"\\[dt]?frac\s*(?:\{([^{}]*)\}|(\d))\s*(?:\{([^{}]*)\}|(\d))")
@@ -130,8 +133,10 @@ def _value(m: re.Match) -> Number | None:
             return None
         written = _fraction(m.group("num")) / den
     else:
-        power = m.group("e") or m.group("pow") or "0"
-        written = _fraction(m.group("dec")) * Fraction(10) ** int(power)
+        power = int(m.group("e") or m.group("pow") or "0")
+        if abs(power) > _MAX_POWER:  # no answer is that big or small; 10**(10**9) would not fit in memory
+            return None
+        written = _fraction(m.group("dec")) * Fraction(10) ** power
     if (m.group("sign") or "").strip() == "-":
         written = -written
     percent = m.group("pct") is not None
@@ -168,4 +173,12 @@ def same(got: Number, want: Number, atol: float, rtol: float) -> bool:
     pairs = [(got.value, want.value)]
     if got.percent != want.percent:
         pairs.append((got.written, want.written))
-    return any(abs(float(a - b)) <= atol + rtol * abs(float(b)) for a, b in pairs)
+    return any(abs(a - b) <= Fraction(atol) + Fraction(rtol) * abs(b) for a, b in pairs)  # exact: no overflow
+
+
+def as_float(value: Fraction) -> float:
+    """`value` as a float; +-inf beyond the float range (a 400-digit answer is still an answer)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf

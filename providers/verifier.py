@@ -42,14 +42,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from opd_sdk.errors import ClientError, ConfigError, TeacherError
 from opd_sdk.feedback.teacher import fingerprint
 from opd_sdk.types import Feedback, FeedbackFailure, FeedbackRequest, Score
-from providers.numbers import last_boxed, read_answer, read_number
+from providers.numbers import as_float, last_boxed, read_answer, read_number
 from providers.numbers import same as same_number
 
 
 def extract_number(text: str) -> float | None:
     """The completion's answer as a float (`providers.numbers.read_answer`), or None when unread."""
     found = read_answer(text)
-    return None if found is None else float(found.value)
+    return None if found is None else as_float(found.value)
 
 
 def _norm(text: str) -> str:
@@ -148,7 +148,7 @@ class VerifierTeacher:
                                   "e.g. 42, -3.5, 1/2, \\frac{1}{2}, 3 1/2, 50%, 1.5e3); fix the data or use mode='exact'")
             got = read_answer(text)
             ok = got is not None and same_number(got, want, self.atol, self.rtol)
-            return (1.0 if ok else 0.0), None if got is None else float(got.value)
+            return (1.0 if ok else 0.0), None if got is None else as_float(got.value)
         if self.mode == "regex":
             pattern = self.pattern.replace("{answer}", re.escape(expected.strip()))
             return (1.0 if re.search(pattern, text) else 0.0), None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import pytest
@@ -106,6 +107,13 @@ def test_numbers_are_exact_fractions():
     assert read_number("3\\frac{1}{2}").value == Fraction(7, 2)
     assert read_number("50%").written == 50 and read_number("50%").value == Fraction(1, 2)
     assert read_number("1, 2") is None and read_number("abc") is None
+
+
+@pytest.mark.parametrize("text", ["1e999999999", "\\boxed{1.5 \\times 10^{99999999}}", "9" * 500, "-" + "9" * 400])
+def test_absurd_numbers_in_a_completion_neither_crash_nor_hang(text):
+    teacher = VerifierTeacher("numeric")
+    score, extracted = teacher.score_text(text, "7")
+    assert score == 0.0 and (extracted is None or math.isinf(extracted))
 
 
 def test_an_expected_answer_that_is_not_one_number_is_refused_with_the_fix():
