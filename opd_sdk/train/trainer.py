@@ -31,7 +31,7 @@ from opd_sdk.config.settings import LoopSettings, OptimizerSettings, RolloutSett
 from opd_sdk.constants import DEFAULT_TIS_CAP
 from opd_sdk.data import PromptItem, PromptSampler, load_prompts
 from opd_sdk.errors import ConfigError, TrainingStopped
-from opd_sdk.models import ensure_pad_token  # (here, not in order: keeps this hunk off the lines others edit)
+from opd_sdk.models import ensure_pad_token
 from opd_sdk.feedback.local import LocalRunner
 from opd_sdk.feedback.teacher import notify_optimizer_step, tokenizer_fingerprint
 from opd_sdk.objectives.base import Composite, Objective
