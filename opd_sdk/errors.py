@@ -14,6 +14,7 @@ to retry and which `FeedbackFailure.error_type` to record:
 | `ClientError`             | no      | "client_error" | other 4xx: bad request, auth, not found |
 | `Unsupported` (ClientError)| no     | "unsupported"  | the server lacks a feature the teacher needs |
 | `Truncated` (ClientError) | no      | "truncated"    | the reply hit the token limit           |
+| `Refused` (ClientError)   | no      | "refused"      | a refusal, a content filter, an empty reply |
 | `TokenizationMismatch` (ClientError) | no | "tokenization_mismatch" | teacher and student split text differently |
 
 Every one carries `status` (the HTTP status, when there was one) and
@@ -119,6 +120,14 @@ class Truncated(ClientError):
     error_type = "truncated"
 
 
+class Refused(ClientError):
+    """The model answered but gave no answer: a refusal (`message.refusal`), a content filter
+    (`finish_reason == "content_filter"`) or empty content. Not retried (the same prompt is refused
+    again, and each try is paid); the message quotes what the provider said."""
+
+    error_type = "refused"
+
+
 class TrainingStopped(OPDError):
     """Training stopped before its last step for a reason the user must act on
     (no usable teacher feedback for several steps, a spent budget). The trainer
@@ -141,7 +150,7 @@ class TokenizationMismatch(ClientError):
 TEACHER_ERRORS: dict[str, type[TeacherError]] = {
     cls.error_type: cls
     for cls in (TeacherError, RateLimited, ServerError, TeacherTimeout, TeacherConnectionError, BadResponse,
-                ClientError, Unsupported, Truncated, TokenizationMismatch)
+                ClientError, Unsupported, Truncated, TokenizationMismatch, Refused)
 }
 
 

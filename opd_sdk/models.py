@@ -9,10 +9,14 @@ GGUF file. transformers can read it (dequantised to float32), but that takes
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from opd_sdk.errors import ConfigError
+
+log = logging.getLogger("opd_sdk.models")
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -20,6 +24,27 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def is_peft(model) -> bool:
     """True for a peft-wrapped model (LoRA): its adapter is what is saved and synced."""
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def ensure_pad_token(tokenizer: Any) -> Any:
+    """`tokenizer`, with its EOS token as the pad token when it has no pad token (as most causal LM
+    tokenizers ship); said once, in a warning, since the tokenizer keeps it. Batched rollouts and
+    forwards pad, so a tokenizer with neither a pad nor an EOS token is a ConfigError with the fix.
+    Used by `opd train` and by a `Trainer` built in code alike."""
+    if getattr(tokenizer, "pad_token", None) is not None:
+        return tokenizer
+    eos = getattr(tokenizer, "eos_token", None)
+    if eos is None:
+        raise ConfigError(
+            "the tokenizer has no pad token and no EOS token to pad with; give it one before building the "
+            "Trainer: tokenizer.add_special_tokens({'pad_token': '<pad>'}) and model.resize_token_embeddings("
+            "len(tokenizer))"
+        )
+    tokenizer.pad_token = eos
+    log.warning("the tokenizer has no pad token: using its EOS token %r (id %s) as pad, as `opd train` does; "
+                "set tokenizer.pad_token before building the Trainer to choose another", eos,
+                tokenizer.pad_token_id)
+    return tokenizer
 
 
 DEFAULT_CACHE = Path(os.environ.get("OPD_CACHE_DIR", Path.home() / ".cache" / "opd-sdk"))

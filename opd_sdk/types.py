@@ -155,14 +155,26 @@ class TokenLogprobs(_FeedbackBase):
     top_k[i][t] (optional): the teacher's top-k alternatives at that position
         as {token_id: logprob}. Keys are ints after validation.
 
-    Servers send -9999 (vLLM) or similar for minus infinity: any value at or
-    below `MISSING_LOGPROB` is stored as NaN (a missing value, masked and
-    counted by consumers), in `logprobs` and in `top_k` alike.
+    Servers send -9999 (vLLM) or similar for minus infinity, or null (pydantic
+    writes -inf as null): any value at or below `MISSING_LOGPROB`, and None,
+    is stored as NaN (a missing value, masked and counted by consumers), in
+    `logprobs` and in `top_k` alike.
     """
 
     kind: Literal["token_logprobs"] = "token_logprobs"
     logprobs: list[list[float]]
     top_k: list[list[dict[int, float]]] | None = None
+
+    @field_validator("logprobs", "top_k", mode="before")
+    @classmethod
+    def _nulls(cls, rows: Any) -> Any:
+        """None (a server's null log-prob) as NaN, before the float check would reject it."""
+        if not isinstance(rows, list):
+            return rows
+        if not all(isinstance(row, list) for row in rows):
+            return rows
+        return [[({k: math.nan if v is None else v for k, v in x.items()} if isinstance(x, dict)
+                  else math.nan if x is None else x) for x in row] for row in rows]
 
     @field_validator("logprobs", mode="after")
     @classmethod
@@ -205,12 +217,14 @@ class FeedbackFailure(_FeedbackBase):
 
     @classmethod
     def from_error(cls, exc: Any, attempts: int) -> "FeedbackFailure":
-        """The failure value for a `TeacherError` (its kind, retriability and status; message redacted)."""
+        """The failure value for a `TeacherError` (its kind, retriability and status; message redacted;
+        `exc.usage`, a CallUsage a provider attaches to an answer it paid for but could not use)."""
         from opd_sdk.redact import redact
 
         reason = redact(str(exc))[:500] or type(exc).__name__
+        usage = getattr(exc, "usage", None)  # calls the teacher was paid for before it failed (a refusal...)
         return cls(reason=reason, error_type=exc.error_type, attempts=attempts, retriable=exc.retriable,
-                   status=exc.status)
+                   status=exc.status, usage=usage if isinstance(usage, CallUsage) else CallUsage())
 
 
 Preference.model_rebuild()

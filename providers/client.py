@@ -234,6 +234,13 @@ def usage_of(response: Any) -> CallUsage:
     )
 
 
+def paid(error: TeacherError, *usages: CallUsage) -> TeacherError:
+    """`error` carrying the usage of the answered calls it follows (`error.usage`): a refusal or
+    a verdict that never parsed was still billed; `FeedbackFailure.from_error` keeps it."""
+    error.usage = add_usage(*usages)  # type: ignore[attr-defined]
+    return error
+
+
 def add_usage(*parts: CallUsage) -> CallUsage:
     """Sum of several calls' usage."""
     return CallUsage(

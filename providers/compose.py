@@ -37,6 +37,7 @@ from typing import Any, Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from opd_sdk.errors import ConfigError, error_from_failure
+from opd_sdk.feedback.empty import empty_indices
 from opd_sdk.feedback.teacher import (
     Closeable,
     api_calls,
@@ -357,6 +358,8 @@ class PreferenceScores(_Composite):
             raw = [sum(sig(theta[i] - theta[j]) for j in range(n) if j != i) / (n - 1) for i in range(n)]
             extra = {"theta": theta}
         scores: list[float | None] = [MISSING if _missing(s) else s for s in raw]
+        for i in empty_indices(request):  # no credit for an empty answer (opd_sdk.feedback.empty)
+            scores[i] = 0.0
         return _all_missing(scores, "PreferenceScores") or Score(
             scores=scores, details={"method": self.method, **extra}, usage=answer.usage)
 

@@ -18,9 +18,14 @@ returned `Score` is normalised to [0, 1]: (n - lo) / (hi - lo).
 - Injection: the student's text is fenced and labelled untrusted
   (`providers.untrusted`).
 - Unparseable verdicts: the judge is told what was wrong and asked again,
-  up to `max_reasks` times; then a retriable `TeacherError` is raised, which
-  the FeedbackCollector retries and finally records as a FeedbackFailure.
-  A verdict that never parses never becomes a score.
+  up to `max_reasks` times (default 1); then `BadResponse`, not retried by
+  the collector (the re-asks were the retries; 18 paid calls for one verdict
+  were the alternative). A verdict that never parses never becomes a score.
+- Non-answers (`reply_text`): a refusal (`message.refusal`, content null), a
+  content filter (`finish_reason: content_filter`) or empty content raises
+  `Refused` at once, quoting what the provider said: not re-asked, not
+  retried. Every error raised after a paid call carries that usage
+  (`providers.client.paid`), so a failure is still counted as paid.
 - Verdicts: the final one, never a number mentioned on the way
   (`providers.verdict.parse_score`); two different verdicts with none marked
   final are re-asked.
@@ -50,12 +55,14 @@ from opd_sdk.errors import (
     BadResponse,
     ClientError,
     ConfigError,
+    Refused,
     TeacherError,
     Truncated,
 )
+from opd_sdk.feedback.empty import score_nonempty
 from opd_sdk.feedback.teacher import fingerprint
 from opd_sdk.types import MISSING, CallUsage, FeedbackRequest, Score
-from providers.client import Endpoint, add_usage, context_overflow, usage_of
+from providers.client import Endpoint, add_usage, context_overflow, paid, usage_of
 from providers.untrusted import UNTRUSTED_NOTE, fence
 from providers.verdict import VerdictError, expected_score, parse_score, parse_scores
 
@@ -78,7 +85,7 @@ class JudgeParams(BaseModel):
     structured: Literal["auto", "json_schema", "none"] = "auto"
     g_eval: bool = False  # expected score over the score tokens' top log-probs
     top_logprobs: int = Field(10, gt=0)
-    max_reasks: int = Field(2, ge=0)
+    max_reasks: int = Field(1, ge=0)
     temperature: float = Field(0.0, ge=0.0)
     max_tokens: int = Field(200, gt=0)
 
@@ -208,8 +215,10 @@ class JudgeTeacher:
         for attempt in range(1, self.max_reasks + 2):
             response = await self._call(history, n)
             usages.append(usage_of(response))
-            check_not_truncated(response, self.max_tokens, "JudgeTeacher")
-            text = response.choices[0].message.content or ""
+            try:
+                text = reply_text(response, self.max_tokens, "JudgeTeacher")
+            except TeacherError as err:  # a refusal, a filter, a cut-off reply: paid, not asked again
+                raise paid(err, *usages) from None
             try:
                 if n is None:
                     values = [parse_score(text, self.lo, self.hi)]
@@ -224,9 +233,10 @@ class JudgeTeacher:
                                                 f"Reply again with only the JSON object."},
                 ]
         excerpt = text[:160].replace("\n", " ")
-        raise BadResponse(
-            f"judge verdict did not parse after {self.max_reasks + 1} calls ({reason}); last reply: {excerpt!r}"
-        )
+        raise paid(BadResponse(  # the re-asks were the retries: the collector does not pay for more
+            f"judge verdict did not parse after {self.max_reasks + 1} calls ({reason}); last reply: {excerpt!r}",
+            retriable=False,
+        ), *usages)
 
     async def _score_one(self, request: FeedbackRequest, text: str) -> tuple[float, dict[str, Any], CallUsage]:
         response, values, usage, attempts = await self._ask(self.pointwise_messages(request, text), None)
@@ -249,12 +259,13 @@ class JudgeTeacher:
         results = await asyncio.gather(*(self._score_one(request, c.text) for c in request.completions),
                                        return_exceptions=True)
         errors = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
+        ok = [r for r in results if not isinstance(r, BaseException)]
+        spent = [r[2] for r in ok] + [getattr(e, "usage", CallUsage()) for e in errors.values()]
         for r in errors.values():
             if not isinstance(r, TeacherError) or r.retriable:
-                raise r
+                raise paid(r, *spent) if isinstance(r, TeacherError) else r
         if len(errors) == len(results):
-            raise next(iter(errors.values()))
-        ok = [r for r in results if not isinstance(r, BaseException)]
+            raise paid(next(iter(errors.values())), *spent)
         details: dict[str, Any] = {"verdicts": [None if i in errors else r[1] for i, r in enumerate(results)],
                                    "scale": [self.lo, self.hi]}
         if errors:
@@ -262,7 +273,7 @@ class JudgeTeacher:
         return Score(
             scores=[MISSING if i in errors else r[0] for i, r in enumerate(results)],  # type: ignore[index]
             details=details,
-            usage=add_usage(*(r[2] for r in ok)),  # type: ignore[index]
+            usage=add_usage(*spent),  # the failed completions' paid calls too
         )
 
     def _order(self, request: FeedbackRequest) -> list[int]:
@@ -281,7 +292,7 @@ class JudgeTeacher:
         try:
             _, values, usage, attempts = await self._ask(self.listwise_messages(shown), n)
         except ClientError as err:
-            if n > 1 and context_overflow(err):  # too long together: grade each alone
+            if n > 1 and context_overflow(err) and not isinstance(err, Refused):  # too long together: each alone
                 score = await self._pointwise(request)
                 return score.model_copy(update={"details": {**score.details, "listwise_overflow": str(err)}})
             raise
@@ -295,9 +306,30 @@ class JudgeTeacher:
         )
 
     async def feedback(self, request: FeedbackRequest) -> Score:
-        if self.pointwise:
-            return await self._pointwise(request)
-        return await self._listwise(request)
+        """Scores in [0, 1]; an empty completion gets 0.0 and is not sent (`opd_sdk.feedback.empty`)."""
+        return await score_nonempty(request, self._pointwise if self.pointwise else self._listwise)
+
+
+def reply_text(response: Any, max_tokens: int, who: str) -> str:
+    """The text of the reply's first choice, or a typed non-answer (not retried, not re-asked):
+    `Truncated` for a reply cut off at max_tokens; `Refused` for a refusal (`message.refusal`),
+    a content filter (`finish_reason == "content_filter"`) or empty content, quoting what the
+    provider said."""
+    check_not_truncated(response, max_tokens, who)
+    choice = response.choices[0]
+    message, finish = choice.message, getattr(choice, "finish_reason", None)
+    refusal, content = getattr(message, "refusal", None), getattr(message, "content", None)
+    hint = ("not asked again; if the task or the student's text trips the provider, use another judge "
+            "model or reword the rubric")
+    if refusal:
+        raise Refused(f"{who}: the model refused: {str(refusal)[:200]!r} (finish_reason {finish!r}); {hint}")
+    if finish == "content_filter":
+        shown = f"; partial reply {content[:120]!r}" if content else ""
+        raise Refused(f"{who}: the provider's content filter stopped the reply (finish_reason "
+                      f"'content_filter'){shown}; {hint}")
+    if not content or not content.strip():
+        raise Refused(f"{who}: the reply had no content ({content!r}, finish_reason {finish!r}); {hint}")
+    return content
 
 
 def check_not_truncated(response: Any, max_tokens: int, who: str) -> None:

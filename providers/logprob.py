@@ -35,7 +35,11 @@ re-rendering. A token that ends inside a character (an emoji or CJK
 character split across byte-level tokens) emits no text until the token that
 completes the character, as vLLM's incremental detokenizer reports offsets
 (checked against a real vLLM server in tests/providers/test_real_vllm.py). Log-probs at or below -9999 (vLLM's minus
-infinity) become NaN, a missing value (see `TokenLogprobs`).
+infinity), null log-probs (a server's null, pydantic's -inf), null
+prompt_logprobs entries and entries that omit the token become NaN, a
+missing value that the targets mask and count (see `TokenLogprobs`); a
+reply without `text_offset` is a `BadResponse`, not a crash. A completion
+with no tokens is not sent (its row is empty).
 
 A server that lacks a needed feature (echo log-probs; prompt_logprobs for
 top_k or send="token_ids") raises `Unsupported` naming it, whatever status it
@@ -57,6 +61,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from opd_sdk.constants import DEFAULT_TIMEOUT_S
 from opd_sdk.data import PromptItem
 from opd_sdk.errors import (
+    BadResponse,
     ClientError,
     ConfigError,
     ServerError,
@@ -67,6 +72,21 @@ from opd_sdk.feedback.teacher import fingerprint, tokenizer_fingerprint
 from opd_sdk.rollout.engine import render_prompts
 from opd_sdk.types import Completion, FeedbackRequest, TokenLogprobs
 from providers.client import Endpoint, add_usage, usage_of
+
+
+def _logprob(value: Any) -> float:
+    """A log-prob as a server sent it; null (None, or pydantic's -inf) or a non-number is NaN,
+    a missing value that `TokenLogprobs` and the targets mask and count, never a made-up number."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return math.nan
+
+
+def _entry_logprob(entry: Any, token_id: int) -> float:
+    """The log-prob of `token_id` in one prompt_logprobs entry ({id: {"logprob": x, ...}}); NaN when
+    the entry is null or omits the token or its log-prob."""
+    item = entry.get(str(token_id)) if isinstance(entry, dict) else None
+    return _logprob(item.get("logprob") if isinstance(item, dict) else None)
 
 
 def _field(obj: Any, name: str) -> Any:
@@ -238,20 +258,29 @@ class LogprobTeacher:
         return self._unsupported
 
     def _top_k_at(self, entry: dict | None) -> dict[int, float]:
-        entry = entry or {}
-        return {int(k): float(v["logprob"]) for k, v in entry.items() if int(v.get("rank", 1)) <= self.top_k}
+        """The top-k alternatives of one prompt_logprobs entry; null values are NaN (missing), a
+        null entry is no alternatives, an alternative without a rank is kept."""
+        entry = entry if isinstance(entry, dict) else {}
+        return {int(k): _logprob(v.get("logprob") if isinstance(v, dict) else None) for k, v in entry.items()
+                if not isinstance(v, dict) or int(v.get("rank") or 1) <= self.top_k}
 
     async def _score_text(self, prompt_text: str, completion: Completion) -> tuple[list[float], Any, dict, Any]:
         text, ids, spans = self.student_tokens(completion)
+        if not text and not ids:  # no tokens to score: nothing to send
+            return [], [] if self.top_k else None, {"alignment": "empty"}, None
         response = await self._echo(prompt_text + text, add_special_tokens=not self._prompt_has_bos(prompt_text))
         lp = response.choices[0].logprobs
         start_p, end = len(prompt_text), len(prompt_text) + len(text)
+        if not lp.text_offset or len(lp.text_offset) != len(lp.token_logprobs):
+            raise BadResponse("the echo reply has no text_offset for each token, so its log-probs cannot be "
+                              "placed on the completion; use send='token_ids' (vLLM) or another server",
+                              retriable=False)
         offsets = list(lp.text_offset)
         keep = [k for k, o in enumerate(offsets) if start_p <= o < end]
         straddle = [k for k, o in enumerate(offsets) if o < start_p < (offsets[k + 1] if k + 1 < len(offsets) else end)]
         t_spans = [(offsets[k] - start_p, min(offsets[k + 1] if k + 1 < len(offsets) else end, end) - start_p)
                    for k in keep]
-        t_logprobs = [float(lp.token_logprobs[k]) for k in keep]
+        t_logprobs = [_logprob(lp.token_logprobs[k]) for k in keep]
         prompt_lps = _field(response.choices[0], "prompt_logprobs")
         if self.top_k and prompt_lps is None:
             raise Unsupported("top_k needs a server that returns prompt_logprobs with token ids (vLLM)")
@@ -262,7 +291,8 @@ class LogprobTeacher:
                     f"the teacher split the completion into {len(keep)} tokens, the student's ids are {len(ids)}; "
                     "pass tokenizer= (the student's) so tokens can be compared or mapped by character offsets")
             how = "teacher_tokens" if ids is None else "count_only"
-            return t_logprobs, top, {"alignment": how, "teacher_tokens": [lp.tokens[k] for k in keep]}, response
+            tokens = lp.tokens if lp.tokens and len(lp.tokens) == len(offsets) else [None] * len(offsets)
+            return t_logprobs, top, {"alignment": how, "teacher_tokens": [tokens[k] for k in keep]}, response
         if not straddle and [s for s, _ in spans] == [s for s, _ in t_spans]:
             return t_logprobs, top, {"alignment": "exact"}, response
         where = next((t for t, (a, b) in enumerate(zip(spans, t_spans)) if a[0] != b[0]), min(len(spans), len(t_spans)))
@@ -276,19 +306,21 @@ class LogprobTeacher:
             raise TokenizationMismatch(message + ". Use on_mismatch='offsets' to map by character offsets, "
                                                  "or a teacher with the student's tokenizer.")
         starts = [max(offsets[k], start_p) - start_p for k in straddle] + [s for s, _ in t_spans]
-        values = [float(lp.token_logprobs[k]) for k in straddle] + t_logprobs
+        values = [_logprob(lp.token_logprobs[k]) for k in straddle] + t_logprobs
         mapped = [sum(v for s0, v in zip(starts, values, strict=True) if a <= s0 < b or (t == 0 and s0 < a))
                   for t, (a, b) in enumerate(spans)]
         return mapped, None, {"alignment": "offsets", "mismatch": message}, response
 
     async def _score_ids(self, prompt_ids: list[int], completion: Completion) -> tuple[list[float], Any, dict, Any]:
         _, ids, _ = self.student_tokens(completion)
+        if not ids:  # no tokens to score: nothing to send
+            return [], [] if self.top_k else None, {"alignment": "empty"}, None
         response = await self._echo(prompt_ids + ids)
         prompt_lps = _field(response.choices[0], "prompt_logprobs")
         if prompt_lps is None or len(prompt_lps) < len(prompt_ids) + len(ids):
             raise Unsupported("send='token_ids' needs a server that returns prompt_logprobs (vLLM)")
         entries = prompt_lps[len(prompt_ids): len(prompt_ids) + len(ids)]
-        logprobs = [float(e[str(i)]["logprob"]) for e, i in zip(entries, ids, strict=True)]
+        logprobs = [_entry_logprob(e, i) for e, i in zip(entries, ids, strict=True)]
         top = [self._top_k_at(e) for e in entries] if self.top_k else None
         return logprobs, top, {"alignment": "token_ids"}, response
 
@@ -319,7 +351,7 @@ class LogprobTeacher:
             logprobs=[r[0] for r in results],
             top_k=tops if self.top_k and all(t is not None for t in tops) else None,
             details={"per_completion": [r[2] for r in results]},
-            usage=add_usage(*(usage_of(r[3]) for r in results)),
+            usage=add_usage(*(usage_of(r[3]) for r in results if r[3] is not None)),
         )
 
     async def self_test(self, prompt: str = "What is 3 + 4?", text: str = "3 + 4 = 7.", repeats: int = 2) -> dict:

@@ -24,11 +24,12 @@ import openai
 from pydantic import BaseModel, ConfigDict, Field
 
 from opd_sdk.constants import DEFAULT_TIMEOUT_S
-from opd_sdk.errors import BadResponse, ClientError, ConfigError
+from opd_sdk.errors import BadResponse, ClientError, ConfigError, TeacherError
+from opd_sdk.feedback.empty import prefer_nonempty
 from opd_sdk.feedback.teacher import fingerprint
 from opd_sdk.types import CallUsage, FeedbackRequest, Preference, PreferencePair
-from providers.client import Endpoint, add_usage, usage_of
-from providers.judge import check_not_truncated
+from providers.client import Endpoint, add_usage, paid, usage_of
+from providers.judge import reply_text
 from providers.untrusted import UNTRUSTED_NOTE, fence
 from providers.verdict import VerdictError, parse_choice
 
@@ -46,7 +47,7 @@ class PreferenceParams(BaseModel):
     criteria: str | None = None
     allow_ties: bool = True
     structured: Literal["auto", "json_schema", "none"] = "auto"
-    max_reasks: int = Field(2, ge=0)
+    max_reasks: int = Field(1, ge=0)
     temperature: float = Field(0.0, ge=0.0)
     max_tokens: int = Field(100, gt=0)
 
@@ -60,7 +61,8 @@ class PreferenceTeacher:
     criteria: what "better" means (plain text); None = DEFAULT_CRITERIA.
     allow_ties: whether the judge may answer "tie".
     structured: "auto" | "json_schema" | "none", as for JudgeTeacher.
-    max_reasks: extra calls after an unparseable verdict.
+    max_reasks: extra calls after an unparseable verdict (then BadResponse, not retried); a refusal,
+        a content filter or an empty reply raises `Refused` at once (see `providers.judge.reply_text`).
     """
 
     def __init__(
@@ -128,8 +130,10 @@ class PreferenceTeacher:
         for _ in range(self.max_reasks + 1):
             response = await self._call(history)
             usages.append(usage_of(response))
-            check_not_truncated(response, self.max_tokens, "PreferenceTeacher")
-            text = response.choices[0].message.content or ""
+            try:
+                text = reply_text(response, self.max_tokens, "PreferenceTeacher")
+            except TeacherError as err:  # a refusal, a filter, a cut-off reply: paid, not asked again
+                raise paid(err, *usages) from None
             try:
                 return parse_choice(text, self.choices), add_usage(*usages)
             except VerdictError as err:
@@ -139,10 +143,10 @@ class PreferenceTeacher:
                     {"role": "user", "content": f"That reply is not a valid verdict: {reason}. "
                                                 "Reply again with only the JSON object."},
                 ]
-        raise BadResponse(
+        raise paid(BadResponse(  # the re-asks were the retries: the collector does not pay for more
             f"preference verdict did not parse after {self.max_reasks + 1} calls ({reason}); "
-            f"last reply: {text[:160]!r}",
-        )
+            f"last reply: {text[:160]!r}", retriable=False,
+        ), *usages)
 
     async def _pair(self, request: FeedbackRequest, i: int, j: int) -> tuple[PreferencePair, dict, CallUsage]:
         ti, tj = request.completions[i].text, request.completions[j].text
@@ -153,9 +157,15 @@ class PreferenceTeacher:
         return pair, {"pair": [i, j], "i_first": first, "j_first": second}, add_usage(u1, u2)
 
     async def feedback(self, request: FeedbackRequest) -> Preference:
+        """Every pair, both orders; an empty completion loses to every other without a call
+        (`opd_sdk.feedback.empty`)."""
         n = len(request.completions)
         if n < 2:
             raise ClientError(f"PreferenceTeacher needs at least 2 completions per request, got {n}; sample more per prompt")
+        return await prefer_nonempty(request, self._compare)
+
+    async def _compare(self, request: FeedbackRequest) -> Preference:
+        n = len(request.completions)
         results = await asyncio.gather(*(self._pair(request, i, j) for i, j in itertools.combinations(range(n), 2)))
         return Preference(
             pairs=[r[0] for r in results],

@@ -30,9 +30,10 @@ from opd_sdk.errors import (
     TeacherConnectionError,
     TeacherTimeout,
 )
+from opd_sdk.feedback.empty import score_nonempty
 from opd_sdk.feedback.retry import parse_retry_after
 from opd_sdk.feedback.teacher import fingerprint
-from opd_sdk.types import CallUsage, FeedbackRequest, Score
+from opd_sdk.types import MISSING, CallUsage, FeedbackRequest, Score
 from providers.openai_errors import error_for_status, redact
 
 
@@ -156,6 +157,12 @@ class RewardModelTeacher:
             raise BadResponse("reward model reply was not JSON") from exc
 
     async def feedback(self, request: FeedbackRequest) -> Score:
+        """Rewards (normalised when `normalize` is set). An empty completion is not sent
+        (`opd_sdk.feedback.empty`): it gets 0.0, the floor, when `normalize` is set; on the model's
+        raw scale 0.0 may beat a wrong answer, so it is missing (NaN) there."""
+        return await score_nonempty(request, self._score, empty_score=0.0 if self.normalize else MISSING)
+
+    async def _score(self, request: FeedbackRequest) -> Score:
         body = await self._post(self.payload(request))
         raw = self.rewards(body, len(request.completions))
         scores = raw

@@ -32,6 +32,11 @@ _KEYED = re.compile(
     r"(?:\s+(?:is|of))?\s*[:=\-]?\s*(?P<num>" + _NUMBER + r")(?:\s*(?:/|out\s+of)\s*(?P<den>\d+(?:\.\d+)?))?",
     re.IGNORECASE,
 )
+# verdict markers of common judge prompts, read as final: MT-Bench "Rating: [[8]]" (also "[[8/10]]"),
+# Prometheus "[RESULT] 4"
+_MARKED = re.compile(r"\[\[\s*(?P<num>" + _NUMBER + r")\s*(?:/\s*(?P<den>\d+(?:\.\d+)?))?\s*\]\]"
+                     r"|\[RESULT\]\s*(?P<res>" + _NUMBER + ")", re.IGNORECASE)
+_MARKED_CHOICE = re.compile(r"\[\[\s*(A|B|C|tie)\s*\]\]", re.IGNORECASE)  # MT-Bench pairwise; C is a tie
 _FRACTION = re.compile(r"(?<![\w/.])(?P<num>" + _NUMBER + r")\s*/\s*(?P<den>\d+)(?![\w/]|\.\d)")
 _FINAL_BEFORE = re.compile(r"final\W*(?:\w+\W*){0,2}$", re.IGNORECASE)
 
@@ -71,7 +76,12 @@ def _in_scale(value: Any, lo: float, hi: float, what: str) -> float:
     except ValueError:
         raise VerdictError(f"{what} must be a number, got {value!r}") from None
     if not math.isfinite(number) or not lo <= number <= hi:
-        raise VerdictError(f"{what} {number:g} is outside the scale {lo:g} to {hi:g}")
+        raise VerdictError(f"{what} {number:g} is outside the scale {lo:g} to {hi:g}; give a number from "
+                           f"{lo:g} to {hi:g}")
+    written_decimal = isinstance(value, float) or (isinstance(value, str) and "." in value)
+    if hi > 1 and written_decimal and 0 < number <= 1:
+        raise VerdictError(f"{what} {value!r} looks like a score on a 0-1 scale, but the scale is {lo:g} to "
+                           f"{hi:g}; give a number from {lo:g} to {hi:g}")
     return number
 
 
@@ -113,11 +123,19 @@ def parse_score(text: str, lo: float, hi: float) -> float:
     """The judge's final score on its own scale.
 
     Reads, in reply order: JSON objects with "score" (or "final_score"), keyed
-    prose ("score: 7", "Final score: 3", "rating 8/10"), and bare fractions
-    over the scale's top ("8/10" on 0-10). Reasoning blocks (<think>...) and
-    markdown are ignored. The last verdict marked final wins; otherwise every
-    verdict found must agree (else VerdictError: asked again). Fractions are
-    read as a share of the scale.
+    prose ("score: 7", "Final score: 3", "rating 8/10"), MT-Bench's
+    "Rating: [[8]]" and Prometheus' "[RESULT] 4" (both read as final), and
+    bare fractions over the scale's top ("8/10" on 0-10). Reasoning blocks
+    (<think>...) and markdown are ignored. The last verdict marked final wins;
+    otherwise every verdict found must agree (else VerdictError: asked again).
+
+    Scale: a verdict is read on the configured scale, never rescaled
+    silently. A value outside lo..hi is a VerdictError naming the scale (85 on
+    0-10 is not read as 8.5). A value written with a decimal point in (0, 1]
+    on a scale whose top is above 1 (`{"score": 0.7}` or 1.0 on 0-10) is
+    ambiguous (a 0-1 judge?): a VerdictError naming the scale. Only an
+    explicit fraction is rescaled, because it says its own scale: "4/5" on
+    0-10 is 8, "0.7/1" is 7.
     """
     body = _clean(text)
     candidates: list[tuple[int, bool, float]] = []
@@ -134,8 +152,14 @@ def parse_score(text: str, lo: float, hi: float) -> float:
         if any(a <= m.start() < b for a, b in spans):
             continue
         marked = m.group("final").lower().startswith("final") or _is_final(body, m.start())
-        value = _in_scale(_on_scale(m.group("num"), m.group("den"), lo, hi), lo, hi, "score")
-        candidates.append((m.start(), marked, value))
+        written = m.group("num") if m.group("den") is None else _on_scale(m.group("num"), m.group("den"), lo, hi)
+        candidates.append((m.start(), marked, _in_scale(written, lo, hi, "score")))
+    for m in _MARKED.finditer(body):
+        if m.group("res") is not None or m.group("den") is None:
+            written: Any = m.group("res") or m.group("num")
+        else:
+            written = _on_scale(m.group("num"), m.group("den"), lo, hi)
+        candidates.append((m.start(), True, _in_scale(written, lo, hi, "score")))
     keyed_at = {m.start("num") for m in _KEYED.finditer(body)}
     for m in _FRACTION.finditer(body):
         if m.start("num") in keyed_at or any(a <= m.start() < b for a, b in spans):
@@ -171,7 +195,8 @@ def parse_scores(text: str, n: int, lo: float, hi: float) -> list[float]:
 
 
 def parse_choice(text: str, choices: tuple[str, ...]) -> str:
-    """Pairwise verdict: `{"winner": "A" | "B" | "tie"}` (case-insensitive); the final one."""
+    """Pairwise verdict: `{"winner": "A" | "B" | "tie"}` (case-insensitive), or MT-Bench's
+    "[[A]]" / "[[B]]" / "[[C]]" (C: a tie; read as final); the final one."""
     lowered = {c.lower(): c for c in choices}
     body = _clean(text)
     candidates: list[tuple[int, bool, str]] = []
@@ -188,6 +213,12 @@ def parse_choice(text: str, choices: tuple[str, ...]) -> str:
         if any(a <= m.start() < b for a, b in spans) or m.group(2).lower() not in lowered:
             continue
         candidates.append((m.start(), bool(m.group(1)) or _is_final(body, m.start()), lowered[m.group(2).lower()]))
+    for m in _MARKED_CHOICE.finditer(body):
+        said = m.group(1).lower()
+        value = "tie" if said in ("c", "tie") else said
+        if value not in lowered:
+            raise VerdictError(f"winner must be one of {list(choices)}, got {m.group()!r}")
+        candidates.append((m.start(), True, lowered[value]))
     candidates.sort(key=lambda c: c[0])
     return _decide([(marked, v) for _, marked, v in candidates], "winner", f'{{"winner": "{choices[0]}"}}')
 

@@ -18,9 +18,14 @@ Local: `feedback_local(requests)` scores a batch in process (the trainer's
 Checks (`mode`):
 - "exact": the extracted answer equals the expected one after trimming,
   case-folding and collapsing whitespace (`normalize=False` compares raw).
-- "numeric": the answer is the content of the last `\\boxed{...}` if any,
-  else the last number in the text (commas in thousands are removed);
-  equal when |a - b| <= atol + rtol * |b|.
+- "numeric": the completion's answer and the expected one are read as exact
+  numbers by `providers.numbers` (the last `\\boxed{}`, else the number after
+  an "answer is" / "####" marker, else the last number; fractions, LaTeX
+  `\\frac`, mixed numbers, percentages, thousands separators, scientific
+  notation, Unicode digits and minus signs: the rules are in that module's
+  docstring); equal when |a - b| <= atol + rtol * |b|. An answer that cannot
+  be read with confidence (`\\boxed{2, 3}`, `\\boxed{\\sqrt{2}}`) scores 0.0;
+  an expected answer that is not exactly one number is a ClientError.
 - "regex": `pattern` must match (re.search) the completion; `{answer}` in
   the pattern is replaced by the escaped expected answer.
 - a callable `check(completion_text, expected) -> bool | float` (a float is
@@ -29,7 +34,6 @@ Checks (`mode`):
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, Callable, Literal, Sequence
 
@@ -38,34 +42,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from opd_sdk.errors import ClientError, ConfigError, TeacherError
 from opd_sdk.feedback.teacher import fingerprint
 from opd_sdk.types import Feedback, FeedbackFailure, FeedbackRequest, Score
-
-_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][-+]?\d+)?|-?\.\d+")
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (nested braces allowed), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, i = 1, start + len("\\boxed{")
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i:j].strip()
-    return None
+from providers.numbers import as_float, last_boxed, read_answer, read_number
+from providers.numbers import same as same_number
 
 
 def extract_number(text: str) -> float | None:
-    """The number in the last \\boxed{} if there is one, else the last number in the text."""
-    boxed = last_boxed(text)
-    source = boxed if boxed is not None else text
-    found = _NUMBER.findall(source)
-    if not found:
-        return None
-    try:
-        return float(found[-1].replace(",", ""))
-    except ValueError:
-        return None
+    """The completion's answer as a float (`providers.numbers.read_answer`), or None when unread."""
+    found = read_answer(text)
+    return None if found is None else as_float(found.value)
 
 
 def _norm(text: str) -> str:
@@ -158,11 +142,13 @@ class VerifierTeacher:
             verdict = self.check(text, expected)
             return (float(verdict), None) if not isinstance(verdict, bool) else (1.0 if verdict else 0.0, None)
         if self.mode == "numeric":
-            got, want = extract_number(text), extract_number(expected)
+            want = read_number(expected)
             if want is None:
-                raise ClientError(f"expected answer {expected!r} holds no number; use mode='exact'")
-            ok = got is not None and math.isfinite(got) and abs(got - want) <= self.atol + self.rtol * abs(want)
-            return (1.0 if ok else 0.0), got
+                raise ClientError(f"expected answer {expected!r} is not one number (providers.numbers reads "
+                                  "e.g. 42, -3.5, 1/2, \\frac{1}{2}, 3 1/2, 50%, 1.5e3); fix the data or use mode='exact'")
+            got = read_answer(text)
+            ok = got is not None and same_number(got, want, self.atol, self.rtol)
+            return (1.0 if ok else 0.0), None if got is None else as_float(got.value)
         if self.mode == "regex":
             pattern = self.pattern.replace("{answer}", re.escape(expected.strip()))
             return (1.0 if re.search(pattern, text) else 0.0), None

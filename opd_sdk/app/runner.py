@@ -32,7 +32,7 @@ from opd_sdk.config.run import RunConfig, StudentConfig
 from opd_sdk.data import PromptItem
 from opd_sdk.errors import ConfigError, TrainingFailed, TrainingStopped
 from opd_sdk.feedback.factory import Collector, make_collector
-from opd_sdk.models import resolve_model_path
+from opd_sdk.models import ensure_pad_token, resolve_model_path
 from opd_sdk.parallel.distributed import Distributed
 from opd_sdk.train.checkpoint import check_launch, latest_checkpoint
 from opd_sdk.train.metrics import plot_learning_curve, read_metrics
@@ -62,10 +62,7 @@ def load_student(cfg: StudentConfig, path: str | None = None, device: Any = None
     else:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
     model.to(device or (cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"))
-    tokenizer = AutoTokenizer.from_pretrained(where)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model, ensure_pad_token(AutoTokenizer.from_pretrained(where))
 
 
 def build_collector(cfg: RunConfig, teacher: Any, batch: bool = False) -> Collector:

@@ -31,6 +31,7 @@ from opd_sdk.config.settings import LoopSettings, OptimizerSettings, RolloutSett
 from opd_sdk.constants import DEFAULT_TIS_CAP
 from opd_sdk.data import PromptItem, PromptSampler, load_prompts
 from opd_sdk.errors import ConfigError, TrainingStopped
+from opd_sdk.models import ensure_pad_token
 from opd_sdk.feedback.local import LocalRunner
 from opd_sdk.feedback.teacher import notify_optimizer_step, stateful, tokenizer_fingerprint
 from opd_sdk.objectives.base import Composite, Objective
@@ -121,6 +122,7 @@ class Trainer:
         self.model = prepare_student(model, self.parallel, lora=lora, gradient_checkpointing=gradient_checkpointing)
         self.device = next(self.model.parameters()).device
         self.precision, self.autocast_dtype = autocast_dtype(precision, self.device)
+        tokenizer = ensure_pad_token(tokenizer)  # EOS as pad when it has none, as `opd train` does (said once)
         self.tokenizer, self.tokenizer_id = tokenizer, tokenizer_fingerprint(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         items = prompts if isinstance(prompts, list) and all(isinstance(p, PromptItem) for p in prompts) else None

@@ -284,7 +284,9 @@ def test_resume_after_a_crash_repeats_no_teacher_call(tmp_path, tiny_dir, capsys
         # step 2 and the held-out eval come entirely from the cache
         assert srv.count == sent
         assert summary["teacher_requests"] == 0 and summary["cache_hits"] > 0
-        assert summary["heldout_teacher_score"] == pytest.approx(0.7)
+        # the judge gives any text 0.7, but the tiny model's greedy held-out answers are empty: 0.0, never
+        # sent (no credit for an empty answer, tests/providers/test_empty_answers.py)
+        assert summary["heldout_teacher_score"] == 0.0
 
 
 def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_dir, monkeypatch):

@@ -92,7 +92,7 @@ async def test_reward_model_errors_are_typed_and_bad_replies_are_failures_not_ze
     [
         ("The answer is 19.", 19.0),
         ("First 3, then 4, so \\boxed{7} is it, not 8", 7.0),
-        ("\\boxed{\\frac{1}{2}} hmm 2", 2.0),  # boxed content has numbers 1 and 2: last one
+        ("\\boxed{\\frac{1}{2}} hmm 2", 0.5),  # the boxed LaTeX fraction, read as the number it is
         ("Total: 1,234 apples", 1234.0),
         ("-3.5 degrees", -3.5),
         ("no digits here", None),
