@@ -53,6 +53,7 @@ from opd_sdk.errors import (
     TeacherError,
     Truncated,
 )
+from opd_sdk.feedback.calls import reject
 from opd_sdk.feedback.teacher import fingerprint
 from opd_sdk.types import MISSING, CallUsage, FeedbackRequest, Score
 from providers.client import Endpoint, add_usage, context_overflow, usage_of
@@ -217,6 +218,7 @@ class JudgeTeacher:
                     values = parse_scores(text, n, self.lo, self.hi)
                 return response, values, add_usage(*usages), attempt
             except VerdictError as err:
+                reject(response)  # paid, not an answer: counted as failed
                 reason = str(err)
                 history = history + [
                     {"role": "assistant", "content": text},
@@ -304,6 +306,7 @@ def check_not_truncated(response: Any, max_tokens: int, who: str) -> None:
     """Raise `Truncated` (not retried) when the reply stopped at the token limit: asking again
     at the same limit would pay for the same cut-off reply."""
     if getattr(response.choices[0], "finish_reason", None) == "length":
+        reject(response)  # paid, not an answer: counted as failed
         raise Truncated(f"{who}: the reply was cut off at max_tokens={max_tokens} before a verdict; "
                         f"raise max_tokens (e.g. {who}(max_tokens={max_tokens * 4}) or teacher.max_tokens in "
                         "the config), or ask for a shorter answer in the rubric")

@@ -16,7 +16,6 @@ an exact tie is reported with the lower index as `winner` and 0.5.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from typing import Any, Literal
 
@@ -25,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from opd_sdk.constants import DEFAULT_TIMEOUT_S
 from opd_sdk.errors import BadResponse, ClientError, ConfigError
+from opd_sdk.feedback.calls import gather_all, reject
 from opd_sdk.feedback.teacher import fingerprint
 from opd_sdk.types import CallUsage, FeedbackRequest, Preference, PreferencePair
 from providers.client import Endpoint, add_usage, usage_of
@@ -133,6 +133,7 @@ class PreferenceTeacher:
             try:
                 return parse_choice(text, self.choices), add_usage(*usages)
             except VerdictError as err:
+                reject(response)  # paid, not an answer: counted as failed
                 reason = str(err)
                 history = history + [
                     {"role": "assistant", "content": text},
@@ -146,7 +147,7 @@ class PreferenceTeacher:
 
     async def _pair(self, request: FeedbackRequest, i: int, j: int) -> tuple[PreferencePair, dict, CallUsage]:
         ti, tj = request.completions[i].text, request.completions[j].text
-        (first, u1), (second, u2) = await asyncio.gather(self._verdict(request, ti, tj), self._verdict(request, tj, ti))
+        (first, u1), (second, u2) = await gather_all(self._verdict(request, ti, tj), self._verdict(request, tj, ti))
         p_i = (_VOTE[first] + (1.0 - _VOTE[second])) / 2.0  # second order: A is j, so "B" is a vote for i
         pair = PreferencePair(winner=i, loser=j, probability=p_i) if p_i >= 0.5 else \
             PreferencePair(winner=j, loser=i, probability=1.0 - p_i)
@@ -156,7 +157,9 @@ class PreferenceTeacher:
         n = len(request.completions)
         if n < 2:
             raise ClientError(f"PreferenceTeacher needs at least 2 completions per request, got {n}; sample more per prompt")
-        results = await asyncio.gather(*(self._pair(request, i, j) for i, j in itertools.combinations(range(n), 2)))
+        # every verdict call finishes before an error is raised: the answers that came back are kept,
+        # so the collector's retry re-asks only the call that failed (`opd_sdk.feedback.calls`)
+        results = await gather_all(*(self._pair(request, i, j) for i, j in itertools.combinations(range(n), 2)))
         return Preference(
             pairs=[r[0] for r in results],
             details={"verdicts": [r[1] for r in results]},

@@ -15,7 +15,6 @@ epoch over the same prompts from its cache without a call.
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import openai
@@ -23,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from opd_sdk.constants import DEFAULT_TIMEOUT_S
 from opd_sdk.errors import BadResponse, ConfigError
+from opd_sdk.feedback.calls import gather_all
 from opd_sdk.feedback.teacher import fingerprint
 from opd_sdk.types import Completion, FeedbackRequest, Reference
 from providers.client import Endpoint, add_usage, messages_payload, usage_of
@@ -114,7 +114,7 @@ class ReferenceTeacher:
         if self.n_per_call:
             responses = [await self.endpoint.chat(messages, n=self.n, **params)]
         else:
-            responses = list(await asyncio.gather(*(self.endpoint.chat(messages, **params) for _ in range(self.n))))
+            responses = await gather_all(*(self.endpoint.chat(messages, **params) for _ in range(self.n)))
         choices = [c for r in responses for c in r.choices if c.message.content][: self.n]
         if len(choices) < self.n:
             raise BadResponse(f"teacher returned {len(choices)} non-empty answers, expected {self.n}")
