@@ -46,6 +46,7 @@ from opd_sdk.feedback.teacher import (
     is_cacheable,
     is_local,
     notify_optimizer_step,
+    uncached_reason,
 )
 from opd_sdk.types import (
     MISSING,
@@ -98,6 +99,11 @@ class _Composite:
     @property
     def cacheable(self) -> bool:
         return all(is_cacheable(t) for t in self.children)
+
+    @property
+    def uncached_reason(self) -> str | None:
+        """A child's reason not to be cached (its id cannot cover its answers), if any."""
+        return next((why for why in map(uncached_reason, self.children) if why is not None), None)
 
     def on_optimizer_step(self, step: int) -> None:
         """Forward the trainer's step to every child that follows the student."""

@@ -54,7 +54,7 @@ from opd_sdk.errors import (
     Truncated,
 )
 from opd_sdk.feedback.calls import reject
-from opd_sdk.feedback.teacher import fingerprint
+from opd_sdk.feedback.teacher import TEMPLATE_PROBE, fingerprint
 from opd_sdk.types import MISSING, CallUsage, FeedbackRequest, Score
 from providers.client import Endpoint, add_usage, context_overflow, usage_of
 from providers.untrusted import UNTRUSTED_NOTE, fence
@@ -146,6 +146,7 @@ class JudgeTeacher:
             "judge", **self.endpoint.id_params(), rubric=rubric, scale=[lo, hi], mode=mode,
             structured=structured, g_eval=g_eval, top_logprobs=top_logprobs if g_eval else None,
             temperature=temperature, max_tokens=max_tokens, system=SYSTEM_PROMPT,
+            template=[self.pointwise_messages(TEMPLATE_PROBE, "{a}"), self.listwise_messages(TEMPLATE_PROBE)],
         )
 
     def __repr__(self) -> str:

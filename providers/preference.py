@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from opd_sdk.constants import DEFAULT_TIMEOUT_S
 from opd_sdk.errors import BadResponse, ClientError, ConfigError
 from opd_sdk.feedback.calls import gather_all, reject
-from opd_sdk.feedback.teacher import fingerprint
+from opd_sdk.feedback.teacher import TEMPLATE_PROBE, fingerprint
 from opd_sdk.types import CallUsage, FeedbackRequest, Preference, PreferencePair
 from providers.client import Endpoint, add_usage, usage_of
 from providers.judge import check_not_truncated
@@ -89,6 +89,7 @@ class PreferenceTeacher:
         self.id = fingerprint(
             "preference", **self.endpoint.id_params(), criteria=self.criteria, allow_ties=allow_ties,
             structured=structured, temperature=temperature, max_tokens=max_tokens, system=SYSTEM_PROMPT,
+            template=self.messages(TEMPLATE_PROBE, "{a}", "{b}"),
         )
 
     def __repr__(self) -> str:

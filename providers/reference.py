@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from opd_sdk.constants import DEFAULT_TIMEOUT_S
 from opd_sdk.errors import BadResponse, ConfigError
 from opd_sdk.feedback.calls import gather_all
-from opd_sdk.feedback.teacher import fingerprint
+from opd_sdk.feedback.teacher import TEMPLATE_PROBE, fingerprint
 from opd_sdk.types import Completion, FeedbackRequest, Reference
 from providers.client import Endpoint, add_usage, messages_payload, usage_of
 
@@ -82,6 +82,7 @@ class ReferenceTeacher:
         self.id = fingerprint(
             "reference", **self.endpoint.id_params(), n=n, temperature=temperature, max_tokens=max_tokens,
             top_p=top_p, use_privileged=use_privileged, system_prompt=system_prompt,
+            template=self.messages(TEMPLATE_PROBE),
         )
 
     def __repr__(self) -> str:

@@ -31,7 +31,7 @@ from opd_sdk.errors import (
     TeacherTimeout,
 )
 from opd_sdk.feedback.retry import parse_retry_after
-from opd_sdk.feedback.teacher import fingerprint
+from opd_sdk.feedback.teacher import callable_fingerprint, fingerprint
 from opd_sdk.types import CallUsage, FeedbackRequest, Score
 from providers.openai_errors import error_for_status, redact
 
@@ -109,10 +109,14 @@ class RewardModelTeacher:
             self._headers["Authorization"] = f"Bearer {self._api_key}"
         self._timeout = timeout
         self._client = client
+        # the id covers the payload / parser functions' code and captured values (no cache when unreadable)
+        codes = [callable_fingerprint(f) if f is not None else (None, None) for f in (build_payload, parse_rewards)]
+        self.uncached_reason = next((why for _, why in codes if why is not None), None)
         self.id = fingerprint(
             "reward_model", url=url, keys=self._keys, rewards_key=rewards_key, normalize=normalize,
             build_payload=getattr(build_payload, "__qualname__", None),
             parse_rewards=getattr(parse_rewards, "__qualname__", None),
+            code=[c for c, _ in codes],
         )
 
     def __repr__(self) -> str:

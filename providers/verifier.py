@@ -36,7 +36,7 @@ from typing import Any, Callable, Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from opd_sdk.errors import ClientError, ConfigError, TeacherError
-from opd_sdk.feedback.teacher import fingerprint
+from opd_sdk.feedback.teacher import callable_fingerprint, fingerprint
 from opd_sdk.types import Feedback, FeedbackFailure, FeedbackRequest, Score
 
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][-+]?\d+)?|-?\.\d+")
@@ -124,9 +124,12 @@ class VerifierTeacher:
             raise ConfigError(f"atol/rtol must be >= 0, got atol={atol}, rtol={rtol}")
         self.mode, self.check, self.atol, self.rtol = mode, check, atol, rtol
         self.pattern, self.normalize, self.use_boxed = pattern, normalize, use_boxed
+        # the id covers the check's code and captured values; when they cannot be read, no cache
+        code, self.uncached_reason = callable_fingerprint(check) if check is not None else (None, None)
         self.id = fingerprint(
             "verifier", mode=mode, atol=atol, rtol=rtol, pattern=pattern, normalize=normalize, use_boxed=use_boxed,
             check=None if check is None else f"{getattr(check, '__module__', '')}.{getattr(check, '__qualname__', repr(check))}",
+            check_code=code,
         )
 
     def __repr__(self) -> str:

@@ -370,8 +370,7 @@ class FeedbackCollector:
                         if self._ledger.refuses():  # checked with the slot held
                             raise BudgetReached(f"budget of ${self.budget_usd:.4f} reached")
                         attempts += 1
-                        self.usage.requests_sent += 1
-                        self.usage.retries += int(attempts > 1)
+                        self.usage.count_request(retry=attempts > 1)
                         calls.new_attempt()
                         with call_scope(calls):
                             results = await self._attempt(call, len(units), cap)

@@ -35,7 +35,7 @@ from typing import Any
 from opd_sdk.types import CallUsage
 
 # the counters a spend-journal line may carry (one HTTP call, or one answer of a custom teacher)
-_JOURNALLED = ("http_calls", "calls_paid", "calls_answered", "calls_failed", "prompt_tokens",
+_JOURNALLED = ("requests_sent", "retries", "http_calls", "calls_paid", "calls_answered", "calls_failed", "prompt_tokens",
                "completion_tokens", "cost_usd")
 
 
@@ -105,6 +105,10 @@ class Usage:
             self.max_call_cost_usd = max(self.max_call_cost_usd, cost)
         self._add(delta)
         return cost
+
+    def count_request(self, *, retry: bool) -> None:
+        """One teacher request sent (an attempt; `retry`: not the request's first)."""
+        self._add({"requests_sent": 1, "retries": int(retry)})
 
     def reject_answer(self) -> None:
         """A call counted as answered turned out unusable (the teacher could not read it)."""
