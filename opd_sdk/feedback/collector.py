@@ -5,8 +5,12 @@ Feedback aligned with it. Per request it: looks in the persistent cache;
 joins an identical request already in flight; waits for a concurrency slot
 and the RPM/TPM buckets; calls the teacher under a per-call timeout; retries
 retriable `TeacherError`s with backoff, honouring the server's Retry-After;
-counts usage and cost; stops sending once the budget is spent; and turns a
-final error into a `FeedbackFailure` value with the attempt count. A 429 with
+counts every HTTP call the teacher makes (paid, answered, failed), holds each
+call to the budget before it is sent, and keeps the answers that came back
+across a request's retries (`opd_sdk.feedback.calls`); and turns a final
+error into a `FeedbackFailure` value with the attempt count. After a 401/403
+(`AuthenticationFailed`) nothing more is sent (`auth_failure`); a request's
+final failure is logged in full the first time, identical ones are summarised. A 429 with
 Retry-After pauses every new call of the collector, not just the one that
 got it. A failure is never cached and never becomes a reward.
 
