@@ -145,7 +145,7 @@ class Endpoint:
     @property
     def where(self) -> str:
         """The model and URL, as every error names them (never a key; user:password in the URL dropped)."""
-        return f"{self.model} at {_without_userinfo(self.base_url)}"
+        return f"{self.model} at {without_userinfo(self.base_url)}"
 
     def id_params(self) -> dict[str, str]:
         """What identifies the endpoint in a teacher's fingerprint (no key)."""
@@ -263,7 +263,7 @@ def usable(response: Any) -> bool:
     return getattr(choice, "finish_reason", None) != "content_filter" and not getattr(message, "refusal", None)
 
 
-def _without_userinfo(url: str) -> str:
+def without_userinfo(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     if "@" not in parts.netloc:
         return url

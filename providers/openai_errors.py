@@ -118,7 +118,7 @@ def error_from_body(error: Any, *, secrets: Iterable[str | None] = (), where: st
     return ClientError(text)
 
 
-def _refused(exc: BaseException) -> bool:
+def connection_refused(exc: BaseException) -> bool:
     """Whether a connection error is a refused connection (nothing listening at the address)."""
     seen = 0
     while exc is not None and seen < 8:
@@ -145,7 +145,7 @@ def translate_openai_error(exc: BaseException, *, secrets: Iterable[str | None] 
         return exc
     if isinstance(exc, openai.APITimeoutError):
         return TeacherTimeout(text("the request timed out"))
-    if isinstance(exc, openai.APIConnectionError) and _refused(exc):
+    if isinstance(exc, openai.APIConnectionError) and connection_refused(exc):
         return TeacherConnectionError(text("connection refused: nothing is listening there; start the "
                                            "server or fix base_url"), retriable=False)
     if isinstance(exc, openai.APIConnectionError):

@@ -408,14 +408,14 @@ class FeedbackCollector:
         if kind not in self._shown:
             self._shown.add(kind)
             self._failed[kind] -= 1  # shown in full
-            log.warning("teacher %s failed after %d attempt(s) (%s): %s", self.teacher.id, attempts,
-                        failure.error_type, failure.reason)
+            log.warning("teacher %r (%s) failed after %d attempt(s) (%s): %s", self.teacher, self.teacher.id,
+                        attempts, failure.error_type, failure.reason)
 
     def _summarise(self) -> None:
         for (kind, reason), more in self._failed.items():
             if more > 0:
-                log.warning("teacher %s: %d more request(s) failed the same way (%s): %s...",
-                            self.teacher.id, more, kind, reason)
+                log.warning("teacher %r: %d more request(s) failed the same way (%s): %s...",
+                            self.teacher, more, kind, reason)
         self._failed.clear()
 
     async def _attempt(self, call: Any, n_units: int, retry_after_cap: float) -> list[Any]:
