@@ -30,10 +30,10 @@ from opd_sdk.errors import (
     TeacherConnectionError,
     TeacherTimeout,
 )
+from opd_sdk.feedback.calls import metered_call
 from opd_sdk.feedback.retry import parse_retry_after
 from opd_sdk.feedback.teacher import callable_fingerprint, fingerprint
 from opd_sdk.types import CallUsage, FeedbackRequest, Score
-from opd_sdk.feedback.calls import metered_call
 from providers.client import without_userinfo
 from providers.openai_errors import connection_refused, error_for_status, redact
 
