@@ -295,3 +295,15 @@ def test_close_after_a_failing_logprob_request_with_siblings_in_flight_prints_no
         capfd.readouterr()
         coll.close()
     assert out.error_type == "client_error" and capfd.readouterr().err == ""
+
+
+def test_an_auth_failure_stops_the_run_at_once_with_the_fix():
+    import collections
+
+    from opd_sdk.train.stop import must_stop, training_stopped
+
+    kinds = collections.Counter({"auth": 1})
+    assert must_stop(kinds, no_signal_streak=1, max_no_signal_steps=5)
+    err = training_stopped(kinds, no_signal_streak=1, step=1, max_steps=5, teachers="judge:1", cost_usd=0.0,
+                           output_dir=None)
+    assert "refused the credentials" in str(err) and "OPENAI_API_KEY" in str(err)
