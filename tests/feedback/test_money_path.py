@@ -64,6 +64,23 @@ def test_a_garbled_judge_pays_for_every_reask_and_retry_and_usage_says_so():
     assert u.cost_usd == pytest.approx(18 * CALL_USD)
 
 
+@pytest.mark.parametrize("choice", [
+    {"finish_reason": "length", "message": {"role": "assistant", "content": '{"sco'}},  # cut off
+    {"finish_reason": "stop", "message": {"role": "assistant", "content": None, "refusal": "I can't help"}},
+    {"finish_reason": "content_filter", "message": {"role": "assistant", "content": ""}},
+])
+def test_truncated_refused_and_filtered_replies_are_paid_and_failed_never_answered(choice):
+    body = {**reply(""), "choices": [{"index": 0, **choice}]}
+    with ScriptedServer(lambda b: body) as srv:
+        judge = JudgeTeacher("judge", base_url=srv.base_url, api_key="k", structured="none")
+        with collector(judge, max_retries=1, **PRICE) as coll:
+            [out] = coll.collect_sync([req("19")])
+        u = coll.usage
+    assert isinstance(out, FeedbackFailure) and srv.count >= 1
+    assert (u.http_calls, u.calls_paid, u.calls_failed, u.calls_answered) == (srv.count,) * 3 + (0,)
+    assert u.cost_usd == pytest.approx(srv.count * CALL_USD)
+
+
 def test_a_200_with_an_error_body_and_a_400_schema_fallback_are_http_calls_apart_from_requests():
     """4 requests; the server refuses response_format (400, not billed), then answers; one 200 carries an
     error object with usage (billed) and is retried. The HTTP calls counted equal the server's."""
