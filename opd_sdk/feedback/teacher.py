@@ -271,7 +271,12 @@ def _value(v: Any, seen: set[int]) -> Any:
         return ["partial", _value(v.func, seen), _value(v.args, seen), _value(v.keywords, seen)]
     if isinstance(v, types.MethodType):
         return ["method", _value(v.__func__, seen), _value(v.__self__, seen)]
-    if isinstance(v, (types.BuiltinFunctionType, types.BuiltinMethodType)) or (
+    bound_to = getattr(v, "__self__", None)
+    if isinstance(v, (types.BuiltinMethodType, types.MethodWrapperType)) and not isinstance(
+            bound_to, (types.ModuleType, type, type(None))):  # "abc".startswith: the bound value counts
+        return ["bound", *_named(v), _value(bound_to, seen)]
+    if isinstance(v, (types.BuiltinFunctionType, types.BuiltinMethodType, types.WrapperDescriptorType,
+                      types.MethodWrapperType, types.MethodDescriptorType, types.ClassMethodDescriptorType)) or (
             isinstance(v, (type, types.FunctionType)) and _from_library(v)):
         return ["lib", *_named(v)]
     if isinstance(v, types.FunctionType):
