@@ -37,7 +37,8 @@ import contextlib
 import contextvars
 import hashlib
 import json
-from typing import Any, AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from typing import Any
 
 from opd_sdk.errors import OPDError
 from opd_sdk.feedback.usage import Usage
