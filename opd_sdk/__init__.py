@@ -23,6 +23,7 @@ from opd_sdk.config.run import RunConfig, load_config
 from opd_sdk.config.settings import LoopSettings, OptimizerSettings, RolloutSettings
 from opd_sdk.data import PromptItem, PromptSampler, load_prompts
 from opd_sdk.errors import (
+    AuthenticationFailed,
     BadResponse,
     ClientError,
     ConfigError,
@@ -40,6 +41,7 @@ from opd_sdk.errors import (
     Unsupported,
 )
 from opd_sdk.feedback.cache import FeedbackCache
+from opd_sdk.feedback.calls import BudgetReached
 from opd_sdk.feedback.collector import FeedbackCollector
 from opd_sdk.feedback.factory import Collector, make_collector
 from opd_sdk.feedback.local import LocalRunner
@@ -88,7 +90,9 @@ from opd_sdk.types import (
 )
 
 __all__ = [
+    "AuthenticationFailed",
     "BadResponse",
+    "BudgetReached",
     "ClientError",
     "Collector",
     "FollowsStudent",

@@ -15,6 +15,7 @@ to retry and which `FeedbackFailure.error_type` to record:
 | `Unsupported` (ClientError)| no     | "unsupported"  | the server lacks a feature the teacher needs |
 | `Truncated` (ClientError) | no      | "truncated"    | the reply hit the token limit           |
 | `Refused` (ClientError)   | no      | "refused"      | a refusal, a content filter, an empty reply |
+| `AuthenticationFailed` (ClientError) | no, and nothing more is sent | "auth" | HTTP 401 / 403: bad or missing key |
 | `TokenizationMismatch` (ClientError) | no | "tokenization_mismatch" | teacher and student split text differently |
 
 Every one carries `status` (the HTTP status, when there was one) and
@@ -128,6 +129,13 @@ class Refused(ClientError):
     error_type = "refused"
 
 
+class AuthenticationFailed(ClientError):
+    """The server refused the credentials (HTTP 401 / 403): no later call can succeed, so the
+    collector sends nothing more and the trainer stops at once; the message says what to fix."""
+
+    error_type = "auth"
+
+
 class TrainingStopped(OPDError):
     """Training stopped before its last step for a reason the user must act on
     (no usable teacher feedback for several steps, a spent budget). The trainer
@@ -150,7 +158,7 @@ class TokenizationMismatch(ClientError):
 TEACHER_ERRORS: dict[str, type[TeacherError]] = {
     cls.error_type: cls
     for cls in (TeacherError, RateLimited, ServerError, TeacherTimeout, TeacherConnectionError, BadResponse,
-                ClientError, Unsupported, Truncated, TokenizationMismatch, Refused)
+                ClientError, Unsupported, Truncated, TokenizationMismatch, AuthenticationFailed, Refused)
 }
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import urllib.parse
 import weakref
 from typing import Any, AsyncIterator
 
@@ -47,6 +48,7 @@ import openai
 from opd_sdk.constants import DEFAULT_TIMEOUT_S
 from opd_sdk.errors import BadResponse, ConfigError, TeacherError
 from opd_sdk.feedback.batch import batch_client
+from opd_sdk.feedback.calls import call_key, metered_call
 from opd_sdk.types import CallUsage
 from providers.openai_errors import error_from_body, translate_openai_error
 
@@ -88,7 +90,14 @@ class Endpoint:
             self._root = client.with_options(max_retries=0)
         else:
             base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
-            key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+            key = api_key or os.environ.get("OPENAI_API_KEY") or None
+            if key is None and base_url is None:
+                raise ConfigError(
+                    f"model {model!r}: no API key and no base URL, so every call would go to the OpenAI API "
+                    "without a key. Set OPENAI_API_KEY (or pass api_key=...) for a hosted API, or point "
+                    "base_url (or OPENAI_BASE_URL) at your server, e.g. base_url='http://127.0.0.1:8000/v1' "
+                    "for a local vLLM")
+            key = key or "EMPTY"  # a local server that needs no key gets a placeholder
             self._root = openai.AsyncOpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=0)
         self._root_taken = False
         self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[openai.AsyncOpenAI, Any]] = (
@@ -141,6 +150,11 @@ class Endpoint:
         key = getattr(self.client, "api_key", None)
         return [key] if isinstance(key, str) else []
 
+    @property
+    def where(self) -> str:
+        """The model and URL, as every error names them (never a key; user:password in the URL dropped)."""
+        return f"{self.model} at {without_userinfo(self.base_url)}"
+
     def id_params(self) -> dict[str, str]:
         """What identifies the endpoint in a teacher's fingerprint (no key)."""
         return {"model": self.model, "base_url": self.base_url}
@@ -151,15 +165,12 @@ class Endpoint:
     async def chat(self, messages: list[dict[str, str]], **params: Any) -> Any:
         """POST /chat/completions; returns the openai ChatCompletion (with at least one choice).
 
-        Raises a typed `TeacherError` (see `providers.openai_errors`), also for a 200 whose
-        body is an error object instead of choices.
+        Raises a typed `TeacherError` naming the model and URL (see `providers.openai_errors`),
+        also for a 200 whose body is an error object instead of choices. The call is counted
+        and held to the budget by the collector (`opd_sdk.feedback.calls`); within one request,
+        an answer that came back is not asked again on a retry.
         """
-        client = await self._client_here()
-        try:
-            response = await client.chat.completions.create(model=self.model, messages=messages, **params)
-        except _CLIENT_ERRORS as exc:  # every client failure crosses here as a TeacherError
-            raise translate_openai_error(exc, secrets=self._secrets()) from exc
-        return self._checked(response)
+        return await self._send("chat", messages, params)
 
     async def chat_json(
         self, messages: list[dict[str, str]], name: str, schema: dict[str, Any], structured: str, **params: Any
@@ -188,12 +199,26 @@ class Endpoint:
 
     async def complete(self, prompt: str | list[int], **params: Any) -> Any:
         """POST /completions (legacy text completions); returns the openai Completion (as `chat`)."""
-        client = await self._client_here()
-        try:
-            response = await client.completions.create(model=self.model, prompt=prompt, **params)
-        except _CLIENT_ERRORS as exc:
-            raise translate_openai_error(exc, secrets=self._secrets()) from exc
-        return self._checked(response)
+        return await self._send("completions", prompt, params)
+
+    async def _send(self, path: str, content: Any, params: dict[str, Any]) -> Any:
+        key = call_key(self.model, self.base_url, path, content, params)
+        async with metered_call(key) as call:
+            if call.kept is not None:
+                return call.kept
+            client = await self._client_here()
+            try:
+                if path == "chat":
+                    response = await client.chat.completions.create(model=self.model, messages=content, **params)
+                else:
+                    response = await client.completions.create(model=self.model, prompt=content, **params)
+            except _CLIENT_ERRORS as exc:  # every client failure crosses here as a TeacherError
+                raise translate_openai_error(exc, secrets=self._secrets(), where=self.where) from exc
+            call.replied(paid_usage(response))
+            checked = self._checked(response)
+            if usable(checked):  # a refusal or a filtered reply is paid, not an answer
+                call.answered(checked)
+            return checked
 
     def _checked(self, response: Any) -> Any:
         """`response` if it holds choices; a 200 with an error body (or nothing) raises typed."""
@@ -202,8 +227,8 @@ class Endpoint:
         extra = getattr(response, "model_extra", None) or {}
         error = extra.get("error")
         if error is not None:
-            raise error_from_body(error, secrets=self._secrets())
-        raise BadResponse("the server answered 200 with no choices and no error object")
+            raise error_from_body(error, secrets=self._secrets(), where=self.where)
+        raise BadResponse(f"teacher {self.where}: the server answered 200 with no choices and no error object")
 
 
 async def _keep_until_loop_shutdown(client: openai.AsyncOpenAI) -> AsyncIterator[None]:
@@ -239,6 +264,25 @@ def paid(error: TeacherError, *usages: CallUsage) -> TeacherError:
     a verdict that never parsed was still billed; `FeedbackFailure.from_error` keeps it."""
     error.usage = add_usage(*usages)  # type: ignore[attr-defined]
     return error
+
+
+def paid_usage(response: Any) -> CallUsage | None:
+    """The reply's usage when it carried one (a billed call), else None."""
+    return usage_of(response) if getattr(response, "usage", None) is not None else None
+
+
+def usable(response: Any) -> bool:
+    """Whether a reply is an answer: not a refusal, not stopped by a content filter."""
+    choice = response.choices[0]
+    message = getattr(choice, "message", None)
+    return getattr(choice, "finish_reason", None) != "content_filter" and not getattr(message, "refusal", None)
+
+
+def without_userinfo(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def add_usage(*parts: CallUsage) -> CallUsage:

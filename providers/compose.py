@@ -16,7 +16,9 @@
   mean_j sigmoid(theta_i - theta_j), which is in [0, 1] and equals the
   win rate when the preferences are consistent with a BT model.
 
-The parts' `usage` is summed into the result. Sub-teachers are called
+The parts' `usage` is summed into the result. Within one request, a child's answer
+that came back is kept across the collector's retries (`opd_sdk.feedback.calls.keep_answer`):
+when one child fails with a transient error, a retry asks only that child again. Sub-teachers are called
 directly, so their answers are cached as part of the composite (the
 collector caches the composite's answer under the composite's id).
 
@@ -30,13 +32,13 @@ cacheable only when all its children are.
 
 from __future__ import annotations
 
-import asyncio
 import math
 from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from opd_sdk.errors import ConfigError, error_from_failure
+from opd_sdk.feedback.calls import gather_all, keep_answer
 from opd_sdk.feedback.empty import empty_indices
 from opd_sdk.feedback.teacher import (
     Closeable,
@@ -45,6 +47,7 @@ from opd_sdk.feedback.teacher import (
     is_cacheable,
     is_local,
     notify_optimizer_step,
+    uncached_reason,
 )
 from opd_sdk.types import (
     MISSING,
@@ -97,6 +100,11 @@ class _Composite:
     @property
     def cacheable(self) -> bool:
         return all(is_cacheable(t) for t in self.children)
+
+    @property
+    def uncached_reason(self) -> str | None:
+        """A child's reason not to be cached (its id cannot cover its answers), if any."""
+        return next((why for why in map(uncached_reason, self.children) if why is not None), None)
 
     def on_optimizer_step(self, step: int) -> None:
         """Forward the trainer's step to every child that follows the student."""
@@ -163,7 +171,7 @@ class WeightedSum(_Composite):
             usage=add_usage(*(s.usage for s in scores)))
 
     async def feedback(self, request: FeedbackRequest) -> Feedback:
-        answers = await asyncio.gather(*(t.feedback(request) for t, _ in self.parts))
+        answers = await gather_all(*(keep_answer(t, request) for t, _ in self.parts))
         return _raise_failure(self.combine(request, answers))
 
     def _local(self, requests: list[FeedbackRequest]) -> list[Feedback]:
@@ -233,9 +241,9 @@ class Gate(_Composite):
 
     async def feedback(self, request: FeedbackRequest) -> Feedback:
         n = len(request.completions)
-        checked = _raise_failure(_as_score(await self.verifier.feedback(request), self.verifier, n))
+        checked = _raise_failure(_as_score(await keep_answer(self.verifier, request), self.verifier, n))
         passed = self.passed(request, checked)
-        judged = await self.judge.feedback(self._subset(request, passed)) if passed else None
+        judged = await keep_answer(self.judge, self._subset(request, passed)) if passed else None
         return _raise_failure(self.combine(request, checked, passed, judged))  # type: ignore[arg-type]
 
     def _local(self, requests: list[FeedbackRequest]) -> list[Feedback]:
@@ -364,7 +372,7 @@ class PreferenceScores(_Composite):
             scores=scores, details={"method": self.method, **extra}, usage=answer.usage)
 
     async def feedback(self, request: FeedbackRequest) -> Feedback:
-        return _raise_failure(self.combine(request, await self.teacher.feedback(request)))
+        return _raise_failure(self.combine(request, await keep_answer(self.teacher, request)))
 
     def _local(self, requests: list[FeedbackRequest]) -> list[Feedback]:
         return [self.combine(r, a) for r, a in zip(requests, self.teacher.feedback_local(requests), strict=True)]

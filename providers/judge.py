@@ -59,8 +59,9 @@ from opd_sdk.errors import (
     TeacherError,
     Truncated,
 )
+from opd_sdk.feedback.calls import reject
+from opd_sdk.feedback.teacher import TEMPLATE_PROBE, fingerprint
 from opd_sdk.feedback.empty import score_nonempty
-from opd_sdk.feedback.teacher import fingerprint
 from opd_sdk.types import MISSING, CallUsage, FeedbackRequest, Score
 from providers.client import Endpoint, add_usage, context_overflow, paid, usage_of
 from providers.untrusted import UNTRUSTED_NOTE, fence
@@ -152,6 +153,7 @@ class JudgeTeacher:
             "judge", **self.endpoint.id_params(), rubric=rubric, scale=[lo, hi], mode=mode,
             structured=structured, g_eval=g_eval, top_logprobs=top_logprobs if g_eval else None,
             temperature=temperature, max_tokens=max_tokens, system=SYSTEM_PROMPT,
+            template=[self.pointwise_messages(TEMPLATE_PROBE, "{a}"), self.listwise_messages(TEMPLATE_PROBE)],
         )
 
     def __repr__(self) -> str:
@@ -226,6 +228,7 @@ class JudgeTeacher:
                     values = parse_scores(text, n, self.lo, self.hi)
                 return response, values, add_usage(*usages), attempt
             except VerdictError as err:
+                reject(response)  # paid, not an answer: counted as failed
                 reason = str(err)
                 history = history + [
                     {"role": "assistant", "content": text},
@@ -336,6 +339,7 @@ def check_not_truncated(response: Any, max_tokens: int, who: str) -> None:
     """Raise `Truncated` (not retried) when the reply stopped at the token limit: asking again
     at the same limit would pay for the same cut-off reply."""
     if getattr(response.choices[0], "finish_reason", None) == "length":
+        reject(response)  # paid, not an answer: counted as failed
         raise Truncated(f"{who}: the reply was cut off at max_tokens={max_tokens} before a verdict; "
                         f"raise max_tokens (e.g. {who}(max_tokens={max_tokens * 4}) or teacher.max_tokens in "
                         "the config), or ask for a shorter answer in the rubric")

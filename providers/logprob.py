@@ -68,6 +68,7 @@ from opd_sdk.errors import (
     TokenizationMismatch,
     Unsupported,
 )
+from opd_sdk.feedback.calls import gather_all
 from opd_sdk.feedback.teacher import fingerprint, tokenizer_fingerprint
 from opd_sdk.rollout.engine import render_prompts
 from opd_sdk.types import Completion, FeedbackRequest, TokenLogprobs
@@ -345,7 +346,7 @@ class LogprobTeacher:
         else:
             prompt_text = self.render_prompt(request)
             calls = [self._score_text(prompt_text, c) for c in request.completions]
-        results = await asyncio.gather(*calls)
+        results = await gather_all(*calls)  # siblings finish before an error is raised: none left in flight
         tops = [r[1] for r in results]
         return TokenLogprobs(
             logprobs=[r[0] for r in results],

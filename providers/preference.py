@@ -16,7 +16,6 @@ an exact tie is reported with the lower index as `winner` and 0.5.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from typing import Any, Literal
 
@@ -25,8 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from opd_sdk.constants import DEFAULT_TIMEOUT_S
 from opd_sdk.errors import BadResponse, ClientError, ConfigError, TeacherError
+from opd_sdk.feedback.calls import gather_all, reject
 from opd_sdk.feedback.empty import prefer_nonempty
-from opd_sdk.feedback.teacher import fingerprint
+from opd_sdk.feedback.teacher import TEMPLATE_PROBE, fingerprint
 from opd_sdk.types import CallUsage, FeedbackRequest, Preference, PreferencePair
 from providers.client import Endpoint, add_usage, paid, usage_of
 from providers.judge import reply_text
@@ -91,6 +91,7 @@ class PreferenceTeacher:
         self.id = fingerprint(
             "preference", **self.endpoint.id_params(), criteria=self.criteria, allow_ties=allow_ties,
             structured=structured, temperature=temperature, max_tokens=max_tokens, system=SYSTEM_PROMPT,
+            template=self.messages(TEMPLATE_PROBE, "{a}", "{b}"),
         )
 
     def __repr__(self) -> str:
@@ -137,6 +138,7 @@ class PreferenceTeacher:
             try:
                 return parse_choice(text, self.choices), add_usage(*usages)
             except VerdictError as err:
+                reject(response)  # paid, not an answer: counted as failed
                 reason = str(err)
                 history = history + [
                     {"role": "assistant", "content": text},
@@ -150,7 +152,7 @@ class PreferenceTeacher:
 
     async def _pair(self, request: FeedbackRequest, i: int, j: int) -> tuple[PreferencePair, dict, CallUsage]:
         ti, tj = request.completions[i].text, request.completions[j].text
-        (first, u1), (second, u2) = await asyncio.gather(self._verdict(request, ti, tj), self._verdict(request, tj, ti))
+        (first, u1), (second, u2) = await gather_all(self._verdict(request, ti, tj), self._verdict(request, tj, ti))
         p_i = (_VOTE[first] + (1.0 - _VOTE[second])) / 2.0  # second order: A is j, so "B" is a vote for i
         pair = PreferencePair(winner=i, loser=j, probability=p_i) if p_i >= 0.5 else \
             PreferencePair(winner=j, loser=i, probability=1.0 - p_i)
@@ -166,7 +168,9 @@ class PreferenceTeacher:
 
     async def _compare(self, request: FeedbackRequest) -> Preference:
         n = len(request.completions)
-        results = await asyncio.gather(*(self._pair(request, i, j) for i, j in itertools.combinations(range(n), 2)))
+        # every verdict call finishes before an error is raised: the answers that came back are kept,
+        # so the collector's retry re-asks only the call that failed (`opd_sdk.feedback.calls`)
+        results = await gather_all(*(self._pair(request, i, j) for i, j in itertools.combinations(range(n), 2)))
         return Preference(
             pairs=[r[0] for r in results],
             details={"verdicts": [r[1] for r in results]},

@@ -15,7 +15,6 @@ epoch over the same prompts from its cache without a call.
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import openai
@@ -23,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from opd_sdk.constants import DEFAULT_TIMEOUT_S
 from opd_sdk.errors import BadResponse, ConfigError
-from opd_sdk.feedback.teacher import fingerprint
+from opd_sdk.feedback.calls import gather_all
+from opd_sdk.feedback.teacher import TEMPLATE_PROBE, fingerprint
 from opd_sdk.types import Completion, FeedbackRequest, Reference
 from providers.client import Endpoint, add_usage, messages_payload, usage_of
 
@@ -82,6 +82,7 @@ class ReferenceTeacher:
         self.id = fingerprint(
             "reference", **self.endpoint.id_params(), n=n, temperature=temperature, max_tokens=max_tokens,
             top_p=top_p, use_privileged=use_privileged, system_prompt=system_prompt,
+            template=self.messages(TEMPLATE_PROBE),
         )
 
     def __repr__(self) -> str:
@@ -114,7 +115,7 @@ class ReferenceTeacher:
         if self.n_per_call:
             responses = [await self.endpoint.chat(messages, n=self.n, **params)]
         else:
-            responses = list(await asyncio.gather(*(self.endpoint.chat(messages, **params) for _ in range(self.n))))
+            responses = await gather_all(*(self.endpoint.chat(messages, **params) for _ in range(self.n)))
         choices = [c for r in responses for c in r.choices if c.message.content][: self.n]
         if len(choices) < self.n:
             raise BadResponse(f"teacher returned {len(choices)} non-empty answers, expected {self.n}")

@@ -30,11 +30,13 @@ from opd_sdk.errors import (
     TeacherConnectionError,
     TeacherTimeout,
 )
+from opd_sdk.feedback.calls import metered_call
 from opd_sdk.feedback.empty import score_nonempty
 from opd_sdk.feedback.retry import parse_retry_after
-from opd_sdk.feedback.teacher import fingerprint
+from opd_sdk.feedback.teacher import callable_fingerprint, fingerprint
 from opd_sdk.types import MISSING, CallUsage, FeedbackRequest, Score
-from providers.openai_errors import error_for_status, redact
+from providers.client import without_userinfo
+from providers.openai_errors import connection_refused, error_for_status, redact
 
 
 def openrlhf_payload(request: FeedbackRequest, keys: dict[str, str]) -> dict[str, Any]:
@@ -110,10 +112,14 @@ class RewardModelTeacher:
             self._headers["Authorization"] = f"Bearer {self._api_key}"
         self._timeout = timeout
         self._client = client
+        # the id covers the payload / parser functions' code and captured values (no cache when unreadable)
+        codes = [callable_fingerprint(f) if f is not None else (None, None) for f in (build_payload, parse_rewards)]
+        self.uncached_reason = next((why for _, why in codes if why is not None), None)
         self.id = fingerprint(
             "reward_model", url=url, keys=self._keys, rewards_key=rewards_key, normalize=normalize,
             build_payload=getattr(build_payload, "__qualname__", None),
             parse_rewards=getattr(parse_rewards, "__qualname__", None),
+            code=[c for c, _ in codes],
         )
 
     def __repr__(self) -> str:
@@ -137,24 +143,35 @@ class RewardModelTeacher:
         return [float(v) for v in values]
 
     async def _post(self, body: dict) -> Any:
-        try:
-            if self._client is not None:
-                response = await self._client.post(self.url, json=body, headers=self._headers)
-            else:  # a client per call: safe across event loops (collect_sync may run a new one each time)
-                async with httpx.AsyncClient(timeout=self._timeout) as client:
-                    response = await client.post(self.url, json=body, headers=self._headers)
-        except httpx.TimeoutException as exc:
-            raise TeacherTimeout(f"reward model timed out ({type(exc).__name__})") from exc
-        except httpx.TransportError as exc:
-            raise TeacherConnectionError(f"reward model connection error ({type(exc).__name__})") from exc
-        if response.status_code != 200:
-            text = redact(response.text[:200], [self._api_key])
-            raise error_for_status(response.status_code, f"reward model HTTP {response.status_code}: {text}",
-                                   retry_after=parse_retry_after(response.headers))
-        try:
-            return response.json()
-        except ValueError as exc:
-            raise BadResponse("reward model reply was not JSON") from exc
+        """One POST, counted by the collector as an HTTP call (`opd_sdk.feedback.calls`; no token
+        usage: not priced). Errors name the URL (never the key); a refused connection is not retried."""
+        where = f"reward model at {without_userinfo(self.url)}"
+        async with metered_call() as call:
+            try:
+                if self._client is not None:
+                    response = await self._client.post(self.url, json=body, headers=self._headers)
+                else:  # a client per call: safe across event loops (collect_sync may run a new one each time)
+                    async with httpx.AsyncClient(timeout=self._timeout) as client:
+                        response = await client.post(self.url, json=body, headers=self._headers)
+            except httpx.TimeoutException as exc:
+                raise TeacherTimeout(f"{where}: timed out ({type(exc).__name__})") from exc
+            except httpx.ConnectError as exc:
+                if connection_refused(exc):
+                    raise TeacherConnectionError(f"{where}: connection refused: nothing is listening there; start "
+                                                 "the server or fix url", retriable=False) from exc
+                raise TeacherConnectionError(f"{where}: connection error ({type(exc).__name__})") from exc
+            except httpx.TransportError as exc:
+                raise TeacherConnectionError(f"{where}: connection error ({type(exc).__name__})") from exc
+            if response.status_code != 200:
+                text = redact(response.text[:200], [self._api_key])
+                raise error_for_status(response.status_code, f"{where}: HTTP {response.status_code}: {text}",
+                                       retry_after=parse_retry_after(response.headers))
+            try:
+                answer = response.json()
+            except ValueError as exc:
+                raise BadResponse(f"{where}: the reply was not JSON") from exc
+            call.answered(answer)
+            return answer
 
     async def feedback(self, request: FeedbackRequest) -> Score:
         """Rewards (normalised when `normalize` is set). An empty completion is not sent

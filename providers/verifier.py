@@ -40,7 +40,7 @@ from typing import Any, Callable, Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from opd_sdk.errors import ClientError, ConfigError, TeacherError
-from opd_sdk.feedback.teacher import fingerprint
+from opd_sdk.feedback.teacher import callable_fingerprint, fingerprint
 from opd_sdk.types import Feedback, FeedbackFailure, FeedbackRequest, Score
 from providers.numbers import as_float, last_boxed, read_answer, read_number
 from providers.numbers import same as same_number
@@ -108,9 +108,12 @@ class VerifierTeacher:
             raise ConfigError(f"atol/rtol must be >= 0, got atol={atol}, rtol={rtol}")
         self.mode, self.check, self.atol, self.rtol = mode, check, atol, rtol
         self.pattern, self.normalize, self.use_boxed = pattern, normalize, use_boxed
+        # the id covers the check's code and captured values; when they cannot be read, no cache
+        code, self.uncached_reason = callable_fingerprint(check) if check is not None else (None, None)
         self.id = fingerprint(
             "verifier", mode=mode, atol=atol, rtol=rtol, pattern=pattern, normalize=normalize, use_boxed=use_boxed,
             check=None if check is None else f"{getattr(check, '__module__', '')}.{getattr(check, '__qualname__', repr(check))}",
+            check_code=code,
         )
 
     def __repr__(self) -> str:

@@ -428,6 +428,9 @@ def write_summary(cfg: RunConfig, trainer: Any, result: dict | None, *, stopped:
         "heldout_graded": result["graded"] if result else None,
         "teacher_requests": trainer.usage_total("requests_sent"),
         "cache_hits": trainer.usage_total("cache_hits"),
+        # HTTP calls apart from requests: paid (carried usage), answered (used), failed (README, "How cost is counted")
+        **{f"teacher_{k}": trainer.usage_total(k) for k in ("http_calls", "calls_paid", "calls_answered",
+                                                             "calls_failed", "prompt_tokens", "completion_tokens")},
         "teacher_cost_usd": trainer.teacher_cost_usd(),
         "model_dir": str(out / "final") if result else None,
         "outcome": outcome,

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from opd_sdk.feedback.teacher import is_cacheable
+from opd_sdk.feedback.teacher import is_cacheable, uncached_reason
 from opd_sdk.types import (
     Feedback,
     FeedbackFailure,
@@ -134,6 +134,11 @@ def collector_cache(teacher: Any, cache: FeedbackCache | str | os.PathLike[str] 
         return None, False
     if not is_cacheable(teacher):
         log.info("no feedback cache for %s: its answers change as the student trains", teacher.id)
+        return None, False
+    why = uncached_reason(teacher)
+    if why is not None:
+        log.warning("no feedback cache for %s: its id cannot cover what determines its answers (%s); "
+                    "every answer is asked again on a rerun", teacher.id, why)
         return None, False
     if isinstance(cache, FeedbackCache):
         return cache, False

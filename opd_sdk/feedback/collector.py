@@ -5,8 +5,12 @@ Feedback aligned with it. Per request it: looks in the persistent cache;
 joins an identical request already in flight; waits for a concurrency slot
 and the RPM/TPM buckets; calls the teacher under a per-call timeout; retries
 retriable `TeacherError`s with backoff, honouring the server's Retry-After;
-counts usage and cost; stops sending once the budget is spent; and turns a
-final error into a `FeedbackFailure` value with the attempt count. A 429 with
+counts every HTTP call the teacher makes (paid, answered, failed), holds each
+call to the budget before it is sent, and keeps the answers that came back
+across a request's retries (`opd_sdk.feedback.calls`); and turns a final
+error into a `FeedbackFailure` value with the attempt count. After a 401/403
+(`AuthenticationFailed`) nothing more is sent (`auth_failure`); a request's
+final failure is logged in full the first time, identical ones are summarised. A 429 with
 Retry-After pauses every new call of the collector, not just the one that
 got it. A failure is never cached and never becomes a reward.
 
@@ -37,6 +41,7 @@ on the collector's loop thread, where the per-call timeout cannot interrupt it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import sys
@@ -56,6 +61,7 @@ from opd_sdk.constants import (
     MAX_RETRY_AFTER_S,
 )
 from opd_sdk.errors import (
+    AuthenticationFailed,
     BadResponse,
     ConfigError,
     RateLimited,
@@ -65,6 +71,8 @@ from opd_sdk.errors import (
 from opd_sdk.feedback.answers import check_shape, merge_pointwise
 from opd_sdk.feedback.batch import BATCH_DISCOUNT, BATCH_POLL_S, BatchLedger, BatchMode
 from opd_sdk.feedback.cache import FeedbackCache, collector_cache
+from opd_sdk.feedback.calls import BudgetReached, CallLedger, CallScope
+from opd_sdk.feedback.calls import scope as call_scope
 from opd_sdk.feedback.ratelimit import RateLimiter, estimate_tokens
 from opd_sdk.feedback.retry import retrying
 from opd_sdk.feedback.teacher import (
@@ -82,8 +90,8 @@ from opd_sdk.types import FEEDBACK_CLASSES, Feedback, FeedbackFailure, FeedbackR
 log = logging.getLogger("opd_sdk.feedback.collector")
 
 
-class _BudgetReached(Exception):
-    """The budget was spent before this attempt; nothing was sent."""
+class _AuthRefused(Exception):
+    """The teacher refused the key earlier; this attempt was not sent."""
 
 
 def _unanswered(exc: BaseException) -> FeedbackFailure:
@@ -103,9 +111,10 @@ class FeedbackCollector:
     cache: a FeedbackCache or a path to one (None: no cache). Ignored for a teacher that is
         not cacheable (its answers change as the student trains): then `self.cache` is None
         (`opd_sdk.feedback.cache.collector_cache`).
-    budget_usd: stop sending once this much was spent (needs prices). Calls
-        already in flight finish, so the overshoot is at most the cost of
-        `max_concurrency` calls.
+    budget_usd: USD for the run (needs prices; `usage.restore` carries it across resumes).
+        Checked before each HTTP call is sent, counting the calls in flight
+        (`opd_sdk.feedback.calls`); once it does not cover another call, requests
+        become "budget" failures, unsent.
     price_per_1k_*: USD per 1000 prompt / completion tokens.
     progress: show a tqdm bar (None: only when stderr is a terminal).
     mode: "online" (each call answered within seconds) or "batch": through the OpenAI Batch API
@@ -163,6 +172,11 @@ class FeedbackCollector:
         self._backoff = (backoff_initial_s, backoff_max_s, retry_after_cap_s)
         self.usage = Usage()
         self.batch = self._batch_mode(mode, batch_discount, batch_poll_s)
+        self._ledger = CallLedger(self.usage, budget_usd=budget_usd, price_per_1k_prompt=self.price_prompt,
+                                  price_per_1k_completion=self.price_completion)
+        self.auth_failure: FeedbackFailure | None = None  # the server refused the key: nothing more is sent
+        self._failed: collections.Counter = collections.Counter()
+        self._shown: set[tuple[str, str]] = set()
         self._inflight: dict[str, asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()
         self._slots: asyncio.Semaphore | None = None
@@ -207,6 +221,7 @@ class FeedbackCollector:
             bar.close()
         out = [results[a] if b - a == 1 else merge_pointwise(results[a:b]) for a, b in spans]
         self.usage.failures += sum(isinstance(f, FeedbackFailure) for f in out)
+        self._summarise()
         return out
 
     def collect_sync(self, requests: Sequence[FeedbackRequest]) -> list[Feedback]:
@@ -368,37 +383,69 @@ class FeedbackCollector:
 
     # ----- one call, with retries --------------------------------------------
     async def _call_with_retries(self, call: Any, units: list[FeedbackRequest], api_calls: int) -> list[Feedback]:
-        """Answers for `units` (one call covers them all); errors become failures."""
+        """Answers for `units` (one call covers them all); errors become failures.
+
+        The teacher's HTTP calls are counted, held to the budget and kept across the attempts
+        in one `CallScope` (`opd_sdk.feedback.calls`): a retry re-sends only the calls that failed.
+        """
         est_tokens = sum(estimate_tokens(u, self._api_calls(u)) for u in units)
         attempts = 0
         initial, maximum, cap = self._backoff
+        calls = CallScope(self._ledger)
         try:
             async for attempt in retrying(self.max_retries, initial=initial, maximum=maximum, retry_after_cap=cap):
                 with attempt:
                     assert self._slots is not None
                     async with self._slots:
                         await self.limiter.acquire(api_calls, est_tokens)
-                        if self.usage.budget_reached(self.budget_usd):  # checked with the slot held
-                            raise _BudgetReached()
+                        if self.auth_failure is not None:  # the key was refused: nothing more is sent
+                            raise _AuthRefused()
+                        if self._ledger.refuses():  # checked with the slot held
+                            raise BudgetReached(f"budget of ${self.budget_usd:.4f} reached")
                         attempts += 1
-                        self.usage.requests_sent += 1
-                        self.usage.retries += int(attempts > 1)
-                        results = await self._attempt(call, len(units), cap)
-                        self._account(results, est_tokens)  # before the slot is released
+                        self.usage.count_request(retry=attempts > 1)
+                        calls.new_attempt()
+                        with call_scope(calls):
+                            results = await self._attempt(call, len(units), cap)
+                        self._account(results, est_tokens, calls)  # before the slot is released
                     results = [check_shape(r, u) for r, u in zip(results, units, strict=True)]
-        except _BudgetReached:
+        except BudgetReached:
             self.usage.budget_skipped += len(units)
             reason = (f"not sent: budget of ${self.budget_usd:.4f} reached "
                       f"(${self.usage.cost_usd:.4f} spent)")
             return [FeedbackFailure(reason=reason, error_type="budget", attempts=attempts, retriable=True)
                     for _ in units]
+        except _AuthRefused:
+            assert self.auth_failure is not None
+            failure = self.auth_failure.model_copy(update={"attempts": attempts,
+                                                           "reason": "not sent: " + self.auth_failure.reason})
+            return [failure for _ in units]
         except TeacherError as exc:  # anything else is a bug and propagates
             failure = FeedbackFailure.from_error(exc, attempts)
-            log.warning("teacher %s failed after %d attempt(s) (%s): %s", self.teacher.id, attempts,
-                        failure.error_type, failure.reason)
+            if isinstance(exc, AuthenticationFailed) and self.auth_failure is None:
+                self.auth_failure = failure
+            self._report(failure, attempts)
             return [failure for _ in units]
         return [r.model_copy(update={"attempts": max(r.attempts, attempts)}) if isinstance(r, FeedbackFailure)
                 else r for r in results]
+
+    def _report(self, failure: FeedbackFailure, attempts: int) -> None:
+        """Log a request's final failure: the first of its kind (in the collector's life) in full;
+        the others are counted and summarised in one line at the end of `collect`."""
+        kind = (failure.error_type, failure.reason[:80])
+        self._failed[kind] += 1
+        if kind not in self._shown:
+            self._shown.add(kind)
+            self._failed[kind] -= 1  # shown in full
+            log.warning("teacher %r (%s) failed after %d attempt(s) (%s): %s", self.teacher, self.teacher.id,
+                        attempts, failure.error_type, failure.reason)
+
+    def _summarise(self) -> None:
+        for (kind, reason), more in self._failed.items():
+            if more > 0:
+                log.warning("teacher %r: %d more request(s) failed the same way (%s): %s...",
+                            self.teacher, more, kind, reason)
+        self._failed.clear()
 
     async def _attempt(self, call: Any, n_units: int, retry_after_cap: float) -> list[Any]:
         """One teacher call under the timeout; a 429's Retry-After pauses every call."""
@@ -418,13 +465,15 @@ class FeedbackCollector:
                               retriable=False)
         return results
 
-    def _account(self, results: list[Any], est_tokens: int) -> None:
-        """Count tokens and cost of fresh answers; correct the TPM estimate."""
+    def _account(self, results: list[Any], est_tokens: int, calls: CallScope) -> None:
+        """Count a custom teacher's answers from their `Feedback.usage` (a teacher whose HTTP calls
+        were metered, `calls.metered`, is already counted call by call); correct the TPM estimate."""
         actual = 0
         for r in results:
             if isinstance(r, FEEDBACK_CLASSES):  # not yet checked (`check_shape`): a teacher may return anything
-                self.usage.add_call_usage(r.usage, price_per_1k_prompt=self.price_prompt,
-                                          price_per_1k_completion=self.price_completion)
+                if not calls.metered:
+                    self.usage.add_call_usage(r.usage, price_per_1k_prompt=self.price_prompt,
+                                              price_per_1k_completion=self.price_completion)
                 actual += r.usage.prompt_tokens + r.usage.completion_tokens
         if actual > 0:
             self.limiter.correct(est_tokens, actual)

@@ -30,6 +30,10 @@ collector and the trainer test `isinstance(teacher, X)`, never `getattr`):
   never asks it ahead of the step that changes it (`rollout.max_staleness`
   >= 1 is refused). Use `is_cacheable(teacher)` (default True) and
   `follows_student(teacher)`.
+- `NotCached`: `uncached_reason` is a sentence (not None) when the teacher's id
+  cannot cover what determines its answers (a `check=` callable whose code or
+  captured values cannot be read, `callable_fingerprint`): the collector keeps
+  no cache for it and logs the reason. Use `uncached_reason(teacher)`.
 - `Closeable`: `async aclose()` releases HTTP clients; the collector calls it
   on close.
 - `FollowsStudent`: `on_optimizer_step(step)` is called by the trainer after
@@ -51,11 +55,23 @@ collector and the trainer test `isinstance(teacher, X)`, never `getattr`):
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
 import json
+import logging
+import re
+import sys
+import sysconfig
+import types
 from typing import Any, Protocol, Sequence, runtime_checkable
 
-from opd_sdk.types import Feedback, FeedbackRequest
+from opd_sdk.types import Completion, Feedback, FeedbackRequest
+
+# a request with placeholders: a teacher renders its prompt templates for it into its `id`, so a
+# changed template (a new version of the code) is a new id, and the cache does not serve old answers
+TEMPLATE_PROBE = FeedbackRequest(prompt="{prompt}", completions=[Completion(text="{a}"), Completion(text="{b}")],
+                                 privileged="{privileged}")
 
 
 @runtime_checkable
@@ -96,6 +112,11 @@ class LocalTeacher(Protocol):
 @runtime_checkable
 class Cacheable(Protocol):
     cacheable: bool
+
+
+@runtime_checkable
+class NotCached(Protocol):
+    uncached_reason: str | None
 
 
 @runtime_checkable
@@ -152,6 +173,11 @@ def is_local(teacher: Any) -> bool:
 def is_cacheable(teacher: Any) -> bool:
     """False only for a teacher that says its answers change from step to step."""
     return not isinstance(teacher, Cacheable) or bool(teacher.cacheable)
+
+
+def uncached_reason(teacher: Any) -> str | None:
+    """Why `teacher` must not be cached although its answers do not follow the student (None: it may)."""
+    return teacher.uncached_reason if isinstance(teacher, NotCached) else None
 
 
 def api_calls(teacher: Any, request: FeedbackRequest) -> int:
@@ -222,3 +248,118 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         default=str,
     )
     return f"tok:{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+log = logging.getLogger("opd_sdk.feedback.teacher")
+
+
+class _Unknowable(Exception):
+    """What a callable computes cannot be read (the message says what)."""
+
+
+_SIMPLE = (int, float, complex, str, bytes, bool, type(None))
+_LIBRARY_DIRS = tuple({sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+
+
+def _from_library(obj: Any) -> bool:
+    """Code of the standard library or an installed package (it changes only with its version)."""
+    code = getattr(obj, "__code__", None)
+    filename = code.co_filename if code is not None else getattr(sys.modules.get(getattr(obj, "__module__", "")),
+                                                                  "__file__", None)
+    return filename is None or filename.startswith(_LIBRARY_DIRS) or "site-packages" in filename
+
+
+def _version(module: str | None) -> str:
+    top = (module or "").split(".")[0]
+    try:
+        return importlib.metadata.version(top)
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return sys.version.split()[0] if top in sys.stdlib_module_names or top == "builtins" else "?"
+
+
+def _named(obj: Any) -> list[str]:
+    module = getattr(obj, "__module__", None)
+    return [str(module), getattr(obj, "__qualname__", repr(obj)), _version(module)]
+
+
+def _code(code: types.CodeType, fn: Any, seen: set[int]) -> list[Any]:
+    consts = [_code(c, fn, seen) if isinstance(c, types.CodeType) else _value(c, seen) for c in code.co_consts]
+    out: list[Any] = ["code", code.co_code.hex(), consts, list(code.co_names), list(code.co_varnames)]
+    glob = getattr(fn, "__globals__", {})
+    for name in code.co_names:  # module-level values and helpers the code reads
+        if name in glob and not isinstance(glob[name], types.ModuleType):
+            out.append([name, _value(glob[name], seen)])
+    return out
+
+
+def _value(v: Any, seen: set[int]) -> Any:
+    """A JSON-able description of `v` that changes when what it computes changes; raises _Unknowable."""
+    if isinstance(v, _SIMPLE):
+        return [type(v).__name__, repr(v)]
+    if id(v) in seen:
+        return ["ref", getattr(v, "__qualname__", type(v).__name__)]
+    seen.add(id(v))
+    if isinstance(v, (tuple, list)):
+        return [type(v).__name__, [_value(x, seen) for x in v]]
+    if isinstance(v, (set, frozenset)):
+        return [type(v).__name__, sorted(json.dumps(_value(x, seen)) for x in v)]
+    if isinstance(v, dict):
+        return ["dict", sorted([json.dumps(_value(k, seen)), _value(x, seen)] for k, x in v.items())]
+    if isinstance(v, re.Pattern):
+        return ["re", v.pattern, v.flags]
+    if isinstance(v, types.ModuleType):
+        return ["module", v.__name__, _version(v.__name__)]
+    if isinstance(v, functools.partial):
+        return ["partial", _value(v.func, seen), _value(v.args, seen), _value(v.keywords, seen)]
+    if isinstance(v, types.MethodType):
+        return ["method", _value(v.__func__, seen), _value(v.__self__, seen)]
+    bound_to = getattr(v, "__self__", None)
+    if isinstance(v, (types.BuiltinMethodType, types.MethodWrapperType)) and not isinstance(
+            bound_to, (types.ModuleType, type, type(None))):  # "abc".startswith: the bound value counts
+        return ["bound", *_named(v), _value(bound_to, seen)]
+    if isinstance(v, (types.BuiltinFunctionType, types.BuiltinMethodType, types.WrapperDescriptorType,
+                      types.MethodWrapperType, types.MethodDescriptorType, types.ClassMethodDescriptorType)) or (
+            isinstance(v, (type, types.FunctionType)) and _from_library(v)):
+        return ["lib", *_named(v)]
+    if isinstance(v, types.FunctionType):
+        cells = [_value(c.cell_contents, seen) if _filled(c) else None for c in (v.__closure__ or ())]
+        return ["function", v.__qualname__, _code(v.__code__, v, seen), cells,
+                _value(v.__defaults__, seen), _value(v.__kwdefaults__, seen)]
+    if isinstance(v, type):  # a class of the user's: its methods' code
+        return ["class", v.__qualname__, {k: _value(x, seen) for k, x in sorted(vars(v).items())
+                                          if isinstance(x, (types.FunctionType, staticmethod, classmethod, *_SIMPLE))}]
+    if isinstance(v, (staticmethod, classmethod)):
+        return [type(v).__name__, _value(v.__func__, seen)]
+    if hasattr(v, "__dict__") and not _from_library(type(v)):  # an object of the user's (a callable one too)
+        return ["object", _value(type(v), seen), _value(vars(v), seen)]
+    raise _Unknowable(f"it reads a {type(v).__module__}.{type(v).__qualname__} value, which cannot be hashed")
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018
+    except ValueError:  # an empty cell (a name bound later)
+        return False
+    return True
+
+
+def callable_fingerprint(fn: Any) -> tuple[str | None, str | None]:
+    """(a hash of what `fn` computes, None) or (None, why it cannot be known).
+
+    Covers the function's bytecode and constants, its default arguments, the values its
+    closure captured, and the module-level values and helper functions it reads (recursively;
+    library functions by name and package version), for functions, lambdas, `functools.partial`,
+    bound methods and callable objects of the user's own classes. Two runs of a function whose code
+    was fixed get different hashes (the cache then asks again); a value it reads that cannot be
+    hashed (a model, an open file...) makes it unknowable: the teacher is then not cached
+    (`NotCached`). Line numbers and comments do not count; the Python version does.
+    """
+    try:
+        blob = json.dumps(_value(fn, set()), sort_keys=True, separators=(",", ":"))
+    except _Unknowable as exc:
+        name = getattr(fn, "__qualname__", type(fn).__name__)
+        return None, f"the callable {name}: {exc}"
+    except (TypeError, ValueError, RecursionError) as exc:
+        name = getattr(fn, "__qualname__", type(fn).__name__)
+        return None, f"the callable {name} could not be read ({type(exc).__name__})"
+    return hashlib.sha256(blob.encode()).hexdigest()[:16], None

@@ -26,9 +26,10 @@ from opd_sdk.errors import TrainingFailed, TrainingStopped
 
 
 def must_stop(failure_kinds: collections.Counter, *, no_signal_streak: int, max_no_signal_steps: int) -> bool:
-    """True when the run must stop: the budget is spent (a "budget" failure this step), or
-    `no_signal_streak` steps without signal reached max_no_signal_steps."""
-    return bool(failure_kinds.get("budget")) or no_signal_streak >= max_no_signal_steps
+    """True when the run must stop: the budget is spent (a "budget" failure this step), the teacher
+    refused the credentials (an "auth" failure: no later call can succeed), or `no_signal_streak`
+    steps without signal reached max_no_signal_steps."""
+    return bool(failure_kinds.get("budget") or failure_kinds.get("auth")) or no_signal_streak >= max_no_signal_steps
 
 
 def training_stopped(failure_kinds: collections.Counter, *, no_signal_streak: int, step: int, max_steps: int,
@@ -42,6 +43,12 @@ def training_stopped(failure_kinds: collections.Counter, *, no_signal_streak: in
             f"the teacher budget is spent (teacher {teachers}, ${cost_usd:.4f}) at step {step}; raise "
             f"collector.budget_usd, then resume from the checkpoint{where}"
             + (f" (`opd train CONFIG --resume{more}`)" if more else "")
+        )
+    if failure_kinds.get("auth"):
+        return TrainingStopped(
+            f"the teacher refused the credentials (HTTP 401/403; teacher {teachers}) at step {step}: check the "
+            "API key (OPENAI_API_KEY, or the teacher's api_key / api_key_env) and that it may use this model "
+            f"and base_url, then resume from the checkpoint{where} (`opd train CONFIG --resume{more}`)"
         )
     kinds = ", ".join(f"{kind} x{n}" for kind, n in failure_kinds.most_common())
     return TrainingStopped(

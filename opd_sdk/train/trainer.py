@@ -177,6 +177,10 @@ class Trainer:
         self.metrics = MetricsLogger.for_run(self.output_dir, self.dist.is_main, tensorboard=tensorboard,
                                              wandb_project=wandb_project)
         self.progress = sys.stderr.isatty() if progress is None else progress
+        if self.output_dir is not None and self.dist.is_main:  # every paid call, journalled as it is counted
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            for i, c in enumerate(self.collectors):
+                c.usage.journal = self.output_dir / f"teacher_spend-{i}.jsonl"
         self.step = 0
         self.saved_step = 0  # the step of the newest checkpoint this run wrote or resumed from
         self.no_signal_streak = 0  # consecutive steps without signal because teacher calls failed
@@ -287,6 +291,9 @@ class Trainer:
             self._refuse_a_finished_run()
         elif self.step == 0:
             refuse_an_earlier_run(self.output_dir)
+            for c in self.collectors:  # a new run: an earlier run's spend journal is not this run's
+                if c.usage.journal is not None:
+                    c.usage.journal.unlink(missing_ok=True)
         check_prompts(self.collectors, self.sampler.items)  # after a resume: teachers' saved answers count
         progress = Progress(self.max_steps, self.step, bar=self.progress, shown=self.dist.is_main)
         step_start = None  # sampler + RNG state while a step is under way
@@ -358,7 +365,10 @@ class Trainer:
             path = checkpoint_dir(self.output_dir, self.step)
         here = {**self._resumable_state(), **(at_step_start or {})}
         state = {"step": self.step, "data": here["data"], "teacher_cost_usd": self.teacher_cost_usd(),
-                 "in_flight": here["in_flight"], "failed_steps": self.failed_steps}
+                 "in_flight": here["in_flight"], "failed_steps": self.failed_steps,
+                 # the collectors' counters (cost, tokens, calls) and where their spend journals stood
+                 "teacher_usage": [c.usage.as_dict() for c in self.collectors],
+                 "teacher_journal": [c.usage.journal_offset() for c in self.collectors]}
         return save_checkpoint(
             path, parallel=self.parallel, model=self.model, scheduler=self.scheduler, state=state,
             rngs=self.dist.all_gather(here["rng"]), objective=self.objective, tokenizer=self.tokenizer,
@@ -375,12 +385,25 @@ class Trainer:
                                 teachers=stateful([c.teacher for c in self.collectors]))
         self.step = self.saved_step = int(state["step"])
         self.sampler.load_state_dict(state["data"])
-        self.teacher_cost_before = float(state.get("teacher_cost_usd", 0.0))
+        self._restore_usage(state)
         self.failed_steps = int(state.get("failed_steps", 0))
         self.pipeline.load_state(state.get("in_flight", []), self.device)
         self.metrics.truncate_after(self.step)
         self.rollout.sync_weights(self.model)
         return self.step
+
+    def _restore_usage(self, state: dict[str, Any]) -> None:
+        """The budget and the counters are the run's, not the process's: each collector continues from
+        the checkpoint's counters plus the calls its spend journal recorded after that checkpoint (paid in
+        a step that was killed). A checkpoint from before the counters were saved carries only its cost."""
+        saved = state.get("teacher_usage")
+        if not isinstance(saved, list) or len(saved) != len(self.collectors):
+            self.teacher_cost_before = float(state.get("teacher_cost_usd", 0.0))
+            return
+        offsets = state.get("teacher_journal") or [0] * len(saved)
+        for c, counters, offset in zip(self.collectors, saved, offsets, strict=True):
+            c.usage.restore(counters, journal_offset=int(offset))
+        self.teacher_cost_before = 0.0
 
     # ---- checkpoints on schedule and on a stop ----------------------------------------------
 

@@ -25,8 +25,9 @@ async def test_api_key_never_leaks(tmp_path, caplog):
         assert all(KEY not in str(r.headers) for r in srv.requests)  # ... and the server kept no copy
         await judge.aclose()
     failure = results[0]
-    assert isinstance(failure, FeedbackFailure) and (failure.error_type, failure.status) == ("client_error", 401)
-    assert [r.kind for r in results[1:]] == ["score", "score"]
+    assert isinstance(failure, FeedbackFailure) and (failure.error_type, failure.status) == ("auth", 401)
+    # a refused key stops the teacher: the other requests are not sent (#24.2), one call in all
+    assert [(r.kind, r.error_type) for r in results[1:]] == [("failure", "auth")] * 2 and srv.count == 1
     assert "Incorrect API key provided" in failure.reason  # the message survives, the key does not
     texts = [failure.reason, failure.model_dump_json(), caplog.text, repr(collector), repr(judge),
              repr(collector.cache), str(collector.usage)]

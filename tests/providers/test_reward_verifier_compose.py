@@ -80,9 +80,9 @@ async def test_reward_model_errors_are_typed_and_bad_replies_are_failures_not_ze
         with pytest.raises(TeacherError) as err:
             await teacher.feedback(two)
         assert err.value.status == 400 and not err.value.retriable
-    with pytest.raises(TeacherError, match="connection") as err:  # server gone
+    with pytest.raises(TeacherError, match="connection refused") as err:  # server gone: nothing listening
         await teacher.feedback(two)
-    assert err.value.retriable
+    assert not err.value.retriable and "/rm" in str(err.value)  # fails fast (#24.2), naming the URL
     with pytest.raises(ConfigError, match="http"):
         RewardModelTeacher("localhost:5000")
 
