@@ -283,8 +283,10 @@ def test_resume_after_a_crash_repeats_no_teacher_call(tmp_path, tiny_dir, capsys
         summary = json.loads(out[out.index("{"):])
         # step 2 and the held-out eval come entirely from the cache
         assert srv.count == sent
-        # the counters are the run's (#22.1): the killed step's calls (journalled) are in them, nothing new
-        assert summary["teacher_requests"] == summary["teacher_http_calls"] == sent and summary["cache_hits"] > 0
+        # the counters are the run's (#22.1): the killed step's calls (journalled) are in them, nothing new;
+        # requests exceed HTTP calls by the empty answers, scored 0 without a call
+        assert summary["teacher_http_calls"] == sent and summary["cache_hits"] > 0
+        assert summary["teacher_requests"] >= sent
         # the judge gives any text 0.7, but the tiny model's greedy held-out answers are empty: 0.0, never
         # sent (no credit for an empty answer, tests/providers/test_empty_answers.py)
         assert summary["heldout_teacher_score"] == 0.0
