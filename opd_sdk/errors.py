@@ -24,6 +24,8 @@ the collector lets it propagate.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import ClassVar
 
 from opd_sdk.types import FeedbackFailure
@@ -117,6 +119,15 @@ class Truncated(ClientError):
     says which `max_tokens` to raise."""
 
     error_type = "truncated"
+
+
+class CorruptedFile(OPDError):
+    """A file an earlier run wrote (the feedback cache, a checkpoint) cannot be read: junk bytes, cut
+    short, half written. `path` names it; the message says what to move aside and what that loses."""
+
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else Path(path)
 
 
 class TrainingStopped(OPDError):
