@@ -39,8 +39,8 @@ from opd_sdk.parallel.strategy import make_strategy
 from opd_sdk.rollout.batch import RolloutBatch
 from opd_sdk.rollout.build import build_rollout_engine
 from opd_sdk.rollout.engine import RolloutEngine
-from opd_sdk.train.checkpoint import (checkpoint_dir, load_checkpoint, prune_checkpoints, refuse_an_earlier_run,
-                                      resolve_checkpoint, rng_state, save_checkpoint, save_student)
+from opd_sdk.train.checkpoint import (checkpoint_dir, prune_checkpoints, refuse_an_earlier_run, resume_checkpoint,
+                                      rng_state, save_checkpoint, save_student)
 from opd_sdk.train.checks import check_trainer
 from opd_sdk.train.collect import collect, usage_total
 from opd_sdk.train.metrics import MetricsLogger, StepTimer, step_row
@@ -328,10 +328,11 @@ class Trainer:
     def resume(self, path: str | Path) -> int:
         """Load a checkpoint (or "latest" under output_dir); returns the step it continues from.
 
-        Raises ConfigError when there is nothing to resume from.
+        Raises ConfigError when there is nothing to resume from. A damaged newest checkpoint is set
+        aside, with a warning, for the newest intact one (`opd_sdk.train.checkpoint.resume_checkpoint`).
         """
-        state = load_checkpoint(resolve_checkpoint(path, self.output_dir), parallel=self.parallel, model=self.model,
-                                scheduler=self.scheduler, objective=self.objective)
+        state = resume_checkpoint(path, self.output_dir, parallel=self.parallel, model=self.model,
+                                  scheduler=self.scheduler, objective=self.objective)
         self.step = self.saved_step = int(state["step"])
         self.sampler.load_state_dict(state["data"])
         self.teacher_cost_before = float(state.get("teacher_cost_usd", 0.0))
