@@ -14,8 +14,8 @@ import time
 
 import torch
 
-import opd_sdk.train.checkpoint as checkpoint
 from opd_sdk.objectives import RewardWeighted
+from opd_sdk.train import checkpoint
 from tests.train.test_checkpoint import make_trainer
 
 

@@ -17,8 +17,14 @@ from safetensors.torch import load_file
 
 from opd_sdk.errors import ConfigError, CorruptedFile
 from opd_sdk.objectives import RewardWeighted
-from opd_sdk.train.checkpoint import (STATE_FILE, DamagedCheckpoint, checkpoint_problem, latest_checkpoint,
-                                      load_checkpoint, prune_checkpoints)
+from opd_sdk.train.checkpoint import (
+    STATE_FILE,
+    DamagedCheckpoint,
+    checkpoint_problem,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+)
 from tests.loop_fixtures import one_thread  # noqa: F401 (fixture)
 from tests.train.test_checkpoint import make_trainer
 
