@@ -34,6 +34,7 @@ from opd_sdk.models import resolve_model_path
 from opd_sdk.parallel.distributed import Distributed
 from opd_sdk.train.checkpoint import check_launch, latest_checkpoint
 from opd_sdk.train.metrics import plot_learning_curve, read_metrics
+from opd_sdk.train.run_lock import hold_output_dir
 from opd_sdk.types import FeedbackFailure, FeedbackRequest, Score
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -246,7 +247,8 @@ def train(
     """
     checked = check_config(cfg) if checked is None else checked
     dist = Distributed.from_environment()
-    summary = _train(cfg, dist, checked, resume=resume, overwrite=overwrite, log=log if dist.is_main else lambda *a: None)
+    with hold_output_dir(cfg.output_dir, dist):  # one run at a time in output_dir, from before it is prepared
+        summary = _train(cfg, dist, checked, resume=resume, overwrite=overwrite, log=log if dist.is_main else lambda *a: None)
     dist.close()  # not after a failure: leaving the group waits on peers that may be gone
     return summary
 

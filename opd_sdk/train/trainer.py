@@ -48,6 +48,7 @@ from opd_sdk.train.microbatch import batch_loss
 from opd_sdk.train.optim import autocast, autocast_dtype, make_optimizer, prepare_student, set_seed
 from opd_sdk.train.pipeline import Pipeline
 from opd_sdk.train.progress import Progress
+from opd_sdk.train.run_lock import hold_output_dir
 from opd_sdk.train.stop import must_stop, sigterm_as_interrupt, training_stopped
 from opd_sdk.types import FeedbackFailure
 
@@ -269,8 +270,13 @@ class Trainer:
 
         With an output_dir, a checkpoint is written every `save_every` steps, at
         the end, and before re-raising on Ctrl-C / SIGTERM (KeyboardInterrupt)
-        or TrainingStopped; only the newest `keep_checkpoints` are kept.
+        or TrainingStopped; only the newest `keep_checkpoints` are kept. The run holds a lock on
+        output_dir meanwhile: ConfigError, naming the holder's PID, while another process trains there.
         """
+        with hold_output_dir(self.output_dir, self.dist):
+            return self._train_holding_output_dir(resume_from)
+
+    def _train_holding_output_dir(self, resume_from: str | Path | None) -> list[dict[str, Any]]:
         if resume_from is not None:
             self.resume(resume_from)
         elif self.step == 0:
