@@ -32,7 +32,7 @@ from opd_sdk.errors import ConfigError, TrainingStopped
 from opd_sdk.feedback.factory import Collector, make_collector
 from opd_sdk.models import resolve_model_path
 from opd_sdk.parallel.distributed import Distributed
-from opd_sdk.train.checkpoint import check_launch, latest_checkpoint
+from opd_sdk.train.checkpoint import check_launch, damaged_checkpoints, latest_checkpoint
 from opd_sdk.train.metrics import plot_learning_curve, read_metrics
 from opd_sdk.train.run_lock import hold_output_dir
 from opd_sdk.types import FeedbackFailure, FeedbackRequest, Score
@@ -204,8 +204,10 @@ def prepare_output_dir(
         last = latest_checkpoint(out)
         if last is None:
             held = any((out / n).exists() for n in RUN_FILES)
+            damaged = "; ".join(damaged_checkpoints(out))
             raise ConfigError(
-                f"--resume: nothing to resume from, {out} holds no complete step-N/ checkpoint; "
+                f"--resume: nothing to resume from, {out} holds no complete step-N/ checkpoint"
+                f"{f' (damaged: {damaged})' if damaged else ''}; "
                 + ("start the run again with --overwrite (its feedback cache is kept)" if held
                    else "run without --resume to start a new run")
             )

@@ -82,7 +82,7 @@ def damaged_cache(path: Path, reason: str) -> CorruptedFile:
     moves = "; ".join(f"mv {p} {p}.damaged" for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")) if p.exists())
     return CorruptedFile(
         f"the feedback cache {path} is damaged ({reason}); move it aside (`{moves or f'mv {path} {path}.damaged'}`) "
-        "and run again (--resume continues the run): nothing else is lost, only the teacher answers cached in it "
+        "and run the same command again: nothing else is lost, only the teacher answers cached in it "
         "are asked (and paid for) again", path)
 
 

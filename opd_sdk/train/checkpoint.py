@@ -129,6 +129,11 @@ def checkpoint_problem(folder: str | Path) -> str | None:
     return None
 
 
+def damaged_checkpoints(output_dir: str | Path) -> list[str]:
+    """"step-N: what is wrong" for each damaged step-N/ folder under output_dir, newest first."""
+    return [f"{p.name}: {problem}" for p in step_folders(output_dir) if (problem := checkpoint_problem(p)) is not None]
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The intact checkpoint with the highest step under output_dir (`checkpoint_problem`), or None."""
     return next((p for p in step_folders(output_dir) if checkpoint_problem(p) is None), None)
