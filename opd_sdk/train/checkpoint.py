@@ -231,13 +231,14 @@ def _first_line(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def _reading(folder: Path, path: Path) -> Iterator[None]:
-    """CorruptedFile naming `path` (in checkpoint `folder`) for a file that does not load; bad input of
-    ours (ConfigError: another model, another layout) passes through."""
+    """DamagedCheckpoint naming `path` (in checkpoint `folder`) for a file that does not load (what
+    torch.load raises for junk or a cut file); bad input of ours (ConfigError: another model, another
+    layout) and a state that does not fit the optimizer (ValueError, KeyError) pass through."""
     try:
         yield
     except OPDError:
         raise
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         raise DamagedCheckpoint(folder, f"{path} cannot be read ({_first_line(exc)})") from exc
 
 
