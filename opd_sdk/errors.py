@@ -26,6 +26,8 @@ the collector lets it propagate.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import ClassVar
 
 from opd_sdk.types import FeedbackFailure
@@ -134,6 +136,15 @@ class AuthenticationFailed(ClientError):
     collector sends nothing more and the trainer stops at once; the message says what to fix."""
 
     error_type = "auth"
+
+
+class CorruptedFile(OPDError):
+    """A file an earlier run wrote (the feedback cache, a checkpoint) cannot be read: junk bytes, cut
+    short, half written. `path` names it; the message says what to move aside and what that loses."""
+
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else Path(path)
 
 
 class TrainingStopped(OPDError):

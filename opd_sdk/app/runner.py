@@ -34,8 +34,9 @@ from opd_sdk.errors import ConfigError, TrainingFailed, TrainingStopped
 from opd_sdk.feedback.factory import Collector, make_collector
 from opd_sdk.models import ensure_pad_token, resolve_model_path
 from opd_sdk.parallel.distributed import Distributed
-from opd_sdk.train.checkpoint import check_launch, latest_checkpoint
+from opd_sdk.train.checkpoint import check_launch, damaged_checkpoints, latest_checkpoint
 from opd_sdk.train.metrics import plot_learning_curve, read_metrics
+from opd_sdk.train.run_lock import hold_output_dir
 from opd_sdk.types import FeedbackFailure, FeedbackRequest, Score
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -237,8 +238,10 @@ def _prepare_output_dir(out: Path, *, resume: bool, overwrite: bool, dist: Distr
     if resume:
         last = latest_checkpoint(out)
         if last is None:
+            damaged = "; ".join(damaged_checkpoints(out))
             raise ConfigError(
-                f"--resume: nothing to resume from, {out} holds no complete step-N/ checkpoint; "
+                f"--resume: nothing to resume from, {out} holds no complete step-N/ checkpoint"
+                f"{f' (damaged: {damaged})' if damaged else ''}; "
                 + ("start the run again with --overwrite (its feedback cache is kept)" if _trained(out)
                    else "run without --resume to start a new run")
             )
@@ -288,8 +291,9 @@ def train(
     """
     checked = check_config(cfg) if checked is None else checked
     dist = Distributed.from_environment()
-    summary = _train(cfg, dist, checked, resume=resume, overwrite=overwrite, allow_change=allow_config_change,
-                     log=log if dist.is_main else lambda *a: None)
+    with hold_output_dir(cfg.output_dir, dist):  # one run at a time in output_dir, from before it is prepared
+        summary = _train(cfg, dist, checked, resume=resume, overwrite=overwrite, allow_change=allow_config_change,
+                         log=log if dist.is_main else lambda *a: None)
     dist.close()  # not after a failure: leaving the group waits on peers that may be gone
     return summary
 

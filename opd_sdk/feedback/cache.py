@@ -8,6 +8,10 @@ text, never a failure (a failure must be retried by a later run), never a
 secret (teacher ids are fingerprints without keys by contract). The file (and
 its WAL / shared-memory files) is readable by its owner only (0600).
 
+A damaged file (junk bytes, cut short) raises `CorruptedFile` naming it and the fix, when it opens
+(`PRAGMA quick_check`, about 0.1 s for 200 MB) or at the first damaged row read later: move it aside,
+and only the answers cached in it are asked (and paid for) again; nothing else is lost.
+
 `collector_cache(teacher, cache)` is the one place the "not cacheable" rule
 lives: both collectors (`FeedbackCollector`, `LocalRunner`) open their cache
 through it.
@@ -15,15 +19,18 @@ through it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from opd_sdk.errors import CorruptedFile
 from opd_sdk.feedback.teacher import is_cacheable, uncached_reason
 from opd_sdk.types import (
     Feedback,
@@ -62,8 +69,28 @@ def _owner_only(path: Path) -> None:
             pass
 
 
+def _is_damage(exc: sqlite3.DatabaseError) -> bool:
+    """SQLITE_CORRUPT or SQLITE_NOTADB (not a busy, read-only or full disk: those are OperationalError)."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python >= 3.11
+    if code is None:
+        return type(exc) is sqlite3.DatabaseError
+    return (code & 0xFF) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def damaged_cache(path: Path, reason: str) -> CorruptedFile:
+    """The error for a feedback cache that cannot be read: its file, and how to go on."""
+    moves = "; ".join(f"mv {p} {p}.damaged" for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")) if p.exists())
+    return CorruptedFile(
+        f"the feedback cache {path} is damaged ({reason}); move it aside (`{moves or f'mv {path} {path}.damaged'}`) "
+        "and run the same command again: nothing else is lost, only the teacher answers cached in it "
+        "are asked (and paid for) again", path)
+
+
 class FeedbackCache:
-    """`get` / `put` feedback by (teacher id, cache key). Thread- and process-safe."""
+    """`get` / `put` feedback by (teacher id, cache key). Thread- and process-safe.
+
+    Raises CorruptedFile (naming the file and the fix) when the file is damaged, on opening or
+    on the first damaged row read."""
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout_s: float = 30.0) -> None:
         self.path = Path(path)
@@ -72,25 +99,51 @@ class FeedbackCache:
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(str(self.path), timeout=busy_timeout_s, check_same_thread=False,
                                      isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute(_SCHEMA)
+        try:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute(_SCHEMA)
+            problems = [row[0] for row in self._conn.execute("PRAGMA quick_check(1)").fetchall()]
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()  # first: the message lists the files left behind
+            if _is_damage(exc):
+                raise damaged_cache(self.path, str(exc)) from exc
+            raise
+        if problems != ["ok"]:
+            self._conn.close()
+            raise damaged_cache(self.path, problems[0].splitlines()[-1])
+
+    @contextlib.contextmanager
+    def _damage_named(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            if _is_damage(exc):
+                raise damaged_cache(self.path, str(exc)) from exc
+            raise
 
     def __repr__(self) -> str:
         return f"FeedbackCache({str(self.path)!r})"
 
     def get(self, teacher_id: str, cache_key: str) -> Feedback | None:
         digest = cache_digest(teacher_id, cache_key)
-        with self._lock:
+        with self._lock, self._damage_named():
             row = self._conn.execute("SELECT feedback FROM feedback WHERE key = ?", (digest,)).fetchone()
-        return None if row is None else feedback_from_json(row[0])
+        if row is None:
+            return None
+        try:
+            return feedback_from_json(row[0])
+        except ValueError as exc:  # one damaged row: a miss, and the teacher's new answer replaces it
+            log.warning("feedback cache %s: a row of teacher %s does not parse (%s); asking the teacher again",
+                        self.path, teacher_id, str(exc).splitlines()[0])
+            return None
 
     def put(self, teacher_id: str, cache_key: str, feedback: Feedback) -> bool:
         """Store `feedback`; a FeedbackFailure is never stored (returns False)."""
         if isinstance(feedback, FeedbackFailure):
             return False
         digest = cache_digest(teacher_id, cache_key)
-        with self._lock:
+        with self._lock, self._damage_named():
             self._conn.execute(
                 "INSERT OR REPLACE INTO feedback (key, teacher_id, feedback, created) VALUES (?, ?, ?, ?)",
                 (digest, teacher_id, feedback_to_json(feedback), time.time()),
@@ -98,12 +151,12 @@ class FeedbackCache:
         return True
 
     def __len__(self) -> int:
-        with self._lock:
+        with self._lock, self._damage_named():
             return self._conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
 
     def clear(self, teacher_id: str | None = None) -> int:
         """Delete all rows (or one teacher's); return how many were deleted."""
-        with self._lock:
+        with self._lock, self._damage_named():
             if teacher_id is None:
                 cur = self._conn.execute("DELETE FROM feedback")
             else:

@@ -20,11 +20,18 @@ A checkpoint folder `step-N/` holds:
 The optimizer state (and a sharded student) is the parallel strategy's to save and
 load (`opd_sdk.parallel.strategy`); the rest is written here by rank 0.
 
-A folder is written under a temporary name and renamed when complete, so a
-crash mid-save never leaves a checkpoint that looks whole. Loading restores
-all of it into an already-built trainer (same model architecture, same
-optimizer setup); the next sampled batch is then the one the uninterrupted
-run would have drawn.
+A folder is written under a temporary name (`step-N.tmp/`), flushed to disk
+(fsync) and renamed when complete, so a kill or a power cut mid-save never
+leaves a checkpoint that looks whole. trainer_state.json, written last, lists
+every other file with its size: a folder whose state does not parse, or whose
+files are missing or cut short, is damaged (`checkpoint_problem`), and so is one
+whose file fails to load. Resuming from "latest" moves a damaged folder aside
+(`step-N.damaged`), says so, and takes the newest intact one
+(`resume_checkpoint`). Bytes changed in place at the same size are not detected
+(no checksums: hashing the weights and optimizer state at every save costs
+seconds a gigabyte). Loading restores all of it into an already-built trainer
+(same model architecture, same optimizer setup); the next sampled batch is then
+the one the uninterrupted run would have drawn.
 
 Weights are safetensors; optimizer, scheduler, RNG and objective states are
 plain tensors and numbers read back with `torch.load(weights_only=True)`, so
@@ -34,23 +41,30 @@ to a model never hold an absolute path of this machine (`scrub_machine_paths`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
+import os
+import pickle
 import random
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from opd_sdk.errors import ConfigError
+from opd_sdk.errors import ConfigError, CorruptedFile, OPDError
 from opd_sdk.models import is_peft
 from opd_sdk.objectives.base import Objective
-from opd_sdk.parallel.strategy import ParallelStrategy
+from opd_sdk.parallel.strategy import OPTIMIZER_FILE, ParallelStrategy
 from opd_sdk.train.metrics import read_metrics
 
 STATE_FILE = "trainer_state.json"
+FILES_KEY = "files"  # in trainer_state.json: every other file of the folder (posix path) -> its size in bytes
+
+log = logging.getLogger("opd_sdk.train.checkpoint")
 
 
 def rng_state() -> dict[str, Any]:
@@ -84,17 +98,47 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / f"step-{step}"
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step under output_dir, or None."""
+def step_folders(output_dir: str | Path) -> list[Path]:
+    """Every step-N/ folder under output_dir, newest first (intact or not; never a .tmp or set-aside one)."""
     root = Path(output_dir)
     if not root.exists():
-        return None
-    found = [
-        (int(p.name.split("-", 1)[1]), p)
-        for p in root.glob("step-*")
-        if p.name.split("-", 1)[1].isdigit() and (p / STATE_FILE).exists()
-    ]
-    return max(found)[1] if found else None
+        return []
+    found = [(int(p.name[5:]), p) for p in root.glob("step-*") if p.name[5:].isdigit() and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def checkpoint_problem(folder: str | Path) -> str | None:
+    """What is wrong with a checkpoint folder, naming the file; None when it looks intact: its
+    trainer_state.json parses and every file it lists is there with the size written (a checkpoint
+    of an earlier version lists none: only its state is checked)."""
+    folder = Path(folder)
+    path = folder / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        return f"{path} does not parse ({_first_line(exc)})"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return f"{path} holds no step number"
+    files = state.get(FILES_KEY) or {}
+    for name, size in files.items() if isinstance(files, dict) else ():
+        p = folder / name
+        if not p.is_file():
+            return f"{p} is missing"
+        if p.stat().st_size != size:
+            return f"{p} is {p.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def damaged_checkpoints(output_dir: str | Path) -> list[str]:
+    """"step-N: what is wrong" for each damaged step-N/ folder under output_dir, newest first."""
+    return [f"{p.name}: {problem}" for p in step_folders(output_dir) if (problem := checkpoint_problem(p)) is not None]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The intact checkpoint with the highest step under output_dir (`checkpoint_problem`), or None."""
+    return next((p for p in step_folders(output_dir) if checkpoint_problem(p) is None), None)
 
 
 def save_checkpoint(
@@ -137,12 +181,12 @@ def save_checkpoint(
         torch.save(objective_state, tmp / "objective.pt")
     if teachers:
         torch.save([t.state_dict() for t in teachers], tmp / "teachers.pt")
-    state = {**state, "world_size": dist.world_size, "zero_stage": dist.zero_stage}
+    scrub_machine_paths(tmp)  # before the sizes are taken: it rewrites JSON files
+    files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    state = {**state, "world_size": dist.world_size, "zero_stage": dist.zero_stage, FILES_KEY: files}
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    scrub_machine_paths(final)
+    _flush_to_disk(tmp)
+    _replace_folder(tmp, final)
     return final
 
 
@@ -152,7 +196,73 @@ def _empty_folder(folder: Path) -> None:
     folder.mkdir(parents=True)
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file or folder to disk; where a folder cannot be opened (Windows) nothing is done."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # a folder on a platform or file system that does not sync them
+        pass
+    finally:
+        os.close(fd)
+
+
+def _flush_to_disk(folder: Path) -> None:
+    """Every file and folder under `folder`, and it, on disk: a power cut after the rename finds them whole."""
+    for p in sorted(folder.rglob("*")):
+        _fsync(p)
+    _fsync(folder)
+
+
+def _replace_folder(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`: an earlier `final` is set aside first and deleted after, so at every moment
+    one whole folder exists under a name a resume reads (`final`, or the previous `final` as `.old`...
+    which a resume ignores: the older checkpoints remain)."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    _fsync(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _reading(folder: Path, path: Path) -> Iterator[None]:
+    """DamagedCheckpoint naming `path` (in checkpoint `folder`) for a file that does not load (what
+    torch.load raises for junk or a cut file); bad input of ours (ConfigError: another model, another
+    layout) and a state that does not fit the optimizer (ValueError, KeyError) pass through."""
+    try:
+        yield
+    except OPDError:
+        raise
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise DamagedCheckpoint(folder, f"{path} cannot be read ({_first_line(exc)})") from exc
+
+
+class DamagedCheckpoint(CorruptedFile):
+    """A checkpoint folder that cannot be resumed from. `problem` names the file and what is wrong."""
+
+    def __init__(self, folder: str | Path, problem: str) -> None:
+        folder = Path(folder)
+        super().__init__(f"checkpoint {folder} is damaged: {problem}; move it aside (`mv {folder} {folder}.damaged`) "
+                         "and resume again: it continues from the newest older checkpoint", folder)
+        self.problem = problem
+
+    def __reduce__(self) -> tuple:
+        return (DamagedCheckpoint, (self.path, self.problem))
+
+
 def _load_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     files = sorted(folder.glob("*.safetensors"))
@@ -160,7 +270,10 @@ def _load_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"{folder} has no .safetensors weights; is it a checkpoint written by opd-sdk?")
     weights: dict[str, torch.Tensor] = {}
     for f in files:
-        weights.update(load_file(str(f)))
+        try:
+            weights.update(load_file(str(f)))
+        except (SafetensorError, OSError) as exc:
+            raise DamagedCheckpoint(folder.parent, f"{f} cannot be read ({_first_line(exc)})") from exc
     return weights
 
 
@@ -196,6 +309,9 @@ def layout_name(fsdp: bool, zero_stage: int) -> str:
 def check_launch(folder: Path, *, world_size: int, fsdp: bool, zero_stage: int) -> dict[str, Any]:
     """The checkpoint's trainer_state.json; ConfigError when a job of another process count, or
     of another layout (FSDP's sharded/, the ZeRO stage in trainer_state.json, or neither), saved it."""
+    problem = checkpoint_problem(folder)
+    if problem is not None:
+        raise DamagedCheckpoint(Path(folder), problem)
     state = json.loads((Path(folder) / STATE_FILE).read_text(encoding="utf-8"))
     saved_world = int(state.get("world_size", 1))
     if saved_world != world_size:
@@ -223,7 +339,9 @@ def load_checkpoint(
     """Restore model and optimizer (the strategy's state), scheduler, RNG (this rank's) and objective
     state; returns trainer_state.json. Every rank calls it. Raises ConfigError for an incomplete
     folder, or one another launch saved (`check_launch`: each process's sampling stream resumes
-    exactly only on the same process count, and each layout reads its own state)."""
+    exactly only on the same process count, and each layout reads its own state); CorruptedFile,
+    naming the file, for a damaged one (`checkpoint_problem`, or a file that does not load; what
+    was loaded before it stays loaded: load another checkpoint over it)."""
     folder = Path(path)
     if not (folder / STATE_FILE).exists():
         raise ConfigError(f"{folder} is not a complete checkpoint (no {STATE_FILE})")
@@ -231,25 +349,81 @@ def load_checkpoint(
     state = check_launch(folder, world_size=dist.world_size, fsdp=parallel.shards_student, zero_stage=dist.zero_stage)
     if not parallel.shards_student:
         _load_model_weights(model, folder)
-    parallel.load(folder)
+    optimizer = folder / OPTIMIZER_FILE if (folder / OPTIMIZER_FILE).exists() else folder
+    with _reading(folder, optimizer):
+        parallel.load(folder)
     device = next(model.parameters()).device
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    with _reading(folder, folder / "scheduler.pt"):
+        scheduler_state = torch.load(folder / "scheduler.pt", weights_only=True)
+    scheduler.load_state_dict(scheduler_state)
     if objective is not None and (folder / "objective.pt").exists():
-        objective.load_state_dict(torch.load(folder / "objective.pt", map_location=device, weights_only=True))
+        with _reading(folder, folder / "objective.pt"):
+            objective_state = torch.load(folder / "objective.pt", map_location=device, weights_only=True)
+        objective.load_state_dict(objective_state)
     if teachers:  # the ranks that ask the teachers (rank 0) restore them
         _load_teachers(folder, teachers)
-    set_rng_state(torch.load(folder / ("rng.pt" if dist.rank == 0 else f"rng-rank{dist.rank}.pt"), weights_only=True))
+    rng = folder / ("rng.pt" if dist.rank == 0 else f"rng-rank{dist.rank}.pt")
+    with _reading(folder, rng):
+        rng_states = torch.load(rng, weights_only=True)
+    set_rng_state(rng_states)
     return state
 
 
 def _load_teachers(folder: Path, teachers: Sequence[Any]) -> None:
     path = folder / "teachers.pt"
-    states = torch.load(path, weights_only=True) if path.exists() else []
+    with _reading(folder, path):
+        states = torch.load(path, weights_only=True) if path.exists() else []
     if len(states) != len(teachers):
         raise ConfigError(f"{folder} holds the state of {len(states)} learning teacher(s) (teachers.pt) and this run "
                           f"has {len(teachers)}; resume with the teachers the run was started with")
     for teacher, state in zip(teachers, states, strict=True):
         teacher.load_state_dict(state)
+
+
+def resume_checkpoint(path: str | Path, output_dir: Path | None, *, parallel: ParallelStrategy,
+                      model: torch.nn.Module, scheduler: Any, objective: Objective | None = None,
+                      teachers: Sequence[Any] = ()) -> dict[str, Any]:
+    """`load_checkpoint` of `path`, or for "latest" of the newest intact checkpoint under output_dir:
+    a damaged newer one is moved aside to step-N.damaged (by rank 0) and a warning names it and
+    the one resumed from. In a launched job a file that fails to load is an error instead (every
+    rank must load the same checkpoint). Raises ConfigError when there is nothing to resume
+    from (CorruptedFile when only damaged checkpoints are there)."""
+    if str(path) != "latest":
+        return load_checkpoint(path, parallel=parallel, model=model, scheduler=scheduler, objective=objective,
+                               teachers=teachers)
+    if output_dir is None:
+        raise ConfigError('resume_from="latest" needs output_dir')
+    damaged: list[str] = []
+    for folder in step_folders(output_dir):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            try:
+                state = load_checkpoint(folder, parallel=parallel, model=model, scheduler=scheduler,
+                                        objective=objective, teachers=teachers)
+            except DamagedCheckpoint as exc:
+                if parallel.dist.enabled:
+                    raise
+                problem = exc.problem
+            else:
+                if damaged:
+                    log.warning("opd: %s; resuming from %s", "; ".join(damaged), folder.name)
+                return state
+        aside = _set_aside(folder) if parallel.dist.is_main else folder
+        damaged.append(f"checkpoint {folder.name} is damaged ({problem}), moved aside to {aside.name}")
+    if damaged:
+        raise CorruptedFile(f"nothing intact to resume from in {output_dir}: {'; '.join(damaged)}; start the run "
+                            "again with --overwrite (the feedback cache is kept)", Path(output_dir))
+    raise ConfigError(f"nothing to resume: {output_dir} holds no step-N/ checkpoint; start without resuming")
+
+
+def _set_aside(folder: Path) -> Path:
+    """Rename a damaged checkpoint folder to step-N.damaged (or .damaged-2, ...): kept for the user, out of the way."""
+    aside, n = folder.with_name(folder.name + ".damaged"), 1
+    while aside.exists():
+        n += 1
+        aside = folder.with_name(f"{folder.name}.damaged-{n}")
+    folder.rename(aside)
+    return aside
 
 
 def resolve_checkpoint(path: str | Path, output_dir: Path | None) -> Path:
@@ -271,7 +445,7 @@ def refuse_an_earlier_run(output_dir: Path | None) -> None:
     if output_dir is None:
         return
     path = output_dir / "metrics.jsonl"
-    trained = latest_checkpoint(output_dir) is not None or (
+    trained = bool(step_folders(output_dir)) or (
         path.exists() and any(row.get("step", 0) > 0 for row in read_metrics(path))
     )
     if trained:
@@ -302,14 +476,11 @@ def save_student(path: str | Path, *, parallel: ParallelStrategy, model: torch.n
 
 
 def prune_checkpoints(output_dir: str | Path, *, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` complete step-N/ folders (and stale .tmp ones); returns the deleted."""
+    """Delete all but the newest `keep` intact step-N/ folders, and stale .tmp / .old ones (never a
+    damaged one: a resume sets it aside for the user); returns the deleted."""
     root = Path(output_dir)
-    found = sorted(
-        (int(p.name.split("-", 1)[1]), p)
-        for p in root.glob("step-*")
-        if p.name.split("-", 1)[1].isdigit() and (p / STATE_FILE).exists()
-    )
-    doomed = [p for _, p in found[: max(0, len(found) - keep)]] + list(root.glob("step-*.tmp"))
+    intact = [p for p in step_folders(root) if checkpoint_problem(p) is None]
+    doomed = intact[keep:] + list(root.glob("step-*.tmp")) + list(root.glob("step-*.old"))
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed

@@ -40,8 +40,8 @@ from opd_sdk.parallel.strategy import make_strategy
 from opd_sdk.rollout.batch import RolloutBatch
 from opd_sdk.rollout.build import build_rollout_engine
 from opd_sdk.rollout.engine import RolloutEngine
-from opd_sdk.train.checkpoint import (checkpoint_dir, load_checkpoint, prune_checkpoints, refuse_an_earlier_run,
-                                      resolve_checkpoint, rng_state, save_checkpoint, save_student)
+from opd_sdk.train.checkpoint import (checkpoint_dir, prune_checkpoints, refuse_an_earlier_run, resume_checkpoint,
+                                      rng_state, save_checkpoint, save_student)
 from opd_sdk.train.checks import check_trainer
 from opd_sdk.train.collect import check_prompts, collect, teacher_metrics, usage_total
 from opd_sdk.train.metrics import MetricsLogger, StepTimer, step_row
@@ -49,6 +49,7 @@ from opd_sdk.train.microbatch import batch_loss
 from opd_sdk.train.optim import autocast, autocast_dtype, make_optimizer, prepare_student, set_seed
 from opd_sdk.train.pipeline import Pipeline
 from opd_sdk.train.progress import Progress
+from opd_sdk.train.run_lock import hold_output_dir
 from opd_sdk.train.stop import (did_not_learn, in_flight_notice, must_stop, sigterm_as_interrupt,
                                 training_stopped)
 from opd_sdk.types import FeedbackFailure
@@ -284,8 +285,13 @@ class Trainer:
 
         With an output_dir, a checkpoint is written every `save_every` steps, at
         the end, and before re-raising on Ctrl-C / SIGTERM (KeyboardInterrupt)
-        or TrainingStopped; only the newest `keep_checkpoints` are kept.
+        or TrainingStopped; only the newest `keep_checkpoints` are kept. The run holds a lock on
+        output_dir meanwhile: ConfigError, naming the holder's PID, while another process trains there.
         """
+        with hold_output_dir(self.output_dir, self.dist):
+            return self._train_holding_output_dir(resume_from)
+
+    def _train_holding_output_dir(self, resume_from: str | Path | None) -> list[dict[str, Any]]:
         if resume_from is not None:
             self.resume(resume_from)
             self._refuse_a_finished_run()
@@ -378,11 +384,12 @@ class Trainer:
     def resume(self, path: str | Path) -> int:
         """Load a checkpoint (or "latest" under output_dir); returns the step it continues from.
 
-        Raises ConfigError when there is nothing to resume from.
+        Raises ConfigError when there is nothing to resume from. A damaged newest checkpoint is set
+        aside, with a warning, for the newest intact one (`opd_sdk.train.checkpoint.resume_checkpoint`).
         """
-        state = load_checkpoint(resolve_checkpoint(path, self.output_dir), parallel=self.parallel, model=self.model,
-                                scheduler=self.scheduler, objective=self.objective,
-                                teachers=stateful([c.teacher for c in self.collectors]))
+        state = resume_checkpoint(path, self.output_dir, parallel=self.parallel, model=self.model,
+                                  scheduler=self.scheduler, objective=self.objective,
+                                  teachers=stateful([c.teacher for c in self.collectors]))
         self.step = self.saved_step = int(state["step"])
         self.sampler.load_state_dict(state["data"])
         self._restore_usage(state)

@@ -146,3 +146,88 @@ def test_a_teacher_that_is_not_cacheable_gets_no_cache_from_the_constructor(tmp_
         collector.collect_sync([request])
     assert len(shared) == 0  # left open and empty: its owner closes it
     shared.close()
+
+
+def _filled_cache(path, rows: int, values_per_row: int = 4) -> None:
+    """A real cache file of `rows` Score rows (one transaction: fast)."""
+    FeedbackCache(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.executemany("INSERT INTO feedback VALUES (?, ?, ?, 0.0)", [
+            (cache_digest("t", f"k{i}"), "t", Score(scores=[0.5] * values_per_row).model_dump_json())
+            for i in range(rows)])
+    conn.close()
+
+
+def _assert_names_file_and_fix(exc, path) -> None:
+    message = str(exc.value)
+    assert exc.value.path == path and f"the feedback cache {path} is damaged" in message
+    assert f"mv {path} {path}.damaged" in message and "nothing else is lost" in message
+
+
+@pytest.mark.parametrize("damage", ["junk", "truncated", "header_only"])
+def test_a_damaged_cache_file_names_the_file_and_the_fix_on_opening(tmp_path, damage):
+    from opd_sdk.errors import CorruptedFile
+
+    path = tmp_path / "c.sqlite"
+    _filled_cache(path, 3000)
+    data = path.read_bytes()
+    assert len(data) > 100_000
+    damaged = {"junk": bytes(range(256)) * 20, "truncated": data[: len(data) // 2], "header_only": data[:100]}[damage]
+    path.write_bytes(damaged)
+    with pytest.raises(CorruptedFile) as exc:
+        FeedbackCache(path)
+    _assert_names_file_and_fix(exc, path)
+    assert path.read_bytes() == damaged  # left as it was, for the user to move aside
+    path.rename(tmp_path / "c.sqlite.damaged")  # the fix the message gives
+    with FeedbackCache(path) as cache:
+        assert len(cache) == 0
+
+
+def test_a_damaged_page_read_after_opening_names_the_file(tmp_path):
+    """Pages damaged on disk while the cache is open (larger than sqlite's 2 MB page cache, so read again)."""
+    from opd_sdk.errors import CorruptedFile
+
+    path = tmp_path / "c.sqlite"
+    _filled_cache(path, 2000, values_per_row=400)
+    cache = FeedbackCache(path)
+    with open(path, "r+b") as f:
+        f.seek(4096 * 50)
+        f.write(b"\xa5" * 4096 * 20)
+    errors = []
+    for i in range(2000):
+        try:
+            assert cache.get("t", f"k{i}") == Score(scores=[0.5] * 400)
+        except CorruptedFile as exc:
+            errors.append(exc)
+    assert errors and all(e.path == path and "nothing else is lost" in str(e) for e in errors)
+    cache.close()
+
+
+def test_a_row_that_does_not_parse_is_a_miss_and_the_new_answer_replaces_it(tmp_path, caplog):
+    path = tmp_path / "c.sqlite"
+    with FeedbackCache(path) as cache:
+        cache.put("t", "k", Score(scores=[1.0]))
+        cache.put("t", "other", Score(scores=[2.0]))
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE feedback SET feedback = ? WHERE key = ?", ('{"kind": "score", "sco', cache_digest("t", "k")))
+    conn.close()
+    with FeedbackCache(path) as cache:
+        assert cache.get("t", "k") is None
+        assert "a row of teacher t does not parse" in caplog.text and str(path) in caplog.text
+        assert cache.get("t", "other") == Score(scores=[2.0])
+        cache.put("t", "k", Score(scores=[3.0]))
+        assert cache.get("t", "k") == Score(scores=[3.0])
+
+
+def test_a_busy_cache_is_not_called_damaged(tmp_path):
+    """A write lock held by another connection past the busy timeout is sqlite's OperationalError, as before."""
+    path = tmp_path / "c.sqlite"
+    FeedbackCache(path).close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with FeedbackCache(path, busy_timeout_s=0.1) as cache, pytest.raises(sqlite3.OperationalError, match="locked"):
+            cache.put("t", "k", Score(scores=[1.0]))
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from opd_sdk.data import PromptItem
-from opd_sdk.errors import ConfigError
+from opd_sdk.errors import ConfigError, CorruptedFile
 from opd_sdk.feedback.collector import FeedbackCollector
 from opd_sdk.objectives import RewardWeighted
-from opd_sdk.train.checkpoint import latest_checkpoint
+from opd_sdk.train.checkpoint import STATE_FILE, latest_checkpoint
 from opd_sdk.train.metrics import read_metrics
 from opd_sdk.train.trainer import Trainer
 from providers.verifier import VerifierTeacher
@@ -199,6 +201,10 @@ def test_a_checkpoint_never_unpickles_arbitrary_objects(tmp_path, capsys):
     step = latest_checkpoint(tmp_path)
     assert (step / "model" / "model.safetensors").exists()
     (step / "rng.pt").write_bytes(pickle.dumps({"python": _Payload()}))
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    state = json.loads((step / STATE_FILE).read_text())
+    state["files"]["rng.pt"] = (step / "rng.pt").stat().st_size  # the size check passes: torch.load refuses it
+    (step / STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(CorruptedFile, match=r"rng.pt cannot be read \(Weights only load failed") as exc:
         load_checkpoint(step, parallel=trainer.parallel, model=trainer.model, scheduler=trainer.scheduler)
+    assert isinstance(exc.value.__cause__, pickle.UnpicklingError)
     assert "arbitrary code ran" not in capsys.readouterr().out
