@@ -26,7 +26,7 @@ swept lr (`--lr` for a row with no sweep cells, marked in the table).
     python benchmarks/blackbox.py --tiny --out /tmp/bb   # every row in seconds: tiny models, scripted teacher
 
 CPU time is this process's (the student's training and evaluation, all
-threads); the teacher server's own CPU is not in it.
+threads; GAD's discriminator too); the teacher server's own CPU is not in it.
 """
 
 from __future__ import annotations
@@ -147,13 +147,13 @@ def run_cell(row_name: str, seed: int, lr: float | None, mode: str, args, items:
             finally:
                 trainer.close()
                 if collector is not None:
-                    for k in usage:
-                        usage[k] += int(getattr(collector.usage, k))
+                    for k in usage:  # the trainer's total: also the calls a teacher makes through its own
+                        usage[k] += int(trainer.usage_total(k))  # collectors (GAD's reference teacher)
                     collector.close()
             model = trainer.model
     train_cpu, train_wall = time.process_time() - cpu0, time.perf_counter() - wall0
     result = evaluate(model, tokenizer, items, "validation" if mode == "sweep" else "heldout", args, seed)
-    keys = ("loss/total", "teacher/failures", "rollout/completion_len_mean")
+    keys = ("loss/total", "teacher/failures", "rollout/completion_len_mean", "gad/accuracy", "gad/margin")
     trace = {k: [h.get(k) for h in history] for k in keys if any(h.get(k) is not None for h in history)}
     return {"row": row_name, "seed": seed, "lr": lr, "mode": mode, "steps": 0 if row_name == "base" else steps,
             **result, **usage, "train_cpu_s": train_cpu, "train_wall_s": train_wall,

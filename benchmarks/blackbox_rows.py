@@ -4,14 +4,7 @@ A row is one or more phases; a phase builds an objective and its teacher (or
 none) from a `RowContext` and trains for a share of the row's steps. Every
 remote teacher is reached only through `RowContext.endpoint` (a URL and a
 served model name), as a hosted model would be. The registry `ROWS` is the
-one list the benchmark runs; a new method is one entry. For example GAD, once
-`providers.DiscriminatorTeacher` exists (the `gad` teacher type), would be
-
-    def _gad(ctx):
-        teacher = build_teacher(TEACHERS["gad"].model_validate({"type": "gad", "model": ctx.endpoint.model,
-                                "base_url": ctx.endpoint.base_url, ...}), BuildContext(ctx.student, ctx.tokenizer))
-        return RewardWeighted(advantage="rloo"), teacher
-    ROWS["gad"] = Row("gad", "GAD: discriminator reward (text only)", (Phase(1.0, _gad),))
+one list the benchmark runs; a new method is one entry.
 
 Rows (issue #19):
 1. sft: off-policy SFT on the teacher's sampled answers (G per prompt: as many
@@ -26,6 +19,16 @@ Rows (issue #19):
    reverse-KL advantage a constant -shift on every sampled token (the "fixed
    negative advantage" control), same loss, optimiser and steps.
 7. verifier_rloo: the task's verifier (ground truth, no teacher) with RLOO.
+8. gad: GAD (issue #20; Ye et al. 2025, arXiv 2511.10643): `DiscriminatorTeacher`, a copy of
+   the student with a scalar head, learns (Bradley-Terry) to score the teacher's text above the
+   student's samples, and its score of each sample is the reward, with RLOO as in the paper
+   (`RewardWeighted(advantage="rloo")`). The teacher's text comes from one `ReferenceTeacher`
+   answer per prompt over HTTP (the endpoint of rows 1 and 4), paid once per prompt for the
+   whole row (D keeps it); those calls are counted through the trainer's `usage_total` (the
+   reference teacher's own collector), D's CPU in the cell's. D's settings are GADParams'
+   defaults (lr 1e-5, one update per step, full weights) except its warm-up: the first
+   `max(1, steps // 10)` batches, 8 updates each before scoring. The student's SFT warm-up
+   of the paper is not in this row (row 5 is that recipe for reverse KL).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import torch
 
 from opd_sdk.objectives import SFT, SPIN, RewardWeighted, TokenDistill
 from opd_sdk.types import Feedback, FeedbackFailure, FeedbackRequest, TokenLogprobs
+from providers.gad import DiscriminatorTeacher
 from providers.logprob import LogprobTeacher
 from providers.reference import ReferenceTeacher
 from providers.verifier import VerifierTeacher
@@ -54,8 +58,8 @@ class Endpoint:
 
 @dataclass
 class RowContext:
-    """What a row's builders may use: the student (only a teacher-free row reads it), its tokenizer,
-    the teacher endpoint and the run's sampling settings."""
+    """What a row's builders may use: the student (read by the teacher-free control, and copied as GAD's
+    discriminator), its tokenizer, the teacher endpoint and the run's sampling settings."""
 
     student: Any
     tokenizer: Any
@@ -162,6 +166,12 @@ def _verifier(ctx: RowContext) -> tuple[Any, Any]:
     return RewardWeighted(advantage="rloo"), VerifierTeacher(mode="numeric")
 
 
+def _gad(ctx: RowContext) -> tuple[Any, Any]:
+    teacher = DiscriminatorTeacher(ctx.student, ctx.tokenizer, _reference(ctx, 1),
+                                   warmup_steps=max(1, ctx.steps // 10), warmup_updates=8)
+    return RewardWeighted(advantage="rloo"), teacher
+
+
 ROWS: dict[str, Row] = {
     "sft": Row("sft", "off-policy SFT on teacher samples", (Phase(1.0, _sft, one_sample=True),)),
     "reverse_kl": Row("reverse_kl", "on-policy reverse KL (teacher log-probs)", (Phase(1.0, _reverse_kl),)),
@@ -171,6 +181,7 @@ ROWS: dict[str, Row] = {
                                (Phase(0.5, _sft, one_sample=True), Phase(0.5, _reverse_kl))),
     "control": Row("control", "teacher-free control (constant negative advantage)", (Phase(1.0, _control),)),
     "verifier_rloo": Row("verifier_rloo", "verifier + RLOO (ground truth, no teacher)", (Phase(1.0, _verifier),)),
+    "gad": Row("gad", "GAD: discriminator reward on teacher text (RLOO)", (Phase(1.0, _gad),)),
 }
 
 

@@ -15,7 +15,7 @@ from tests.loop_fixtures import one_thread, tiny_model, tiny_tokenizer  # noqa: 
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 pytestmark = pytest.mark.usefixtures("one_thread")
-TEACHER_ROWS = {"sft", "reverse_kl", "gkd_jsd", "spin", "sft_then_reverse_kl"}
+TEACHER_ROWS = {"sft", "reverse_kl", "gkd_jsd", "spin", "sft_then_reverse_kl", "gad"}
 
 
 def load(name: str):
@@ -43,6 +43,7 @@ def test_every_row_runs_tiny_and_a_rerun_resumes_from_the_cells(tmp_path, blackb
         assert c["failures"] == 0, name
         if name != "base":
             assert len(c["trace"]["loss/total"]) == 2, name  # both steps trained (SFT then RKL: one each)
+    assert len(cells["gad"]["trace"]["gad/accuracy"]) == 2  # the discriminator learnt and reported every step
     assert first["server_requests"] > 0
     assert all(f"| {name} |" in first["table"] for name in cells)
     saved = sorted(p.relative_to(out / "cells").as_posix() for p in (out / "cells").rglob("*.json"))
@@ -53,6 +54,18 @@ def test_every_row_runs_tiny_and_a_rerun_resumes_from_the_cells(tmp_path, blackb
     # a cell made with other settings is refused, not mixed in
     with pytest.raises(SystemExit, match="other settings"):
         blackbox.main(["--tiny", "--out", str(out), "--seeds", "0", "--steps", "3"], log=lambda *a: None)
+
+
+def test_gad_row_pays_the_teacher_text_once_per_prompt_and_counts_the_reference_calls(tmp_path, blackbox):
+    # 2 training prompts, 2 steps of 2 prompts: each prompt drawn twice, its teacher text asked once. The
+    # reference teacher's calls go through its own collector, not the row's (a LocalRunner's usage is 0):
+    # the cell must still count them, exactly as the server saw them (nothing else in this run asks it).
+    result = blackbox.main(["--tiny", "--out", str(tmp_path / "gad"), "--rows", "gad", "--seeds", "0",
+                            "--n-train", "2"], log=lambda *a: None)
+    gad = next(c for c in result["cells"] if c["row"] == "gad")
+    assert gad["api_calls"] == result["server_requests"] == 2
+    assert gad["completion_tokens"] > 0 and gad["failures"] == 0
+    assert "| gad |" in result["table"]
 
 
 def test_sweep_picks_each_rows_best_validation_lr_and_the_table_uses_it(tmp_path, blackbox):
