@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from opd_sdk.types import feedback_from_json
-from tests.loop_fixtures import tiny_model, tiny_tokenizer
+from tests.loop_fixtures import tiny_tokenizer
 from tests.scripted_server import ScriptedServer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -25,14 +25,6 @@ def load_example(name: str):
     spec.loader.exec_module(module)
     return module
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_student")
-    tok = tiny_tokenizer()
-    tiny_model(tok).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(autouse=True)

@@ -11,17 +11,8 @@ import torch
 import yaml
 
 from opd_sdk.app import cli, runner
-from tests.loop_fixtures import tiny_model, tiny_tokenizer
 from tests.scripted_server import ScriptedServer
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny")
-    tok = tiny_tokenizer()
-    tiny_model(tok).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def write_config(tmp_path: Path, tiny_dir: Path, **changes) -> Path:

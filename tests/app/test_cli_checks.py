@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.app.test_cli import no_model_load, run_cli, tiny_dir, write_config  # noqa: F401 (fixtures)
+from tests.app.test_cli import no_model_load, run_cli, write_config  # noqa: F401
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
@@ -86,7 +86,7 @@ def test_valid_example_configs_pass_check(capsys, monkeypatch, no_model_load):  
         assert rc == 0, (path, err)
 
 
-def test_eval_with_a_mistyped_model_folder_fails_at_once(tmp_path, tiny_dir, capsys):  # noqa: F811
+def test_eval_with_a_mistyped_model_folder_fails_at_once(tmp_path, tiny_dir, capsys):
     rc, _, err = run_cli(capsys, "eval", str(write_config(tmp_path, tiny_dir)), "--model", str(tmp_path / "fnal"))
     assert rc == 2 and "no such folder" in err
 
@@ -111,8 +111,8 @@ def test_an_unknown_field_does_not_hide_the_other_problems(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", [["--check"], []])
-def test_a_teacher_that_follows_the_student_is_refused_with_max_staleness(tmp_path, tiny_dir, capsys,  # noqa: F811
-                                                                          no_model_load, command):
+def test_a_teacher_that_follows_the_student_is_refused_with_max_staleness(tmp_path, tiny_dir, capsys,
+                                                                          no_model_load, command):  # noqa: F811
     """self_distill in live or ema mode, alone or inside a composite, cannot be asked ahead of its step."""
     live = {"type": "self_distill", "mode": "live"}
     composite = {"type": "weighted_sum", "teachers": [{"weight": 1.0, "teacher": {"type": "verifier"}},

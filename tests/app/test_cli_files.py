@@ -7,10 +7,10 @@ import json
 import logging
 
 from opd_sdk.train.checkpoint import STATE_FILE
-from tests.app.test_cli import metric_rows, run_cli, tiny_dir, write_config  # noqa: F401 (fixture)
+from tests.app.test_cli import metric_rows, run_cli, write_config
 
 
-def test_a_damaged_feedback_cache_is_named_with_its_fix(tmp_path, tiny_dir, capsys):  # noqa: F811 (fixture)
+def test_a_damaged_feedback_cache_is_named_with_its_fix(tmp_path, tiny_dir, capsys):
     cache = tmp_path / "run" / "feedback_cache.sqlite"
     cache.parent.mkdir()
     cache.write_bytes(b"not a database " * 100)
@@ -20,7 +20,7 @@ def test_a_damaged_feedback_cache_is_named_with_its_fix(tmp_path, tiny_dir, caps
     assert f"mv {cache} {cache}.damaged" in err and "nothing else is lost" in err
 
 
-def test_resume_over_a_damaged_newest_checkpoint_continues_from_the_newest_intact(tmp_path, tiny_dir, capsys,  # noqa: F811
+def test_resume_over_a_damaged_newest_checkpoint_continues_from_the_newest_intact(tmp_path, tiny_dir, capsys,
                                                                                    caplog):
     config = str(write_config(tmp_path, tiny_dir, save_every=1))
     rc, _, err = run_cli(capsys, "train", config)
@@ -38,7 +38,7 @@ def test_resume_over_a_damaged_newest_checkpoint_continues_from_the_newest_intac
     assert json.loads(out[out.index("{"):])["steps"] == 3
 
 
-def test_resume_when_every_checkpoint_is_damaged_names_them(tmp_path, tiny_dir, capsys):  # noqa: F811 (fixture)
+def test_resume_when_every_checkpoint_is_damaged_names_them(tmp_path, tiny_dir, capsys):
     config = str(write_config(tmp_path, tiny_dir, save_every=1))
     rc, _, err = run_cli(capsys, "train", config)
     assert rc == 0, err

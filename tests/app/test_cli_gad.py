@@ -19,14 +19,6 @@ from tests.scripted_server import ScriptedServer
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "configs" / "gad_text_teacher.yaml"
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_gad")
-    tok = tiny_tokenizer()
-    tiny_model(tok).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
 
 def tiny_overrides(tiny_dir: Path, out: Path, base_url: str) -> list[str]:
     sets = [f"student.model={tiny_dir}", f"teacher.teacher.base_url={base_url}", "teacher.teacher.api_key_env=null",
@@ -38,7 +30,7 @@ def tiny_overrides(tiny_dir: Path, out: Path, base_url: str) -> list[str]:
 
 
 def test_opd_train_with_a_gad_teacher_logs_its_metrics_checkpoints_it_and_resumes(tmp_path, tiny_dir, capsys,
-                                                                                  one_thread):
+                                                                                  one_thread):  # noqa: F811
     torch.manual_seed(0)
     with ScriptedServer(lambda body: "The answer is 4.") as server:
         sets = tiny_overrides(tiny_dir, tmp_path / "run", server.base_url)

@@ -14,7 +14,7 @@ from opd_sdk.app import cli
 from opd_sdk.app.exposure import by_first_wrong_step, format_table, per_position
 from opd_sdk.data import PromptItem
 from opd_sdk.rollout.engine import render_prompts
-from tests.loop_fixtures import one_thread, tiny_model, tiny_tokenizer  # noqa: F401 (fixture)
+from tests.loop_fixtures import one_thread, tiny_model, tiny_tokenizer  # noqa: F401
 from tests.model_server import ModelResponder
 from tests.scripted_server import ScriptedServer
 
@@ -38,14 +38,6 @@ def test_accuracy_by_first_wrong_step():
     assert groups == [{"step": 0, "n": 2, "accuracy": 0.5}, {"step": 1, "n": 1, "accuracy": 0.0},
                       {"step": "none", "n": 1, "accuracy": 1.0}]
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny")
-    tok = tiny_tokenizer()
-    tiny_model(tok).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def config(tmp_path: Path, student: Path, teacher: dict, objective: str = "token_distill") -> Path:

@@ -15,20 +15,11 @@ from opd_sdk.app import cli
 from opd_sdk.app.inspect import Thresholds, run_inspect
 from opd_sdk.config.run import load_config
 from opd_sdk.errors import ConfigError
-from tests.loop_fixtures import tiny_model, tiny_tokenizer
 from tests.providers.helpers import fenced_texts
 from tests.scripted_server import ScriptedServer
 
 PROMPTS, G = 6, 4  # 6 groups of 4: 36 within-group pairs for the rank agreement
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny")
-    tok = tiny_tokenizer()
-    tiny_model(tok).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def write_config(tmp_path: Path, tiny_dir: Path, teacher: dict, objective: dict | None = None, **extra) -> Path:

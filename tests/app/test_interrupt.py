@@ -12,24 +12,14 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
-from tests.loop_fixtures import tiny_model, tiny_tokenizer
 from tests.scripted_server import ScriptedServer
 
 ROOT = Path(__file__).resolve().parents[2]
 LATENCY_S = 6.0  # every judge answer takes this long
 NOTICE = "teacher answer(s) in flight are being kept"
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_interrupt")
-    tok = tiny_tokenizer()
-    tiny_model(tok).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def start(tmp_path: Path, tiny_dir: Path, base_url: str) -> subprocess.Popen:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.app.test_cli import no_model_load, run_cli, tiny_dir, write_config  # noqa: F401 (fixtures)
+from tests.app.test_cli import no_model_load, run_cli, write_config  # noqa: F401
 
 
 def write_rows(path: Path, lines: list[str]) -> Path:
@@ -110,7 +110,7 @@ def test_a_prompt_longer_than_the_context_is_named_by_file_and_line_at_check(
     assert f"{tmp_path / 'prompts.jsonl'}:3 (" in err and "room for 252" in err and "data.too_long: skip" in err
 
 
-def test_too_long_skip_leaves_the_prompt_out_counted_and_trains(tmp_path, tiny_dir, capsys):  # noqa: F811
+def test_too_long_skip_leaves_the_prompt_out_counted_and_trains(tmp_path, tiny_dir, capsys):
     long_prompts(tmp_path)
     path = write_config(tmp_path, tiny_dir, data={"path": "prompts.jsonl", "eval_size": 4, "too_long": "skip"},
                         steps=1)
@@ -121,7 +121,7 @@ def test_too_long_skip_leaves_the_prompt_out_counted_and_trains(tmp_path, tiny_d
     assert "left out 1 of 9 training and 0 of 4 held-out prompts that do not fit 256 tokens" in out, out
 
 
-def test_prompts_not_measured_at_check_are_measured_before_the_weights_load(tmp_path, tiny_dir):  # noqa: F811
+def test_prompts_not_measured_at_check_are_measured_before_the_weights_load(tmp_path, tiny_dir):
     """When the check could not read the student's tokenizer (a model not downloaded yet, an hf_dataset),
     the run measures the prompts before loading the weights."""
     from opd_sdk.app.runner import _fitting_prompts

@@ -10,7 +10,7 @@ import socket
 import pytest
 import yaml
 
-from tests.app.test_cli import metric_rows, run_cli, tiny_dir, write_config  # noqa: F401 (fixture)
+from tests.app.test_cli import metric_rows, run_cli, write_config
 from tests.providers.test_logprob import EchoTeacher
 from tests.scripted_server import Fault, ScriptedServer
 
@@ -31,7 +31,7 @@ FAULTS = {
 
 
 @pytest.mark.parametrize("fault", ["down", *FAULTS])
-def test_a_run_whose_every_teacher_call_failed_exits_non_zero_without_final(tmp_path, tiny_dir, capsys,  # noqa: F811
+def test_a_run_whose_every_teacher_call_failed_exits_non_zero_without_final(tmp_path, tiny_dir, capsys,
                                                                            monkeypatch, fault):
     """steps: 2 < max_no_signal_steps 3, every judge call fails: exit status 2, a message saying the run
     did not learn, no final/, summary.json with outcome did_not_learn (the held-out accuracy is graded
@@ -58,7 +58,7 @@ def test_a_run_whose_every_teacher_call_failed_exits_non_zero_without_final(tmp_
     assert all(r["optim/skipped"] == 1 for r in metric_rows(run) if r["step"] > 0)
 
 
-def test_a_one_step_run_with_a_logprob_teacher_of_another_tokenizer_did_not_learn(tmp_path, tiny_dir, capsys):  # noqa: F811
+def test_a_one_step_run_with_a_logprob_teacher_of_another_tokenizer_did_not_learn(tmp_path, tiny_dir, capsys):
     """The teacher splits text in 2-character tokens, the student in characters: every call is a
     TokenizationMismatch, so the one step trains nothing and the run says so."""
     with ScriptedServer(EchoTeacher(chunk=2)) as srv:
@@ -71,7 +71,7 @@ def test_a_one_step_run_with_a_logprob_teacher_of_another_tokenizer_did_not_lear
     assert summary["outcome"] == "did_not_learn" and not (tmp_path / "run" / "final").exists()
 
 
-def test_half_the_steps_failing_is_under_the_threshold_and_the_share_is_configurable(tmp_path, tiny_dir, capsys,  # noqa: F811
+def test_half_the_steps_failing_is_under_the_threshold_and_the_share_is_configurable(tmp_path, tiny_dir, capsys,
                                                                                      monkeypatch):
     """Step 1's calls fail, step 2's answer (4 calls a step: 2 prompts x 2 samples): 1 of 2 failed steps
     is not more than max_failed_step_share 0.5, so the run finishes; with 0.4 it did not learn."""
@@ -90,7 +90,7 @@ def test_half_the_steps_failing_is_under_the_threshold_and_the_share_is_configur
         assert (tmp_path / "run" / "final").exists() == (outcome == "finished")
 
 
-def test_an_attempt_refused_before_its_first_step_does_not_block_the_rerun(tmp_path, tiny_dir, capsys,  # noqa: F811
+def test_an_attempt_refused_before_its_first_step_does_not_block_the_rerun(tmp_path, tiny_dir, capsys,
                                                                            monkeypatch):
     """Loading fails after output_dir was prepared (config.yaml written): the corrected rerun, the same
     command, is not refused for want of --overwrite."""
@@ -112,7 +112,7 @@ def test_an_attempt_refused_before_its_first_step_does_not_block_the_rerun(tmp_p
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["outcome"] == "finished"
 
 
-def test_resume_with_a_changed_config_lists_the_changes_and_refuses_breaking_ones(tmp_path, tiny_dir, capsys):  # noqa: F811
+def test_resume_with_a_changed_config_lists_the_changes_and_refuses_breaking_ones(tmp_path, tiny_dir, capsys):
     path = write_config(tmp_path, tiny_dir, steps=1, save_every=1)
     rc, _, err = run_cli(capsys, "train", str(path))
     assert rc == 0, err

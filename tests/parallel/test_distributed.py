@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from tests.scripted_server import ScriptedServer
-from tests.train.test_crash_resume import (  # noqa: F401 (tiny_dir is a fixture)
+from tests.train.test_crash_resume import (
     CALLS_PER_STEP,
     KEY,
     STEPS,
@@ -32,7 +32,6 @@ from tests.train.test_crash_resume import (  # noqa: F401 (tiny_dir is a fixture
     assert_no_key_anywhere,
     finish_and_check,
     steps_in,
-    tiny_dir,
     write_config,
 )
 

@@ -16,14 +16,14 @@ from opd_sdk.parallel.distributed import Distributed
 from opd_sdk.rollout.batch import RolloutBatch
 from opd_sdk.rollout.engine import TransformersRollout
 from opd_sdk.train.trainer import Trainer
-from tests.loop_fixtures import one_thread, tiny_model, tiny_tokenizer  # noqa: F401 (fixture)
+from tests.loop_fixtures import one_thread, tiny_model, tiny_tokenizer  # noqa: F401
 from tests.train.test_trainer import Constant, collector
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [PromptItem(prompt=p) for p in ("Hi", "What is 12 + 30?", "Say a long word please", "Go")]
 
 
-def test_shares_concatenate_to_the_batch_one_process_samples(one_thread):
+def test_shares_concatenate_to_the_batch_one_process_samples(one_thread):  # noqa: F811
     """Two ranks' shares, each padded to its own widths, re-pad to exactly one batch of all prompts."""
     tok = tiny_tokenizer()
     torch.manual_seed(0)
@@ -76,7 +76,7 @@ def test_deepspeed_configs_opd_cannot_run_are_refused_with_the_fix(monkeypatch):
         assert expected in str(err.value), (expected, str(err.value))
 
 
-def test_a_zero_checkpoint_resumes_only_under_zero_and_the_cli_says_so_before_writing(tmp_path, one_thread):
+def test_a_zero_checkpoint_resumes_only_under_zero_and_the_cli_says_so_before_writing(tmp_path, one_thread):  # noqa: F811
     tok = tiny_tokenizer()
     settings = dict(prompts_per_step=2, group_size=2, max_new_tokens=2, output_dir=tmp_path, progress=False)
     Trainer(tiny_model(tok), tok, RewardWeighted(), collector(Constant()), PROMPTS, max_steps=1, **settings).train()
@@ -98,7 +98,7 @@ def test_a_zero_checkpoint_resumes_only_under_zero_and_the_cli_says_so_before_wr
         prepare_output_dir(tmp_path, resume=True, overwrite=False, dist=Distributed(zero_stage=1))
 
 
-def test_a_checkpoint_resumes_only_on_its_process_count(tmp_path, one_thread):
+def test_a_checkpoint_resumes_only_on_its_process_count(tmp_path, one_thread):  # noqa: F811
     tok = tiny_tokenizer()
     settings = dict(prompts_per_step=2, group_size=2, max_new_tokens=2, output_dir=tmp_path, progress=False)
     Trainer(tiny_model(tok), tok, RewardWeighted(), collector(Constant()), PROMPTS, max_steps=1, **settings).train()

@@ -12,21 +12,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.loop_fixtures import tiny_model, tiny_tokenizer
+from tests.loop_fixtures import tiny_tokenizer
 from tests.scripted_server import ScriptedServer
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4"]
 PROBLEMS = ("Traceback", "Exception ignored", "Task exception was never retrieved", "Warning:", "was never awaited")
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_clean")
-    tok = tiny_tokenizer()
-    tiny_model(tok).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.loop_fixtures import tiny_model, tiny_tokenizer
 from tests.scripted_server import ScriptedServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,14 +24,6 @@ KEY = "sk-SCAN-7f3a9c1e5b2d4680"  # fake; must never appear in anything the run 
 STEPS = 4
 CALLS_PER_STEP = 4  # 2 prompts x 2 samples, one pointwise judge call each
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_crash")
-    tok = tiny_tokenizer()
-    tiny_model(tok).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 class GatedJudge:

@@ -30,7 +30,7 @@ def share_of_a(model, tok, n: int = 64) -> float:
     return sum(t.count("a") for t in texts) / (4 * n)
 
 
-def test_discriminator_learns_to_tell_the_teacher_and_the_student_learns_to_write_like_it(one_thread):
+def test_discriminator_learns_to_tell_the_teacher_and_the_student_learns_to_write_like_it(one_thread):  # noqa: F811
     tok = tiny_tokenizer()
     model = tiny_model(tok, seed=0)
     before = share_of_a(model, tok)
@@ -62,7 +62,7 @@ def gad_trainer(server: ScriptedServer, output_dir, *, max_steps: int, model_see
     return trainer, teacher
 
 
-def test_resume_restores_the_discriminator_exactly_and_the_teacher_is_asked_once_per_prompt(tmp_path, one_thread):
+def test_resume_restores_the_discriminator_exactly_and_the_teacher_is_asked_once_per_prompt(tmp_path, one_thread):  # noqa: F811
     """4 prompts, 2 per step, 6 steps: 3 epochs. The teacher is asked once per prompt (4 calls, counted
     at the server) whether the run goes straight through or stops at step 2 and resumes in a new
     process-like setup (fresh objects, no feedback cache): the teacher texts travel in the checkpoint."""

@@ -20,7 +20,6 @@ from tests.train.test_crash_resume import (
     GatedJudge,
     start,
     steps_in,
-    tiny_dir,  # noqa: F401 (fixture)
     write_config,
 )
 
@@ -98,7 +97,7 @@ def test_trainer_train_refuses_an_output_dir_another_process_trains_in(tmp_path)
     assert (out / "step-1").is_dir()
 
 
-def test_two_opd_train_resume_on_one_output_dir_the_second_is_refused(tmp_path, tiny_dir):  # noqa: F811 (fixture)
+def test_two_opd_train_resume_on_one_output_dir_the_second_is_refused(tmp_path, tiny_dir):
     """A real `opd train` holds a judge call open; a second `opd train --resume` on its output_dir is
     refused at once with the first one's PID, and the first finishes with each step logged once."""
     from tests.scripted_server import ScriptedServer
