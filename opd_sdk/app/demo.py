@@ -90,6 +90,9 @@ def run_demo(
     t_start = time.perf_counter()
     steps = DEMO_STEPS if steps is None else steps
     out = Path(out_dir)
+    if (out / "config.yaml").exists():  # `opd train` writes it; the demo does not
+        raise ConfigError(f"{out} holds an `opd train` run (config.yaml); the demo would overwrite its metrics "
+                          "and final/: choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     torch.manual_seed(seed)

@@ -141,8 +141,8 @@ class _KeyFromEnv(_TeacherType):
             if self._hosted() or "api_key_env" in self.model_fields_set:
                 raise ConfigError(
                     f"{where}.api_key_env: the environment variable {name} is not set. "
-                    f"`export {name}=...` before running, or set {where}.base_url to a local server "
-                    "that needs no key (and drop api_key_env)"
+                    f"`export {name}=...` before running, or, for a local server that needs no key, "
+                    f"set {where}.base_url to it and {where}.api_key_env: null (--set {where}.api_key_env=null)"
                 )
         return key
 

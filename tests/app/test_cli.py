@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from opd_sdk.app import cli, runner
+from opd_sdk.errors import ConfigError
 from tests.scripted_server import ScriptedServer
 
 
@@ -281,6 +282,18 @@ def test_resume_after_a_crash_repeats_no_teacher_call(tmp_path, tiny_dir, capsys
         # the judge gives any text 0.7, but the tiny model's greedy held-out answers are empty: 0.0, never
         # sent (no credit for an empty answer, tests/providers/test_empty_answers.py)
         assert summary["heldout_teacher_score"] == 0.0
+
+
+def test_demo_refuses_an_output_folder_that_holds_an_opd_train_run(tmp_path, tiny_dir):
+    from opd_sdk.app import demo
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("steps: 2\n")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ConfigError, match="holds an `opd train` run"):
+        demo.run_demo(out_dir=run, steps=1, model_dir=tiny_dir, log=lambda *a: None)
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'  # untouched
 
 
 def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_dir, monkeypatch):
