@@ -133,10 +133,6 @@ def scope(current: CallScope) -> Iterator[CallScope]:
         _SCOPE.reset(token)
 
 
-def current_scope() -> CallScope | None:
-    return _SCOPE.get()
-
-
 def call_key(*parts: Any) -> str:
     """A short key for what a call sends (endpoint, path, messages or prompt, parameters)."""
     blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
