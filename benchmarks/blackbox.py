@@ -50,7 +50,7 @@ from blackbox_rows import ROWS, Endpoint, RowContext, phase_steps
 from opd_sdk.data import PromptItem
 from opd_sdk.feedback.factory import make_collector
 from opd_sdk.rollout.engine import TransformersRollout
-from opd_sdk.tasks import check, get_task
+from opd_sdk.tasks import check, first_wrong_step, get_task
 from opd_sdk.train.evaluate import greedy_accuracy
 from opd_sdk.train.trainer import Trainer
 
@@ -92,20 +92,35 @@ def load_student(path: str, device: str = "cpu"):
     return model, tokenizer
 
 
-def evaluate(model, tokenizer, items: dict, split: str, args, seed: int) -> dict:
-    """Greedy and sampled (temperature `args.temperature`, `eval_samples` a prompt) accuracy on `split`,
-    and greedy accuracy on the forgetting task."""
+def steps_right(texts: list[str], items: list[PromptItem]) -> float:
+    """Partial credit: the mean share of each reference solution's lines (the "Answer: N" line too) that
+    the answer gets right before its first wrong line (`tasks.first_wrong_step`); 1.0 = all right."""
+    shares = []
+    for text, item in zip(texts, items, strict=True):
+        solution = item.metadata["solution"]
+        n = len([line for line in solution.splitlines() if line.strip()])
+        wrong = first_wrong_step(text, solution)
+        shares.append(1.0 if wrong is None else wrong / n)
+    return sum(shares) / len(shares)
+
+
+def evaluate(model, tokenizer, items: dict, split: str, args, seed: int, *, full: bool = True) -> dict:
+    """Greedy accuracy and steps right on `split`; with `full`, also sampled accuracy (temperature
+    `args.temperature`, `eval_samples` a prompt) and greedy accuracy on the forgetting task."""
     model.eval()
     held = items[split]
     greedy = greedy_accuracy(model, tokenizer, held, _right, max_new_tokens=args.eval_max_new_tokens)
+    result = {"greedy": greedy.accuracy, "steps_right": steps_right(greedy.completions, held),
+              "examples": greedy.completions[:2]}
+    if not full:
+        return result
     torch.manual_seed(1000 + seed)
     engine = TransformersRollout(model, tokenizer, temperature=args.temperature,
                                  max_new_tokens=args.eval_max_new_tokens)
     batch = engine.sample(held, args.eval_samples)
     sampled = [_right(c.text, held[b // args.eval_samples]) for b, c in enumerate(batch.completions)]
     forget = greedy_accuracy(model, tokenizer, items["forget"], _right, max_new_tokens=8)
-    return {"greedy": greedy.accuracy, "sampled": sum(sampled) / len(sampled), "forget": forget.accuracy,
-            "examples": greedy.completions[:2]}
+    return {**result, "sampled": sum(sampled) / len(sampled), "forget": forget.accuracy}
 
 
 # ----------------------------------------------------------------- one cell
@@ -152,7 +167,11 @@ def run_cell(row_name: str, seed: int, lr: float | None, mode: str, args, items:
                     collector.close()
             model = trainer.model
     train_cpu, train_wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    result = evaluate(model, tokenizer, items, "validation" if mode == "sweep" else "heldout", args, seed)
+    sweep = mode == "sweep"
+    result = evaluate(model, tokenizer, items, "validation" if sweep else "heldout", args, seed, full=not sweep)
+    if not sweep and row_name in args.save_models and seed == min(args.seeds):
+        model.save_pretrained(Path(args.out) / "models" / row_name)  # for `opd eval --exposure`
+        tokenizer.save_pretrained(Path(args.out) / "models" / row_name)
     keys = ("loss/total", "teacher/failures", "rollout/completion_len_mean", "gad/accuracy", "gad/margin")
     trace = {k: [h.get(k) for h in history] for k in keys if any(h.get(k) is not None for h in history)}
     return {"row": row_name, "seed": seed, "lr": lr, "mode": mode, "steps": 0 if row_name == "base" else steps,
@@ -176,9 +195,9 @@ def cell(row: str, seed: int, lr: float | None, mode: str, args, items: dict, lo
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(path)
-    log(f"blackbox: {mode} {row} seed {seed} lr {lr}: greedy {result['greedy']:.3f} sampled {result['sampled']:.3f} "
-        f"forget {result['forget']:.3f}, teacher tokens {result['prompt_tokens'] + result['completion_tokens']}, "
-        f"{result['cpu_s']:.0f} CPU s")
+    scores = " ".join(f"{k} {result[k]:.3f}" for k in ("greedy", "steps_right", "sampled", "forget") if k in result)
+    log(f"blackbox: {mode} {row} seed {seed} lr {lr}: {scores}, teacher tokens "
+        f"{result['prompt_tokens'] + result['completion_tokens']}, {result['cpu_s']:.0f} CPU s")
     return result
 
 
@@ -186,12 +205,13 @@ def cell(row: str, seed: int, lr: float | None, mode: str, args, items: dict, lo
 
 
 def best_lrs(out: Path, rows: list[str]) -> dict[str, float]:
-    """Each row's lr with the best validation greedy accuracy among its sweep cells (ties: the smaller lr)."""
+    """Each row's lr with the best validation greedy accuracy among its sweep cells; ties go to the better
+    steps right (partial credit: a short sweep often leaves every lr at the same accuracy), then the smaller lr."""
     best = {}
     for row in rows:
         cells = [json.loads(p.read_text()) for p in sorted((out / "cells" / "sweep" / row).glob("*.json"))]
         if cells:
-            best[row] = max(cells, key=lambda c: (c["greedy"], -c["lr"]))["lr"]
+            best[row] = max(cells, key=lambda c: (c["greedy"], c.get("steps_right", 0.0), -c["lr"]))["lr"]
     return best
 
 
@@ -206,8 +226,9 @@ def build_table(cells: list[dict], *, price_prompt: float, price_completion: flo
     base = {c["seed"]: c for c in cells if c["row"] == "base"}
     names = ["base"] + [r for r in ROWS if any(c["row"] == r for c in cells)]
     names += sorted({c["row"] for c in cells} - set(names))
-    head = ("| row | lr | seeds | held-out greedy % | held-out sampled % | forgetting (times table) % | teacher calls | "
-            "teacher tokens prompt / completion | cost $ | points / M teacher tokens | CPU s |")
+    head = ("| row | lr | seeds | held-out greedy % | held-out sampled % | steps right % | "
+            "forgetting (times table) % | teacher calls | teacher tokens prompt / completion | cost $ | "
+            "points / M teacher tokens | CPU s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     out = []
     for name in names:
@@ -228,6 +249,7 @@ def build_table(cells: list[dict], *, price_prompt: float, price_completion: flo
         row = {"row": name, "lr": mine[0]["lr"], "seeds": [c["seed"] for c in mine],
                "greedy": mean_spread([c["greedy"] for c in mine]), "sampled": mean_spread([c["sampled"] for c in mine]),
                "forget": mean_spread([c["forget"] for c in mine]),
+               "steps_right": mean_spread([c["steps_right"] for c in mine]),
                "teacher_calls": statistics.mean(c["api_calls"] for c in mine),
                "prompt_tokens": statistics.mean(c["prompt_tokens"] for c in mine),
                "completion_tokens": statistics.mean(c["completion_tokens"] for c in mine),
@@ -236,7 +258,7 @@ def build_table(cells: list[dict], *, price_prompt: float, price_completion: flo
                "cpu_s": statistics.mean(c["cpu_s"] for c in mine)}
         out.append(row)
         ppm = f"{row['points_per_m_tokens'][0]:.1f} ± {row['points_per_m_tokens'][1]:.1f}" if per_m else "-"
-        lines.append(f"| {name} | {lr} | {len(mine)} | {pct('greedy')} | {pct('sampled')} | {pct('forget')} | "
+        lines.append(f"| {name} | {lr} | {len(mine)} | {pct('greedy')} | {pct('sampled')} | {pct('steps_right')} | {pct('forget')} | "
                      f"{row['teacher_calls']:.0f} | {row['prompt_tokens']:.0f} / {row['completion_tokens']:.0f} | "
                      f"{row['cost_usd']:.4f} | {ppm} | {row['cpu_s']:.0f} |")
     return "\n".join(lines), out
@@ -303,6 +325,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--price-completion", type=float, default=0.40, help="$ per M teacher completion tokens")
     ap.add_argument("--device", default="cpu", help="the student's: cpu or cuda (the Trainer's precision: auto)")
     ap.add_argument("--out", default="runs/blackbox")
+    ap.add_argument("--save-models", nargs="*", default=[], choices=list(ROWS), metavar="ROW",
+                    help="save these rows' first-seed table students to OUT/models/ROW (for opd eval --exposure)")
     ap.add_argument("--tiny", action="store_true", help="tiny random student and teacher (scripted HTTP server): "
                     "every row in seconds, for CI")
     return ap

@@ -33,22 +33,24 @@ def blackbox():
 
 def test_every_row_runs_tiny_and_a_rerun_resumes_from_the_cells(tmp_path, blackbox):
     out = tmp_path / "bb"
-    first = blackbox.main(["--tiny", "--out", str(out), "--seeds", "0"], log=lambda *a: None)
+    first = blackbox.main(["--tiny", "--out", str(out), "--seeds", "0", "--save-models", "sft"], log=lambda *a: None)
     cells = {c["row"]: c for c in first["cells"]}
     assert set(cells) == {"base", *blackbox.ROWS}
     for name, c in cells.items():
         tokens = c["prompt_tokens"] + c["completion_tokens"]
         assert (tokens > 0 and c["api_calls"] > 0) if name in TEACHER_ROWS else tokens == 0, name
         assert 0.0 <= c["greedy"] <= 1.0 and 0.0 <= c["forget"] <= 1.0 and c["cpu_s"] > 0
+        assert 0.0 <= c["steps_right"] <= 1.0, name
         assert c["failures"] == 0, name
         if name != "base":
             assert len(c["trace"]["loss/total"]) == 2, name  # both steps trained (SFT then RKL: one each)
     assert len(cells["gad"]["trace"]["gad/accuracy"]) == 2  # the discriminator learnt and reported every step
     assert first["server_requests"] > 0
+    assert (out / "models" / "sft" / "config.json").exists() and not (out / "models" / "reverse_kl").exists()
     assert all(f"| {name} |" in first["table"] for name in cells)
     saved = sorted(p.relative_to(out / "cells").as_posix() for p in (out / "cells").rglob("*.json"))
     assert "table/reverse_kl/seed0-lr2e-05.json" in saved and len(saved) == len(cells)
-    again = blackbox.main(["--tiny", "--out", str(out), "--seeds", "0"], log=lambda *a: None)
+    again = blackbox.main(["--tiny", "--out", str(out), "--seeds", "0", "--save-models", "sft"], log=lambda *a: None)
     assert again["server_requests"] == 0  # every cell read back, no teacher asked
     assert again["table"] == first["table"]
     # a cell made with other settings is refused, not mixed in
@@ -84,7 +86,7 @@ def test_sweep_picks_each_rows_best_validation_lr_and_the_table_uses_it(tmp_path
 def test_table_is_mean_and_spread_over_seeds_from_the_cells(blackbox):
     def cell(row, seed, greedy, prompt=0, completion=0):
         return {"row": row, "seed": seed, "lr": None if row == "base" else 1e-5, "greedy": greedy, "sampled": greedy / 2,
-                "forget": 0.5, "api_calls": 10, "prompt_tokens": prompt, "completion_tokens": completion, "cpu_s": 4.0}
+                "steps_right": greedy, "forget": 0.5, "api_calls": 10, "prompt_tokens": prompt, "completion_tokens": completion, "cpu_s": 4.0}
 
     cells = [cell("base", 0, 0.1), cell("base", 1, 0.2),
              cell("reverse_kl", 0, 0.3, 100_000, 100_000), cell("reverse_kl", 1, 0.6, 100_000, 100_000)]
@@ -94,7 +96,7 @@ def test_table_is_mean_and_spread_over_seeds_from_the_cells(blackbox):
     assert rkl["gain_points"] == pytest.approx((30.0, 14.142135), rel=1e-5)
     assert rkl["points_per_m_tokens"] == pytest.approx((150.0, 70.710678), rel=1e-5)
     assert rkl["cost_usd"] == pytest.approx(0.05)  # 0.1 M x $0.1 + 0.1 M x $0.4
-    assert "| reverse_kl | 1e-05 (not swept) | 2 | 45.0 ± 21.2 | 22.5 ± 10.6 | 50.0 ± 0.0 |" in table
+    assert "| reverse_kl | 1e-05 (not swept) | 2 | 45.0 ± 21.2 | 22.5 ± 10.6 | 45.0 ± 21.2 | 50.0 ± 0.0 |" in table
 
 
 def test_make_teacher_saves_and_fails_below_the_gap(tmp_path):
@@ -125,3 +127,15 @@ def test_sft_batch_masks_the_prompt_and_padding():
     # prompts of 23 and 24 tokens (the chat template's), answers "2" and "11" plus EOS: rows of 25 and 27
     assert batch["attention_mask"].sum(-1).tolist() == [25, 27] and batch["input_ids"].shape == (2, 27)
     assert batch["labels"][0, 25:].tolist() == [-100, -100]  # padding is never learnt
+
+
+def test_steps_right_is_the_share_of_lines_right_before_the_first_slip(blackbox):
+    from opd_sdk.data import PromptItem
+
+    item = PromptItem(prompt="p", answer="19", metadata={"solution": "20 - 4 = 16\n16 + 24 = 40\n40 - 21 = 19\nAnswer: 19"})
+    texts = ["20 - 4 = 16\n16 + 24 = 40\n40 - 21 = 19\nAnswer: 19",  # all 4 lines
+             "20 - 4 = 16\n16 + 24 = 41\n41 - 21 = 20\nAnswer: 20",  # 1 of 4 before the slip
+             "20 - 4 = 16\n16 + 24 = 40\n40 - 21 = 19\nAnswer: 18",  # 3 of 4 (the answer line counts)
+             "1. 20 - 4 = 16"]                                         # 0
+    assert [blackbox.steps_right([t], [item]) for t in texts] == [1.0, 0.25, 0.75, 0.0]
+    assert blackbox.steps_right(texts, [item] * 4) == 0.5
