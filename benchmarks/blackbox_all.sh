@@ -6,16 +6,14 @@
 #
 #   bash benchmarks/blackbox_all.sh            # OUT=runs/blackbox; the table in OUT/table.md
 #
-# Env: OUT, PY (python with opd_sdk), VLLM_PYTHON (default .venv-vllm/bin/python), PORT (default 8012),
-# SIZE: the flags every blackbox.py call gets (the scale README reports).
+# Env: OUT, PY (python with opd_sdk), VLLM_PYTHON (default .venv-vllm/bin/python), PORT (default 8012).
+# Arguments go to every blackbox.py call (the defaults there are the scale README reports).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-runs/blackbox}"
 PY="${PY:-python}"
 PORT="${PORT:-8012}"
 TEACHER="${TEACHER:-$HOME/.cache/opd-sdk/teachers/running_total-smollm2}"
-SIZE=(${SIZE:---steps 8 --sweep-steps 4 --prompts-per-step 4 --group-size 4 --max-new-tokens 40
-      --eval-max-new-tokens 40 --eval-size 64 --forget-size 64})
 URL="http://127.0.0.1:$PORT/v1"
 ON_POLICY="reverse_kl gkd_jsd spin sft_then_reverse_kl gad"  # rows that train on the student's own samples
 SAVED="sft $ON_POLICY"
@@ -28,8 +26,8 @@ VLLM_MODEL_DIR="$TEACHER" VLLM_SERVED_NAME=teacher VLLM_PORT="$PORT" VLLM_PID_FI
   PYTHON="$PY" .ci/start_vllm.sh > /dev/null
 trap '[ -f "$OUT/vllm.pid" ] && kill "$(cat "$OUT/vllm.pid")" 2>/dev/null; rm -f "$OUT/vllm.pid"' EXIT
 
-"$PY" benchmarks/blackbox.py --mode sweep --lrs 1e-5 3e-5 1e-4 "${SIZE[@]}" --teacher-url "$URL" --out "$OUT"
-"$PY" benchmarks/blackbox.py --mode table --seeds 0 1 2 "${SIZE[@]}" --teacher-url "$URL" --out "$OUT" \
+"$PY" benchmarks/blackbox.py --mode sweep "$@" --teacher-url "$URL" --out "$OUT"
+"$PY" benchmarks/blackbox.py --mode table --seeds 0 1 2 "$@" --teacher-url "$URL" --out "$OUT" \
   --save-models $SAVED
 
 # The exposure-bias meter: the untrained student, off-policy SFT, the best on-policy row (seed 0 of the table)

@@ -125,7 +125,7 @@ $PY -m vllm.entrypoints.openai.api_server --model "$OUT/teacher" --served-model-
   --max-model-len 1024 --gpu-memory-utilization 0.25 --host 127.0.0.1 --port 8013 > "$OUT/vllm-teacher.log" 2>&1 &
 VLLM_PID=$!
 for _ in $(seq 1 90); do curl -fsS http://127.0.0.1:8013/v1/models > /dev/null 2>&1 && break; sleep 2; done
-timeout 900 $PY benchmarks/blackbox.py --device cuda --task-steps 5 --steps 40 --max-new-tokens 96 \
+timeout 900 $PY benchmarks/blackbox.py --device cuda --task-steps 5 --steps 40 --prompts-per-step 8 --max-new-tokens 96 \
   --eval-max-new-tokens 96 --eval-size 128 --seeds 0 1 2 --lr 2e-5 --teacher-url http://127.0.0.1:8013/v1 \
   --out "$OUT/blackbox" > "$OUT/blackbox.log" 2>&1
 BB_RC=$?

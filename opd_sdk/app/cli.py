@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def command(name: str, text: str) -> argparse.ArgumentParser:  # `opd NAME --help` says what it does too
+        return sub.add_parser(name, help=text, description=text)
+
     def add_config(p: argparse.ArgumentParser) -> None:
         p.add_argument("config", help="a YAML run config (see examples/configs/)")
         p.add_argument(
@@ -38,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
             help="override a config field, e.g. --set optimizer.lr=3e-6 (repeatable; values read as YAML)",
         )
 
-    train = sub.add_parser("train", help="run a distillation from a YAML config")
+    train = command("train", "run a distillation from a YAML config")
     add_config(train)
     again = train.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue from output_dir's last checkpoint")
@@ -52,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="run every check that needs no model weights, print all problems, exit"
     )
 
-    ev = sub.add_parser("eval", help="held-out accuracy (verifier) or mean teacher score of a student")
+    ev = command("eval", "held-out accuracy (verifier) or mean teacher score of a student")
     add_config(ev)
     ev.add_argument("--model", default=None, help="a saved student folder (default: the config's student)")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -61,14 +64,14 @@ def _parser() -> argparse.ArgumentParser:
                     "wrong step (PNG + JSON in OUTPUT_DIR/exposure/); needs a log-prob teacher")
     ev.add_argument("--samples", type=int, default=4, help="--exposure: student samples per held-out prompt")
 
-    col = sub.add_parser("collect", help="ask the teacher(s) about the run's prompts into the feedback cache "
+    col = command("collect", "ask the teacher(s) about the run's prompts into the feedback cache "
                                           "(references for SFT/SPIN/GAD, labels, eval scores)")
     add_config(col)
     col.add_argument("--batch", action="store_true", help="through the OpenAI Batch API: half price, within 24 h; "
                      "a killed run resumes its pending batch")
     col.add_argument("--split", choices=("train", "eval", "all"), default="train", help="which prompts (default train)")
 
-    ins = sub.add_parser("inspect", help="the teacher report: is each teacher worth paying for? (opd_sdk.app.inspect)")
+    ins = command("inspect", "the teacher report: is each teacher worth paying for? (opd_sdk.app.inspect)")
     add_config(ins)
     ins.add_argument("--prompts", type=int, default=32, help="prompts of the run's data to sample (default 32)")
     ins.add_argument("--out", default=None, help="output folder (default OUTPUT_DIR/inspect)")
@@ -76,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
                      help="change when a teacher is unusable, e.g. --threshold min_usable=0.95 (repeatable)")
 
-    demo = sub.add_parser("demo", help="offline demo: distil SmolLM2-135M-Instruct with a verifier, no API key")
+    demo = command("demo", "offline demo: distil SmolLM2-135M-Instruct with a verifier, no API key")
     demo.add_argument("--out", default="opd-demo", help="output folder (plot, metrics, trained student)")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the tuned demo setting)")
     demo.add_argument("--seed", type=int, default=0)

@@ -380,3 +380,13 @@ def test_resume_of_a_finished_run_says_so_and_a_raised_step_count_continues(tmp_
     with pytest.raises(ConfigError, match=r"is finished \(step-3 of steps: 3, final/ saved\), nothing is left"):
         prepare_output_dir(tmp_path, resume=True, overwrite=False, steps=3)
     prepare_output_dir(tmp_path, resume=True, overwrite=False, steps=5)
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "collect", "inspect", "demo"])
+def test_each_subcommand_help_says_what_it_does(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    usage, _, rest = capsys.readouterr().out.partition("\n\n")
+    assert usage.startswith(f"usage: opd {command}")
+    assert rest.split("\n\n")[0].strip() and not rest.startswith("positional") and not rest.startswith("options")
