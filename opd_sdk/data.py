@@ -67,7 +67,8 @@ def _item_from_record(
     if prompt_field not in record or record[prompt_field] in (None, "", []):
         raise ConfigError(
             f"{where}: missing prompt field {prompt_field!r} (fields present: {sorted(record)}). "
-            f"Add it, or pass prompt_field= to name the field that holds the prompt."
+            f"Add it, or name the field that holds the prompt: data.prompt_field in a run config, "
+            f"prompt_field= in load_prompts()."
         )
 
     def text_field(name: str | None) -> str | None:

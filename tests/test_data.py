@@ -30,7 +30,7 @@ def test_missing_prompt_field_names_file_line_and_fix(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_prompts(path)
     msg = str(err.value)
-    assert f"{path}:2" in msg and "'prompt'" in msg and "prompt_field=" in msg and "text" in msg
+    assert f"{path}:2" in msg and "'prompt'" in msg and "data.prompt_field" in msg and "prompt_field=" in msg and "text" in msg
 
 
 def test_bad_json_and_bad_messages(tmp_path):
