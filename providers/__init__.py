@@ -1,5 +1,9 @@
 """Concrete teachers (adapters). Each engineer adds their own export lines."""
 
+# The core first: importing any opd_sdk module runs opd_sdk/__init__.py, whose config layer imports the
+# providers below; begun from inside providers.client, that would find providers.client half-initialized.
+import opd_sdk.constants  # noqa: F401
+
 from providers.client import Endpoint
 from providers.compose import (
     Gate,

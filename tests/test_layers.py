@@ -69,3 +69,13 @@ def test_nothing_below_the_package_imports_its_public_root():
     wrong += [f"{path.relative_to(ROOT)}:{line}" for path in sorted((ROOT / "providers").rglob("*.py"))
               for line, target in imports_of(path) if target == "opd_sdk"]
     assert not wrong, "\n".join(wrong)
+
+
+def test_each_top_level_package_imports_first_in_a_fresh_interpreter():
+    import subprocess
+    import sys
+
+    for module in ("providers", "opd_sdk", "providers.gad", "opd_sdk.config.teachers"):
+        done = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=ROOT, capture_output=True, text=True,
+                              check=False)
+        assert done.returncode == 0, f"import {module} first:\n{done.stderr[-2000:]}"
