@@ -146,6 +146,8 @@ def evaluate(cfg: RunConfig, model: Any, tokenizer: Any, items: list[PromptItem]
     from opd_sdk.train.evaluate import greedy_accuracy
     from opd_sdk.types import Completion
 
+    if cfg.eval.metric == "none":
+        return {"metric": "none", "value": None, "graded": 0, "failures": 0, "completions": []}
     texts = greedy_accuracy(
         model, tokenizer, items, lambda t, p: False, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size
     ).completions
@@ -347,7 +349,7 @@ def _train(cfg: RunConfig, dist: Distributed, checked: Checked, *, resume: bool,
         trainer = make_trainer(cfg, model, tokenizer, objective, collectors or None, train_items, held_out, dist)
         if resume:
             log(f"opd: resuming from step {trainer.resume('latest')} ({cfg.output_dir})")
-        elif dist.is_main:
+        elif dist.is_main and before is not None:
             trainer.metrics.log(0, {f"eval/{metric}": before})
             log(f"opd: held-out {metric} before training {before:.3f} on {len(held)} prompts")
         processes = f" on {dist.world_size} processes" if dist.enabled else ""
@@ -367,10 +369,11 @@ def _train(cfg: RunConfig, dist: Distributed, checked: Checked, *, resume: bool,
     finally:
         _close(trainer, collectors)
     summary = write_summary(cfg, trainer, result)
-    log(
-        f"opd: held-out {metric} before {_fmt(summary['heldout_before'])} -> after {result['value']:.3f} "
-        f"on {result['graded']} prompts; model in {summary['model_dir']}"
-    )
+    if metric == "none":
+        log(f"opd: no held-out evaluation (eval.metric: none); model in {summary['model_dir']}")
+    else:
+        log(f"opd: held-out {metric} before {_fmt(summary['heldout_before'])} -> after {result['value']:.3f} "
+            f"on {result['graded']} prompts; model in {summary['model_dir']}")
     return summary
 
 
@@ -419,7 +422,7 @@ def write_summary(cfg: RunConfig, trainer: Any, result: dict | None, *, stopped:
     metric = cfg.eval.metric
     rows = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
     evals = {r["step"]: r[f"eval/{metric}"] for r in rows if r.get(f"eval/{metric}") is not None}
-    if result is not None:
+    if result is not None and result["value"] is not None:
         evals[trainer.step] = result["value"]
     train_rows = [r for r in rows if r["step"] > 0]
     summary = {
@@ -450,6 +453,9 @@ def write_summary(cfg: RunConfig, trainer: Any, result: dict | None, *, stopped:
 
 def run_eval(cfg: RunConfig, model_dir: str | None = None) -> dict:
     """`opd eval`: the held-out metric of a saved student (or the config's untrained student)."""
+    if cfg.eval.metric == "none":
+        raise ConfigError("opd eval: this config has eval.metric: none; add --set eval.metric=accuracy (every "
+                          "held-out prompt needs an answer) or --set eval.metric=teacher_score")
     checked = check_config(cfg)
     model, tokenizer = load_student(cfg.student, model_dir)
     _, held = checked.data or load_data(cfg.data, seed=cfg.seed)

@@ -136,12 +136,20 @@ class LoggingConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    """Held-out evaluation: greedy accuracy with a verifier, else mean teacher score."""
+    """Held-out evaluation: greedy accuracy with a verifier, else mean teacher score; `none` skips it
+    (no answers to check and no teacher worth paying for a score: evaluate the saved final/ yourself)."""
 
-    metric: Literal["accuracy", "teacher_score"] = "accuracy"
+    metric: Literal["accuracy", "teacher_score", "none"] = "accuracy"
     every: int | None = Field(None, gt=0)  # also evaluate every N training steps (logged as eval/<metric>)
     max_new_tokens: int = Field(128, gt=0)
     batch_size: int = Field(16, gt=0)
+
+    @model_validator(mode="after")
+    def _every_needs_a_metric(self) -> EvalConfig:
+        if self.metric == "none" and self.every:
+            raise ValueError("eval.every needs a metric; remove eval.every or set eval.metric: accuracy or "
+                             "teacher_score")
+        return self
 
 
 class RunConfig(LoopSettings):

@@ -390,3 +390,19 @@ def test_each_subcommand_help_says_what_it_does(command, capsys):
     usage, _, rest = capsys.readouterr().out.partition("\n\n")
     assert usage.startswith(f"usage: opd {command}")
     assert rest.split("\n\n")[0].strip() and not rest.startswith("positional") and not rest.startswith("options")
+
+
+def test_eval_metric_none_trains_without_evaluating_and_opd_eval_says_how_to_evaluate(tmp_path, tiny_dir, capsys):
+    path = write_config(tmp_path, tiny_dir, eval={"metric": "none"})
+    rc, out, err = run_cli(capsys, "train", str(path))
+    assert rc == 0, err
+    summary = json.loads(out[out.index("{"):])
+    assert summary["steps"] == 2 and summary["heldout_after"] is None and summary["heldout_before"] is None
+    assert summary["outcome"] == "finished" and Path(summary["model_dir"], "config.json").exists()
+    assert "no held-out evaluation" in out and all("eval/" not in k for r in metric_rows(tmp_path / "run") for k in r)
+    rc, out, err = run_cli(capsys, "eval", str(path))
+    assert rc != 0 and "eval.metric=accuracy" in err
+    # eval.every without a metric is refused by --check, before anything loads
+    bad = write_config(tmp_path, tiny_dir, eval={"metric": "none", "every": 1})
+    rc, out, err = run_cli(capsys, "train", str(bad), "--check")
+    assert rc != 0 and "eval.every needs a metric" in err
