@@ -130,8 +130,10 @@ def cell_path(out: Path, mode: str, row: str, seed: int, lr: float | None) -> Pa
     return out / "cells" / mode / row / f"seed{seed}-lr{'none' if lr is None else f'{lr:g}'}.json"
 
 
-def settings_of(args) -> dict:
-    return {k: getattr(args, k) for k in CELL_SETTINGS}
+def settings_of(args, mode: str) -> dict:
+    """The settings a `mode` cell depends on (a sweep cell trains `sweep_steps`, a table cell `steps`)."""
+    other = "steps" if mode == "sweep" else "sweep_steps"
+    return {k: getattr(args, k) for k in CELL_SETTINGS if k != other}
 
 
 def run_cell(row_name: str, seed: int, lr: float | None, mode: str, args, items: dict) -> dict:
@@ -176,7 +178,7 @@ def run_cell(row_name: str, seed: int, lr: float | None, mode: str, args, items:
     trace = {k: [h.get(k) for h in history] for k in keys if any(h.get(k) is not None for h in history)}
     return {"row": row_name, "seed": seed, "lr": lr, "mode": mode, "steps": 0 if row_name == "base" else steps,
             **result, **usage, "train_cpu_s": train_cpu, "train_wall_s": train_wall,
-            "cpu_s": time.process_time() - cpu0, "trace": trace, "settings": settings_of(args)}
+            "cpu_s": time.process_time() - cpu0, "trace": trace, "settings": settings_of(args, mode)}
 
 
 def cell(row: str, seed: int, lr: float | None, mode: str, args, items: dict, log=print) -> dict:
@@ -184,8 +186,9 @@ def cell(row: str, seed: int, lr: float | None, mode: str, args, items: dict, lo
     path = cell_path(Path(args.out), mode, row, seed, lr)
     if path.exists():
         saved = json.loads(path.read_text())
-        if saved["settings"] != settings_of(args):
-            diff = sorted(k for k in CELL_SETTINGS if saved["settings"].get(k) != getattr(args, k))
+        mine = settings_of(args, mode)
+        diff = sorted(k for k, v in mine.items() if saved["settings"].get(k) != v)
+        if diff:
             raise SystemExit(f"blackbox: {path} was made with other settings ({', '.join(diff)}); "
                              "use another --out, or delete the cells to redo them")
         return saved
@@ -305,7 +308,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--teacher-model", default="teacher", help="the served model name")
     ap.add_argument("--task-steps", type=int, default=None, help="running_total's chain length (default 3)")
     ap.add_argument("--n-train", type=int, default=2000)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--sweep-steps", type=int, default=3)
     ap.add_argument("--lrs", nargs="+", type=float, default=[2e-5, 1e-4])
     ap.add_argument("--lr", type=float, default=2e-5, help="for a row without sweep cells")

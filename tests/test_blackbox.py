@@ -78,6 +78,9 @@ def test_sweep_picks_each_rows_best_validation_lr_and_the_table_uses_it(tmp_path
     assert set(by_lr) == {1e-3, 1e-2} and all(c["mode"] == "sweep" and c["steps"] == 1 for c in swept["cells"])
     best = max(by_lr, key=lambda lr: (by_lr[lr], -lr))
     assert swept["best_lrs"] == {"verifier_rloo": best}
+    # a sweep cell does not depend on the table's --steps: a rerun with another reads it back
+    again = blackbox.main(args + ["--mode", "sweep", "--lrs", "1e-3", "1e-2", "--steps", "3"], log=lambda *a: None)
+    assert again["cells"] == swept["cells"]
     table = blackbox.main(args, log=lambda *a: None)
     assert [c["lr"] for c in table["cells"] if c["row"] == "verifier_rloo"] == [best]
     assert "(not swept)" not in table["table"]
