@@ -282,7 +282,7 @@ def _build_problems(cfg: Any, where: str) -> list[str]:
     if children or _needs_student(cfg):  # each child's problem named by its own path
         return children
     try:
-        build_teacher(cfg, BuildContext(), where)
+        build_teacher(cfg, BuildContext(checking=True), where)
     except ConfigError as exc:
         msg = str(exc)
         if msg.startswith(where):

@@ -57,12 +57,15 @@ class BuildContext:
     """What a teacher factory may need besides its config: the student (self-distillation,
     tokenizer matching), the per-call timeout, and `collector(teacher)`, the run's collector
     for a teacher another teacher asks itself (GAD's reference teacher: the run's limits,
-    budget and cache; None: `make_collector` defaults)."""
+    budget and cache; None: `make_collector` defaults). `checking`: built by `check_config` only to
+    run the constructor's own checks, never called, so a missing key (reported on its own) does not
+    stop them."""
 
     model: Any = None
     tokenizer: Any = None
     timeout: float = DEFAULT_TIMEOUT_S
     collector: Any = None
+    checking: bool = False
 
 
 class _TeacherType(_Strict):
@@ -146,6 +149,16 @@ class _KeyFromEnv(_TeacherType):
                 )
         return key
 
+    def _key(self, ctx: BuildContext, where: str) -> str | None:
+        """`api_key`, except that a build for the checks (`ctx.checking`) gets a placeholder in place of a
+        missing key: nothing is sent, and the missing key is its own problem in the report."""
+        try:
+            return self.api_key(where)
+        except ConfigError:
+            if ctx.checking:
+                return "placeholder-for-the-checks"
+            raise
+
     def _hosted(self) -> bool:
         """A hosted API (an OpenAI-compatible teacher with no base_url and no OPENAI_BASE_URL: OpenAI's),
         which always needs a key; an endpoint the config names may need none."""
@@ -164,7 +177,7 @@ class _ApiTeacher(_KeyFromEnv):
         return self.base_url is None and not os.environ.get("OPENAI_BASE_URL")
 
     def _client_kwargs(self, ctx: BuildContext, where: str) -> dict[str, Any]:
-        return dict(base_url=self.base_url, api_key=self.api_key(where), timeout=ctx.timeout)
+        return dict(base_url=self.base_url, api_key=self._key(ctx, where), timeout=ctx.timeout)
 
 
 class JudgeTeacherConfig(_ApiTeacher, JudgeParams):
@@ -236,7 +249,7 @@ class RewardModelTeacherConfig(_KeyFromEnv, RewardModelParams):
     api_key_env: str | None = None
 
     def build(self, ctx: BuildContext, where: str) -> Any:
-        return RewardModelTeacher(self.url, api_key=self.api_key(where), timeout=ctx.timeout, **self.provider_kwargs())
+        return RewardModelTeacher(self.url, api_key=self._key(ctx, where), timeout=ctx.timeout, **self.provider_kwargs())
 
 
 class VerifierTeacherConfig(_TeacherType, VerifierParams):

@@ -58,6 +58,18 @@ def test_a_judge_scale_upside_down_is_caught_before_loading_with_its_yaml_path(
     assert not (tmp_path / "run").exists()  # nothing written: the corrected rerun is not refused
 
 
+def test_a_missing_key_does_not_hide_what_the_teachers_constructor_refuses(tmp_path, tiny_dir, capsys,
+                                                                          no_model_load, monkeypatch):  # noqa: F811
+    monkeypatch.delenv("OPD_UNSET_K", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    judge = {"type": "judge", "model": "m", "api_key_env": "OPD_UNSET_K", "scale": [10, 0]}
+    rm = {"type": "reward_model", "url": "http://127.0.0.1:9/score", "api_key_env": "OPD_UNSET_K", "normalize": [1, 1]}
+    for teacher, refused in ((judge, "teacher.scale: need two integers lo < hi"), (rm, "teacher.normalize: need (lo, hi) with lo < hi")):
+        rc, _, err = run_cli(capsys, "train", str(write_config(tmp_path, tiny_dir, teacher=teacher)), "--check")
+        assert rc == 2 and "teacher.api_key_env: the environment variable OPD_UNSET_K is not set" in err, err
+        assert refused in err and "placeholder" not in err, err
+
+
 def read_only_dir(tmp_path: Path) -> Path:
     """A folder this process cannot write in: chmod 0555, or (root ignores modes) /proc/sys."""
     if os.geteuid() == 0:
