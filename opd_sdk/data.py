@@ -110,6 +110,31 @@ def _item_from_record(
         ) from None
 
 
+MAX_ROW_PROBLEMS = 10  # bad rows listed in one error; the rest are counted
+
+
+def _items(rows: list[tuple[Any, str]], kw: dict) -> list[PromptItem]:
+    """PromptItems from (record, where) rows; every bad row is reported in one ConfigError (the first
+    MAX_ROW_PROBLEMS listed, the rest counted), so a file is fixed in one pass. A record that is already a
+    ConfigError (a line that is not JSON) is one of them."""
+    items, problems = [], []
+    for record, where in rows:
+        if isinstance(record, ConfigError):
+            problems.append(str(record))
+            continue
+        try:
+            items.append(_item_from_record(record, where, **kw))
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        more = len(problems) - MAX_ROW_PROBLEMS
+        listed = "\n  ".join(problems[:MAX_ROW_PROBLEMS]) + (f"\n  ... and {more} more" if more > 0 else "")
+        raise ConfigError(f"{len(problems)} bad prompt rows:\n  {listed}")
+    return items
+
+
 def load_prompts(
     source: str | Path | Iterable[Any],
     *,
@@ -137,16 +162,17 @@ def load_prompts(
         path = Path(source)
         if not path.exists():
             raise ConfigError(f"prompt file {path} does not exist")
-        items = []
+        rows = []
         with path.open(encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
+                    rows.append((json.loads(line), f"{path}:{line_no}"))
                 except json.JSONDecodeError as exc:
-                    raise ConfigError(f"{path}:{line_no}: not valid JSON ({exc.msg}); one JSON object a line") from None
-                items.append(_item_from_record(record, f"{path}:{line_no}", **kw))
+                    rows.append((ConfigError(f"{path}:{line_no}: not valid JSON ({exc.msg}); one JSON object a "
+                                             "line"), ""))
+        items = _items(rows, kw)
         where = str(path)
     else:
         if hasattr(source, "keys") and hasattr(source, "column_names") and not hasattr(source, "features"):
@@ -157,7 +183,7 @@ def load_prompts(
                 raise ConfigError(f"split {split!r} not found; available: {list(source.keys())}")
             source = source[split]
         where = "dataset" if hasattr(source, "features") else "prompts"
-        items = [_item_from_record(r, f"{where}[{i}]", **kw) for i, r in enumerate(source)]
+        items = _items([(r, f"{where}[{i}]") for i, r in enumerate(source)], kw)
     if not items:
         raise ConfigError(f"{where}: no prompts found")
     return items

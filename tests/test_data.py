@@ -113,3 +113,15 @@ def test_verifier_never_credits_an_empty_completion():
         request = FeedbackRequest(prompt="q", completions=[Completion(text=""), Completion(text="  \n")],
                                   metadata={"answer": "4"})
         assert teacher.score(request).scores == [0.0, 0.0], mode
+
+
+def test_every_bad_row_of_a_file_is_reported_in_one_error(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    rows = ['{"prompt": "ok"}', '{"prompt": "no quote}', '{"text": "no prompt"}', '{"prompt": "p", "answer": " "}']
+    path.write_text("\n".join(rows + ['{"text": "x"}'] * 12) + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_prompts(path)
+    msg = str(err.value)
+    assert msg.startswith("15 bad prompt rows:")
+    assert f"{path}:2: not valid JSON" in msg and f"{path}:3: missing prompt field" in msg and f"{path}:4:" in msg
+    assert f"{path}:11:" in msg and f"{path}:12:" not in msg and "and 5 more" in msg
