@@ -175,7 +175,9 @@ def evaluate(cfg: RunConfig, model: Any, tokenizer: Any, items: list[PromptItem]
     scores = [fb.scores[0] for fb in feedback if isinstance(fb, Score)]
     failures = sum(isinstance(fb, FeedbackFailure) for fb in feedback)
     if not scores:
-        raise ConfigError(f"eval: no held-out answer could be graded ({failures} teacher failures); see the teacher's errors")
+        first = next((fb.reason for fb in feedback if isinstance(fb, FeedbackFailure)), "no score returned")
+        raise ConfigError(f"eval: no held-out answer could be graded ({failures} teacher failures; the first: "
+                          f"{first}); fix the teacher, or set eval.metric: accuracy (answers needed) or none")
     value = sum(scores) / len(scores)
     if cfg.eval.metric == "accuracy":
         value = sum(s >= 0.5 for s in scores) / len(scores)

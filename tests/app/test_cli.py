@@ -406,3 +406,26 @@ def test_eval_metric_none_trains_without_evaluating_and_opd_eval_says_how_to_eva
     bad = write_config(tmp_path, tiny_dir, eval={"metric": "none", "every": 1})
     rc, out, err = run_cli(capsys, "train", str(bad), "--check")
     assert rc != 0 and "eval.every needs a metric" in err
+
+
+def test_a_teacher_down_at_the_first_teacher_score_evaluation_stops_before_training(tmp_path, tiny_dir, capsys,
+                                                                                   monkeypatch):
+    import opd_sdk.train.evaluate
+
+    real = opd_sdk.train.evaluate.greedy_accuracy
+
+    def some_text(*args, **kwargs):  # the tiny model's greedy answers may decode empty, which no judge is asked
+        result = real(*args, **kwargs)
+        result.completions = [f"answer {i}" for i in range(len(result.completions))]
+        return result
+
+    monkeypatch.setattr(opd_sdk.train.evaluate, "greedy_accuracy", some_text)
+    judge = {"type": "judge", "model": "m", "base_url": "http://127.0.0.1:9/v1", "api_key_env": None}
+    path = write_config(tmp_path, tiny_dir, teacher=judge, eval={"metric": "teacher_score", "max_new_tokens": 4},
+                        objective={"type": "reward_weighted", "params": {"advantage": "rloo"}})
+    rc, out, err = run_cli(capsys, "train", str(path))
+    assert rc == 2 and "eval: no held-out answer could be graded" in err and "127.0.0.1:9" in err, (out, err)
+    run = tmp_path / "run"
+    assert not (run / "summary.json").exists() and not (run / "final").exists() and not (run / "step-1").exists()
+    rc, out, err = run_cli(capsys, "train", str(path))  # the rerun is not refused for the failed attempt
+    assert rc == 2 and "--overwrite" not in err, err
