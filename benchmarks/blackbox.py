@@ -261,7 +261,8 @@ def build_table(cells: list[dict], *, price_prompt: float, price_completion: flo
                "cpu_s": statistics.mean(c["cpu_s"] for c in mine)}
         out.append(row)
         ppm = f"{row['points_per_m_tokens'][0]:.1f} ± {row['points_per_m_tokens'][1]:.1f}" if per_m else "-"
-        lines.append(f"| {name} | {lr} | {len(mine)} | {pct('greedy')} | {pct('sampled')} | {pct('steps_right')} | {pct('forget')} | "
+        lines.append(f"| {name} | {lr} | {len(mine)} | {pct('greedy')} | {pct('sampled')} | {pct('steps_right')} | "
+                     f"{pct('forget')} | "
                      f"{row['teacher_calls']:.0f} | {row['prompt_tokens']:.0f} / {row['completion_tokens']:.0f} | "
                      f"{row['cost_usd']:.4f} | {ppm} | {row['cpu_s']:.0f} |")
     return "\n".join(lines), out
