@@ -64,7 +64,10 @@ def _item_from_record(
         raise ConfigError(
             f"{where}: expected a string or an object with a {prompt_field!r} field, got {type(record).__name__}"
         )
-    if prompt_field not in record or record[prompt_field] in (None, "", []):
+    value = record.get(prompt_field)
+    if prompt_field in record and (value in ("", []) or (isinstance(value, str) and not value.strip())):
+        raise ConfigError(f"{where}: the prompt ({prompt_field!r}) is empty; give it text or remove the row")
+    if value is None:
         raise ConfigError(
             f"{where}: missing prompt field {prompt_field!r} (fields present: {sorted(record)}). "
             f"Add it, or name the field that holds the prompt: data.prompt_field in a run config, "

@@ -125,3 +125,11 @@ def test_every_bad_row_of_a_file_is_reported_in_one_error(tmp_path):
     assert msg.startswith("15 bad prompt rows:")
     assert f"{path}:2: not valid JSON" in msg and f"{path}:3: missing prompt field" in msg and f"{path}:4:" in msg
     assert f"{path}:11:" in msg and f"{path}:12:" not in msg and "and 5 more" in msg
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", []])
+def test_an_empty_prompt_is_called_empty_not_missing(tmp_path, prompt):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(json.dumps({"prompt": prompt, "answer": "1"}) + "\n")
+    with pytest.raises(ConfigError, match=r"empty.jsonl:1: the prompt \('prompt'\) is empty"):
+        load_prompts(path)
